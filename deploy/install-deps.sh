@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package livemig's build, tests and benchmarks need.
+# Idempotent: packages already present are left alone; `apt-get update` runs
+# at most once per invocation and only when something is missing.
+set -euo pipefail
+
+PACKAGES=(
+  # build
+  build-essential cmake pkg-config git
+  nbdkit nbdkit-plugin-dev libnbd-dev
+  libboost-dev libboost-system-dev libfmt-dev nlohmann-json3-dev
+  libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
+  catch2
+  # tests and benchmarks
+  libnbd-bin python3-libnbd nbdfuse fio qemu-utils iproute2 jq
+  procps util-linux
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+
+if [[ $(id -u) -ne 0 ]]; then
+  SUDO=sudo
+else
+  SUDO=
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

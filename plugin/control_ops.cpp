@@ -1,0 +1,141 @@
+#include "plugin/control_ops.h"
+
+#include <algorithm>
+#include <functional>
+#include <map>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "common/heat_map.h"
+
+namespace livemig {
+namespace {
+
+using nlohmann::json;
+
+json error_reply(const std::string& message) { return {{"ok", false}, {"error", message}}; }
+
+json op_counter(const OpCounter& c, bool with_bytes = true) {
+  json j = {{"count", c.count.load(std::memory_order_relaxed)}};
+  if (with_bytes) j["bytes"] = c.bytes.load(std::memory_order_relaxed);
+  return j;
+}
+
+json status(PluginState& st, const json&) {
+  const SegmentGeometry& g = *st.geometry;
+  return {{"ok", true},
+          {"image", st.config.image},
+          {"size", g.image_size()},
+          {"block_size", g.block_size()},
+          {"segment_size", g.segment_size()},
+          {"blocks", g.block_count()},
+          {"segments", g.segment_count()},
+          {"readonly", st.config.readonly},
+          {"phase", "Idle"},
+          {"role", "none"},
+          {"authoritative", true},
+          {"connections", st.connections.load(std::memory_order_relaxed)},
+          {"uptime_seconds", st.uptime_seconds()}};
+}
+
+json segment_json(const SegmentGeometry& g, uint64_t s, const HeatCounts& cum, const HeatCounts& dec,
+                  HeatWeights w) {
+  return {{"segment", s},
+          {"offset", g.segment_offset(s)},
+          {"reads", static_cast<uint64_t>(cum.reads)},
+          {"writes", static_cast<uint64_t>(cum.writes)},
+          {"read_bytes", static_cast<uint64_t>(cum.read_bytes)},
+          {"write_bytes", static_cast<uint64_t>(cum.write_bytes)},
+          {"decayed_reads", dec.reads},
+          {"decayed_writes", dec.writes},
+          {"score", heat_score(dec, w)}};
+}
+
+// "top": N lists the N hottest segments by decayed score; otherwise every
+// segment that has seen any request, in index order.
+Result<json> heat_json(PluginState& st, const json& req) {
+  const SegmentGeometry& g = *st.geometry;
+  const HeatWeights w;
+  st.heat->decay_tick(st.uptime_seconds());
+  std::vector<HeatCounts> cum = st.heat->cumulative_snapshot();
+  std::vector<HeatCounts> dec = st.heat->decayed_snapshot();
+  json segs = json::array();
+  if (req.contains("top")) {
+    if (!req["top"].is_number_unsigned())
+      return Status::error("stats: \"top\" must be a non-negative integer");
+    uint64_t top = req["top"].get<uint64_t>();
+    for (const RankedSegment& r : rank_segments(dec, w)) {
+      if (segs.size() >= top) break;
+      segs.push_back(segment_json(g, r.segment, cum[r.segment], dec[r.segment], w));
+    }
+  } else {
+    for (uint64_t s = 0; s < cum.size(); ++s)
+      if (cum[s].reads > 0 || cum[s].writes > 0) segs.push_back(segment_json(g, s, cum[s], dec[s], w));
+  }
+  return json{{"half_life_seconds", st.heat->half_life()},
+              {"weights", {{"read", w.read}, {"write", w.write}}},
+              {"segment_size", g.segment_size()},
+              {"segments", std::move(segs)}};
+}
+
+json stats(PluginState& st, const json& req) {
+  Result<json> heat = heat_json(st, req);
+  if (!heat) return error_reply(heat.status().message());
+  const RequestCounters& c = st.counters;
+  return {{"ok", true},
+          {"uptime_seconds", st.uptime_seconds()},
+          {"connections", st.connections.load(std::memory_order_relaxed)},
+          {"requests",
+           {{"pread", op_counter(c.pread)},
+            {"pwrite", op_counter(c.pwrite)},
+            {"flush", op_counter(c.flush, false)},
+            {"trim", op_counter(c.trim)},
+            {"zero", op_counter(c.zero)},
+            {"extents", op_counter(c.extents, false)},
+            {"cache", op_counter(c.cache)},
+            {"errors", c.errors.count.load(std::memory_order_relaxed)}}},
+          {"heat", std::move(*heat)}};
+}
+
+using Handler = std::function<json(PluginState&, const json&)>;
+
+const std::map<std::string, Handler, std::less<>>& handlers() {
+  static const std::map<std::string, Handler, std::less<>> table = {
+      {"status", status},
+      {"stats", stats},
+  };
+  return table;
+}
+
+json dispatch(PluginState& st, std::string_view line) {
+  json req = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (req.is_discarded())
+    return error_reply(fmt::format("request is not valid JSON: {:.80}", line));
+  if (!req.is_object()) return error_reply("request must be a JSON object such as {\"op\":\"status\"}");
+  auto op = req.find("op");
+  if (op == req.end() || !op->is_string())
+    return error_reply("request has no \"op\" string (try {\"op\":\"status\"})");
+  auto& table = handlers();
+  auto it = table.find(op->get<std::string>());
+  if (it == table.end()) {
+    std::string known;
+    for (auto& [name, _] : table) known += (known.empty() ? "" : ", ") + name;
+    return error_reply(fmt::format("unknown op \"{}\" (known: {})", op->get<std::string>(), known));
+  }
+  json reply = it->second(st, req);
+  reply["op"] = it->first;
+  return reply;
+}
+
+}  // namespace
+
+std::string handle_control_request(PluginState& st, std::string_view line) {
+  try {
+    return dispatch(st, line).dump(-1, ' ', false, json::error_handler_t::replace);
+  } catch (const std::exception& e) {
+    return error_reply(fmt::format("internal error: {}", e.what())).dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+}
+
+}  // namespace livemig

@@ -1,0 +1,56 @@
+// The local control endpoint: a Unix stream socket (mode 0600) that takes one
+// JSON request per line and answers one JSON line each, plus the plugin's
+// background timer (heat decay).
+//
+// Life cycle, fitted to nbdkit's: bind() runs in .get_ready, before nbdkit
+// forks into the background, so a bad path fails the start-up; it uses plain
+// system calls and creates no thread. start() runs in .after_fork: it creates
+// the Asio io_context, adopts the listening socket and starts the one I/O
+// thread. stop() joins it and removes the socket file.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+
+#include <boost/asio/io_context.hpp>
+
+#include "common/status.h"
+
+namespace livemig {
+
+class ControlServer {
+ public:
+  using Handler = std::function<std::string(std::string_view request)>;
+  static constexpr size_t kMaxRequestBytes = 64 * 1024;
+
+  // Creates, binds and listens on `path` with mode 0600. A stale socket file
+  // left by a dead process is replaced; any other existing file is an error.
+  static Result<std::unique_ptr<ControlServer>> bind(const std::string& path, Handler handler);
+
+  ~ControlServer();
+
+  // Starts the I/O thread. tick() is called every `period` on that thread.
+  void start(std::function<void()> tick, std::chrono::milliseconds period);
+  // Stops the thread and removes the socket file. Idempotent.
+  void stop();
+
+ private:
+  ControlServer(std::string path, int listen_fd, Handler handler);
+  void schedule_tick();
+
+  std::string path_;
+  int listen_fd_;
+  Handler handler_;
+  std::function<void()> tick_;
+  std::chrono::milliseconds period_{1000};
+  std::unique_ptr<boost::asio::io_context> io_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::thread thread_;
+};
+
+}  // namespace livemig

@@ -1,0 +1,58 @@
+// The local raw image: positioned I/O on one file descriptor shared by every
+// connection (thread model parallel), with the semantics NBD asks for.
+// Every method returns 0 or -1 with errno set, like the system calls beneath;
+// the nbdkit shims turn errno into the NBD error.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common/status.h"
+
+namespace livemig {
+
+class ImageFile {
+ public:
+  // Opens `path` read-write (or read-only). Error names the path and reason.
+  static Result<ImageFile> open(const std::string& path, bool readonly);
+
+  ImageFile(ImageFile&& other) noexcept;
+  ImageFile& operator=(ImageFile&&) = delete;
+  ImageFile(const ImageFile&) = delete;
+  ~ImageFile();
+
+  const std::string& path() const { return path_; }
+  uint64_t size() const { return size_; }
+  bool readonly() const { return readonly_; }
+  int fd() const { return fd_; }
+
+  // Reads exactly count bytes (past EOF reads as zeros).
+  int pread(void* buf, uint64_t count, uint64_t offset) const;
+  // Writes exactly count bytes; with fua the data is durable on return.
+  int pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua);
+  // fdatasync.
+  int flush();
+  // Deallocates the range (punches a hole); the range then reads as zeros.
+  int trim(uint64_t count, uint64_t offset, bool fua);
+  // Makes the range read as zeros. may_trim allows a hole; fast_zero asks to
+  // fail with ENOTSUP rather than fall back to writing zeros.
+  int zero(uint64_t count, uint64_t offset, bool may_trim, bool fast_zero, bool fua);
+
+  // Reports [offset, offset+count) as alternating data and hole extents, in
+  // order, using SEEK_DATA/SEEK_HOLE. emit(offset, length, is_hole) returns
+  // false to stop early.
+  int extents(uint64_t count, uint64_t offset,
+              const std::function<bool(uint64_t, uint64_t, bool)>& emit) const;
+
+ private:
+  ImageFile(std::string path, int fd, uint64_t size, bool readonly);
+  int write_zeros(uint64_t count, uint64_t offset);
+
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+  bool readonly_ = false;
+};
+
+}  // namespace livemig

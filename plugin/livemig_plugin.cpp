@@ -1,0 +1,279 @@
+// livemig.so: the nbdkit callbacks. Each livemig_<callback> is a thin shim over
+// PluginState / ImageFile: it counts the request, records heat, does the I/O,
+// and turns a failure into nbdkit_error + nbdkit_set_error(errno). No C++
+// exception crosses into nbdkit.
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstring>
+#include <exception>
+#include <memory>
+
+#include "plugin/control_ops.h"
+#include "plugin/control_server.h"
+#include "plugin/plugin_state.h"
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+namespace livemig {
+
+PluginState::PluginState() = default;
+PluginState::~PluginState() = default;
+
+namespace {
+
+std::unique_ptr<PluginState> g_state;
+
+PluginState& state() { return *g_state; }
+
+// Reports a failed request: the message with errno's text, the errno to the
+// client, and the error counter.
+int fail(const char* what, uint64_t count, uint64_t offset) {
+  int err = errno ? errno : EIO;
+  nbdkit_error("%s: count=%" PRIu64 " offset=%" PRIu64 ": %s", what, count, offset, std::strerror(err));
+  nbdkit_set_error(err);
+  state().counters.errors.add(0);
+  return -1;
+}
+
+// Runs a callback body, turning an escaping exception into an NBD error.
+template <typename Fn>
+int guarded(const char* what, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    nbdkit_error("%s: out of memory", what);
+    nbdkit_set_error(ENOMEM);
+  } catch (const std::exception& e) {
+    nbdkit_error("%s: %s", what, e.what());
+    nbdkit_set_error(EIO);
+  }
+  return -1;
+}
+
+void livemig_load() { g_state = std::make_unique<PluginState>(); }
+
+void livemig_unload() { g_state.reset(); }
+
+int livemig_config(const char* key, const char* value) {
+  return guarded("config", [&] {
+    Status s = state().config.set(key, value);
+    if (!s) {
+      nbdkit_error("%s", s.message().c_str());
+      return -1;
+    }
+    return 0;
+  });
+}
+
+int livemig_config_complete() {
+  return guarded("config", [&] {
+    PluginState& st = state();
+    Status s = st.config.complete();
+    if (!s) {
+      nbdkit_error("%s", s.message().c_str());
+      return -1;
+    }
+    auto image = ImageFile::open(st.config.image, st.config.readonly);
+    if (!image) {
+      nbdkit_error("%s", image.status().message().c_str());
+      return -1;
+    }
+    auto geometry = SegmentGeometry::make(image->size(), st.config.block_size, st.config.segment_size);
+    if (!geometry) {
+      nbdkit_error("%s", geometry.status().message().c_str());
+      return -1;
+    }
+    st.image.emplace(std::move(*image));
+    st.geometry.emplace(*geometry);
+    st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
+    return 0;
+  });
+}
+
+// Binds the control socket before nbdkit forks, so a bad path stops start-up.
+int livemig_get_ready() {
+  return guarded("get_ready", [&] {
+    PluginState& st = state();
+    if (st.config.control_path.empty()) return 0;
+    auto server = ControlServer::bind(st.config.control_path, [](std::string_view line) {
+      return handle_control_request(*g_state, line);
+    });
+    if (!server) {
+      nbdkit_error("%s", server.status().message().c_str());
+      return -1;
+    }
+    st.control = std::move(*server);
+    return 0;
+  });
+}
+
+// Threads start here, after nbdkit has forked into the background.
+int livemig_after_fork() {
+  return guarded("after_fork", [&] {
+    PluginState& st = state();
+    if (st.control) {
+      st.control->start([] { g_state->heat->decay_tick(g_state->uptime_seconds()); },
+                        std::chrono::milliseconds(1000));
+    }
+    return 0;
+  });
+}
+
+void livemig_cleanup() {
+  if (g_state && g_state->control) g_state->control->stop();
+}
+
+void* livemig_open(int readonly) {
+  state().connections.fetch_add(1, std::memory_order_relaxed);
+  return NBDKIT_HANDLE_NOT_NEEDED;
+}
+
+void livemig_close(void*) { state().connections.fetch_sub(1, std::memory_order_relaxed); }
+
+int64_t livemig_get_size(void*) { return static_cast<int64_t>(state().image->size()); }
+
+int livemig_can_write(void*) { return !state().config.readonly; }
+int livemig_can_flush(void*) { return 1; }
+int livemig_can_trim(void*) { return 1; }
+int livemig_can_zero(void*) { return 1; }
+int livemig_can_fast_zero(void*) { return 1; }
+int livemig_can_fua(void*) { return NBDKIT_FUA_NATIVE; }
+int livemig_can_multi_conn(void*) { return 1; }  // one fd; flush syncs all of it
+int livemig_can_extents(void*) { return 1; }
+int livemig_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
+
+int livemig_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
+  *minimum = 1;
+  *preferred = static_cast<uint32_t>(state().geometry->block_size());
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  PluginState& st = state();
+  if (st.image->pread(buf, count, offset) < 0) return fail("pread", count, offset);
+  st.counters.pread.add(count);
+  st.heat->record_read(offset, count);
+  return 0;
+}
+
+int livemig_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  PluginState& st = state();
+  if (st.image->pwrite(buf, count, offset, flags & NBDKIT_FLAG_FUA) < 0) return fail("pwrite", count, offset);
+  st.counters.pwrite.add(count);
+  st.heat->record_write(offset, count);
+  return 0;
+}
+
+int livemig_flush(void*, uint32_t flags) {
+  PluginState& st = state();
+  if (st.image->flush() < 0) return fail("flush", 0, 0);
+  st.counters.flush.add(0);
+  return 0;
+}
+
+int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  PluginState& st = state();
+  if (st.image->trim(count, offset, flags & NBDKIT_FLAG_FUA) < 0) return fail("trim", count, offset);
+  st.counters.trim.add(count);
+  st.heat->record_write(offset, count);
+  return 0;
+}
+
+int livemig_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  PluginState& st = state();
+  bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
+  if (st.image->zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM, fast, flags & NBDKIT_FLAG_FUA) < 0) {
+    if (fast && errno == ENOTSUP) {  // expected answer to a fast-zero probe, not a failure
+      nbdkit_set_error(ENOTSUP);
+      return -1;
+    }
+    return fail("zero", count, offset);
+  }
+  st.counters.zero.add(count);
+  st.heat->record_write(offset, count);
+  return 0;
+}
+
+int livemig_extents(void*, uint32_t count, uint64_t offset, uint32_t flags, struct nbdkit_extents* extents) {
+  PluginState& st = state();
+  const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  int add_failed = 0;
+  int rc = st.image->extents(count, offset, [&](uint64_t off, uint64_t len, bool hole) {
+    uint32_t type = hole ? (NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) : 0;
+    if (nbdkit_add_extent(extents, off, len, type) < 0) {
+      add_failed = 1;
+      return false;
+    }
+    return !req_one;
+  });
+  if (add_failed) return -1;  // nbdkit_add_extent already reported it
+  if (rc < 0) return fail("extents", count, offset);
+  st.counters.extents.add(0);
+  return 0;
+}
+
+int livemig_cache(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  PluginState& st = state();
+  // Advisory: ask the kernel to read ahead; failure to advise is no error.
+  (void)posix_fadvise(st.image->fd(), offset, count, POSIX_FADV_WILLNEED);
+  st.counters.cache.add(count);
+  return 0;
+}
+
+void livemig_dump_plugin() {
+  printf("livemig_block_size_default=%u\n", SegmentGeometry::kDefaultBlockSize);
+  printf("livemig_segment_size_default=%llu\n",
+         static_cast<unsigned long long>(SegmentGeometry::kDefaultSegmentSize));
+}
+
+nbdkit_plugin make_plugin() {
+  nbdkit_plugin p{};
+  p.name = "livemig";
+  p.longname = "livemig live storage migration plugin";
+  p.version = "0.1.0";
+  p.description = "Serves a local raw image, tracks segment heat, and migrates it live to a peer.";
+  p.load = livemig_load;
+  p.unload = livemig_unload;
+  p.config = livemig_config;
+  p.config_complete = livemig_config_complete;
+  p.config_help = kConfigHelp;
+  p.magic_config_key = "image";
+  p.get_ready = livemig_get_ready;
+  p.after_fork = livemig_after_fork;
+  p.cleanup = livemig_cleanup;
+  p.open = livemig_open;
+  p.close = livemig_close;
+  p.get_size = livemig_get_size;
+  p.block_size = livemig_block_size;
+  p.can_write = livemig_can_write;
+  p.can_flush = livemig_can_flush;
+  p.can_trim = livemig_can_trim;
+  p.can_zero = livemig_can_zero;
+  p.can_fast_zero = livemig_can_fast_zero;
+  p.can_fua = livemig_can_fua;
+  p.can_multi_conn = livemig_can_multi_conn;
+  p.can_extents = livemig_can_extents;
+  p.can_cache = livemig_can_cache;
+  p.pread = livemig_pread;
+  p.pwrite = livemig_pwrite;
+  p.flush = livemig_flush;
+  p.trim = livemig_trim;
+  p.zero = livemig_zero;
+  p.extents = livemig_extents;
+  p.cache = livemig_cache;
+  p.dump_plugin = livemig_dump_plugin;
+  p.errno_is_preserved = 0;
+  return p;
+}
+
+nbdkit_plugin plugin = make_plugin();
+
+}  // namespace
+}  // namespace livemig
+
+using livemig::plugin;
+NBDKIT_REGISTER_PLUGIN(plugin)

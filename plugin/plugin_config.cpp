@@ -1,0 +1,85 @@
+#include "plugin/plugin_config.h"
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <string>
+
+#include <fmt/format.h>
+
+namespace livemig {
+
+Result<uint64_t> parse_size(std::string_view key, std::string_view value) {
+  uint64_t n = 0;
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+  std::string_view suffix(end, value.data() + value.size() - end);
+  if (ec != std::errc() || value.empty())
+    return Status::error(fmt::format("{}={}: not a size (expected a number such as 4096, 4K or 1M)", key, value));
+  unsigned shift = 0;
+  if (suffix.size() == 1 || (suffix.size() == 3 && (suffix.substr(1) == "iB" || suffix.substr(1) == "ib"))) {
+    switch (std::toupper(static_cast<unsigned char>(suffix[0]))) {
+      case 'B': shift = 0; break;
+      case 'K': shift = 10; break;
+      case 'M': shift = 20; break;
+      case 'G': shift = 30; break;
+      case 'T': shift = 40; break;
+      default:
+        return Status::error(fmt::format("{}={}: unknown size suffix '{}'", key, value, suffix));
+    }
+  } else if (!suffix.empty()) {
+    return Status::error(fmt::format("{}={}: unknown size suffix '{}'", key, value, suffix));
+  }
+  if (shift && n > (UINT64_MAX >> shift))
+    return Status::error(fmt::format("{}={}: too large", key, value));
+  return n << shift;
+}
+
+Result<bool> parse_bool(std::string_view key, std::string_view value) {
+  std::string v(value);
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
+  if (v == "0" || v == "false" || v == "no" || v == "off") return false;
+  return Status::error(fmt::format("{}={}: not a boolean (expected true or false)", key, value));
+}
+
+Status PluginConfig::set(std::string_view key, std::string_view value) {
+  if (key == "image") {
+    if (value.empty()) return Status::error("image=: the image path is empty");
+    image = value;
+  } else if (key == "readonly") {
+    auto b = parse_bool(key, value);
+    if (!b) return b.status();
+    readonly = *b;
+  } else if (key == "block-size") {
+    auto n = parse_size(key, value);
+    if (!n) return n.status();
+    block_size = *n;
+  } else if (key == "segment-size") {
+    auto n = parse_size(key, value);
+    if (!n) return n.status();
+    segment_size = *n;
+  } else if (key == "heat-half-life") {
+    double d = 0;
+    auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), d);
+    if (ec != std::errc() || end != value.data() + value.size() || !(d > 0) || !std::isfinite(d))
+      return Status::error(fmt::format("heat-half-life={}: expected a positive number of seconds", value));
+    heat_half_life = d;
+  } else if (key == "control") {
+    if (value.empty()) return Status::error("control=: the socket path is empty");
+    control_path = value;
+  } else {
+    return Status::error(fmt::format("unknown key '{}' (see nbdkit livemig --help)", key));
+  }
+  return Status::ok();
+}
+
+Status PluginConfig::complete() const {
+  if (image.empty()) return Status::error("the image=<FILE> key is required");
+  // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
+  if (control_path.size() > 107)
+    return Status::error(fmt::format("control={}: a Unix socket path may be at most 107 bytes long", control_path));
+  return SegmentGeometry::check_sizes(block_size, segment_size);
+}
+
+}  // namespace livemig

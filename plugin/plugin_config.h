@@ -1,0 +1,45 @@
+// The plugin's keys (`nbdkit livemig.so image=vm.img key=value ...`), parsed
+// and checked. Every key is handled in PluginConfig::set and documented in
+// kConfigHelp and the README's "Plugin keys" section.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "common/segment_geometry.h"
+#include "common/status.h"
+
+namespace livemig {
+
+inline constexpr const char* kConfigHelp =
+    "image=<FILE>           (required) The raw image file to serve.\n"
+    "readonly=<BOOL>        Open the image read-only (default false).\n"
+    "block-size=<SIZE>      Dirty/presence tracking unit, a power of two >= 512\n"
+    "                       (default 4K: the smallest write a guest issues).\n"
+    "segment-size=<SIZE>    Heat ranking unit, a power-of-two multiple of\n"
+    "                       block-size (default 1M).\n"
+    "heat-half-life=<SECS>  Decay half-life of the heat history (default 60).\n"
+    "control=<PATH>         Unix control socket (mode 0600), JSON lines:\n"
+    "                       {\"op\":\"status\"}, {\"op\":\"stats\"}.";
+
+struct PluginConfig {
+  std::string image;
+  bool readonly = false;
+  uint64_t block_size = SegmentGeometry::kDefaultBlockSize;
+  uint64_t segment_size = SegmentGeometry::kDefaultSegmentSize;
+  double heat_half_life = 60.0;
+  std::string control_path;
+
+  // Applies one key=value; an unknown key or a bad value is an error naming it.
+  Status set(std::string_view key, std::string_view value);
+  // Checks the keys against each other once all are set.
+  Status complete() const;
+};
+
+// Parses sizes like "4096", "4K", "1M", "2G" (binary units). Error names `key`.
+Result<uint64_t> parse_size(std::string_view key, std::string_view value);
+// Parses true/false, yes/no, on/off, 1/0.
+Result<bool> parse_bool(std::string_view key, std::string_view value);
+
+}  // namespace livemig
