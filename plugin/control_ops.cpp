@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/heat_map.h"
+#include "plugin/migration_engine.h"
 
 namespace livemig {
 namespace {
@@ -24,7 +25,8 @@ json op_counter(const OpCounter& c, bool with_bytes = true) {
 
 json status(PluginState& st, const json&) {
   const SegmentGeometry& g = *st.geometry;
-  return {{"ok", true},
+  json j = st.engine->status_json();
+  j.update(json{{"ok", true},
           {"image", st.config.image},
           {"size", g.image_size()},
           {"block_size", g.block_size()},
@@ -32,11 +34,10 @@ json status(PluginState& st, const json&) {
           {"blocks", g.block_count()},
           {"segments", g.segment_count()},
           {"readonly", st.config.readonly},
-          {"phase", "Idle"},
-          {"role", "none"},
-          {"authoritative", true},
+          {"listen", st.config.listen},
           {"connections", st.connections.load(std::memory_order_relaxed)},
-          {"uptime_seconds", st.uptime_seconds()}};
+          {"uptime_seconds", st.uptime_seconds()}});
+  return j;
 }
 
 json segment_json(const SegmentGeometry& g, uint64_t s, const HeatCounts& cum, const HeatCounts& dec,
@@ -104,6 +105,11 @@ const std::map<std::string, Handler, std::less<>>& handlers() {
   static const std::map<std::string, Handler, std::less<>> table = {
       {"status", status},
       {"stats", stats},
+      {"migrate", [](PluginState& st, const json& r) { return st.engine->migrate(r); }},
+      {"handover", [](PluginState& st, const json& r) { return st.engine->handover(r); }},
+      {"cancel", [](PluginState& st, const json& r) { return st.engine->cancel(r); }},
+      {"release", [](PluginState& st, const json& r) { return st.engine->release(r); }},
+      {"verify", [](PluginState& st, const json& r) { return st.engine->verify(r); }},
   };
   return table;
 }

@@ -15,8 +15,9 @@
 
 namespace livemig {
 
-Result<ImageFile> ImageFile::open(const std::string& path, bool readonly) {
-  int fd = ::open(path.c_str(), (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+Result<ImageFile> ImageFile::open(const std::string& path, bool readonly, bool create) {
+  int flags = (readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | (create && !readonly ? O_CREAT : 0);
+  int fd = ::open(path.c_str(), flags, 0600);
   if (fd < 0) return Status::error(fmt::format("image={}: {}", path, std::strerror(errno)), errno);
   struct stat st;
   if (fstat(fd, &st) < 0) {
@@ -35,7 +36,7 @@ ImageFile::ImageFile(std::string path, int fd, uint64_t size, bool readonly)
     : path_(std::move(path)), fd_(fd), size_(size), readonly_(readonly) {}
 
 ImageFile::ImageFile(ImageFile&& other) noexcept
-    : path_(std::move(other.path_)), fd_(other.fd_), size_(other.size_), readonly_(other.readonly_) {
+    : path_(std::move(other.path_)), fd_(other.fd_), size_(other.size()), readonly_(other.readonly_) {
   other.fd_ = -1;
 }
 
@@ -83,6 +84,12 @@ int ImageFile::pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua
     offset += r;
   }
   if (fua && flags == 0) return flush();
+  return 0;
+}
+
+int ImageFile::resize(uint64_t size) {
+  if (::ftruncate(fd_, static_cast<off_t>(size)) < 0) return -1;
+  size_.store(size, std::memory_order_release);
   return 0;
 }
 
@@ -143,7 +150,7 @@ int ImageFile::extents(uint64_t count, uint64_t offset,
       }
       return -1;
     }
-    uint64_t data_start = data < 0 ? size_ : static_cast<uint64_t>(data);
+    uint64_t data_start = data < 0 ? size() : static_cast<uint64_t>(data);
     if (data_start > offset) {
       uint64_t hole_end = std::min(data_start, end);
       if (!emit(offset, hole_end - offset, true)) return 0;

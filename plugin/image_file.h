@@ -4,6 +4,7 @@
 // the nbdkit shims turn errno into the NBD error.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -14,8 +15,10 @@ namespace livemig {
 
 class ImageFile {
  public:
-  // Opens `path` read-write (or read-only). Error names the path and reason.
-  static Result<ImageFile> open(const std::string& path, bool readonly);
+  // Opens `path` read-write (or read-only). With create, a missing file is
+  // created empty (a migration destination takes its size from the source).
+  // Error names the path and reason.
+  static Result<ImageFile> open(const std::string& path, bool readonly, bool create = false);
 
   ImageFile(ImageFile&& other) noexcept;
   ImageFile& operator=(ImageFile&&) = delete;
@@ -23,7 +26,9 @@ class ImageFile {
   ~ImageFile();
 
   const std::string& path() const { return path_; }
-  uint64_t size() const { return size_; }
+  uint64_t size() const { return size_.load(std::memory_order_acquire); }
+  // Sets the file's size (ftruncate). For an empty destination image only.
+  int resize(uint64_t size);
   bool readonly() const { return readonly_; }
   int fd() const { return fd_; }
 
@@ -51,7 +56,7 @@ class ImageFile {
 
   std::string path_;
   int fd_ = -1;
-  uint64_t size_ = 0;
+  std::atomic<uint64_t> size_{0};
   bool readonly_ = false;
 };
 

@@ -13,6 +13,8 @@
 
 #include "plugin/control_ops.h"
 #include "plugin/control_server.h"
+#include "plugin/migration_engine.h"
+#include "plugin/peer_server.h"
 #include "plugin/plugin_state.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -53,9 +55,52 @@ int guarded(const char* what, Fn&& fn) {
   return -1;
 }
 
+// Grows an empty destination image to the source's size: the file, the
+// geometry (rebuilt in place, so pointers to it stay valid) and the heat map.
+// Only ever called while the image is empty, so no request can be using them.
+Status resize_image(uint64_t size) {
+  PluginState& st = state();
+  auto geometry = SegmentGeometry::make(size, st.config.block_size, st.config.segment_size);
+  if (!geometry) return geometry.status();
+  if (st.image->resize(size) < 0)
+    return Status::error(std::string("resizing the image: ") + std::strerror(errno), errno);
+  st.geometry.emplace(*geometry);
+  st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
+  return Status::ok();
+}
+
+Status make_engine(PluginState& st) {
+  EngineContext ctx;
+  ctx.image = &*st.image;
+  ctx.geometry = &*st.geometry;
+  ctx.heat_slot = &st.heat;
+  ctx.state_path = st.config.state_file.empty() ? StateFile::path_for_image(st.config.image) : st.config.state_file;
+  ctx.listen = st.config.listen;
+  ctx.handover_policy = st.config.handover;
+  ctx.peer_timeout = std::chrono::milliseconds(static_cast<int64_t>(st.config.peer_timeout * 1000));
+  ctx.resize_image = resize_image;
+  ctx.log = [](const std::string& m) { nbdkit_debug("%s", m.c_str()); };
+  if (!st.config.secret_path.empty()) {
+    std::string warning;
+    auto secret = load_secret(st.config.secret_path, &warning);
+    if (!secret) return secret.status();
+    if (!warning.empty()) nbdkit_debug("%s", warning.c_str());
+    ctx.secret = std::move(*secret);
+  } else {
+    // Loopback only (checked in config_complete): a fixed key keeps the
+    // handshake the same; it protects nothing, and says so.
+    ctx.secret = Secret::from_bytes("livemig-loopback-without-secret").value();
+  }
+  st.engine = std::make_unique<MigrationEngine>(std::move(ctx));
+  return st.engine->recover();
+}
+
 void livemig_load() { g_state = std::make_unique<PluginState>(); }
 
-void livemig_unload() { g_state.reset(); }
+void livemig_unload() {
+  if (g_state && g_state->engine) g_state->engine->stop();
+  g_state.reset();
+}
 
 int livemig_config(const char* key, const char* value) {
   return guarded("config", [&] {
@@ -76,7 +121,9 @@ int livemig_config_complete() {
       nbdkit_error("%s", s.message().c_str());
       return -1;
     }
-    auto image = ImageFile::open(st.config.image, st.config.readonly);
+    // With a peer port this may become a migration destination, which can
+    // start on a missing image and take its size from the source.
+    auto image = ImageFile::open(st.config.image, st.config.readonly, !st.config.listen.empty());
     if (!image) {
       nbdkit_error("%s", image.status().message().c_str());
       return -1;
@@ -89,6 +136,10 @@ int livemig_config_complete() {
     st.image.emplace(std::move(*image));
     st.geometry.emplace(*geometry);
     st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
+    if (Status s = make_engine(st); !s) {
+      nbdkit_error("%s", s.message().c_str());
+      return -1;
+    }
     return 0;
   });
 }
@@ -97,6 +148,14 @@ int livemig_config_complete() {
 int livemig_get_ready() {
   return guarded("get_ready", [&] {
     PluginState& st = state();
+    if (!st.config.listen.empty()) {
+      auto peer = PeerServer::bind(parse_host_port(st.config.listen).value());
+      if (!peer) {
+        nbdkit_error("%s", peer.status().message().c_str());
+        return -1;
+      }
+      st.peer = std::move(*peer);
+    }
     if (st.config.control_path.empty()) return 0;
     auto server = ControlServer::bind(st.config.control_path, [](std::string_view line) {
       return handle_control_request(*g_state, line);
@@ -114,6 +173,15 @@ int livemig_get_ready() {
 int livemig_after_fork() {
   return guarded("after_fork", [&] {
     PluginState& st = state();
+    st.engine->start();
+    if (st.peer) {
+      PeerLink::Options opts;
+      opts.read_timeout = std::chrono::milliseconds(static_cast<int64_t>(st.config.peer_timeout * 1000));
+      auto secret = st.engine->secret();
+      st.peer->start(
+          st.engine->io(), secret, opts, [](const std::shared_ptr<PeerLink>& link) { g_state->engine->on_peer_link(link); },
+          [](std::string_view line) { return handle_control_request(*g_state, line); });
+    }
     if (st.control) {
       st.control->start([] { g_state->heat->decay_tick(g_state->uptime_seconds()); },
                         std::chrono::milliseconds(1000));
@@ -123,7 +191,10 @@ int livemig_after_fork() {
 }
 
 void livemig_cleanup() {
-  if (g_state && g_state->control) g_state->control->stop();
+  if (!g_state) return;
+  if (g_state->control) g_state->control->stop();
+  if (g_state->engine) g_state->engine->stop();
+  g_state->peer.reset();
 }
 
 void* livemig_open(int readonly) {
@@ -131,7 +202,9 @@ void* livemig_open(int readonly) {
   return NBDKIT_HANDLE_NOT_NEEDED;
 }
 
-void livemig_close(void*) { state().connections.fetch_sub(1, std::memory_order_relaxed); }
+void livemig_close(void*) {
+  if (state().connections.fetch_sub(1, std::memory_order_relaxed) == 1) state().engine->on_last_client_closed();
+}
 
 int64_t livemig_get_size(void*) { return static_cast<int64_t>(state().image->size()); }
 
@@ -154,7 +227,7 @@ int livemig_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* 
 
 int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  if (st.image->pread(buf, count, offset) < 0) return fail("pread", count, offset);
+  if (st.engine->read(buf, count, offset) < 0) return fail("pread", count, offset);
   st.counters.pread.add(count);
   st.heat->record_read(offset, count);
   return 0;
@@ -162,7 +235,9 @@ int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t fl
 
 int livemig_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  if (st.image->pwrite(buf, count, offset, flags & NBDKIT_FLAG_FUA) < 0) return fail("pwrite", count, offset);
+  const bool fua = flags & NBDKIT_FLAG_FUA;
+  if (st.engine->write(offset, count, fua, [&] { return st.image->pwrite(buf, count, offset, fua); }) < 0)
+    return fail("pwrite", count, offset);
   st.counters.pwrite.add(count);
   st.heat->record_write(offset, count);
   return 0;
@@ -170,14 +245,16 @@ int livemig_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint
 
 int livemig_flush(void*, uint32_t flags) {
   PluginState& st = state();
-  if (st.image->flush() < 0) return fail("flush", 0, 0);
+  if (st.engine->flush() < 0) return fail("flush", 0, 0);
   st.counters.flush.add(0);
   return 0;
 }
 
 int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  if (st.image->trim(count, offset, flags & NBDKIT_FLAG_FUA) < 0) return fail("trim", count, offset);
+  const bool fua = flags & NBDKIT_FLAG_FUA;
+  if (st.engine->write(offset, count, fua, [&] { return st.image->trim(count, offset, fua); }) < 0)
+    return fail("trim", count, offset);
   st.counters.trim.add(count);
   st.heat->record_write(offset, count);
   return 0;
@@ -185,8 +262,10 @@ int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 
 int livemig_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
-  if (st.image->zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM, fast, flags & NBDKIT_FLAG_FUA) < 0) {
+  const bool fast = flags & NBDKIT_FLAG_FAST_ZERO, fua = flags & NBDKIT_FLAG_FUA;
+  if (st.engine->write(offset, count, fua, [&] {
+        return st.image->zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM, fast, fua);
+      }) < 0) {
     if (fast && errno == ENOTSUP) {  // expected answer to a fast-zero probe, not a failure
       nbdkit_set_error(ENOTSUP);
       return -1;
@@ -201,6 +280,14 @@ int livemig_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 int livemig_extents(void*, uint32_t count, uint64_t offset, uint32_t flags, struct nbdkit_extents* extents) {
   PluginState& st = state();
   const bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+  IoMode mode = st.engine->io_mode();
+  if (mode == IoMode::DestProxy || mode == IoMode::DestPost) {
+    // The local image misses blocks the source has: a local hole may be data
+    // there, so claim none (clients then read instead of skipping).
+    if (nbdkit_add_extent(extents, offset, count, 0) < 0) return -1;
+    st.counters.extents.add(0);
+    return 0;
+  }
   int add_failed = 0;
   int rc = st.image->extents(count, offset, [&](uint64_t off, uint64_t len, bool hole) {
     uint32_t type = hole ? (NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) : 0;

@@ -8,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include "common/peer_link.h"
+
 namespace livemig {
 
 Result<uint64_t> parse_size(std::string_view key, std::string_view value) {
@@ -43,6 +45,14 @@ Result<bool> parse_bool(std::string_view key, std::string_view value) {
   return Status::error(fmt::format("{}={}: not a boolean (expected true or false)", key, value));
 }
 
+Result<double> parse_seconds(std::string_view key, std::string_view value) {
+  double d = 0;
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), d);
+  if (ec != std::errc() || end != value.data() + value.size() || !(d > 0) || !std::isfinite(d))
+    return Status::error(fmt::format("{}={}: expected a positive number of seconds", key, value));
+  return d;
+}
+
 Status PluginConfig::set(std::string_view key, std::string_view value) {
   if (key == "image") {
     if (value.empty()) return Status::error("image=: the image path is empty");
@@ -60,11 +70,27 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     if (!n) return n.status();
     segment_size = *n;
   } else if (key == "heat-half-life") {
-    double d = 0;
-    auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), d);
-    if (ec != std::errc() || end != value.data() + value.size() || !(d > 0) || !std::isfinite(d))
-      return Status::error(fmt::format("heat-half-life={}: expected a positive number of seconds", value));
-    heat_half_life = d;
+    auto d = parse_seconds(key, value);
+    if (!d) return d.status();
+    heat_half_life = *d;
+  } else if (key == "peer-timeout") {
+    auto d = parse_seconds(key, value);
+    if (!d) return d.status();
+    peer_timeout = *d;
+  } else if (key == "listen") {
+    auto hp = parse_host_port(std::string(value));
+    if (!hp) return Status::error(fmt::format("listen={}: {}", value, hp.status().message()));
+    listen = value;
+  } else if (key == "secret") {
+    if (value.empty()) return Status::error("secret=: the key file path is empty");
+    secret_path = value;
+  } else if (key == "handover") {
+    if (value != "explicit" && value != "auto" && value != "on-disconnect")
+      return Status::error(fmt::format("handover={}: expected explicit, auto or on-disconnect", value));
+    handover = value;
+  } else if (key == "state-file") {
+    if (value.empty()) return Status::error("state-file=: the path is empty");
+    state_file = value;
   } else if (key == "control") {
     if (value.empty()) return Status::error("control=: the socket path is empty");
     control_path = value;
@@ -79,6 +105,9 @@ Status PluginConfig::complete() const {
   // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
   if (control_path.size() > 107)
     return Status::error(fmt::format("control={}: a Unix socket path may be at most 107 bytes long", control_path));
+  if (!listen.empty() && secret_path.empty() && !is_loopback_host(parse_host_port(listen).value().host))
+    return Status::error(fmt::format(
+        "listen={} is not a loopback address: peers must authenticate, so secret=<FILE> is required", listen));
   return SegmentGeometry::check_sizes(block_size, segment_size);
 }
 

@@ -21,7 +21,17 @@ inline constexpr const char* kConfigHelp =
     "                       block-size (default 1M).\n"
     "heat-half-life=<SECS>  Decay half-life of the heat history (default 60).\n"
     "control=<PATH>         Unix control socket (mode 0600), JSON lines:\n"
-    "                       {\"op\":\"status\"}, {\"op\":\"stats\"}.";
+    "                       {\"op\":\"status\"}, {\"op\":\"stats\"}, ...\n"
+    "listen=<HOST:PORT>     Peer port for migrations and remote control.\n"
+    "                       A destination may start on an empty or missing\n"
+    "                       image: it takes its size from the source.\n"
+    "secret=<FILE>          Pre-shared key (>= 16 bytes) authenticating peers;\n"
+    "                       required when listen= is not a loopback address.\n"
+    "handover=explicit|auto|on-disconnect\n"
+    "                       Default handover trigger of migrations started\n"
+    "                       here (default explicit).\n"
+    "peer-timeout=<SECS>    A silent peer is dead after this (default 15).\n"
+    "state-file=<FILE>      Migration state (default <image>.livemig-state).";
 
 struct PluginConfig {
   std::string image;
@@ -30,6 +40,11 @@ struct PluginConfig {
   uint64_t segment_size = SegmentGeometry::kDefaultSegmentSize;
   double heat_half_life = 60.0;
   std::string control_path;
+  std::string listen;        // HOST:PORT, empty = no peer port
+  std::string secret_path;
+  std::string handover = "explicit";
+  double peer_timeout = 15.0;
+  std::string state_file;    // empty = <image>.livemig-state
 
   // Applies one key=value; an unknown key or a bad value is an error naming it.
   Status set(std::string_view key, std::string_view value);
@@ -39,6 +54,8 @@ struct PluginConfig {
 
 // Parses sizes like "4096", "4K", "1M", "2G" (binary units). Error names `key`.
 Result<uint64_t> parse_size(std::string_view key, std::string_view value);
+// Parses a positive number of seconds.
+Result<double> parse_seconds(std::string_view key, std::string_view value);
 // Parses true/false, yes/no, on/off, 1/0.
 Result<bool> parse_bool(std::string_view key, std::string_view value);
 

@@ -33,6 +33,8 @@ struct RequestCounters {
 };
 
 class ControlServer;
+class MigrationEngine;
+class PeerServer;
 
 struct PluginState {
   PluginState();
@@ -45,6 +47,8 @@ struct PluginState {
   RequestCounters counters;
   std::atomic<int64_t> connections{0};
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::unique_ptr<MigrationEngine> engine;  // set in config_complete
+  std::unique_ptr<PeerServer> peer;         // set in get_ready when listen= is given
   std::unique_ptr<ControlServer> control;   // set in get_ready when control= is given
 
   double uptime_seconds() const {

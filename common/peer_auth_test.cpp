@@ -1,0 +1,412 @@
+#include "common/peer_auth.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+
+#include <catch2/catch.hpp>
+
+using livemig::AuthClient;
+using livemig::AuthServer;
+using livemig::Mac;
+using livemig::Nonce;
+using livemig::Secret;
+using livemig::Status;
+
+namespace {
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+Secret secret_of(const std::string& bytes) {
+  auto s = Secret::from_bytes(bytes);
+  REQUIRE(s.is_ok());
+  return std::move(*s);
+}
+
+std::string hex(const Mac& m) {
+  static const char* digits = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : m) {
+    out += digits[b >> 4];
+    out += digits[b & 15];
+  }
+  return out;
+}
+
+// A scratch directory removed when the test ends.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "livemig-auth-XXXXXX").string();
+    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string write(const std::string& name, const std::string& content, mode_t mode = 0600) {
+    std::string p = (path / name).string();
+    {
+      std::ofstream f(p, std::ios::binary | std::ios::trunc);
+      f << content;
+    }
+    REQUIRE(::chmod(p.c_str(), mode) == 0);
+    return p;
+  }
+};
+
+// Runs a whole handshake; returns {client side status, server side status}.
+std::pair<Status, Status> handshake(const Secret& client_key, const Secret& server_key) {
+  AuthClient client(client_key);
+  AuthServer server(server_key);
+  auto nc = client.hello();
+  REQUIRE(nc.is_ok());
+  auto sh = server.on_hello(*nc);
+  REQUIRE(sh.is_ok());
+  Status c = client.on_server_hello(sh->nonce, sh->mac);
+  if (!c) {
+    // A real client hangs up here; make the server side see a forged AUTH.
+    Mac guess = livemig::client_mac(client_key, *nc, sh->nonce);
+    return {c, server.on_auth(guess)};
+  }
+  auto mac = client.auth();
+  REQUIRE(mac.is_ok());
+  return {c, server.on_auth(*mac)};
+}
+
+}  // namespace
+
+TEST_CASE("hmac_sha256 matches RFC 4231 test cases 1 and 2", "[auth]") {
+  std::array<uint8_t, 20> key1;
+  key1.fill(0x0b);
+  std::string data1 = "Hi There";
+  Mac m1 = livemig::hmac_sha256(key1.data(), key1.size(), reinterpret_cast<const uint8_t*>(data1.data()),
+                                data1.size());
+  CHECK(hex(m1) == "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+
+  std::string key2 = "Jefe";
+  std::string data2 = "what do ya want for nothing?";
+  Mac m2 = livemig::hmac_sha256(reinterpret_cast<const uint8_t*>(key2.data()), key2.size(),
+                                reinterpret_cast<const uint8_t*>(data2.data()), data2.size());
+  CHECK(hex(m2) == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+}
+
+TEST_CASE("server and client MACs match an independent HMAC of label and nonces", "[auth]") {
+  const std::string key = "0123456789abcdef0123456789abcdef";
+  Secret secret = secret_of(key);
+  Nonce nc, ns;
+  for (int i = 0; i < 32; ++i) {
+    nc[i] = static_cast<uint8_t>(i);
+    ns[i] = static_cast<uint8_t>(32 + i);
+  }
+  // Expected values computed with Python's hmac module.
+  CHECK(hex(livemig::server_mac(secret, nc, ns)) ==
+        "4bb04c82eb48f68245048cf02fd4e1622469f13ed7c128f8370e0154e9e2e6c9");
+  CHECK(hex(livemig::client_mac(secret, nc, ns)) ==
+        "95dce163e44fcbe2cbd3148e38d20b2de1223afd1de7febc64f76123b7b834b0");
+
+  // And with OpenSSL's one-shot HMAC over the documented message.
+  std::string msg = "livemig-v1 server";
+  msg.append(reinterpret_cast<const char*>(nc.data()), nc.size());
+  msg.append(reinterpret_cast<const char*>(ns.data()), ns.size());
+  Mac expected{};
+  unsigned int len = 0;
+  REQUIRE(HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()),
+               reinterpret_cast<const unsigned char*>(msg.data()), msg.size(), expected.data(), &len) != nullptr);
+  REQUIRE(len == 32);
+  CHECK(livemig::server_mac(secret, nc, ns) == expected);
+}
+
+TEST_CASE("two peers with the same secret authenticate each other", "[auth]") {
+  Secret key = secret_of("correct horse battery staple");
+  AuthClient client(key);
+  AuthServer server(key);
+  auto nc = client.hello();
+  REQUIRE(nc.is_ok());
+  auto sh = server.on_hello(*nc);
+  REQUIRE(sh.is_ok());
+  CHECK_FALSE(client.server_authenticated());
+  REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+  CHECK(client.server_authenticated());
+  auto mac = client.auth();
+  REQUIRE(mac.is_ok());
+  CHECK_FALSE(server.authenticated());
+  REQUIRE(server.on_auth(*mac).is_ok());
+  CHECK(server.authenticated());
+}
+
+TEST_CASE("a client with a different secret detects the wrong server and the server rejects it", "[auth]") {
+  Secret a = secret_of("secret-number-one-aaaa");
+  Secret b = secret_of("secret-number-two-bbbb");
+  auto [client_status, server_status] = handshake(a, b);
+  CHECK_FALSE(client_status.is_ok());
+  CHECK(client_status.message() == "server failed authentication (wrong secret or not a livemig peer)");
+  CHECK_FALSE(server_status.is_ok());
+  CHECK(server_status.message() == "authentication failed: wrong secret");
+}
+
+TEST_CASE("a server detects a client with the wrong secret", "[auth]") {
+  Secret good = secret_of("the-shared-secret-1234");
+  Secret bad = secret_of("an-impostor-secret-5678");
+  AuthServer server(good);
+  Nonce nc = livemig::random_nonce();
+  auto sh = server.on_hello(nc);
+  REQUIRE(sh.is_ok());
+  Status st = server.on_auth(livemig::client_mac(bad, nc, sh->nonce));
+  CHECK_FALSE(st.is_ok());
+  CHECK(st.message() == "authentication failed: wrong secret");
+  CHECK(st.errno_value() == EACCES);
+  CHECK_FALSE(server.authenticated());
+}
+
+TEST_CASE("a replayed client AUTH from an earlier session fails against a new server nonce", "[auth]") {
+  Secret key = secret_of("the-shared-secret-1234");
+  // An eavesdropper records a whole good session.
+  AuthClient client(key);
+  AuthServer server1(key);
+  auto nc = client.hello();
+  REQUIRE(nc.is_ok());
+  auto sh = server1.on_hello(*nc);
+  REQUIRE(sh.is_ok());
+  REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+  auto recorded = client.auth();
+  REQUIRE(recorded.is_ok());
+  REQUIRE(server1.on_auth(*recorded).is_ok());
+
+  // It replays the client's HELLO and AUTH to a new session.
+  AuthServer server2(key);
+  auto sh2 = server2.on_hello(*nc);
+  REQUIRE(sh2.is_ok());
+  CHECK(sh2->nonce != sh->nonce);
+  CHECK_FALSE(server2.on_auth(*recorded).is_ok());
+  CHECK_FALSE(server2.authenticated());
+}
+
+TEST_CASE("a replayed server HELLO fails against a new client nonce", "[auth]") {
+  Secret key = secret_of("the-shared-secret-1234");
+  AuthServer server(key);
+  auto sh = server.on_hello(livemig::random_nonce());
+  REQUIRE(sh.is_ok());
+  AuthClient client(key);
+  REQUIRE(client.hello().is_ok());
+  CHECK_FALSE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+  CHECK_FALSE(client.server_authenticated());
+}
+
+TEST_CASE("the server's own MAC reflected back as the client's AUTH fails", "[auth]") {
+  Secret key = secret_of("the-shared-secret-1234");
+  AuthServer server(key);
+  Nonce nc = livemig::random_nonce();
+  auto sh = server.on_hello(nc);
+  REQUIRE(sh.is_ok());
+  CHECK_FALSE(server.on_auth(sh->mac).is_ok());
+  CHECK_FALSE(server.authenticated());
+}
+
+TEST_CASE("a server that echoes the client's nonce and MAC is rejected", "[auth]") {
+  Secret key = secret_of("the-shared-secret-1234");
+  AuthClient client(key);
+  auto nc = client.hello();
+  REQUIRE(nc.is_ok());
+  // A mirror cannot compute a server MAC; give it its best shot: the client MAC
+  // for (nc, nc), which a second client session could be tricked into making.
+  Mac mirrored = livemig::client_mac(key, *nc, *nc);
+  CHECK_FALSE(client.on_server_hello(*nc, mirrored).is_ok());
+  // Even the true server MAC over an echoed nonce is refused.
+  AuthClient client2(key);
+  auto nc2 = client2.hello();
+  REQUIRE(nc2.is_ok());
+  CHECK_FALSE(client2.on_server_hello(*nc2, livemig::server_mac(key, *nc2, *nc2)).is_ok());
+}
+
+TEST_CASE("handshake steps out of order fail without changing the state", "[auth]") {
+  Secret key = secret_of("the-shared-secret-1234");
+
+  SECTION("server: AUTH before HELLO") {
+    AuthServer server(key);
+    Mac m{};
+    CHECK_FALSE(server.on_auth(m).is_ok());
+    CHECK_FALSE(server.authenticated());
+    // The session still works afterwards.
+    AuthClient client(key);
+    auto nc = client.hello();
+    auto sh = server.on_hello(*nc);
+    REQUIRE(sh.is_ok());
+    REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+    CHECK(server.on_auth(*client.auth()).is_ok());
+  }
+  SECTION("server: HELLO twice") {
+    AuthServer server(key);
+    REQUIRE(server.on_hello(livemig::random_nonce()).is_ok());
+    CHECK_FALSE(server.on_hello(livemig::random_nonce()).is_ok());
+  }
+  SECTION("server: AUTH accepted at most once") {
+    AuthClient client(key);
+    AuthServer server(key);
+    auto sh = server.on_hello(*client.hello());
+    REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+    Mac mac = *client.auth();
+    REQUIRE(server.on_auth(mac).is_ok());
+    CHECK_FALSE(server.on_auth(mac).is_ok());
+  }
+  SECTION("server: no second chance after a wrong AUTH") {
+    AuthClient client(key);
+    AuthServer server(key);
+    auto sh = server.on_hello(*client.hello());
+    REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+    Mac good = *client.auth();
+    Mac bad = good;
+    bad[0] ^= 1;
+    CHECK_FALSE(server.on_auth(bad).is_ok());
+    CHECK_FALSE(server.on_auth(good).is_ok());
+    CHECK_FALSE(server.authenticated());
+  }
+  SECTION("client: server HELLO before client HELLO") {
+    AuthClient client(key);
+    CHECK_FALSE(client.on_server_hello(livemig::random_nonce(), Mac{}).is_ok());
+    CHECK(client.hello().is_ok());
+  }
+  SECTION("client: AUTH before the server is verified") {
+    AuthClient client(key);
+    CHECK_FALSE(client.auth().is_ok());
+    REQUIRE(client.hello().is_ok());
+    CHECK_FALSE(client.auth().is_ok());
+  }
+  SECTION("client: HELLO twice, AUTH twice") {
+    AuthClient client(key);
+    AuthServer server(key);
+    auto nc = client.hello();
+    REQUIRE(nc.is_ok());
+    CHECK_FALSE(client.hello().is_ok());
+    auto sh = server.on_hello(*nc);
+    REQUIRE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+    CHECK_FALSE(client.on_server_hello(sh->nonce, sh->mac).is_ok());
+    REQUIRE(client.auth().is_ok());
+    CHECK_FALSE(client.auth().is_ok());
+  }
+  SECTION("client: no AUTH after the server failed") {
+    AuthClient client(key);
+    REQUIRE(client.hello().is_ok());
+    CHECK_FALSE(client.on_server_hello(livemig::random_nonce(), Mac{}).is_ok());
+    CHECK_FALSE(client.auth().is_ok());
+    CHECK_FALSE(client.server_authenticated());
+  }
+}
+
+TEST_CASE("random nonces differ", "[auth]") {
+  CHECK(livemig::random_nonce() != livemig::random_nonce());
+}
+
+TEST_CASE("load_secret reads the key and trims one trailing newline", "[auth]") {
+  TempDir dir;
+  std::string warning = "stale";
+  auto s = livemig::load_secret(dir.write("psk", "0123456789abcdef\n"), &warning);
+  REQUIRE(s.is_ok());
+  CHECK(s->size() == 16);
+  CHECK(std::string(reinterpret_cast<const char*>(s->data()), s->size()) == "0123456789abcdef");
+  CHECK(warning.empty());
+
+  auto crlf = livemig::load_secret(dir.write("crlf", "0123456789abcdef\r\n"));
+  REQUIRE(crlf.is_ok());
+  CHECK(crlf->size() == 16);
+
+  // Keys from files and from bytes authenticate each other.
+  auto [c, srv] = handshake(*s, secret_of("0123456789abcdef"));
+  CHECK(c.is_ok());
+  CHECK(srv.is_ok());
+}
+
+TEST_CASE("load_secret errors name the path and what is wrong", "[auth]") {
+  TempDir dir;
+  SECTION("missing file") {
+    std::string p = (dir.path / "nope").string();
+    auto s = livemig::load_secret(p);
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), p));
+    CHECK(s.status().errno_value() == ENOENT);
+  }
+  SECTION("empty file") {
+    std::string p = dir.write("empty", "");
+    auto s = livemig::load_secret(p);
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), p));
+    CHECK(contains(s.status().message(), "empty"));
+  }
+  SECTION("only a newline") {
+    std::string p = dir.write("nl", "\n");
+    auto s = livemig::load_secret(p);
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), "empty"));
+  }
+  SECTION("short key: 15 bytes after the newline is trimmed") {
+    std::string p = dir.write("short", "0123456789abcde\n");
+    auto s = livemig::load_secret(p);
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), p));
+    CHECK(contains(s.status().message(), "15 bytes"));
+    CHECK(contains(s.status().message(), "at least 16"));
+  }
+  SECTION("a directory") {
+    auto s = livemig::load_secret(dir.path.string());
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), dir.path.string()));
+  }
+  SECTION("unreadable file") {
+    if (::geteuid() == 0) {
+      SUCCEED("root reads files whatever their mode");
+    } else {
+      std::string p = dir.write("locked", "0123456789abcdef", 0000);
+      auto s = livemig::load_secret(p);
+      REQUIRE_FALSE(s.is_ok());
+      CHECK(contains(s.status().message(), p));
+    }
+  }
+  SECTION("too long") {
+    std::string p = dir.write("huge", std::string(Secret::kMaxBytes + 10, 'x'));
+    auto s = livemig::load_secret(p);
+    REQUIRE_FALSE(s.is_ok());
+    CHECK(contains(s.status().message(), p));
+  }
+}
+
+TEST_CASE("load_secret warns when the key file is readable by group or others", "[auth]") {
+  TempDir dir;
+  std::string warning;
+  std::string p = dir.write("psk", "0123456789abcdef0123", 0644);
+  auto s = livemig::load_secret(p, &warning);
+  REQUIRE(s.is_ok());
+  CHECK(contains(warning, p));
+  CHECK(contains(warning, "0644"));
+
+  std::string p2 = dir.write("psk2", "0123456789abcdef0123", 0640);
+  REQUIRE(livemig::load_secret(p2, &warning).is_ok());
+  CHECK(contains(warning, p2));
+
+  std::string p3 = dir.write("psk3", "0123456789abcdef0123", 0400);
+  REQUIRE(livemig::load_secret(p3, &warning).is_ok());
+  CHECK(warning.empty());
+}
+
+TEST_CASE("a copied or moved secret keeps its bytes and the original stays usable", "[auth]") {
+  Secret a = secret_of("0123456789abcdef0123");
+  Secret b = a;
+  CHECK(b.size() == a.size());
+  Secret c = std::move(b);
+  CHECK(b.empty());
+  CHECK(c.size() == 20);
+  Nonce nc = livemig::random_nonce(), ns = livemig::random_nonce();
+  CHECK(livemig::server_mac(a, nc, ns) == livemig::server_mac(c, nc, ns));
+  b = c;
+  CHECK(livemig::client_mac(b, nc, ns) == livemig::client_mac(a, nc, ns));
+}

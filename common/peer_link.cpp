@@ -1,0 +1,420 @@
+#include "common/peer_link.h"
+
+#include <charconv>
+#include <future>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/connect.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/ip/address.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <fmt/format.h>
+
+namespace livemig {
+
+namespace asio = boost::asio;
+using asio::awaitable;
+using asio::use_awaitable;
+using asio::ip::tcp;
+
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// True for the frames that answer a call().
+bool is_reply_type(FrameType t) {
+  return t == FrameType::Ack || t == FrameType::Error || t == FrameType::ControlReply ||
+         t == FrameType::HandoverAck || t == FrameType::AuthOk;
+}
+
+}  // namespace
+
+std::string HostPort::str() const {
+  return host.find(':') != std::string::npos ? fmt::format("[{}]:{}", host, port)
+                                             : fmt::format("{}:{}", host, port);
+}
+
+Result<HostPort> parse_host_port(const std::string& s) {
+  HostPort hp;
+  std::string port;
+  if (!s.empty() && s[0] == '[') {
+    auto close = s.find("]:");
+    if (close == std::string::npos) return Status::error(fmt::format("'{}': expected [ADDR]:PORT", s));
+    hp.host = s.substr(1, close - 1);
+    port = s.substr(close + 2);
+  } else {
+    auto colon = s.rfind(':');
+    if (colon == std::string::npos || colon == 0)
+      return Status::error(fmt::format("'{}': expected HOST:PORT", s));
+    hp.host = s.substr(0, colon);
+    port = s.substr(colon + 1);
+  }
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (ec != std::errc() || end != port.data() + port.size() || value == 0 || value > 65535)
+    return Status::error(fmt::format("'{}': the port must be a number from 1 to 65535", s));
+  hp.port = static_cast<uint16_t>(value);
+  return hp;
+}
+
+bool is_loopback_host(const std::string& host) {
+  if (host == "localhost") return true;
+  boost::system::error_code ec;
+  auto addr = asio::ip::make_address(host, ec);
+  return !ec && addr.is_loopback();
+}
+
+PeerLink::PeerLink(tcp::socket socket, const Options& options)
+    : socket_(std::move(socket)), options_(options) {
+  boost::system::error_code ec;
+  auto ep = socket_.remote_endpoint(ec);
+  remote_ = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
+  socket_.set_option(tcp::no_delay(true), ec);
+  last_read_ns_ = now_ns();
+}
+
+PeerLink::~PeerLink() = default;
+
+const Status& PeerLink::close_reason() const {
+  std::lock_guard lock(mu_);
+  return close_reason_;
+}
+
+awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
+  try {
+    uint8_t header_bytes[kFrameHeaderSize];
+    co_await asio::async_read(socket_, asio::buffer(header_bytes), use_awaitable);
+    auto header = decode_header(header_bytes, max_payload);
+    if (!header) co_return header.status();
+    Frame f;
+    f.header = *header;
+    f.payload.resize(header->payload_length);
+    if (!f.payload.empty()) co_await asio::async_read(socket_, asio::buffer(f.payload), use_awaitable);
+    bytes_received_.fetch_add(kFrameHeaderSize + f.payload.size(), std::memory_order_relaxed);
+    last_read_ns_ = now_ns();
+    auto message = decode_message(f.header, f.payload);
+    if (!message) co_return message.status();
+    f.message = std::move(*message);
+    co_return std::move(f);
+  } catch (const boost::system::system_error& e) {
+    if (e.code() == asio::error::eof)
+      co_return protocol_error(ErrorCode::Protocol, "peer closed the connection");
+    co_return Status::error(fmt::format("connection to {}: {}", remote_, e.code().message()), EIO);
+  }
+}
+
+awaitable<void> PeerLink::send_now(std::string frame) {
+  try {
+    co_await asio::async_write(socket_, asio::buffer(frame), use_awaitable);
+    bytes_sent_.fetch_add(frame.size(), std::memory_order_relaxed);
+  } catch (const boost::system::system_error&) {
+  }
+}
+
+awaitable<Status> PeerLink::client_handshake(const Secret& secret, std::string_view purpose) {
+  AuthClient auth(secret);
+  HelloPayload hello;
+  hello.nonce = auth.hello().value();
+  hello.peer_name = options_.local_name;
+  hello.purpose = std::string(purpose);
+  co_await send_now(encode_message(hello, 0).value());
+  auto reply = co_await read_frame(kMaxPreAuthPayload);
+  if (!reply) co_return reply.status();
+  if (auto* err = std::get_if<ErrorPayload>(&reply->message)) co_return status_from_error(*err);
+  auto* server_hello = std::get_if<HelloPayload>(&reply->message);
+  if (!server_hello || !server_hello->mac)
+    co_return protocol_error(ErrorCode::Protocol, "expected the server's HELLO with its MAC");
+  if (Status s = auth.on_server_hello(server_hello->nonce, *server_hello->mac); !s) co_return s;
+  co_await send_now(encode_message(AuthPayload{auth.auth().value()}, 0).value());
+  auto ok = co_await read_frame(kMaxPreAuthPayload);
+  if (!ok) co_return ok.status();
+  if (auto* err = std::get_if<ErrorPayload>(&ok->message)) co_return status_from_error(*err);
+  if (!std::holds_alternative<AuthOkPayload>(ok->message))
+    co_return protocol_error(ErrorCode::Protocol, "expected AUTH_OK");
+  co_return Status::ok();
+}
+
+awaitable<Status> PeerLink::server_handshake(const Secret& secret) {
+  AuthServer auth(secret);
+  Status failure;
+  auto hello = co_await read_frame(kMaxPreAuthPayload);
+  if (!hello) {
+    failure = hello.status();
+  } else if (auto* h = std::get_if<HelloPayload>(&hello->message); !h || h->mac) {
+    failure = protocol_error(ErrorCode::Protocol, "expected a client HELLO first");
+  } else {
+    purpose_ = h->purpose;
+    auto reply = auth.on_hello(h->nonce).value();
+    HelloPayload out;
+    out.nonce = reply.nonce;
+    out.mac = reply.mac;
+    out.peer_name = options_.local_name;
+    out.purpose = h->purpose;
+    co_await send_now(encode_message(out, 0).value());
+    auto client_auth = co_await read_frame(kMaxPreAuthPayload);
+    if (!client_auth) {
+      failure = client_auth.status();
+    } else if (auto* a = std::get_if<AuthPayload>(&client_auth->message); !a) {
+      failure = protocol_error(ErrorCode::Protocol, "expected AUTH after HELLO");
+    } else if (Status s = auth.on_auth(a->mac); !s) {
+      failure = protocol_error(ErrorCode::AuthFailed, s.message());
+    } else {
+      co_await send_now(encode_message(AuthOkPayload{}, 0).value());
+      co_return Status::ok();
+    }
+  }
+  co_await send_now(encode_message(make_error_payload(failure), 0).value());
+  co_return failure;
+}
+
+Result<std::shared_ptr<PeerLink>> PeerLink::connect(asio::io_context& io, const HostPort& where,
+                                                    const Secret& secret, std::string_view purpose,
+                                                    const Options& options,
+                                                    std::chrono::milliseconds timeout) {
+  auto promise = std::make_shared<std::promise<Result<std::shared_ptr<PeerLink>>>>();
+  auto future = promise->get_future();
+  std::string purpose_copy(purpose);
+  asio::co_spawn(
+      io,
+      [&io, where, secret, purpose_copy, options, timeout, promise]() -> awaitable<void> {
+        auto link = std::make_shared<PeerLink>(tcp::socket(io), options);
+        asio::steady_timer deadline(io, timeout);
+        bool timed_out = false;
+        deadline.async_wait([&, link](boost::system::error_code ec) {
+          if (ec) return;
+          timed_out = true;
+          boost::system::error_code ignored;
+          link->socket_.close(ignored);
+        });
+        Status status;
+        try {
+          tcp::resolver resolver(io);
+          auto endpoints = co_await resolver.async_resolve(where.host, std::to_string(where.port), use_awaitable);
+          co_await asio::async_connect(link->socket_, endpoints, use_awaitable);
+          boost::system::error_code ec;
+          link->socket_.set_option(tcp::no_delay(true), ec);
+          auto ep = link->socket_.remote_endpoint(ec);
+          if (!ec) link->remote_ = fmt::format("{}:{}", ep.address().to_string(), ep.port());
+          status = co_await link->client_handshake(secret, purpose_copy);
+        } catch (const boost::system::system_error& e) {
+          status = Status::error(e.code().message(), e.code().value() ? e.code().value() : EIO);
+        }
+        deadline.cancel();
+        if (timed_out) status = Status::error("timed out", ETIMEDOUT);
+        if (!status) {
+          promise->set_value(Status::error(fmt::format("{}: {}", where.str(), status.message()), status.errno_value()));
+          co_return;
+        }
+        link->purpose_ = purpose_copy;
+        promise->set_value(link);
+      },
+      asio::detached);
+  return future.get();
+}
+
+awaitable<Result<std::shared_ptr<PeerLink>>> PeerLink::accept(tcp::socket socket, const Secret& secret,
+                                                              const Options& options) {
+  auto executor = socket.get_executor();
+  auto link = std::make_shared<PeerLink>(std::move(socket), options);
+  // The handshake must finish within the read timeout, or the socket closes.
+  asio::steady_timer deadline(executor, options.read_timeout);
+  deadline.async_wait([link](boost::system::error_code ec) {
+    if (ec) return;
+    boost::system::error_code ignored;
+    link->socket_.close(ignored);
+  });
+  Status s = co_await link->server_handshake(secret);
+  deadline.cancel();
+  if (!s) {
+    boost::system::error_code ignored;
+    link->socket_.close(ignored);
+    co_return s;
+  }
+  co_return link;
+}
+
+void PeerLink::start(FrameHandler on_frame, CloseHandler on_close) {
+  on_frame_ = std::move(on_frame);
+  on_close_ = std::move(on_close);
+  auto self = shared_from_this();
+  asio::post(socket_.get_executor(), [self] {
+    self->last_read_ns_ = now_ns();
+    asio::co_spawn(self->socket_.get_executor(), self->read_loop(self), asio::detached);
+    asio::co_spawn(self->socket_.get_executor(), self->heartbeat_loop(self), asio::detached);
+  });
+}
+
+// `self` keeps the link alive while the loop runs (a coroutine parameter
+// lives in its frame; a shared_from_this() inside the body would run too late).
+awaitable<void> PeerLink::read_loop(std::shared_ptr<PeerLink> self) {
+  while (!closed_) {
+    auto frame = co_await read_frame(kMaxFramePayload);
+    if (!frame) {
+      // A malformed frame gets an ERROR frame before the close; a dead
+      // connection just closes.
+      if (!closed_ && frame.status().errno_value() != EIO &&
+          frame.status().message() != "peer closed the connection")
+        co_await send_now(encode_message(make_error_payload(frame.status()), 0).value());
+      close(frame.status());
+      co_return;
+    }
+    if (frame->header.type == FrameType::Heartbeat) continue;
+    if (deliver_reply(*frame)) continue;
+    try {
+      if (on_frame_) on_frame_(self, *frame);
+    } catch (const std::exception& e) {
+      close(Status::error(fmt::format("handling {} frame: {}", frame_type_name(frame->header.type), e.what()), EIO));
+    }
+  }
+}
+
+awaitable<void> PeerLink::heartbeat_loop(std::shared_ptr<PeerLink> self) {
+  asio::steady_timer timer(socket_.get_executor());
+  uint64_t seq = 0;
+  while (!closed_) {
+    timer.expires_after(options_.heartbeat);
+    boost::system::error_code ec;
+    try {
+      co_await timer.async_wait(use_awaitable);
+    } catch (const boost::system::system_error&) {
+      co_return;
+    }
+    if (closed_) co_return;
+    auto silent = std::chrono::nanoseconds(now_ns() - last_read_ns_.load());
+    if (silent > options_.read_timeout) {
+      close(Status::error(fmt::format("peer {} silent for {} ms: assumed dead", remote_,
+                                      std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()),
+                          ETIMEDOUT));
+      co_return;
+    }
+    send(HeartbeatPayload{++seq, static_cast<uint64_t>(now_ns())}, 0, true);
+  }
+}
+
+bool PeerLink::deliver_reply(Frame& frame) {
+  if (!is_reply_type(frame.header.type) || frame.header.request_id == 0) return false;
+  std::lock_guard lock(mu_);
+  auto it = waiters_.find(frame.header.request_id);
+  if (it == waiters_.end()) return false;
+  if (auto* err = std::get_if<ErrorPayload>(&frame.message))
+    it->second->result = status_from_error(*err);
+  else
+    it->second->result = std::move(frame);
+  it->second->done = true;
+  waiters_.erase(it);
+  cv_.notify_all();
+  return true;
+}
+
+void PeerLink::send_data(const DataPayload& p, uint64_t request_id, bool priority) {
+  std::string frame = encode_data_prefix(p, request_id);
+  frame.append(reinterpret_cast<const char*>(p.bytes.data()), p.bytes.size());
+  send_raw(std::move(frame), priority);
+}
+
+void PeerLink::send_raw(std::string frame, bool priority) {
+  if (closed_) return;
+  bool start_writer = false;
+  {
+    std::lock_guard lock(mu_);
+    queued_bytes_.fetch_add(frame.size(), std::memory_order_relaxed);
+    (priority ? priority_queue_ : normal_queue_).push_back(std::move(frame));
+    if (!writing_) writing_ = start_writer = true;
+  }
+  if (start_writer) {
+    auto self = shared_from_this();
+    asio::co_spawn(socket_.get_executor(), write_loop(self), asio::detached);
+  }
+}
+
+awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
+  for (;;) {
+    std::string frame;
+    {
+      std::lock_guard lock(mu_);
+      auto& q = !priority_queue_.empty() ? priority_queue_ : normal_queue_;
+      if (q.empty() || closed_) {
+        writing_ = false;
+        co_return;
+      }
+      frame = std::move(q.front());
+      q.pop_front();
+    }
+    try {
+      co_await asio::async_write(socket_, asio::buffer(frame), use_awaitable);
+      bytes_sent_.fetch_add(frame.size(), std::memory_order_relaxed);
+    } catch (const boost::system::system_error& e) {
+      queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
+      close(Status::error(fmt::format("sending to {}: {}", remote_, e.code().message()), EIO));
+      std::lock_guard lock(mu_);
+      writing_ = false;
+      co_return;
+    }
+    queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
+    cv_.notify_all();
+  }
+}
+
+Result<PeerLink::Frame> PeerLink::call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout) {
+  auto waiter = std::make_shared<Waiter>();
+  {
+    std::lock_guard lock(mu_);
+    if (closed_) return Status::error(fmt::format("link to {} is closed: {}", remote_, close_reason_.message()), EPIPE);
+    waiters_[id] = waiter;
+  }
+  send_raw(std::move(frame), false);
+  std::unique_lock lock(mu_);
+  if (!cv_.wait_for(lock, timeout, [&] { return waiter->done; })) {
+    waiters_.erase(id);
+    return Status::error(fmt::format("no reply from {} within {} ms", remote_, timeout.count()), ETIMEDOUT);
+  }
+  return std::move(waiter->result);
+}
+
+bool PeerLink::wait_queue_below(size_t limit, std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  return cv_.wait_for(lock, timeout, [&] { return closed_ || queued_bytes() < limit; }) && !closed_;
+}
+
+void PeerLink::fail_waiters(const Status& why) {
+  for (auto& [id, w] : waiters_) {
+    w->result = why;
+    w->done = true;
+  }
+  waiters_.clear();
+}
+
+void PeerLink::close(const Status& why) {
+  if (closed_.exchange(true)) return;
+  {
+    std::lock_guard lock(mu_);
+    close_reason_ = why;
+    fail_waiters(Status::error(fmt::format("link to {} closed: {}", remote_, why.message()),
+                               why.errno_value() ? why.errno_value() : EPIPE));
+    priority_queue_.clear();
+    normal_queue_.clear();
+    queued_bytes_ = 0;
+  }
+  cv_.notify_all();
+  auto self = shared_from_this();
+  // The socket is closed on its own thread, where its operations run.
+  asio::post(socket_.get_executor(), [self, why] {
+    boost::system::error_code ignored;
+    self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
+    self->socket_.close(ignored);
+    if (self->on_close_) {
+      auto handler = std::move(self->on_close_);
+      handler(self, why);
+    }
+  });
+}
+
+}  // namespace livemig

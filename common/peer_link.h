@@ -1,0 +1,161 @@
+// One authenticated peer-protocol connection over TCP (Boost.Asio, C++20
+// coroutines): the handshake of docs/protocol.md, framed reads with a
+// deadline, heartbeats, and a write queue with a priority lane.
+//
+// Threading: every PeerLink lives on one io_context run by ONE thread; its
+// handlers run there. send*, close and the counters may be called from any
+// thread. connect() and call() block, so they must not be called on the io
+// thread. A link keeps itself alive while its read loop runs.
+//
+// Replies: call() sends a request with a fresh request id and waits for the
+// peer's ACK, HANDOVER_ACK, CONTROL_REPLY or ERROR frame with the same id.
+// Every other frame goes to the FrameHandler.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>  // Boost 1.74's awaitable.hpp uses std::exchange without it
+#include <vector>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+
+#include "common/frame_codec.h"
+#include "common/peer_auth.h"
+#include "common/status.h"
+
+namespace livemig {
+
+// "HOST:PORT" or "[V6ADDR]:PORT".
+struct HostPort {
+  std::string host;
+  uint16_t port = 0;
+  std::string str() const;
+};
+Result<HostPort> parse_host_port(const std::string& s);
+// True for 127.0.0.0/8, ::1 and "localhost".
+bool is_loopback_host(const std::string& host);
+
+class PeerLink : public std::enable_shared_from_this<PeerLink> {
+ public:
+  struct Frame {
+    FrameHeader header;
+    std::vector<uint8_t> payload;  // keeps DataPayload::bytes valid
+    AnyPayload message;
+  };
+  using FrameHandler = std::function<void(const std::shared_ptr<PeerLink>&, Frame&)>;
+  using CloseHandler = std::function<void(const std::shared_ptr<PeerLink>&, const Status&)>;
+  struct Options {
+    std::string local_name = "livemig";
+    std::chrono::milliseconds read_timeout{15000};  // no frame for this long: dead peer
+    std::chrono::milliseconds heartbeat{1000};
+  };
+
+  // Connects to `where`, authenticates with `secret` and says `purpose`
+  // (kPurposePeer or kPurposeControl). Blocks; not on io's thread. Errors name
+  // the address: unreachable, refused, timed out, wrong secret.
+  static Result<std::shared_ptr<PeerLink>> connect(boost::asio::io_context& io, const HostPort& where,
+                                                   const Secret& secret, std::string_view purpose,
+                                                   const Options& options,
+                                                   std::chrono::milliseconds timeout);
+  // Authenticates an accepted connection (server side). On failure an ERROR
+  // frame has been sent and the socket closed.
+  static boost::asio::awaitable<Result<std::shared_ptr<PeerLink>>> accept(
+      boost::asio::ip::tcp::socket socket, const Secret& secret, const Options& options);
+
+  ~PeerLink();
+
+  // What the client said it connects for (kPurposePeer / kPurposeControl).
+  const std::string& purpose() const { return purpose_; }
+  const std::string& remote() const { return remote_; }
+
+  // Starts reading frames (and heartbeats). Handlers run on the io thread.
+  void start(FrameHandler on_frame, CloseHandler on_close);
+
+  // Queues a frame; priority frames go out before queued normal ones.
+  template <Payload T>
+  void send(const T& p, uint64_t request_id, bool priority = false) {
+    auto frame = encode_message(p, request_id);
+    if (frame) send_raw(std::move(*frame), priority);
+  }
+  // Queues a DATA frame for p (p.bytes copied once, into the frame).
+  void send_data(const DataPayload& p, uint64_t request_id, bool priority = false);
+  void send_raw(std::string frame, bool priority);
+
+  // Sends p with a new request id and waits for the reply (see above).
+  // An ERROR reply becomes its Status. Blocks; not on io's thread.
+  template <Payload T>
+  Result<Frame> call(const T& p, std::chrono::milliseconds timeout) {
+    uint64_t id = next_request_id();
+    auto frame = encode_message(p, id);
+    if (!frame) return frame.status();
+    return call_raw(std::move(*frame), id, timeout);
+  }
+
+  uint64_t next_request_id() { return next_id_.fetch_add(1, std::memory_order_relaxed); }
+
+  // Closes the connection; the close handler runs once with `why`.
+  void close(const Status& why);
+  bool closed() const { return closed_.load(); }
+  const Status& close_reason() const;
+
+  // Bytes queued but not yet written.
+  size_t queued_bytes() const { return queued_bytes_.load(std::memory_order_relaxed); }
+  // Blocks until queued_bytes() < limit, the link closes, or timeout. True if
+  // below the limit.
+  bool wait_queue_below(size_t limit, std::chrono::milliseconds timeout);
+
+  uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
+  uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
+
+  PeerLink(boost::asio::ip::tcp::socket socket, const Options& options);
+
+ private:
+  Result<Frame> call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout);
+  boost::asio::awaitable<Result<Frame>> read_frame(uint32_t max_payload);
+  boost::asio::awaitable<void> read_loop(std::shared_ptr<PeerLink> self);
+  boost::asio::awaitable<void> write_loop(std::shared_ptr<PeerLink> self);
+  boost::asio::awaitable<void> heartbeat_loop(std::shared_ptr<PeerLink> self);
+  boost::asio::awaitable<Status> client_handshake(const Secret& secret, std::string_view purpose);
+  boost::asio::awaitable<Status> server_handshake(const Secret& secret);
+  boost::asio::awaitable<void> send_now(std::string frame);
+  bool deliver_reply(Frame& frame);
+  void fail_waiters(const Status& why);
+
+  boost::asio::ip::tcp::socket socket_;
+  Options options_;
+  std::string purpose_;
+  std::string remote_;
+  FrameHandler on_frame_;
+  CloseHandler on_close_;
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<bool> closed_{false};
+  std::atomic<int64_t> last_read_ns_{0};
+
+  mutable std::mutex mu_;
+  std::deque<std::string> priority_queue_;  // GUARDED_BY(mu_)
+  std::deque<std::string> normal_queue_;    // GUARDED_BY(mu_)
+  bool writing_ = false;                    // GUARDED_BY(mu_)
+  Status close_reason_;                     // GUARDED_BY(mu_)
+  struct Waiter {
+    bool done = false;
+    Result<Frame> result = Status::error("no reply yet");
+  };
+  std::map<uint64_t, std::shared_ptr<Waiter>> waiters_;  // GUARDED_BY(mu_)
+  std::condition_variable cv_;  // waiters, queue drain
+
+  std::atomic<size_t> queued_bytes_{0};
+  std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_received_{0};
+};
+
+}  // namespace livemig
