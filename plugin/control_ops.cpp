@@ -9,6 +9,7 @@
 
 #include "common/heat_map.h"
 #include "plugin/migration_engine.h"
+#include "plugin/peer_server.h"
 
 namespace livemig {
 namespace {
@@ -35,6 +36,7 @@ json status(PluginState& st, const json&) {
           {"segments", g.segment_count()},
           {"readonly", st.config.readonly},
           {"listen", st.config.listen},
+          {"peer_port", st.peer ? st.peer->port() : 0},
           {"connections", st.connections.load(std::memory_order_relaxed)},
           {"uptime_seconds", st.uptime_seconds()}});
   return j;

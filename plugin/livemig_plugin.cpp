@@ -11,6 +11,7 @@
 #include <exception>
 #include <memory>
 
+#include "common/peer_auth.h"
 #include "plugin/control_ops.h"
 #include "plugin/control_server.h"
 #include "plugin/migration_engine.h"
@@ -89,7 +90,7 @@ Status make_engine(PluginState& st) {
   } else {
     // Loopback only (checked in config_complete): a fixed key keeps the
     // handshake the same; it protects nothing, and says so.
-    ctx.secret = Secret::from_bytes("livemig-loopback-without-secret").value();
+    ctx.secret = Secret::from_bytes(kLoopbackSecret).value();
   }
   st.engine = std::make_unique<MigrationEngine>(std::move(ctx));
   return st.engine->recover();
@@ -155,6 +156,9 @@ int livemig_get_ready() {
         return -1;
       }
       st.peer = std::move(*peer);
+      HostPort bound = parse_host_port(st.config.listen).value();
+      bound.port = st.peer->port();
+      st.engine->set_listen_address(bound.str());
     }
     if (st.config.control_path.empty()) return 0;
     auto server = ControlServer::bind(st.config.control_path, [](std::string_view line) {

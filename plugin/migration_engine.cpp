@@ -297,12 +297,13 @@ void MigrationEngine::end_write(uint64_t offset, uint64_t length, bool ok, Index
     // Read the mode after the data is in the image: a migration that started
     // before this point sees the block owed (see the design notes).
     IoMode mode = io_mode_.load();
-    IndexRange blocks = ctx_.geometry->blocks_touched(offset, length);
     if ((mode == IoMode::SourceTracking || mode == IoMode::Fenced) && owed_) {
+      IndexRange blocks = ctx_.geometry->blocks_touched(offset, length);
       owed_->set_range(blocks);
       blocks_dirtied_.fetch_add(blocks.count(), std::memory_order_relaxed);
     }
     if (!locked.empty()) {
+      IndexRange blocks = ctx_.geometry->blocks_touched(offset, length);
       present_->set_range(blocks);
       std::lock_guard lock(pull_mu_);
       unpersisted_.push_back(blocks);
@@ -700,8 +701,9 @@ void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, const Fram
     link->send(AckPayload{h.request_id, 0, 0}, h.request_id);
     return;
   }
-  if (active_phase(phase_) || io_mode_.load() == IoMode::Fenced) {
-    std::string why = io_mode_.load() == IoMode::Fenced
+  const bool fenced_unreleased = io_mode_.load() == IoMode::Fenced && phase_ != Phase::Idle;
+  if (active_phase(phase_) || fenced_unreleased) {
+    std::string why = fenced_unreleased
                           ? "this side is fenced (it handed its image over); release it first"
                           : fmt::format("busy: already {} of migration {} (phase {})", role_name(role_), migration_id_,
                                         phase_name(phase_));
@@ -1377,6 +1379,8 @@ void MigrationEngine::destination_run() {
         uint64_t end = b + 1;
         while (end < segment.last && end - b < unit_blocks && !present_->test(end) && !pulling_->test(end)) ++end;
         if (!issue_pull({b, end}, true)) break;
+        lock.unlock();
+        throttle(g.range_length({b, end}));  // max_rate caps post-copy pulls too
         b = end;
       }
       if (ms_since(last_tick) >= 1000) {

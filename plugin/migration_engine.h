@@ -124,6 +124,9 @@ class MigrationEngine {
   void stop();
   boost::asio::io_context& io() { return io_; }
   const Secret& secret() const { return ctx_.secret; }
+  // The peer address as bound (listen= with port 0 gets its real port here).
+  // Call before start().
+  void set_listen_address(const std::string& address) { ctx_.listen = address; }
 
   // ---- data path (nbdkit callbacks, any thread) ----
   IoMode io_mode() const { return io_mode_.load(); }
