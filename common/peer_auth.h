@@ -61,6 +61,11 @@ class Secret {
   std::vector<uint8_t> bytes_;
 };
 
+// The key both ends use when no secret file is given (a plugin without
+// secret=, which only listens on loopback, and migrate-nbd without --secret):
+// it keeps the handshake the same everywhere and protects nothing.
+inline constexpr std::string_view kLoopbackSecret = "livemig-loopback-without-secret";
+
 // Reads the key file at `path`. One trailing newline ("\n" or "\r\n") is
 // trimmed; every other byte is key. Errors name the path: missing or
 // unreadable file, not a regular file, empty key, key shorter than 16 bytes,

@@ -9,6 +9,7 @@
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -29,6 +30,17 @@ int64_t now_ns() {
       .count();
 }
 
+// How long a closing link keeps its socket open to finish writing its last
+// ERROR frame to a peer that is slow to read it.
+constexpr std::chrono::milliseconds kLastWordTimeout{2000};
+
+// True for an encoded ERROR frame.
+bool is_error_frame(const std::string& frame) {
+  return frame.size() >= kFrameHeaderSize &&
+         static_cast<uint8_t>(frame[kHeaderTypeOffset]) == (static_cast<uint16_t>(FrameType::Error) >> 8) &&
+         static_cast<uint8_t>(frame[kHeaderTypeOffset + 1]) == (static_cast<uint16_t>(FrameType::Error) & 0xff);
+}
+
 // True for the frames that answer a call().
 bool is_reply_type(FrameType t) {
   return t == FrameType::Ack || t == FrameType::Error || t == FrameType::ControlReply ||
@@ -42,7 +54,7 @@ std::string HostPort::str() const {
                                              : fmt::format("{}:{}", host, port);
 }
 
-Result<HostPort> parse_host_port(const std::string& s) {
+Result<HostPort> parse_host_port(const std::string& s, bool allow_port_zero) {
   HostPort hp;
   std::string port;
   if (!s.empty() && s[0] == '[') {
@@ -59,8 +71,8 @@ Result<HostPort> parse_host_port(const std::string& s) {
   }
   unsigned value = 0;
   auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
-  if (ec != std::errc() || end != port.data() + port.size() || value == 0 || value > 65535)
-    return Status::error(fmt::format("'{}': the port must be a number from 1 to 65535", s));
+  if (ec != std::errc() || end != port.data() + port.size() || (value == 0 && !allow_port_zero) || value > 65535)
+    return Status::error(fmt::format("'{}': the port must be a number from {} to 65535", s, allow_port_zero ? 0 : 1));
   hp.port = static_cast<uint16_t>(value);
   return hp;
 }
@@ -89,6 +101,7 @@ const Status& PeerLink::close_reason() const {
 }
 
 awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
+  bad_frame_request_id_ = 0;
   try {
     uint8_t header_bytes[kFrameHeaderSize];
     co_await asio::async_read(socket_, asio::buffer(header_bytes), use_awaitable);
@@ -101,7 +114,10 @@ awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
     bytes_received_.fetch_add(kFrameHeaderSize + f.payload.size(), std::memory_order_relaxed);
     last_read_ns_ = now_ns();
     auto message = decode_message(f.header, f.payload);
-    if (!message) co_return message.status();
+    if (!message) {
+      bad_frame_request_id_ = f.header.request_id;  // the header parsed: the ERROR answers this frame
+      co_return message.status();
+    }
     f.message = std::move(*message);
     co_return std::move(f);
   } catch (const boost::system::system_error& e) {
@@ -260,12 +276,15 @@ awaitable<void> PeerLink::read_loop(std::shared_ptr<PeerLink> self) {
     if (!frame) {
       // A malformed frame gets an ERROR frame before the close; a dead
       // connection just closes.
+      // Queued, not written here: the write loop may be in the middle of a
+      // frame. close() still sends it, then closes the socket.
       if (!closed_ && frame.status().errno_value() != EIO &&
           frame.status().message() != "peer closed the connection")
-        co_await send_now(encode_message(make_error_payload(frame.status()), 0).value());
+        send_raw(encode_message(make_error_payload(frame.status()), bad_frame_request_id_).value(), true);
       close(frame.status());
       co_return;
     }
+    if (closed_) co_return;  // closed (from another thread) while this frame was read
     if (frame->header.type == FrameType::Heartbeat) continue;
     if (deliver_reply(*frame)) continue;
     try {
@@ -325,6 +344,7 @@ void PeerLink::send_raw(std::string frame, bool priority) {
   bool start_writer = false;
   {
     std::lock_guard lock(mu_);
+    if (closed_) return;  // close() may have run since the check above
     queued_bytes_.fetch_add(frame.size(), std::memory_order_relaxed);
     (priority ? priority_queue_ : normal_queue_).push_back(std::move(frame));
     if (!writing_) writing_ = start_writer = true;
@@ -340,9 +360,11 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
     std::string frame;
     {
       std::lock_guard lock(mu_);
+      // After close() the queues hold at most its last ERROR frame.
       auto& q = !priority_queue_.empty() ? priority_queue_ : normal_queue_;
-      if (q.empty() || closed_) {
+      if (q.empty()) {
         writing_ = false;
+        if (closed_) shut_socket();  // the last word is out
         co_return;
       }
       frame = std::move(q.front());
@@ -354,6 +376,7 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
     } catch (const boost::system::system_error& e) {
       queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
       close(Status::error(fmt::format("sending to {}: {}", remote_, e.code().message()), EIO));
+      shut_socket();
       std::lock_guard lock(mu_);
       writing_ = false;
       co_return;
@@ -392,6 +415,12 @@ void PeerLink::fail_waiters(const Status& why) {
   waiters_.clear();
 }
 
+void PeerLink::shut_socket() {
+  boost::system::error_code ignored;
+  socket_.shutdown(tcp::socket::shutdown_both, ignored);
+  socket_.close(ignored);
+}
+
 void PeerLink::close(const Status& why) {
   if (closed_.exchange(true)) return;
   {
@@ -399,17 +428,49 @@ void PeerLink::close(const Status& why) {
     close_reason_ = why;
     fail_waiters(Status::error(fmt::format("link to {} closed: {}", remote_, why.message()),
                                why.errno_value() ? why.errno_value() : EPIPE));
-    priority_queue_.clear();
-    normal_queue_.clear();
-    queued_bytes_ = 0;
+    // Every queued frame is dropped but the first ERROR: the usual way to
+    // refuse something is send(ERROR) then close(), and the peer must learn
+    // why (docs/protocol.md: one ERROR frame, then the connection closes).
+    std::string last_word;
+    size_t dropped = 0;
+    for (auto* q : {&priority_queue_, &normal_queue_}) {
+      for (auto& f : *q) {
+        if (last_word.empty() && is_error_frame(f)) last_word = std::move(f);
+        else dropped += f.size();
+      }
+      q->clear();
+    }
+    if (!last_word.empty()) priority_queue_.push_back(std::move(last_word));
+    queued_bytes_.fetch_sub(dropped, std::memory_order_relaxed);
   }
   cv_.notify_all();
   auto self = shared_from_this();
-  // The socket is closed on its own thread, where its operations run.
+  // The socket is closed on its own thread, where its operations run: now,
+  // or by the write loop once the last ERROR frame is written (at most
+  // kLastWordTimeout later, for a peer that does not read).
   asio::post(socket_.get_executor(), [self, why] {
-    boost::system::error_code ignored;
-    self->socket_.shutdown(tcp::socket::shutdown_both, ignored);
-    self->socket_.close(ignored);
+    bool start_writer = false;
+    bool linger = false;
+    {
+      std::lock_guard lock(self->mu_);
+      if (!self->writing_ && !self->priority_queue_.empty()) self->writing_ = start_writer = true;
+      linger = self->writing_;
+    }
+    if (start_writer) asio::co_spawn(self->socket_.get_executor(), self->write_loop(self), asio::detached);
+    if (linger) {
+      auto executor = self->socket_.get_executor();
+      asio::co_spawn(
+          executor,
+          [executor, weak = std::weak_ptr<PeerLink>(self)]() -> awaitable<void> {
+            asio::steady_timer timer(executor, kLastWordTimeout);
+            boost::system::error_code ec;
+            co_await timer.async_wait(asio::redirect_error(use_awaitable, ec));
+            if (auto link = weak.lock()) link->shut_socket();
+          },
+          asio::detached);
+    } else {
+      self->shut_socket();
+    }
     if (self->on_close_) {
       auto handler = std::move(self->on_close_);
       handler(self, why);

@@ -41,7 +41,8 @@ struct HostPort {
   uint16_t port = 0;
   std::string str() const;
 };
-Result<HostPort> parse_host_port(const std::string& s);
+// allow_port_zero: for a listening address, where 0 lets the kernel choose.
+Result<HostPort> parse_host_port(const std::string& s, bool allow_port_zero = false);
 // True for 127.0.0.0/8, ::1 and "localhost".
 bool is_loopback_host(const std::string& host);
 
@@ -128,6 +129,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   boost::asio::awaitable<Status> client_handshake(const Secret& secret, std::string_view purpose);
   boost::asio::awaitable<Status> server_handshake(const Secret& secret);
   boost::asio::awaitable<void> send_now(std::string frame);
+  // Shuts down and closes the socket; on the io thread.
+  void shut_socket();
   bool deliver_reply(Frame& frame);
   void fail_waiters(const Status& why);
 
@@ -140,6 +143,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   std::atomic<uint64_t> next_id_{1};
   std::atomic<bool> closed_{false};
   std::atomic<int64_t> last_read_ns_{0};
+  uint64_t bad_frame_request_id_ = 0;  // of the last frame read_frame refused after its header; io thread only
 
   mutable std::mutex mu_;
   std::deque<std::string> priority_queue_;  // GUARDED_BY(mu_)

@@ -234,16 +234,6 @@ Result<std::unique_ptr<StateFile>> StateFile::create(const std::string& path, co
   Result<std::string> slot_a = encode_slot(record, 1, what);
   if (!slot_a) return slot_a.status();
 
-  // Refuse to replace a state file that a live StateFile holds.
-  int old_fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (old_fd >= 0) {
-    st = lock_file(old_fd, path);
-    ::close(old_fd);
-    if (!st) return st;
-  } else if (errno != ENOENT) {
-    return io_error(path, "open", errno);
-  }
-
   const std::string tmp = path + ".tmp";
   int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return Status::error(what + ": create " + tmp + ": " + errno_text(errno), errno);

@@ -54,9 +54,12 @@
 // write_record() returns the same error, and the migration must be restarted
 // from a re-opened state file.
 //
-// One process at a time: create() and open() take an exclusive flock() on
-// the file (kept until the StateFile is destroyed), so a second nbdkit on the
-// same image fails cleanly instead of corrupting the state.
+// One StateFile per file at a time: create() and open() take an exclusive
+// flock() on the file (kept until the StateFile is destroyed), so open() in a
+// second nbdkit on the same image (or a second open() in this process) fails
+// with EBUSY instead of corrupting the state. create() does not check the old
+// file's lock: it replaces the file by rename, so a StateFile still open on
+// the old file goes on writing to an unlinked inode. Drop (or replace) it.
 #pragma once
 
 #include <atomic>
@@ -104,8 +107,8 @@ class StateFile {
   // "<path>.tmp", fsync'd, renamed over path, directory fsync'd) with `record`
   // in slot A (generation 1), an invalid slot B and an all-clear bitmap.
   // Errors name the path: bad record (role not source/destination, block_size
-  // not a power of two, JSON over kMaxRecordBytes), file in use by another
-  // StateFile, I/O errors.
+  // not a power of two, JSON over kMaxRecordBytes), I/O errors. A StateFile
+  // still open on the old file keeps it (now unlinked): replace that object.
   static Result<std::unique_ptr<StateFile>> create(const std::string& path, const MigrationRecord& record);
 
   // Opens an existing file: loads the newest valid header slot and the bitmap.

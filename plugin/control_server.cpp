@@ -126,6 +126,7 @@ ControlServer::~ControlServer() { stop(); }
 void ControlServer::start(std::function<void()> tick, std::chrono::milliseconds period) {
   tick_ = std::move(tick);
   period_ = period;
+  owner_pid_ = ::getpid();
   io_ = std::make_unique<asio::io_context>(1);
   impl_ = std::make_unique<Impl>(*io_);
   impl_->acceptor.assign(stream_protocol(), listen_fd_);
@@ -156,7 +157,7 @@ void ControlServer::stop() {
     listen_fd_ = -1;
   }
   if (!path_.empty()) {
-    ::unlink(path_.c_str());
+    if (::getpid() == owner_pid_) ::unlink(path_.c_str());
     path_.clear();
   }
 }

@@ -9,6 +9,8 @@
 // thread. stop() joins it and removes the socket file.
 #pragma once
 
+#include <sys/types.h>
+
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -35,7 +37,8 @@ class ControlServer {
 
   // Starts the I/O thread. tick() is called every `period` on that thread.
   void start(std::function<void()> tick, std::chrono::milliseconds period);
-  // Stops the thread and removes the socket file. Idempotent.
+  // Stops the thread and, in the process that called start(), removes the
+  // socket file. Idempotent.
   void stop();
 
  private:
@@ -44,6 +47,12 @@ class ControlServer {
 
   std::string path_;
   int listen_fd_;
+  // The process that serves the socket (called start()); only it removes the
+  // socket file. bind() runs before nbdkit forks into the background, and the
+  // parent, which exits right after the fork, must not remove the socket the
+  // child is serving. (A start-up that fails before start() leaves a stale
+  // socket file, which the next bind() replaces.)
+  pid_t owner_pid_ = -1;
   Handler handler_;
   std::function<void()> tick_;
   std::chrono::milliseconds period_{1000};

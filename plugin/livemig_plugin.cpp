@@ -7,9 +7,12 @@
 
 #include <cerrno>
 #include <cinttypes>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <string>
+#include <string_view>
 
 #include "common/peer_auth.h"
 #include "plugin/control_ops.h"
@@ -105,6 +108,19 @@ void livemig_unload() {
 
 int livemig_config(const char* key, const char* value) {
   return guarded("config", [&] {
+    // File paths are made absolute here, against the directory nbdkit was
+    // started in: without -f nbdkit changes directory to / when it forks, and
+    // the image's state file, the control socket (removed at exit) and the
+    // secret are used after that.
+    std::string absolute;
+    std::string_view k(key);
+    if ((k == "image" || k == "control" || k == "secret" || k == "state-file") && *value) {
+      char* p = nbdkit_absolute_path(value);
+      if (!p) return -1;  // nbdkit_absolute_path reported it
+      absolute = p;
+      free(p);
+      value = absolute.c_str();
+    }
     Status s = state().config.set(key, value);
     if (!s) {
       nbdkit_error("%s", s.message().c_str());
@@ -150,13 +166,13 @@ int livemig_get_ready() {
   return guarded("get_ready", [&] {
     PluginState& st = state();
     if (!st.config.listen.empty()) {
-      auto peer = PeerServer::bind(parse_host_port(st.config.listen).value());
+      auto peer = PeerServer::bind(parse_host_port(st.config.listen, true).value());
       if (!peer) {
         nbdkit_error("%s", peer.status().message().c_str());
         return -1;
       }
       st.peer = std::move(*peer);
-      HostPort bound = parse_host_port(st.config.listen).value();
+      HostPort bound = parse_host_port(st.config.listen, true).value();
       bound.port = st.peer->port();
       st.engine->set_listen_address(bound.str());
     }

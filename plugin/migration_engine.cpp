@@ -196,6 +196,7 @@ Status MigrationEngine::recover() {
     role_ = Role::Source;
     phase_ = *phase == Phase::Done ? Phase::Done : Phase::PostCopy;
     io_mode_ = IoMode::Fenced;
+    reads_to_destination_ = *phase != Phase::Handover;
   } else if (rec.role == "destination") {
     role_ = Role::Destination;
     phase_ = *phase;
@@ -236,6 +237,7 @@ void MigrationEngine::stop() {
   cv_.notify_all();
   pull_cv_.notify_all();
   if (worker_.joinable()) worker_.join();
+  while (pull_servers_.load() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   work_.reset();
   io_.stop();
   if (io_thread_.joinable()) io_thread_.join();
@@ -245,7 +247,9 @@ void MigrationEngine::stop() {
 
 int MigrationEngine::read(void* buf, uint32_t count, uint64_t offset) {
   IoMode mode = io_mode_.load();
-  if (mode == IoMode::DestProxy) return proxy_read(buf, count, offset);
+  // The side that is not authoritative answers reads through the one that is.
+  if (mode == IoMode::DestProxy || (mode == IoMode::Fenced && reads_to_destination_.load()))
+    return proxy_read(buf, count, offset);
   if (mode == IoMode::DestPost) {
     IndexRange blocks = ctx_.geometry->blocks_touched(offset, count);
     if (!present_->all_set(blocks)) {
@@ -447,6 +451,7 @@ json MigrationEngine::migrate(const json& req) {
     total_time_ms_ = handover_pause_ms_ = -1;
     rounds_ = data_blocks_sent_ = zero_blocks_sent_ = payload_bytes_sent_ = blocks_dirtied_ = 0;
     set_phase(Phase::PreCopy);
+    reads_to_destination_ = false;
     io_mode_ = IoMode::SourceTracking;
     worker_ = std::thread([this] { source_run(); });
   }
@@ -869,35 +874,62 @@ void MigrationEngine::finish_pull(uint64_t request_id, uint64_t bytes) {
 void MigrationEngine::on_pull(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const PullPayload& p) {
   const uint64_t size = ctx_.image->size();
   Status bad;
+  Role role;
+  Phase phase;
+  {
+    std::lock_guard lock(mu_);
+    role = role_;
+    phase = phase_;
+  }
   if (p.offset > size || p.length > size - p.offset || p.length > kMaxDataLength || p.length == 0)
     bad = protocol_error(ErrorCode::BadFrame,
                          fmt::format("PULL offset {} length {} outside the {}-byte image", p.offset, p.length, size));
-  {
-    std::lock_guard lock(mu_);
-    if (bad.is_ok() && role_ != Role::Source)
-      bad = protocol_error(ErrorCode::NotAuthoritative, "PULL sent to a side that is not a migration source");
-  }
+  else if (role == Role::Destination && (phase == Phase::PostCopy || phase == Phase::Done)) {
+    // The old source proxies a read: answer from the authoritative image,
+    // pulling missing blocks first. Not on the io thread, which must go on
+    // receiving the DATA those pulls wait for.
+    ++pull_servers_;
+    std::thread([this, link, id = h.request_id, p] {
+      serve_pull(*link, id, p, true);
+      --pull_servers_;
+    }).detach();
+    return;
+  } else if (role != Role::Source)
+    bad = protocol_error(ErrorCode::NotAuthoritative, "PULL sent to a side that is not authoritative");
   if (!bad) {
     link->send(make_error_payload(bad), h.request_id);
     link->close(bad);
     return;
   }
+  serve_pull(*link, h.request_id, p, false);
+}
+
+// Answers one PULL from the local image. ensure: pull missing blocks first
+// (a destination answering its old source).
+void MigrationEngine::serve_pull(PeerLink& link, uint64_t request_id, const PullPayload& p, bool ensure) {
   const SegmentGeometry& g = *ctx_.geometry;
+  const uint64_t size = g.image_size();
+  if (ensure && io_mode_.load() == IoMode::DestPost) {
+    if (Status s = ensure_present(g.blocks_touched(p.offset, p.length), true); !s) {
+      link.send(make_error_payload(protocol_error(ErrorCode::Internal, s.message())), request_id);
+      return;
+    }
+  }
   bool priority = p.priority != 0;
   bool aligned = p.offset % g.block_size() == 0 && (p.length % g.block_size() == 0 || p.offset + p.length == size);
   if (aligned) {
-    send_blocks(*link, g.blocks_touched(p.offset, p.length), h.request_id, priority);
+    send_blocks(link, g.blocks_touched(p.offset, p.length), request_id, priority);
     return;
   }
   // An unaligned proxied read: the exact bytes, in one frame.
   std::string buf(p.length, '\0');
   if (ctx_.image->pread(buf.data(), p.length, p.offset) < 0) {
     Status s = protocol_error(ErrorCode::Internal, fmt::format("reading at {}: {}", p.offset, std::strerror(errno)));
-    link->send(make_error_payload(s), h.request_id);
+    link.send(make_error_payload(s), request_id);
     return;
   }
   DataPayload d{p.offset, p.length, 0, {reinterpret_cast<const uint8_t*>(buf.data()), buf.size()}};
-  link->send_data(d, h.request_id, priority);
+  link.send_data(d, request_id, priority);
   payload_bytes_sent_ += p.length;
 }
 
@@ -1117,6 +1149,7 @@ Status MigrationEngine::do_handover() {
   if (!reply) return Status::error(fmt::format("handover not acknowledged: {}", reply.status().message()), EIO);
   std::lock_guard lock(mu_);
   handover_pause_ms_ = ms_since(fence_start);
+  reads_to_destination_ = true;
   set_phase(Phase::PostCopy);
   return save_record();
 }

@@ -176,6 +176,7 @@ class MigrationEngine {
   void on_start(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const StartPayload& p);
   void on_data(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const DataPayload& p);
   void on_pull(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const PullPayload& p);
+  void serve_pull(PeerLink& link, uint64_t request_id, const PullPayload& p, bool ensure);
   void on_handover(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const HandoverPayload& p);
   void on_done(const DonePayload& p);
   void on_peer_error(const ErrorPayload& p);
@@ -220,6 +221,10 @@ class MigrationEngine {
   std::atomic<IoMode> io_mode_{IoMode::Local};
   std::atomic<int64_t> inflight_writes_{0};
   std::atomic<bool> stopping_{false};
+  // Source: the destination acknowledged the handover, so reads go there.
+  std::atomic<bool> reads_to_destination_{false};
+  // Destination: threads answering the old source's proxied reads.
+  std::atomic<int> pull_servers_{0};
 
   // Guards the migration's identity and phase and the link pointer. Never
   // taken on the data path while io_mode_ is Local.

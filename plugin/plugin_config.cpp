@@ -78,7 +78,7 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     if (!d) return d.status();
     peer_timeout = *d;
   } else if (key == "listen") {
-    auto hp = parse_host_port(std::string(value));
+    auto hp = parse_host_port(std::string(value), true);
     if (!hp) return Status::error(fmt::format("listen={}: {}", value, hp.status().message()));
     listen = value;
   } else if (key == "secret") {
@@ -105,7 +105,7 @@ Status PluginConfig::complete() const {
   // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
   if (control_path.size() > 107)
     return Status::error(fmt::format("control={}: a Unix socket path may be at most 107 bytes long", control_path));
-  if (!listen.empty() && secret_path.empty() && !is_loopback_host(parse_host_port(listen).value().host))
+  if (!listen.empty() && secret_path.empty() && !is_loopback_host(parse_host_port(listen, true).value().host))
     return Status::error(fmt::format(
         "listen={} is not a loopback address: peers must authenticate, so secret=<FILE> is required", listen));
   return SegmentGeometry::check_sizes(block_size, segment_size);

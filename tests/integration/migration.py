@@ -1,0 +1,128 @@
+"""Helpers for migration tests: a source and a destination plugin on loopback,
+the migrate control operation, waiting for phases, and the verifying writer
+(client-tools/lm-workload) run as a hypervisor would run its guest."""
+
+import json
+import os
+import subprocess
+import time
+
+import lmtest
+from lmtest import MiB, Server
+
+
+def workload_path():
+    build = os.environ.get("LIVEMIG_BUILD_DIR", "build")
+    p = os.path.join(build, "client-tools", "lm-workload")
+    if not os.path.isfile(p):
+        raise RuntimeError(f"lm-workload not found at {p}; build the lm-workload target")
+    return p
+
+
+def peer_port(server):
+    return server.control({"op": "status"})["peer_port"]
+
+
+def start_pair(src_image, dst_image, **keys):
+    """Source and destination servers with peer ports on 127.0.0.1 (ports
+    chosen by the kernel) and control sockets. The caller stops them."""
+    src = Server(control=True, image=src_image, listen="127.0.0.1:0", **keys).start()
+    dst = Server(control=True, image=dst_image, listen="127.0.0.1:0", **keys).start()
+    return src, dst
+
+
+def migrate(src, dst, mode, **params):
+    req = {"op": "migrate", "mode": mode,
+           "to": f"127.0.0.1:{peer_port(dst)}", "from": f"127.0.0.1:{peer_port(src)}"}
+    req.update(params)
+    reply = src.control(req)
+    if not reply.get("ok"):
+        raise AssertionError(f"migrate refused: {reply}")
+    return reply
+
+
+def status(server):
+    return server.control({"op": "status"})
+
+
+def wait_phase(server, phases, timeout=60.0):
+    """Waits until the server's phase is one of `phases`; returns the status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(server)
+        if st["phase"] in phases:
+            return st
+        if st["phase"] == "Failed" and "Failed" not in phases:
+            raise AssertionError(f"migration failed: {json.dumps(st.get('migration', st))}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"phase still {st['phase']} after {timeout}s, wanted {phases}: "
+                                 f"{json.dumps(st.get('migration', {}))}")
+        time.sleep(0.05)
+
+
+def wait_ready(server, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        st = status(server)
+        if st.get("migration", {}).get("ready"):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"source not ready after {timeout}s: {json.dumps(st)}")
+        time.sleep(0.05)
+
+
+class Writer:
+    """lm-workload write in the background; switch() moves it to another
+    server the way a hypervisor does at handover."""
+
+    def __init__(self, uri, region, journal, rate=0, duration=None, count=None, extra=()):
+        self.dir = lmtest.tmp_dir("writer")
+        self.journal = journal
+        self.switch_file = os.path.join(self.dir, "switch")
+        self.log_path = os.path.join(self.dir, "writer.log")
+        argv = [workload_path(), "write", "--uri", uri, "--journal", journal, "--region", region,
+                "--pattern", "random", "--rate", str(rate), "--switch-file", self.switch_file,
+                "--queue-depth", "8", "--seed", "42", "--stats-interval", "0", "--overwrite", *extra]
+        if duration is not None:
+            argv += ["--duration", str(duration)]
+        if count is not None:
+            argv += ["--count", str(count)]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log)
+        lmtest._live[self.proc.pid] = self.proc
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def switch(self, uri):
+        tmp = self.switch_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(uri + "\n")
+        os.rename(tmp, self.switch_file)
+
+    def wait(self, timeout=120):
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            lmtest._kill(self.proc)
+            raise AssertionError(f"writer did not finish in {timeout}s:\n{self.log()}")
+        lmtest._live.pop(self.proc.pid, None)
+        self._log.close()
+        return rc
+
+
+def verify_journal(uri, journal, *extra):
+    """lm-workload verify; returns (exit code, output)."""
+    p = subprocess.run([workload_path(), "verify", "--uri", uri, "--journal", journal, *extra],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    return p.returncode, p.stdout.decode(errors="replace")
+
+
+def make_source_image(size, data_len, seed=7):
+    """An image whose first data_len bytes are pseudo-random data and the rest
+    a hole. Returns (path, the data)."""
+    rnd = __import__("random").Random(seed)
+    data = rnd.randbytes(data_len)
+    path = lmtest.make_image(size, name="src.img", dir=lmtest.tmp_dir("src"), data=data)
+    return path, data

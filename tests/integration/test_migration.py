@@ -1,0 +1,246 @@
+"""Live migration between two livemig plugins on loopback, with the verifying
+writer (lm-workload) running across the handover as a guest would: every
+acknowledged write must be at the destination, every other byte must be the
+source's, and what crossed the link must obey invariant 3."""
+
+import os
+import signal
+import time
+
+import lmtest
+from lmtest import MiB, test
+import migration as mig
+
+BLOCK = 4096
+SIZE = 32 * MiB
+DATA = 12 * MiB          # allocated data at the start of the source image
+REGION = f"{16 * MiB}:{16 * MiB}"   # the writer writes the second half (a hole at first)
+
+
+def check_untouched_data(dst_image, data):
+    """The data the writer never touched arrived byte for byte."""
+    lmtest.assert_same(lmtest.read_file(dst_image, 0, len(data)), data, "source data at the destination")
+    hole = lmtest.read_file(dst_image, len(data), 16 * MiB - len(data))
+    lmtest.assert_same(hole, bytes(len(hole)), "the source's hole at the destination")
+
+
+def check_wire(st_src):
+    """Invariant 3 and sparseness: data blocks sent <= allocated blocks + block
+    writes at the source during the migration; holes crossed as zero notes."""
+    m = st_src["migration"]
+    allowed = DATA // BLOCK + m["blocks_dirtied"]
+    assert m["data_blocks_sent"] <= allowed, \
+        f"{m['data_blocks_sent']} data blocks sent, but only {allowed} were allocated or written: {m}"
+    assert m["zero_blocks_sent"] > 0, f"no zero notes: holes crossed as data? {m}"
+    assert m["payload_bytes_sent"] <= allowed * BLOCK, m
+    assert m["wire_bytes"] >= m["payload_bytes_sent"], m
+
+
+def run_migration(mode, writer_rate, **params):
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")  # missing: takes the source's size
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+        # The writer starts after the migration, so every block it allocates
+        # counts in blocks_dirtied (the bound check_wire checks).
+        mig.migrate(src, dst, mode, handover="explicit", **params)
+        writer = mig.Writer(src.uri, REGION, journal, rate=writer_rate, duration=6,
+                            extra=["--flush-every", "32"])
+        if mode == "precopy":
+            mig.wait_ready(src)
+        time.sleep(0.5)
+        reply = src.control({"op": "handover"})
+        assert reply["ok"], reply
+        assert reply["handover_pause_ms"] >= 0, reply
+        # Both sides agree who is authoritative.
+        assert not mig.status(src)["authoritative"] and mig.status(dst)["authoritative"]
+        writer.switch(dst.uri)
+        rc = writer.wait()
+        assert rc == 0, f"writer failed ({rc}):\n{writer.log()}"
+        assert "switched" in writer.log() or "switch" in writer.log(), writer.log()
+        st_dst = mig.wait_phase(dst, ["Done"])
+        st_src = mig.wait_phase(src, ["Done"])
+        rc, out = mig.verify_journal(dst.uri, journal, "--region", REGION, "--initial", "zero")
+        assert rc == 0, f"destination lost acknowledged writes:\n{out}"
+        check_untouched_data(dst_image, data)
+        check_wire(st_src)
+        assert st_src["migration"]["total_time_ms"] > 0, st_src
+        return st_src, st_dst
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def precopy_with_a_writer_across_handover_loses_nothing():
+    st_src, _ = run_migration("precopy", writer_rate=500, max_rate=8 * MiB)
+    assert st_src["migration"]["rounds"] >= 1
+
+
+@test
+def postcopy_with_a_writer_across_handover_loses_nothing():
+    _, st_dst = run_migration("postcopy", writer_rate=500, max_rate=8 * MiB)
+    assert st_dst["migration"]["background_pulls"] > 0, st_dst
+
+
+@test
+def an_idle_precopy_migration_copies_the_image_exactly():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, "precopy", handover="auto")
+        st = mig.wait_phase(src, ["Done"])
+        mig.wait_phase(dst, ["Done"])
+        lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
+        m = st["migration"]
+        # Nothing was written: every allocated block crossed exactly once.
+        assert m["data_blocks_sent"] == DATA // BLOCK, m
+        assert m["data_blocks_sent"] + m["zero_blocks_sent"] == SIZE // BLOCK, m
+        # The hole stayed a hole at the destination.
+        assert os.stat(dst_image).st_blocks * 512 <= DATA + 1 * MiB, os.stat(dst_image)
+        v_src = src.control({"op": "verify"})
+        v_dst = dst.control({"op": "verify"})
+        assert v_src["ok"] and v_src["hashes"] == v_dst["hashes"], (v_src, v_dst)
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def writes_are_refused_on_the_side_that_is_not_authoritative():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, "postcopy", handover="explicit")
+        hd = dst.connect()
+        # NBD carries EROFS as EPERM.
+        lmtest.expect_nbd_error(lambda: hd.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
+                                "write at the destination before handover")
+        assert mig.status(dst)["authoritative"] is False
+        assert src.control({"op": "handover"})["ok"]
+        hs = src.connect()
+        lmtest.expect_nbd_error(lambda: hs.pwrite(b"y" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
+                                "write at the source after handover")
+        hd2 = dst.connect()
+        hd2.pwrite(b"z" * BLOCK, 0)
+        # The old source answers reads through the destination: no stale block.
+        lmtest.assert_same(hs.pread(BLOCK, 0), b"z" * BLOCK, "read at the old source after handover")
+        mig.wait_phase(dst, ["Done"])
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def a_destination_read_before_handover_returns_the_sources_current_data():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=1 * MiB)
+        hs, hd = src.connect(), dst.connect()
+        lmtest.assert_same(hd.pread(64 * 1024, 100), data[100:100 + 64 * 1024], "proxied read")
+        for gen in range(3):
+            blob = bytes([gen + 1]) * 5000
+            hs.pwrite(blob, 3 * BLOCK + 10)
+            lmtest.assert_same(hd.pread(5000, 3 * BLOCK + 10), blob, f"destination read after source write {gen}")
+        src.control({"op": "cancel"})
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        # A slow post-copy, so the blocks written below are still missing.
+        mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=4 * MiB)
+        assert src.control({"op": "handover"})["ok"]
+        hd = dst.connect()
+        off = DATA - 3 * BLOCK + 100           # near the end: pulled last
+        hd.pwrite(b"P" * 200, off)
+        expect = bytearray(data[DATA - 3 * BLOCK:DATA - 2 * BLOCK])
+        expect[100:300] = b"P" * 200
+        lmtest.assert_same(hd.pread(BLOCK, DATA - 3 * BLOCK), bytes(expect), "partially written block")
+        hd.flush()
+        st = mig.wait_phase(dst, ["Done"], timeout=60)
+        lmtest.assert_same(lmtest.read_file(dst_image, DATA - 3 * BLOCK, BLOCK), bytes(expect),
+                           "the block after post-copy finished")
+        assert st["migration"]["demand_pulls"] >= 1, st
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def a_write_rate_faster_than_the_capped_link_still_completes():
+    """The guest dirties faster than a 2 MiB/s link drains: pre-copy must stop
+    resending (bounded rounds), hand over, and finish post-copy (invariant 4)."""
+    size, data_len, region = 8 * MiB, 2 * MiB, f"{4 * MiB}:{4 * MiB}"
+    src_image, data = mig.make_source_image(size, data_len)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+        mig.migrate(src, dst, "precopy", handover="auto", max_rate=2 * MiB, max_rounds=8,
+                    handover_size=256 * 1024)
+        writer = mig.Writer(src.uri, region, journal, rate=0, duration=25, extra=["--flush-every", "64"])
+        mig.wait_phase(src, ["PostCopy", "Done"], timeout=90)
+        writer.switch(dst.uri)
+        assert writer.wait() == 0, writer.log()
+        st_src = mig.wait_phase(src, ["Done"], timeout=120)
+        mig.wait_phase(dst, ["Done"], timeout=120)
+        m = st_src["migration"]
+        assert m["ready"] and not m["converged"], m
+        assert m["rounds"] <= 8, m
+        assert m["blocks_dirtied"] * BLOCK > m["payload_bytes_sent"], \
+            f"the writer did not outrun the link, the test proves nothing: {m}"
+        rc, out = mig.verify_journal(dst.uri, journal, "--region", region, "--initial", "zero")
+        assert rc == 0, out
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, data_len), data, "source data at the destination")
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
+        assert src.control({"op": "handover"})["ok"]
+        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+        # Every write FUA: each acknowledged write is durable on its own.
+        writer = mig.Writer(dst.uri, f"0:{16 * MiB}", journal, rate=300, duration=4,
+                            extra=["--fua-every", "1", "--retry-timeout", "60"])
+        time.sleep(1.5)
+        assert mig.status(dst)["phase"] == "PostCopy"
+        dst.kill(signal.SIGKILL)
+        os.unlink(dst.sock)  # nbdkit does not replace a stale socket
+        dst.start()          # same image, same state file, new peer port
+        assert writer.wait() == 0, writer.log()
+        mig.wait_phase(dst, ["Done"], timeout=120)
+        rc, out = mig.verify_journal(dst.uri, journal, "--durable-only", "--region", f"0:{16 * MiB}",
+                                     "--initial", "any")
+        assert rc == 0, f"acknowledged writes lost across kill -9:\n{out}"
+        # Blocks the writer never touched hold the source's data. (The
+        # writer's blocks start with its magic and were checked above.)
+        image = lmtest.read_file(dst_image, 0, DATA)
+        for b in range(DATA // BLOCK):
+            blk = image[b * BLOCK:(b + 1) * BLOCK]
+            if not blk.startswith(b"LMWLBLK1"):
+                lmtest.assert_same(blk, data[b * BLOCK:(b + 1) * BLOCK], f"untouched block {b}")
+    finally:
+        src.stop()
+        dst.stop()
+
+
+lmtest.main()
