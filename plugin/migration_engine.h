@@ -261,6 +261,7 @@ class MigrationEngine {
   uint64_t background_bytes_in_flight_ = 0;   // GUARDED_BY(pull_mu_)
   std::vector<IndexRange> unpersisted_;       // GUARDED_BY(pull_mu_): present, data not yet fsync'd
   std::mutex persist_mu_;                     // serializes persist()
+  uint64_t unsynced_push_bytes_ = 0;          // io thread only
 
   // Measures.
   std::chrono::steady_clock::time_point started_at_{};

@@ -210,6 +210,27 @@ def a_write_rate_faster_than_the_capped_link_still_completes():
 
 
 @test
+def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        hs = src.connect()
+        mig.migrate(src, dst, "precopy", handover="on-disconnect")
+        mig.wait_ready(src)
+        hs.pwrite(b"D" * BLOCK, 5 * BLOCK)
+        time.sleep(0.3)
+        assert mig.status(src)["phase"] in ("PreCopy", "Sync"), "handed over while a client was connected"
+        src.disconnect(hs)
+        mig.wait_phase(src, ["PostCopy", "Done"], timeout=30)
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        lmtest.assert_same(lmtest.read_file(dst_image, 5 * BLOCK, BLOCK), b"D" * BLOCK, "the last write")
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
 def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
     src_image, data = mig.make_source_image(SIZE, DATA)
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
