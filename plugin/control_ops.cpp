@@ -98,7 +98,8 @@ json stats(PluginState& st, const json& req) {
             {"extents", op_counter(c.extents, false)},
             {"cache", op_counter(c.cache)},
             {"errors", c.errors.count.load(std::memory_order_relaxed)}}},
-          {"heat", std::move(*heat)}};
+          {"heat", std::move(*heat)},
+          {"migration_segments", st.engine->segments_json(4096)}};
 }
 
 using Handler = std::function<json(PluginState&, const json&)>;

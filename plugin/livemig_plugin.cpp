@@ -83,6 +83,7 @@ Status make_engine(PluginState& st) {
   ctx.handover_policy = st.config.handover;
   ctx.peer_timeout = std::chrono::milliseconds(static_cast<int64_t>(st.config.peer_timeout * 1000));
   ctx.resize_image = resize_image;
+  ctx.tick = [] { g_state->heat->decay_tick(g_state->uptime_seconds()); };
   ctx.log = [](const std::string& m) { nbdkit_debug("%s", m.c_str()); };
   if (!st.config.secret_path.empty()) {
     std::string warning;
@@ -203,7 +204,7 @@ int livemig_after_fork() {
           [](std::string_view line) { return handle_control_request(*g_state, line); });
     }
     if (st.control) {
-      st.control->start([] { g_state->heat->decay_tick(g_state->uptime_seconds()); },
+      st.control->start(nullptr,
                         std::chrono::milliseconds(1000));
     }
     return 0;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <random>
 
@@ -59,7 +60,7 @@ const char* io_mode_name(IoMode m) {
 }
 
 bool active_phase(Phase p) {
-  return p == Phase::PreCopy || p == Phase::Sync || p == Phase::Handover || p == Phase::PostCopy;
+  return p == Phase::Monitoring || p == Phase::PreCopy || p == Phase::Sync || p == Phase::Handover || p == Phase::PostCopy;
 }
 
 Result<uint64_t> json_size(const json& j, const char* key, uint64_t dflt) {
@@ -76,11 +77,53 @@ Result<std::string> json_string(const json& j, const char* key, const std::strin
   return it->get<std::string>();
 }
 
+// threshold: a number, or "max"/"inf" (never push: livefs = postcopy).
+// monitor_period: seconds, or "history" (rank from the decayed heat).
+Status parse_policy(const json& j, PolicyParams& p) {
+  if (p.mode == MigrationMode::Hybrid) p.threshold = 4;  // Nicolae & Cappello's default order of magnitude
+  if (auto it = j.find("threshold"); it != j.end() && !it->is_null()) {
+    if (it->is_string() && (*it == "max" || *it == "inf"))
+      p.threshold = std::numeric_limits<double>::infinity();
+    else if (it->is_number() && it->get<double>() >= 0)
+      p.threshold = it->get<double>();
+    else
+      return Status::error("migrate: \"threshold\" must be a non-negative number or \"max\"");
+  }
+  double wr = j.value("w_read", 0.5), ww = j.value("w_write", 0.5);
+  if (j.contains("w_read") && !j.contains("w_write")) ww = 1 - wr;
+  if (j.contains("w_write") && !j.contains("w_read")) wr = 1 - ww;
+  auto w = HeatWeights::make(wr, ww);
+  if (!w) return Status::error("migrate: " + w.status().message());
+  p.weights = *w;
+  if (auto it = j.find("monitor_period"); it != j.end() && !it->is_null()) {
+    if (it->is_string() && *it == "history")
+      p.monitor_period = -1;
+    else if (it->is_number() && it->get<double>() >= 0 && it->get<double>() <= 86400)
+      p.monitor_period = it->get<double>();
+    else
+      return Status::error("migrate: \"monitor_period\" must be seconds (0 to 86400) or \"history\"");
+  }
+  if (auto it = j.find("max_resends"); it != j.end() && !it->is_null()) {
+    if (!it->is_number_unsigned() || it->get<uint64_t>() > 1000)
+      return Status::error("migrate: \"max_resends\" must be an integer from 0 to 1000");
+    p.max_resends = static_cast<unsigned>(it->get<uint64_t>());
+  }
+  return Status::ok();
+}
+
+json policy_json(const PolicyParams& p) {
+  json j = {{"w_read", p.weights.read}, {"w_write", p.weights.write}, {"max_resends", p.max_resends}};
+  j["threshold"] = std::isinf(p.threshold) ? json("max") : json(p.threshold);
+  j["monitor_period"] = p.monitor_period < 0 ? json("history") : json(p.monitor_period);
+  return j;
+}
+
 }  // namespace
 
 const char* phase_name(Phase p) {
   switch (p) {
     case Phase::Idle: return "Idle";
+    case Phase::Monitoring: return "Monitoring";
     case Phase::PreCopy: return "PreCopy";
     case Phase::Sync: return "Sync";
     case Phase::Handover: return "Handover";
@@ -102,7 +145,7 @@ const char* role_name(Role r) {
 }
 
 Result<Phase> parse_phase(const std::string& s) {
-  for (Phase p : {Phase::Idle, Phase::PreCopy, Phase::Sync, Phase::Handover, Phase::PostCopy, Phase::Done,
+  for (Phase p : {Phase::Idle, Phase::Monitoring, Phase::PreCopy, Phase::Sync, Phase::Handover, Phase::PostCopy, Phase::Done,
                   Phase::Cancelled, Phase::Failed})
     if (s == phase_name(p)) return p;
   return Status::error(fmt::format("unknown phase '{}'", s));
@@ -116,8 +159,10 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, const std::str
   auto mode = json_string(j, "mode", p.mode);
   if (!mode) return mode.status();
   p.mode = *mode;
-  if (p.mode != "precopy" && p.mode != "postcopy")
-    return Status::error(fmt::format("migrate: unknown mode \"{}\" (precopy or postcopy)", p.mode));
+  auto m = parse_mode(p.mode);
+  if (!m) return Status::error("migrate: " + m.status().message());
+  p.policy.mode = *m;
+  if (Status s = parse_policy(j, p.policy); !s) return s;
   auto to = json_string(j, "to", "");
   if (!to) return to.status();
   p.to = *to;
@@ -150,10 +195,12 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, const std::str
 }
 
 json MigrationParams::to_json() const {
-  return {{"mode", mode},           {"to", to},
+  json j = policy_json(policy);
+  j.update(json{{"mode", mode},           {"to", to},
           {"from", from},           {"handover", handover},
           {"handover_size", handover_size}, {"max_rate", max_rate},
-          {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit}};
+          {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit}});
+  return j;
 }
 
 // ---------------------------------------------------------------- life cycle
@@ -223,10 +270,21 @@ Status MigrationEngine::recover() {
 void MigrationEngine::start() {
   work_ = std::make_unique<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>>(
       io_.get_executor());
+  tick_timer_ = std::make_unique<boost::asio::steady_timer>(io_);
+  schedule_tick();
   io_thread_ = std::thread([this] { io_.run(); });
   std::lock_guard lock(mu_);
   if (role_ == Role::Destination && phase_ == Phase::PostCopy)
     worker_ = std::thread([this] { destination_run(); });
+}
+
+void MigrationEngine::schedule_tick() {
+  tick_timer_->expires_after(std::chrono::seconds(1));
+  tick_timer_->async_wait([this](boost::system::error_code ec) {
+    if (ec || stopping_) return;
+    if (ctx_.tick) ctx_.tick();
+    schedule_tick();
+  });
 }
 
 void MigrationEngine::stop() {
@@ -243,6 +301,7 @@ void MigrationEngine::stop() {
   work_.reset();
   io_.stop();
   if (io_thread_.joinable()) io_thread_.join();
+  tick_timer_.reset();
 }
 
 // ---------------------------------------------------------------- data path
@@ -341,7 +400,7 @@ int MigrationEngine::flush() {
 
 void MigrationEngine::on_last_client_closed() {
   std::lock_guard lock(mu_);
-  if (role_ == Role::Source && (phase_ == Phase::PreCopy || phase_ == Phase::Sync) &&
+  if (role_ == Role::Source && (phase_ == Phase::Monitoring || phase_ == Phase::PreCopy || phase_ == Phase::Sync) &&
       params_.handover == "on-disconnect") {
     handover_requested_ = true;
     cv_.notify_all();
@@ -439,6 +498,8 @@ json MigrationEngine::migrate(const json& req) {
     owed_ = std::make_unique<BlockBitmap>(g.block_count());
     owed_->set_range({0, g.block_count()});
     heat_at_start_ = heat().cumulative_snapshot();
+    send_set_.assign(g.segment_count(), SegmentDecision{});
+    rank_heat_.assign(g.segment_count(), HeatCounts{});
     state_ = std::move(*sf);
     role_ = Role::Source;
     params_ = *params;
@@ -465,7 +526,7 @@ json MigrationEngine::handover(const json&) {
   if (role_ != Role::Source)
     return error_reply(fmt::format("handover is requested at the source; this side is {} ({})", role_name(role_),
                                    phase_name(phase_)));
-  if (phase_ != Phase::PreCopy && phase_ != Phase::Sync && phase_ != Phase::Handover)
+  if (phase_ != Phase::Monitoring && phase_ != Phase::PreCopy && phase_ != Phase::Sync && phase_ != Phase::Handover)
     return error_reply(fmt::format("nothing to hand over in phase {}", phase_name(phase_)));
   handover_requested_ = true;
   cv_.notify_all();
@@ -484,7 +545,7 @@ json MigrationEngine::cancel(const json&) {
     return error_reply("cancel the migration at its source; this side is the destination");
   if (role_ != Role::Source || !active_phase(phase_))
     return error_reply(fmt::format("no migration to cancel (phase {})", phase_name(phase_)));
-  if (phase_ != Phase::PreCopy && phase_ != Phase::Sync)
+  if (phase_ != Phase::Monitoring && phase_ != Phase::PreCopy && phase_ != Phase::Sync)
     return error_reply(fmt::format("cannot cancel in phase {}: the destination is authoritative after handover",
                                    phase_name(phase_)));
   cancel_requested_ = true;
@@ -677,7 +738,7 @@ void MigrationEngine::on_link_closed(const std::shared_ptr<PeerLink>& link, cons
     background_bytes_in_flight_ = 0;
     pull_cv_.notify_all();
   }
-  if (phase == Phase::PreCopy || phase == Phase::Sync)
+  if (phase == Phase::Monitoring || phase == Phase::PreCopy || phase == Phase::Sync)
     fail(fmt::format("connection to the {} lost: {}", role == Role::Source ? "destination" : "source", why.message()));
   cv_.notify_all();
 }
@@ -1027,8 +1088,10 @@ void MigrationEngine::on_handover(const std::shared_ptr<PeerLink>& link, const F
   std::vector<double> priority(g.segment_count(), 0.0);
   for (const HandoverRange& r : pending_handover_) {
     present->clear_range({r.first_block, r.first_block + r.block_count});
-    // precopy and postcopy fetch in offset order; heat orders later modes.
-    (void)r.heat;
+    // The source ranks segments for fetching (offset order for precopy and
+    // postcopy, score or write count for the heat-driven modes).
+    uint64_t seg = g.segment_of_block(r.first_block);
+    priority[seg] = std::max(priority[seg], double(r.heat));
   }
   if (s) {
     for (IndexRange r : set_runs(*present)) state_->mark_present(r);
@@ -1095,37 +1158,122 @@ bool MigrationEngine::push_unit(IndexRange unit) {
   return true;
 }
 
-// One pass over the owed blocks. False if the link failed. *interrupted: a
-// handover or cancel request stopped the pass early.
+// One pass over the owed blocks of the send set. False if the link failed.
+// *interrupted: a handover or cancel request stopped the pass early.
 bool MigrationEngine::push_pass(bool* interrupted) {
   const SegmentGeometry& g = *ctx_.geometry;
   const uint64_t unit_blocks = std::max<uint64_t>(1, params_.transfer_unit / g.block_size());
-  *interrupted = false;
-  for (IndexRange unit = next_transfer_unit(*owed_, g, 0, unit_blocks); !unit.empty() && unit.first < g.block_count();
-       unit = next_transfer_unit(*owed_, g, unit.last, unit_blocks)) {
-    {
-      std::lock_guard lock(mu_);
-      if (cancel_requested_ || handover_requested_ || stopping_) {
-        *interrupted = true;
-        return true;
-      }
-    }
-    if (!push_unit(unit)) return false;
+  std::vector<bool> push(g.segment_count());
+  {
+    std::lock_guard lock(mu_);
+    for (uint64_t seg = 0; seg < g.segment_count(); ++seg) push[seg] = send_set_[seg].push;
   }
+  *interrupted = false;
+  for (uint64_t seg = 0; seg < g.segment_count(); ++seg) {
+    if (!push[seg]) continue;
+    IndexRange blocks = g.blocks_of_segment(seg);
+    for (IndexRange unit = next_transfer_unit_in(*owed_, g, blocks, blocks.first, unit_blocks); !unit.empty() &&
+                                                                                                   unit.first < blocks.last;
+         unit = next_transfer_unit_in(*owed_, g, blocks, unit.last, unit_blocks)) {
+      {
+        std::lock_guard lock(mu_);
+        if (cancel_requested_ || handover_requested_ || stopping_) {
+          *interrupted = true;
+          return true;
+        }
+      }
+      if (!push_unit(unit)) return false;
+    }
+  }
+  return true;
+}
+
+uint64_t MigrationEngine::owed_in_send_set() {
+  const SegmentGeometry& g = *ctx_.geometry;
+  std::lock_guard lock(mu_);
+  uint64_t n = 0;
+  for (uint64_t seg = 0; seg < g.segment_count(); ++seg)
+    if (send_set_[seg].push) n += owed_->count_range(g.blocks_of_segment(seg));
+  return n;
+}
+
+std::vector<double> MigrationEngine::writes_since_start() {
+  std::vector<HeatCounts> now = heat().cumulative_snapshot();
+  std::vector<double> w(now.size());
+  for (size_t s = 0; s < now.size(); ++s) w[s] = now[s].writes - (s < heat_at_start_.size() ? heat_at_start_[s].writes : 0);
+  return w;
+}
+
+// Lets the policy move segments out of the send set after a complete round.
+void MigrationEngine::after_round(double seconds, uint64_t bytes_sent) {
+  const SegmentGeometry& g = *ctx_.geometry;
+  std::vector<uint64_t> redirtied(g.segment_count());
+  RoundStats round{seconds, bytes_sent, 0};
+  for (uint64_t seg = 0; seg < g.segment_count(); ++seg) {
+    // After a whole pass, an owed block of a pushed segment was written again
+    // after it was sent.
+    redirtied[seg] = owed_->count_range(g.blocks_of_segment(seg));
+    round.bytes_redirtied += redirtied[seg] * g.block_size();
+  }
+  std::vector<double> writes = writes_since_start();
+  std::lock_guard lock(mu_);
+  for (uint64_t seg = 0; seg < g.segment_count(); ++seg)
+    if (!send_set_[seg].push) round.bytes_redirtied -= redirtied[seg] * g.block_size();
+  update_send_set(params_.policy, send_set_, writes, redirtied, resends_, round);
+}
+
+// LiveFS's monitoring period: counts reads and writes per segment for
+// monitor_period seconds (or takes the decayed history). False if cancelled.
+bool MigrationEngine::monitor() {
+  const PolicyParams& pol = params_.policy;
+  std::vector<HeatCounts> window;
+  if (pol.mode == MigrationMode::Livefs && pol.monitor_period < 0) {
+    window = heat().decayed_snapshot();
+  } else if (pol.mode == MigrationMode::Livefs && pol.monitor_period > 0) {
+    std::vector<HeatCounts> before = heat().cumulative_snapshot();
+    std::unique_lock lock(mu_);
+    set_phase(Phase::Monitoring);
+    cv_.wait_for(lock, std::chrono::duration<double>(pol.monitor_period),
+                 [&] { return cancel_requested_ || handover_requested_ || stopping_.load(); });
+    if (cancel_requested_ || stopping_) return false;
+    lock.unlock();
+    window = heat().cumulative_snapshot();
+    for (size_t s = 0; s < window.size(); ++s) {
+      window[s].reads -= before[s].reads;
+      window[s].writes -= before[s].writes;
+      window[s].read_bytes -= before[s].read_bytes;
+      window[s].write_bytes -= before[s].write_bytes;
+    }
+  } else {
+    window.assign(ctx_.geometry->segment_count(), HeatCounts{});
+  }
+  std::lock_guard lock(mu_);
+  rank_heat_ = window;
+  send_set_ = initial_send_set(pol, window);
+  resends_.assign(send_set_.size(), 0);
+  heat_at_start_ = heat().cumulative_snapshot();
+  set_phase(Phase::PreCopy);
   return true;
 }
 
 std::vector<HandoverRange> MigrationEngine::remaining_ranges() {
   const SegmentGeometry& g = *ctx_.geometry;
-  std::vector<HeatCounts> now = heat().cumulative_snapshot();
+  // The fetch order after handover, as a rank per segment (higher first).
+  std::vector<double> prio;
+  {
+    std::lock_guard lock(mu_);
+    prio = fetch_priority(params_.policy, rank_heat_, writes_since_start());
+  }
+  std::vector<uint64_t> order = fetch_order(prio);
+  std::vector<uint32_t> rank(g.segment_count());
+  for (size_t i = 0; i < order.size(); ++i) rank[order[i]] = static_cast<uint32_t>(order.size() - i);
   std::vector<HandoverRange> out;
   for (IndexRange r : set_runs(*owed_)) {
-    // Split at segment boundaries so each range carries its segment's heat.
+    // Split at segment boundaries so each range carries its segment's rank.
     for (uint64_t b = r.first; b < r.last;) {
       uint64_t seg = g.segment_of_block(b);
       uint64_t end = std::min(r.last, g.blocks_of_segment(seg).last);
-      double writes = now[seg].writes - (seg < heat_at_start_.size() ? heat_at_start_[seg].writes : 0);
-      out.push_back({b, end - b, static_cast<uint32_t>(std::min(writes, double(UINT32_MAX)))});
+      out.push_back({b, end - b, rank[seg]});
       b = end;
     }
   }
@@ -1170,51 +1318,57 @@ void MigrationEngine::source_run() {
   uint64_t handover_blocks = (params_.handover_size + g.block_size() - 1) / g.block_size();
   uint64_t prev_left = UINT64_MAX;
   int not_shrinking = 0;
+  bool ready = false;
   auto mark_ready = [&](bool converged, std::string why) {
+    ready = true;
     std::lock_guard lock(mu_);
     ready_ = true;
     converged_ = converged;
     ready_reason_ = std::move(why);
     cv_.notify_all();
   };
-  if (params_.mode == "postcopy") mark_ready(false, "postcopy: nothing is pushed before handover");
-  bool ready = params_.mode == "postcopy";
+  if (!monitor()) {
+    std::lock_guard lock(mu_);
+    if (!stopping_) cancel_requested_ = true;
+  }
   for (;;) {
     {
       std::unique_lock lock(mu_);
       if (cancel_requested_ || stopping_) break;
-      if (ready && (handover_requested_ || params_.handover == "auto")) break;
-      if (handover_requested_) break;  // an early handover: the rest goes post-copy
-      if (ready && owed_->count() == 0) {  // nothing to push: wait for the trigger
-        cv_.wait_for(lock, std::chrono::milliseconds(50));
+      if (handover_requested_ || (ready && params_.handover == "auto")) break;
+      bool pushing = std::any_of(send_set_.begin(), send_set_.end(), [](auto& d) { return d.push; });
+      if (!pushing && !ready) {
+        lock.unlock();
+        mark_ready(false, fmt::format("{}: nothing is pushed before handover", params_.mode));
         continue;
       }
-      if (ready && params_.mode == "postcopy") {
+      if (ready && (!pushing || owed_->count() == 0)) {  // nothing to push: wait for the trigger
         cv_.wait_for(lock, std::chrono::milliseconds(50));
         continue;
       }
     }
     bool interrupted = false;
     rounds_.fetch_add(1);
+    auto round_start = Clock::now();
+    uint64_t sent_before = payload_bytes_sent_.load();
     if (!push_pass(&interrupted)) {
       fail("lost the destination during pre-copy");
       return;
     }
     {
       std::lock_guard lock(mu_);
-      if (phase_ == Phase::PreCopy && rounds_ >= 1) set_phase(Phase::Sync);
+      if (phase_ == Phase::PreCopy) set_phase(Phase::Sync);
     }
-    if (interrupted || ready) continue;
-    uint64_t left = owed_->count();
+    if (interrupted) continue;
+    after_round(seconds_since(round_start), payload_bytes_sent_.load() - sent_before);
+    if (ready) continue;
+    uint64_t left = owed_in_send_set();
     if (left <= handover_blocks) {
-      ready = true;
-      mark_ready(true, fmt::format("converged: {} blocks left <= handover-size", left));
+      mark_ready(true, fmt::format("converged: {} blocks of the send set left <= handover-size", left));
     } else if (rounds_ >= params_.max_rounds) {
-      ready = true;
       mark_ready(false, fmt::format("max_rounds {} reached with {} blocks left; the rest goes post-copy",
                                     params_.max_rounds, left));
     } else if (left >= prev_left && ++not_shrinking >= 2) {
-      ready = true;
       mark_ready(false, fmt::format("the guest dirties faster than the link drains ({} blocks left, not shrinking); "
                                     "the rest goes post-copy",
                                     left));
@@ -1244,6 +1398,26 @@ void MigrationEngine::source_run() {
     last_error_ = s.message();
     set_phase(Phase::Failed);  // stays fenced: the destination may have taken over
   }
+}
+
+json MigrationEngine::segments_json(size_t limit) {
+  const SegmentGeometry& g = *ctx_.geometry;
+  std::lock_guard lock(mu_);
+  json out = json::array();
+  if (role_ != Role::Source || send_set_.empty()) return out;
+  std::vector<double> writes = writes_since_start();
+  for (uint64_t seg = 0; seg < send_set_.size() && out.size() < limit; ++seg) {
+    double score = seg < rank_heat_.size() ? heat_score(rank_heat_[seg], params_.policy.weights) : 0;
+    if (score == 0 && writes[seg] == 0 && send_set_[seg].reason == SetReason::All) continue;
+    out.push_back({{"segment", seg},
+                   {"offset", g.segment_offset(seg)},
+                   {"score", score},
+                   {"writes_during_migration", writes[seg]},
+                   {"set", send_set_[seg].push ? "push" : "after-handover"},
+                   {"why", reason_name(send_set_[seg].reason)},
+                   {"owed_blocks", owed_ ? owed_->count_range(g.blocks_of_segment(seg)) : 0}});
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------- destination

@@ -55,10 +55,12 @@
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
 #include "common/block_bitmap.h"
 #include "common/heat_map.h"
+#include "common/migration_policy.h"
 #include "common/peer_link.h"
 #include "common/segment_geometry.h"
 #include "common/state_file.h"
@@ -67,7 +69,7 @@
 
 namespace livemig {
 
-enum class Phase { Idle, PreCopy, Sync, Handover, PostCopy, Done, Cancelled, Failed };
+enum class Phase { Idle, Monitoring, PreCopy, Sync, Handover, PostCopy, Done, Cancelled, Failed };
 enum class Role { None, Source, Destination };
 enum class IoMode : uint8_t { Local, SourceTracking, Fenced, DestProxy, DestPost };
 
@@ -77,7 +79,7 @@ Result<Phase> parse_phase(const std::string& s);
 
 // The parameters of one migration (a mode is a set of these).
 struct MigrationParams {
-  std::string mode = "precopy";     // precopy | postcopy
+  std::string mode = "precopy";     // precopy | postcopy | livefs | hybrid | auto
   std::string to;                   // destination HOST:PORT
   std::string from;                 // how the destination reaches the source
   std::string handover = "explicit";  // explicit | auto | on-disconnect
@@ -85,6 +87,7 @@ struct MigrationParams {
   uint64_t max_rate = 0;                 // bytes/s on the wire, 0 = no cap
   unsigned max_rounds = 30;              // pre-copy rounds before handing over anyway
   uint64_t transfer_unit = 1ull << 20;   // bytes in one transfer at most
+  PolicyParams policy;                   // mode, threshold, weights, monitoring
 
   // Parses a migrate request; errors name the field.
   static Result<MigrationParams> from_json(const nlohmann::json& j, const std::string& default_handover);
@@ -105,6 +108,8 @@ struct EngineContext {
   // Grows an empty image to the source's size (a destination that started on
   // an empty or missing image). Rebuilds the geometry in place.
   std::function<Status(uint64_t)> resize_image;
+  // Called about once a second on the engine's thread (heat decay).
+  std::function<void()> tick;
   // Where the engine reports what happens (nbdkit_debug in the plugin).
   std::function<void(const std::string&)> log = [](const std::string&) {};
 };
@@ -146,6 +151,8 @@ class MigrationEngine {
   nlohmann::json cancel(const nlohmann::json& request);
   nlohmann::json release(const nlohmann::json& request);
   nlohmann::json verify(const nlohmann::json& request);
+  // Per segment: score, writes during the migration, send set and why.
+  nlohmann::json segments_json(size_t limit);
 
   // ---- peer side (io thread) ----
   // An authenticated connection whose purpose is "peer".
@@ -184,6 +191,10 @@ class MigrationEngine {
   // Source.
   void source_run();
   bool push_pass(bool* interrupted);
+  bool monitor();
+  void after_round(double seconds, uint64_t bytes_sent);
+  uint64_t owed_in_send_set();
+  std::vector<double> writes_since_start();
   bool push_unit(IndexRange unit);
   void send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority);
   Status do_handover();
@@ -217,6 +228,8 @@ class MigrationEngine {
   std::unique_ptr<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
   std::thread io_thread_;
   std::thread worker_;  // source pusher or destination puller
+  std::unique_ptr<boost::asio::steady_timer> tick_timer_;
+  void schedule_tick();
 
   std::atomic<IoMode> io_mode_{IoMode::Local};
   std::atomic<int64_t> inflight_writes_{0};
@@ -247,6 +260,9 @@ class MigrationEngine {
   uint64_t handover_ranges_received_ = 0;   // GUARDED_BY(mu_)
   std::vector<HandoverRange> pending_handover_;  // GUARDED_BY(mu_)
   std::vector<double> segment_priority_;    // GUARDED_BY(mu_)
+  std::vector<SegmentDecision> send_set_;   // GUARDED_BY(mu_) source: per segment
+  std::vector<unsigned> resends_;           // source worker only
+  std::vector<HeatCounts> rank_heat_;       // GUARDED_BY(mu_) the ranking window
 
   std::unique_ptr<BlockBitmap> owed_;     // source
   std::unique_ptr<BlockBitmap> present_;  // destination

@@ -1,0 +1,123 @@
+#include "common/migration_policy.h"
+
+#include <catch2/catch.hpp>
+
+#include <limits>
+
+#include "common/transfer_planner.h"
+
+using namespace livemig;
+
+namespace {
+std::vector<HeatCounts> heat_of(std::initializer_list<std::pair<double, double>> rw) {
+  std::vector<HeatCounts> h;
+  for (auto [r, w] : rw) h.push_back({r, w, r * 4096, w * 4096});
+  return h;
+}
+}  // namespace
+
+TEST_CASE("livefs pushes exactly the segments scoring at or above the threshold", "[policy]") {
+  PolicyParams p{MigrationMode::Livefs, 5, {}, 0};
+  auto heat = heat_of({{0, 0}, {20, 0}, {0, 20}, {10, 9}, {10, 10}});
+  auto set = initial_send_set(p, heat);
+  // f = (0.5 r + 0.5 w) / 2
+  CHECK_FALSE(set[0].push);  // f = 0
+  CHECK(set[1].push);        // f = 5
+  CHECK(set[2].push);        // f = 5
+  CHECK_FALSE(set[3].push);  // f = 4.75
+  CHECK(set[4].push);        // f = 5
+  CHECK(set[1].reason == SetReason::ScoreAbove);
+  CHECK(set[3].reason == SetReason::ScoreBelow);
+}
+
+TEST_CASE("livefs with threshold 0 pushes everything, like precopy", "[policy]") {
+  PolicyParams livefs{MigrationMode::Livefs, 0, {}, 0};
+  PolicyParams precopy{MigrationMode::Precopy};
+  auto heat = heat_of({{0, 0}, {5, 1}, {0, 0}});
+  auto a = initial_send_set(livefs, heat), b = initial_send_set(precopy, heat);
+  for (size_t s = 0; s < heat.size(); ++s) CHECK(a[s].push == b[s].push);
+}
+
+TEST_CASE("livefs with threshold infinity pushes nothing, like postcopy", "[policy]") {
+  PolicyParams livefs{MigrationMode::Livefs, std::numeric_limits<double>::infinity(), {}, 0};
+  PolicyParams postcopy{MigrationMode::Postcopy};
+  auto heat = heat_of({{1e9, 1e9}, {5, 1}, {0, 0}});
+  auto a = initial_send_set(livefs, heat), b = initial_send_set(postcopy, heat);
+  for (size_t s = 0; s < heat.size(); ++s) {
+    CHECK_FALSE(a[s].push);
+    CHECK(a[s].push == b[s].push);
+  }
+}
+
+TEST_CASE("the weights decide whether read-hot or write-hot segments are pushed", "[policy]") {
+  auto heat = heat_of({{40, 0}, {0, 40}});
+  // f = 20 for the weighted kind, 0 for the other.
+  PolicyParams reads{MigrationMode::Livefs, 15, HeatWeights::make(1, 0).value(), 0};
+  PolicyParams writes{MigrationMode::Livefs, 15, HeatWeights::make(0, 1).value(), 0};
+  auto r = initial_send_set(reads, heat), w = initial_send_set(writes, heat);
+  CHECK((r[0].push && !r[1].push));
+  CHECK((!w[0].push && w[1].push));
+}
+
+TEST_CASE("hybrid stops pushing a segment once it was written threshold times", "[policy]") {
+  PolicyParams p{MigrationMode::Hybrid, 3};
+  auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));
+  std::vector<unsigned> resends;
+  std::vector<double> writes = {0, 2, 3};
+  std::vector<uint64_t> redirtied = {0, 2, 3};
+  update_send_set(p, set, writes, redirtied, resends, {1, 1000, 10});
+  CHECK(set[0].push);
+  CHECK(set[1].push);
+  CHECK_FALSE(set[2].push);
+  CHECK(set[2].reason == SetReason::WrittenTooOften);
+  writes[1] = 5;
+  update_send_set(p, set, writes, redirtied, resends, {1, 1000, 10});
+  CHECK_FALSE(set[1].push);
+}
+
+TEST_CASE("auto defers re-written segments when re-writes outrun the link", "[policy]") {
+  PolicyParams p{MigrationMode::Auto};
+  auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}}));
+  std::vector<unsigned> resends;
+  std::vector<double> writes = {0, 100};
+  std::vector<uint64_t> redirtied = {0, 50};
+  // Re-writes far below what the link drains: resend (up to max_resends).
+  update_send_set(p, set, writes, redirtied, resends, {1, 100 << 20, 200 << 10});
+  CHECK(set[1].push);
+  // Re-writes outrun the link: defer at once.
+  update_send_set(p, set, writes, redirtied, resends, {1, 1 << 20, 1 << 20});
+  CHECK_FALSE(set[1].push);
+  CHECK(set[1].reason == SetReason::Rewritten);
+  CHECK(set[0].push);  // never re-written: stays
+}
+
+TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[policy]") {
+  PolicyParams p{MigrationMode::Auto};
+  p.max_resends = 2;
+  auto set = initial_send_set(p, heat_of({{0, 0}}));
+  std::vector<unsigned> resends;
+  std::vector<double> writes = {10};
+  std::vector<uint64_t> redirtied = {1};
+  RoundStats slow{1, 100 << 20, 4096};
+  update_send_set(p, set, writes, redirtied, resends, slow);
+  update_send_set(p, set, writes, redirtied, resends, slow);
+  CHECK(set[0].push);
+  update_send_set(p, set, writes, redirtied, resends, slow);
+  CHECK_FALSE(set[0].push);
+}
+
+TEST_CASE("after handover livefs fetches by score, hybrid by write count, precopy by offset", "[policy]") {
+  auto heat = heat_of({{1, 0}, {50, 0}, {0, 9}});
+  std::vector<double> writes = {7, 0, 9};
+  CHECK(fetch_order(fetch_priority({MigrationMode::Livefs}, heat, writes)) == std::vector<uint64_t>{1, 2, 0});
+  CHECK(fetch_order(fetch_priority({MigrationMode::Hybrid}, heat, writes)) == std::vector<uint64_t>{2, 0, 1});
+  CHECK(fetch_order(fetch_priority({MigrationMode::Precopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
+  CHECK(fetch_order(fetch_priority({MigrationMode::Postcopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
+}
+
+TEST_CASE("an unknown mode is rejected with the list of modes", "[policy]") {
+  auto m = parse_mode("turbo");
+  REQUIRE_FALSE(m.is_ok());
+  CHECK(m.status().message().find("livefs") != std::string::npos);
+  CHECK(parse_mode("hybrid").value() == MigrationMode::Hybrid);
+}

@@ -1,0 +1,138 @@
+"""The heat-driven modes (livefs, hybrid, auto) on loopback: each with the
+verifying writer across handover, and the LiveFS identities: livefs with
+threshold 0 and no monitoring behaves as precopy, with threshold max as
+postcopy."""
+
+import os
+import time
+
+import lmtest
+from lmtest import MiB, test
+import migration as mig
+
+BLOCK = 4096
+SIZE = 32 * MiB
+DATA = 12 * MiB
+HOT = f"{16 * MiB}:{4 * MiB}"   # the writer's hot region, inside the hole half
+
+
+def segments(server):
+    return server.control({"op": "stats"})["migration_segments"]
+
+
+def run_with_writer(mode, **params):
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image, **{"segment-size": "1M"})
+    try:
+        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+        writer = mig.Writer(src.uri, HOT, journal, rate=0, duration=6, extra=["--flush-every", "64"])
+        time.sleep(0.3)
+        mig.migrate(src, dst, mode, handover="auto", max_rate=8 * MiB, handover_size=512 * 1024, **params)
+        mig.wait_phase(src, ["PostCopy", "Done"], timeout=60)
+        seg = segments(src)
+        writer.switch(dst.uri)
+        assert writer.wait() == 0, writer.log()
+        st_src = mig.wait_phase(src, ["Done"], timeout=120)
+        st_dst = mig.wait_phase(dst, ["Done"], timeout=120)
+        rc, out = mig.verify_journal(dst.uri, journal, "--region", HOT, "--initial", "zero")
+        assert rc == 0, f"{mode}: destination lost acknowledged writes:\n{out}"
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "source data at the destination")
+        rest = lmtest.read_file(dst_image, 20 * MiB, SIZE - 20 * MiB)
+        lmtest.assert_same(rest, bytes(len(rest)), "the hole beyond the hot region")
+        return st_src, st_dst, seg
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
+    # Monitoring sees only the writer's hot 4 MiB: those segments score > 0
+    # and are pushed; the cold ones wait for handover.
+    st_src, st_dst, seg = run_with_writer("livefs", monitor_period=1, threshold=1)
+    pushed = {s["segment"] for s in seg if s["set"] == "push"}
+    assert pushed and pushed <= set(range(16, 20)), f"send set should be the hot segments: {seg}"
+    assert st_dst["migration"]["background_pulls"] > 0, st_dst
+
+
+@test
+def hybrid_defers_segments_written_too_often_and_loses_nothing():
+    st_src, st_dst, seg = run_with_writer("hybrid", threshold=50)
+    deferred = [s for s in seg if s["set"] == "after-handover"]
+    assert deferred, f"no segment was written 50 times? {seg}"
+    assert all(s["writes_during_migration"] >= 50 for s in deferred), deferred
+    assert all(s["why"].startswith("written") for s in deferred), deferred
+
+
+@test
+def auto_defers_rewritten_segments_and_loses_nothing():
+    st_src, st_dst, seg = run_with_writer("auto")
+    m = st_src["migration"]
+    deferred = [s for s in seg if s["set"] == "after-handover"]
+    assert deferred, f"auto deferred nothing under a hot writer: {seg}"
+    assert {s["segment"] for s in deferred} <= set(range(16, 20)), deferred
+    # Deferring keeps auto from resending the hot set round after round.
+    assert m["rounds"] <= 6, m
+
+
+def idle_migration(mode, **params):
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, mode, handover="explicit", **params)
+        st = mig.wait_ready(src)
+        before = dict(st["migration"])
+        time.sleep(0.3)
+        assert src.control({"op": "handover"})["ok"]
+        st_src = mig.wait_phase(src, ["Done"])
+        st_dst = mig.wait_phase(dst, ["Done"])
+        lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
+        return before, st_src["migration"], st_dst["migration"]
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
+def livefs_with_threshold_0_and_no_monitoring_behaves_as_precopy():
+    before_l, src_l, dst_l = idle_migration("livefs", threshold=0, monitor_period=0)
+    before_p, src_p, dst_p = idle_migration("precopy")
+    # Everything crossed before handover, nothing was pulled after.
+    for before, src, dst in ((before_l, src_l, dst_l), (before_p, src_p, dst_p)):
+        assert before["data_blocks_sent"] == DATA // BLOCK, before
+        assert dst["background_pulls"] == 0 and dst["demand_pulls"] == 0, dst
+    assert src_l["data_blocks_sent"] == src_p["data_blocks_sent"]
+    assert src_l["zero_blocks_sent"] == src_p["zero_blocks_sent"]
+
+
+@test
+def livefs_with_threshold_max_behaves_as_postcopy():
+    before_l, src_l, dst_l = idle_migration("livefs", threshold="max", monitor_period=0)
+    before_p, src_p, dst_p = idle_migration("postcopy")
+    for before, src, dst in ((before_l, src_l, dst_l), (before_p, src_p, dst_p)):
+        assert before["data_blocks_sent"] == 0 and before["zero_blocks_sent"] == 0, before
+        assert dst["background_pulls"] > 0, dst
+    assert src_l["data_blocks_sent"] == src_p["data_blocks_sent"] == DATA // BLOCK
+
+
+@test
+def bad_mode_parameters_are_refused_with_the_field_named():
+    src_image, _ = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        to = f"127.0.0.1:{mig.peer_port(dst)}"
+        for req, word in (({"mode": "turbo"}, "mode"), ({"mode": "livefs", "threshold": -1}, "threshold"),
+                          ({"mode": "livefs", "w_read": 0.7, "w_write": 0.7}, "weights"),
+                          ({"mode": "livefs", "monitor_period": "soon"}, "monitor_period")):
+            reply = src.control({"op": "migrate", "to": to, **req})
+            assert not reply["ok"] and word in reply["error"], (req, reply)
+        assert mig.status(src)["phase"] == "Idle"
+    finally:
+        src.stop()
+        dst.stop()
+
+
+lmtest.main()
