@@ -51,11 +51,18 @@ bool socket_in_use(const sockaddr_un& addr) {
 // Serves one control connection: a request per line, a reply per line.
 awaitable<void> serve(stream_protocol::socket sock, ControlServer::Handler& handler) {
   std::string buf;
+  // Every read has a deadline: a client silent for kIdleTimeout is dropped.
+  asio::steady_timer idle(sock.get_executor());
   for (;;) {
     boost::system::error_code ec;
+    idle.expires_after(ControlServer::kIdleTimeout);
+    idle.async_wait([&sock](boost::system::error_code e) {
+      if (!e) sock.close(e);
+    });
     size_t n = co_await asio::async_read_until(
         sock, asio::dynamic_buffer(buf, ControlServer::kMaxRequestBytes), '\n',
         asio::redirect_error(use_awaitable, ec));
+    idle.cancel();
     std::string reply;
     if (ec == asio::error::not_found) {  // the line outgrew the limit
       reply = fmt::format(R"({{"ok":false,"error":"request longer than {} bytes"}})",

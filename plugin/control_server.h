@@ -28,6 +28,7 @@ class ControlServer {
  public:
   using Handler = std::function<std::string(std::string_view request)>;
   static constexpr size_t kMaxRequestBytes = 64 * 1024;
+  static constexpr std::chrono::seconds kIdleTimeout{600};
 
   // Creates, binds and listens on `path` with mode 0600. A stale socket file
   // left by a dead process is replaced; any other existing file is an error.
