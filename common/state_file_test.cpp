@@ -335,11 +335,20 @@ TEST_CASE("state file misuse and I/O errors name the path", "[state]") {
     auto second = StateFile::open(path);
     REQUIRE_FALSE(second.is_ok());
     CHECK(contains(second.status().message(), "in use"));
-    auto replaced = StateFile::create(path, sample_record());
-    REQUIRE_FALSE(replaced.is_ok());
-    CHECK(contains(replaced.status().message(), "in use"));
     sf.reset();
     CHECK(StateFile::open(path).is_ok());
+  }
+  SECTION("create over a file a StateFile still holds replaces it") {
+    auto old = must_create(path, sample_record());
+    MigrationRecord r = sample_record();
+    r.migration_id = "m-0002";
+    auto replaced = must_create(path, r);
+    auto second = StateFile::open(path);  // the new file is locked by `replaced`
+    REQUIRE_FALSE(second.is_ok());
+    CHECK(contains(second.status().message(), "in use"));
+    old.reset();
+    replaced.reset();
+    CHECK(must_open(path)->record().migration_id == "m-0002");
   }
   SECTION("invalid UTF-8 in the record") {
     MigrationRecord r = sample_record();
