@@ -18,8 +18,9 @@ Status SegmentGeometry::check_sizes(uint64_t block_size, uint64_t segment_size) 
   if (block_size < 512 || !std::has_single_bit(block_size))
     return Status::error(
         fmt::format("block-size={}: must be a power of two of at least 512 bytes", block_size));
-  if (block_size > (uint64_t{1} << 26))
-    return Status::error(fmt::format("block-size={}: must be at most 64M", block_size));
+  // A block must fit in one DATA frame with room to spare (protocol_format.h).
+  if (block_size > (uint64_t{1} << 20))
+    return Status::error(fmt::format("block-size={}: must be at most 1M", block_size));
   if (!std::has_single_bit(segment_size))
     return Status::error(fmt::format("segment-size={}: must be a power of two", segment_size));
   if (segment_size < block_size)

@@ -28,6 +28,8 @@ constexpr size_t kPushWindowBytes = 8u << 20;
 // that a demand pull waits behind at most this much (invariant: a demand read
 // waits for at most the in-flight units, not for a queue).
 constexpr uint64_t kBackgroundWindowUnits = 2;
+// Block data in one DATA frame at most (a multiple of every block size).
+constexpr uint64_t kMaxFrameData = 256u << 10;
 // Pushed bytes a destination receives between two fdatasyncs.
 constexpr uint64_t kPushSyncBytes = 32u << 20;
 // HANDOVER ranges per frame (each range is 20 bytes on the wire).
@@ -1045,12 +1047,17 @@ void MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t re
         send_zero(z.blocks);
         continue;
       }
-      uint64_t zoff = g.range_offset(z.blocks), zlen = g.range_length(z.blocks);
-      DataPayload d{zoff, static_cast<uint32_t>(zlen), 0,
-                    {reinterpret_cast<const uint8_t*>(buf.data() + (zoff - g.range_offset(r))), zlen}};
-      link.send_data(d, request_id, priority);
+      // Frames of at most kMaxFrameData: a demand pull's priority frame
+      // overtakes queued background data at the next frame boundary.
+      for (uint64_t zoff = g.range_offset(z.blocks), zend = zoff + g.range_length(z.blocks); zoff < zend;) {
+        uint64_t zlen = std::min<uint64_t>(std::max(kMaxFrameData, g.block_size()), zend - zoff);
+        DataPayload d{zoff, static_cast<uint32_t>(zlen), 0,
+                      {reinterpret_cast<const uint8_t*>(buf.data() + (zoff - g.range_offset(r))), zlen}};
+        link.send_data(d, request_id, priority);
+        payload_bytes_sent_.fetch_add(zlen, std::memory_order_relaxed);
+        zoff += zlen;
+      }
       data_blocks_sent_.fetch_add(z.blocks.count(), std::memory_order_relaxed);
-      payload_bytes_sent_.fetch_add(zlen, std::memory_order_relaxed);
     }
   }
 }

@@ -15,7 +15,7 @@ namespace livemig {
 inline constexpr const char* kConfigHelp =
     "image=<FILE>           (required) The raw image file to serve.\n"
     "readonly=<BOOL>        Open the image read-only (default false).\n"
-    "block-size=<SIZE>      Dirty/presence tracking unit, a power of two >= 512\n"
+    "block-size=<SIZE>      Dirty/presence tracking unit, a power of two, 512..1M\n"
     "                       (default 4K: the smallest write a guest issues).\n"
     "segment-size=<SIZE>    Heat ranking unit, a power-of-two multiple of\n"
     "                       block-size (default 1M).\n"
