@@ -1,0 +1,62 @@
+// The subcommands of migrate-nbd. Each takes its parsed options, talks to the
+// plugins through ControlClient, prints for people (or JSON with --json) and
+// returns the exit status:
+//   0  success (verify: the images are equal; start --wait: Done)
+//   1  failure: a plugin refused or could not be reached, the images differ,
+//      the migration ended Failed or Cancelled
+//   2  a bad command line (also a bad --mode or SIZE)
+//   130 interrupted (Ctrl-C in watch)
+// Errors are one line on stderr, "migrate-nbd: ...".
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace livemig::mig {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitInterrupted = 130;
+
+struct CommonOptions {
+  std::string from;         // HOST:PORT of the source's peer port
+  std::string to;           // HOST:PORT of the destination's peer port
+  std::string socket;       // the plugin's local control socket, instead of from
+  std::string secret_file;  // else $LIVEMIG_SECRET_FILE, else the loopback key
+  double timeout = 0;       // seconds; 0: the defaults of each request
+  bool json = false;
+};
+
+struct StartOptions : CommonOptions {
+  std::string mode;
+  std::string handover;       // empty: the source plugin's handover= default
+  std::string handover_size;  // SIZE strings, empty: the plugin's default
+  std::string max_rate;
+  std::string transfer_unit;
+  std::optional<unsigned> max_rounds;
+  bool wait = false;
+  double interval = 1;
+};
+
+struct WatchOptions : CommonOptions {
+  double interval = 1;
+};
+
+struct VerifyOptions : CommonOptions {
+  std::string range_size = "64M";
+};
+
+int run_start(const StartOptions& o);
+int run_status(const CommonOptions& o);
+int run_watch(const WatchOptions& o);
+int run_handover(const CommonOptions& o);
+int run_cancel(const CommonOptions& o);
+int run_release(const CommonOptions& o);
+int run_verify(const VerifyOptions& o);
+
+// Prints "migrate-nbd: <message>" on stderr.
+void print_error(const std::string& message);
+
+}  // namespace livemig::mig

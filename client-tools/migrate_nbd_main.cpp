@@ -1,0 +1,176 @@
+// migrate-nbd: orchestrates one live storage migration between two livemig
+// plugins (DESIGN.md, "Control").
+//
+//   migrate-nbd start --from src:10809 --to dst:10809 --secret /etc/livemig/psk --mode precopy --wait
+//
+// This file is the command line (CLI11); the subcommands are in
+// migrate_nbd_commands.cpp, the control client in migrate_nbd_client.cpp and
+// what people see in migrate_nbd_output.cpp.
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "client-tools/migrate_nbd_commands.h"
+
+namespace mig = livemig::mig;
+
+namespace {
+
+constexpr const char* kFooter =
+    "HOST:PORT is a plugin's peer port (its listen= key); --socket PATH talks to the\n"
+    "plugin's local control socket (control=) instead of --from. The secret is\n"
+    "--secret FILE, else $LIVEMIG_SECRET_FILE, else the fixed key of plugins\n"
+    "started without secret= (loopback only).\n"
+    "Exit status: 0 success, 1 failure (refused, unreachable, images differ,\n"
+    "migration not Done), 2 bad command line, 130 interrupted.";
+
+// Help that starts with an example command line; the subcommand list shows
+// the description alone.
+class HelpFormatter : public CLI::Formatter {
+ public:
+  std::string make_description(const CLI::App* app) const override {
+    auto it = examples.find(app->get_name());
+    std::string example = it == examples.end() ? "" : "Example: " + it->second + "\n\n";
+    auto more = details.find(app->get_name());
+    return example + CLI::Formatter::make_description(app) +
+           (more == details.end() ? "" : more->second + "\n") + "\n";
+  }
+  std::map<std::string, std::string> examples;
+  std::map<std::string, std::string> details;  // after the description
+};
+
+// The options every subcommand has.
+void add_common(CLI::App* sub, mig::CommonOptions& o, bool with_to, const char* from_help) {
+  sub->add_option("--from", o.from, from_help)->type_name("HOST:PORT");
+  if (with_to) sub->add_option("--to", o.to, "the destination plugin's peer port")->type_name("HOST:PORT");
+  sub->add_option("--socket", o.socket, "the plugin's local control socket, instead of --from")->type_name("PATH");
+  sub->add_option("--secret", o.secret_file, "pre-shared key file (default: $LIVEMIG_SECRET_FILE)")
+      ->type_name("FILE");
+  sub->add_option("--timeout", o.timeout,
+                  "give up on connecting or on a reply after this long (default: 10 to connect, "
+                  "30 for a reply, 300 for migrate, handover and verify)")
+      ->type_name("SECONDS");
+  sub->add_flag("--json", o.json, "print JSON for scripts instead of text for people");
+  sub->footer(kFooter);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app(
+      "Orchestrates one live storage migration between two livemig nbdkit plugins.",
+      "migrate-nbd");
+  auto help = std::make_shared<HelpFormatter>();
+  help->examples = {
+      {"migrate-nbd", "migrate-nbd start --from src:10809 --to dst:10809 --secret /etc/livemig/psk --mode precopy --wait"},
+      {"start", "migrate-nbd start --from src:10809 --to dst:10809 --mode precopy --handover auto --wait"},
+      {"status", "migrate-nbd status --from src:10809 --to dst:10809"},
+      {"watch", "migrate-nbd watch --from src:10809 --to dst:10809 --interval 1"},
+      {"handover", "migrate-nbd handover --from src:10809"},
+      {"cancel", "migrate-nbd cancel --from src:10809"},
+      {"release", "migrate-nbd release --from src:10809 --to dst:10809"},
+      {"verify", "migrate-nbd verify --from src:10809 --to dst:10809 --range-size 64M"},
+  };
+  help->details = {
+      {"start",
+       "SIZE takes the binary suffixes K, M, G, T. RATE is bytes/s as a SIZE (100M) or\n"
+       "bits/s as tc writes them (500Mbit, 1Gbit = 125,000,000 bytes/s); 0 = no cap.\n"
+       "Options not given take the source plugin's defaults. With --wait, exits 0 only\n"
+       "if the migration ends Done."},
+      {"watch",
+       "Redrawn in place on a terminal (Ctrl-C to quit; the migration goes on); one\n"
+       "line per interval when stdout is not a terminal, one JSON object per line with\n"
+       "--json. Exits 0 on Done or Idle, 1 on Failed or Cancelled."},
+      {"handover",
+       "Waits until the handover is done: from then on the destination is authoritative."},
+      {"verify",
+       "Each plugin hashes its own image (xxh3-64) range by range; only the hashes\n"
+       "cross the network. Images of different sizes are not hashed."},
+      {"release",
+       "A source that handed its image over stays fenced (read-only) after release."},
+  };
+  app.formatter(help);  // subcommands inherit it
+  app.require_subcommand(1);
+  app.footer(kFooter);
+
+  mig::StartOptions start;
+  auto* s = app.add_subcommand(
+      "start",
+"Starts a migration of the source's image to the destination.");
+  add_common(s, start, true, "the source plugin's peer port");
+  s->add_option("--mode", start.mode, "precopy or postcopy")->required()->type_name("MODE");
+  s->add_option("--handover", start.handover,
+                "explicit (migrate-nbd handover), auto (once converged) or on-disconnect (when the last "
+                "client of the source disconnects); default: the source plugin's handover= key")
+      ->type_name("WHEN");
+  s->add_option("--handover-size", start.handover_size, "hand over once at most this much is left (default 64M)")
+      ->type_name("SIZE");
+  s->add_option("--max-rate", start.max_rate, "cap the migration's bandwidth (default: no cap)")->type_name("RATE");
+  s->add_option("--max-rounds", start.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
+      ->type_name("N");
+  s->add_option("--transfer-unit", start.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");
+  s->add_flag("--wait", start.wait, "show progress until the migration is Done, Failed or Cancelled");
+  s->add_option("--interval", start.interval, "seconds between progress updates with --wait (default 1)")
+      ->type_name("SECONDS");
+
+  mig::CommonOptions status;
+  auto* st = app.add_subcommand("status",
+                                "Shows the state of one or both sides and of their migration.");
+  add_common(st, status, true, "the (source) plugin's peer port");
+
+  mig::WatchOptions watch;
+  auto* w = app.add_subcommand(
+      "watch",
+"Shows the migration's progress until it is Done, Failed, Cancelled or Idle.");
+  add_common(w, watch, true, "the (source) plugin's peer port");
+  w->add_option("--interval", watch.interval, "seconds between updates (default 1)")->type_name("SECONDS");
+
+  mig::CommonOptions handover;
+  auto* h = app.add_subcommand("handover",
+"Hands storage over to the destination and prints the storage pause.");
+  add_common(h, handover, false, "the source plugin's peer port");
+
+  mig::CommonOptions cancel;
+  auto* c = app.add_subcommand("cancel",
+                               "Cancels a migration before handover; the source keeps its image.");
+  add_common(c, cancel, false, "the source plugin's peer port");
+
+  mig::CommonOptions release;
+  auto* r = app.add_subcommand("release",
+"Forgets a finished, failed or cancelled migration at the given side(s).");
+  add_common(r, release, true, "a plugin's peer port (the source)");
+
+  mig::VerifyOptions verify;
+  auto* v = app.add_subcommand("verify",
+"Compares the two images range by range; exit 0 if equal, 1 if they differ.");
+  add_common(v, verify, true, "the source plugin's peer port");
+  v->add_option("--range-size", verify.range_size, "bytes hashed per range (default 64M)")->type_name("SIZE");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return mig::kExitOk;
+  } catch (const CLI::CallForAllHelp&) {
+    std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
+    return mig::kExitOk;
+  } catch (const CLI::ParseError& e) {
+    std::string sub;
+    for (auto* x : app.get_subcommands()) sub = " " + x->get_name();
+    mig::print_error(fmt::format("{} (see migrate-nbd{} --help)", e.what(), sub));
+    return mig::kExitUsage;
+  }
+
+  if (s->parsed()) return mig::run_start(start);
+  if (st->parsed()) return mig::run_status(status);
+  if (w->parsed()) return mig::run_watch(watch);
+  if (h->parsed()) return mig::run_handover(handover);
+  if (c->parsed()) return mig::run_cancel(cancel);
+  if (r->parsed()) return mig::run_release(release);
+  if (v->parsed()) return mig::run_verify(verify);
+  return mig::kExitUsage;
+}

@@ -1,0 +1,157 @@
+// Unit tests of migrate-nbd's pure parts: SIZE and RATE parsing, the verify
+// comparison, and what the status and watch output show. The behaviour
+// against real plugins is in migrate_nbd_selftest.sh.
+#include "client-tools/migrate_nbd_units.h"
+#include "client-tools/migrate_nbd_output.h"
+
+#include <string>
+
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+using namespace livemig::mig;
+using nlohmann::json;
+
+TEST_CASE("a size takes binary suffixes K, M, G, T") {
+  CHECK(*parse_size("4096", "x") == 4096);
+  CHECK(*parse_size("64K", "x") == 64 * 1024);
+  CHECK(*parse_size("64k", "x") == 64 * 1024);
+  CHECK(*parse_size("512M", "x") == 512ull << 20);
+  CHECK(*parse_size("2G", "x") == 2ull << 30);
+  CHECK(*parse_size("1T", "x") == 1ull << 40);
+  CHECK(*parse_size("1.5G", "x") == 3ull << 29);
+  CHECK(*parse_size("64MiB", "x") == 64ull << 20);
+  CHECK(*parse_size("0", "x") == 0);
+}
+
+TEST_CASE("a bad size is an error naming the option and the value") {
+  for (const char* bad : {"", "M", "12Q", "-1", "1..5M", "1 2", "0x10"}) {
+    auto r = parse_size(bad, "--handover-size");
+    REQUIRE_FALSE(r);
+    CHECK(r.status().message().find("--handover-size") != std::string::npos);
+    CHECK(r.status().message().find(std::string("'") + bad + "'") != std::string::npos);
+  }
+}
+
+TEST_CASE("a rate is bytes/s with binary suffixes or bits/s with decimal ones") {
+  CHECK(*parse_rate("100M", "x") == 100ull << 20);
+  CHECK(*parse_rate("100M/s", "x") == 100ull << 20);
+  CHECK(*parse_rate("100MB/s", "x") == 100ull << 20);
+  CHECK(*parse_rate("1Gbit", "x") == 125'000'000);
+  CHECK(*parse_rate("1gbit/s", "x") == 125'000'000);
+  CHECK(*parse_rate("1Gbps", "x") == 125'000'000);
+  CHECK(*parse_rate("500Mbit", "x") == 62'500'000);
+  CHECK(*parse_rate("800kbit", "x") == 100'000);
+  CHECK(*parse_rate("0", "x") == 0);
+  CHECK_FALSE(parse_rate("fast", "--max-rate"));
+  CHECK_FALSE(parse_rate("1Xbit", "--max-rate"));
+}
+
+TEST_CASE("sizes, rates and times are shown for people") {
+  CHECK(format_bytes(512) == "512 B");
+  CHECK(format_bytes(64 << 20) == "64 MiB");
+  CHECK(format_bytes(1536) == "1.50 KiB");
+  CHECK(format_rate(110.5 * (1 << 20)) == "110 MiB/s");
+  CHECK(format_seconds(0.25) == "250 ms");
+  CHECK(format_seconds(42) == "42 s");
+  CHECK(format_seconds(187) == "3m07s");
+  CHECK(format_seconds(-1) == "-");
+  CHECK(format_ms(-1) == "-");
+  CHECK(format_ms(12) == "12 ms");
+}
+
+namespace {
+json verify_reply(uint64_t size, uint64_t range, std::vector<std::string> hashes) {
+  return {{"ok", true},        {"size", size},           {"offset", 0},
+          {"length", size},    {"range_size", range},    {"algorithm", "xxh3-64"},
+          {"hashes", hashes}};
+}
+}  // namespace
+
+TEST_CASE("verify of equal hash lists says equal with the range count") {
+  auto r = compare_verify(verify_reply(3 << 20, 1 << 20, {"a", "b", "c"}), verify_reply(3 << 20, 1 << 20, {"a", "b", "c"}));
+  REQUIRE(r);
+  CHECK(r->equal);
+  CHECK(render_verify(*r) == "images are equal (3 ranges of 1 MiB, xxh3-64)\n");
+}
+
+TEST_CASE("verify names every differing range, the last one short") {
+  uint64_t size = (2 << 20) + 4096;
+  auto r = compare_verify(verify_reply(size, 1 << 20, {"a", "b", "c"}), verify_reply(size, 1 << 20, {"x", "b", "y"}));
+  REQUIRE(r);
+  CHECK_FALSE(r->equal);
+  REQUIRE(r->differing.size() == 2);
+  CHECK(r->differing[0] == std::pair<uint64_t, uint64_t>{0, 1 << 20});
+  CHECK(r->differing[1] == std::pair<uint64_t, uint64_t>{2 << 20, 4096});
+  std::string text = render_verify(*r);
+  CHECK(text.find("images differ in 2 of 3 ranges") != std::string::npos);
+  CHECK(text.find("offset 2097152 (2 MiB), length 4096 (4 KiB)") != std::string::npos);
+}
+
+TEST_CASE("verify of images of different sizes says so") {
+  auto r = compare_verify(verify_reply(1 << 20, 1 << 20, {"a"}), verify_reply(2 << 20, 1 << 20, {"a", "b"}));
+  REQUIRE(r);
+  CHECK(r->sizes_differ);
+  CHECK_FALSE(r->equal);
+  CHECK(render_verify(*r).find("differ in size") != std::string::npos);
+}
+
+TEST_CASE("a malformed verify reply is an error, not a crash") {
+  CHECK_FALSE(compare_verify(json{{"ok", true}}, verify_reply(1, 1, {"a"})));
+  CHECK_FALSE(compare_verify(json::array(), verify_reply(1, 1, {"a"})));
+}
+
+TEST_CASE("status shows phase, progress and the migration's measures") {
+  json st = {{"ok", true},       {"image", "/tmp/a.img"}, {"size", 64 << 20},  {"block_size", 4096},
+             {"blocks", 16384},  {"role", "source"},      {"phase", "Sync"},   {"io_mode", "source-tracking"},
+             {"authoritative", true},
+             {"migration",
+              {{"id", "abc"},          {"mode", "precopy"},        {"peer", "127.0.0.1:2"},
+               {"blocks_total", 16384}, {"blocks_left", 4096},       {"bytes_left", 16 << 20},
+               {"rounds", 2},           {"ready", true},             {"converged", true},
+               {"ready_reason", "converged: 1 blocks left"},        {"payload_bytes_sent", 48 << 20},
+               {"wire_bytes", 49 << 20}, {"link_bytes_per_second", 1 << 20}, {"dirty_blocks_per_second", 10.0},
+               {"eta_seconds", 16.0},   {"handover_pause_ms", -1},   {"total_time_ms", -1}}}};
+  SideStatus s{"from", "127.0.0.1:1", st};
+  std::string text = render_status(s);
+  CHECK(text.find("phase           Sync") != std::string::npos);
+  CHECK(text.find("4096 of 16384 (75.0% done)") != std::string::npos);
+  CHECK(text.find("yes, converged (converged: 1 blocks left)") != std::string::npos);
+  CHECK(text.find("40 KiB/s (10 blocks/s)") != std::string::npos);
+  std::string screen = render_watch_screen("title", {s}, 80);
+  CHECK(screen.find("75.0%") != std::string::npos);
+  CHECK(screen.find("[#") != std::string::npos);
+  std::string line = render_watch_line("12:00:00", {s});
+  CHECK(line.find("Sync 75.0% 12288/16384 blocks") != std::string::npos);
+}
+
+TEST_CASE("a side that does not answer is shown with its error") {
+  SideStatus s{"to", "127.0.0.1:2", livemig::Status::error("cannot reach 127.0.0.1:2: Connection refused")};
+  CHECK(render_watch_line("t", {s}).find("unreachable: cannot reach") != std::string::npos);
+}
+
+TEST_CASE("a destination before handover shows what it received, not a progress bar") {
+  json st = {{"role", "destination"}, {"phase", "PreCopy"}, {"block_size", 4096},
+             {"migration", {{"mode", "precopy"}, {"blocks_total", 100}, {"blocks_left", 0}, {"blocks_received", 40}}}};
+  SideStatus s{"to", "127.0.0.1:2", st};
+  std::string screen = render_watch_screen("t", {s}, 80);
+  CHECK(screen.find("receiving: 40 blocks (160 KiB)") != std::string::npos);
+  CHECK(screen.find("100.0%") == std::string::npos);
+  CHECK(render_status(s).find("known at handover") != std::string::npos);
+}
+
+TEST_CASE("a source after handover shows the destination's progress; Done means nothing is left") {
+  json m = {{"mode", "postcopy"}, {"blocks_total", 100}, {"blocks_left", 100}, {"eta_seconds", 99999.0},
+            {"peer", {{"blocks_left", 25}, {"bytes_left", 25 * 4096}, {"eta_seconds", 3.0}}},
+            {"params", {{"to", "127.0.0.1:2"}}}};
+  json st = {{"role", "source"}, {"phase", "PostCopy"}, {"block_size", 4096}, {"migration", m}};
+  SideStatus s{"from", "127.0.0.1:1", st};
+  std::string text = render_status(s);
+  CHECK(text.find("25 of 100 (75.0% done) (as the destination reports)") != std::string::npos);
+  CHECK(text.find("precopy to 127.0.0.1:2") == std::string::npos);
+  CHECK(text.find("postcopy to 127.0.0.1:2") != std::string::npos);
+  st["phase"] = "Done";
+  SideStatus done{"from", "127.0.0.1:1", st};
+  CHECK(render_watch_line("t", {done}).find("Done 100.0% 100/100 blocks") != std::string::npos);
+  CHECK(render_watch_line("t", {done}).find("ETA -") != std::string::npos);
+}
