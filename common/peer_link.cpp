@@ -345,6 +345,7 @@ void PeerLink::send_raw(std::string frame, bool priority) {
   {
     std::lock_guard lock(mu_);
     if (closed_) return;  // close() may have run since the check above
+    bytes_enqueued_.fetch_add(frame.size(), std::memory_order_relaxed);
     queued_bytes_.fetch_add(frame.size(), std::memory_order_relaxed);
     (priority ? priority_queue_ : normal_queue_).push_back(std::move(frame));
     if (!writing_) writing_ = start_writer = true;

@@ -116,6 +116,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   bool wait_queue_below(size_t limit, std::chrono::milliseconds timeout);
 
   uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
+  // Every byte ever queued (monotonic; includes bytes not yet sent).
+  uint64_t bytes_enqueued() const { return bytes_enqueued_.load(std::memory_order_relaxed); }
   uint64_t bytes_received() const { return bytes_received_.load(std::memory_order_relaxed); }
 
   PeerLink(boost::asio::ip::tcp::socket socket, const Options& options);
@@ -159,6 +161,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
 
   std::atomic<size_t> queued_bytes_{0};
   std::atomic<uint64_t> bytes_sent_{0};
+  std::atomic<uint64_t> bytes_enqueued_{0};
   std::atomic<uint64_t> bytes_received_{0};
 };
 

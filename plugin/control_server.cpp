@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <future>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -48,6 +49,23 @@ bool socket_in_use(const sockaddr_un& addr) {
   return live;
 }
 
+// Runs handler(request) on a thread of its own, so that a long request
+// (verify, handover) does not keep other clients from their status; the
+// coroutine polls for the result rather than hopping executors (Boost 1.74's
+// coroutine frames must be freed on the thread that runs the io_context).
+awaitable<std::string> run_off_io_thread(ControlServer::Handler& handler, std::string request,
+                                         asio::any_io_executor ex) {
+  auto result = std::async(std::launch::async, [&handler, request = std::move(request)] { return handler(request); });
+  asio::steady_timer poll(ex);
+  auto wait = std::chrono::microseconds(200);
+  while (result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    poll.expires_after(wait);
+    co_await poll.async_wait(use_awaitable);
+    wait = std::min<std::chrono::microseconds>(wait * 2, std::chrono::milliseconds(20));
+  }
+  co_return result.get();
+}
+
 // Serves one control connection: a request per line, a reply per line.
 awaitable<void> serve(stream_protocol::socket sock, ControlServer::Handler& handler) {
   std::string buf;
@@ -74,7 +92,8 @@ awaitable<void> serve(stream_protocol::socket sock, ControlServer::Handler& hand
     std::string_view line(buf.data(), n - 1);
     if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
     if (!line.empty()) {
-      reply = handler(line) + "\n";
+      reply = co_await run_off_io_thread(handler, std::string(line), sock.get_executor());
+      reply += "\n";
       co_await asio::async_write(sock, asio::buffer(reply), asio::redirect_error(use_awaitable, ec));
       if (ec) co_return;
     }

@@ -237,10 +237,15 @@ Status MigrationEngine::recover() {
     // The migration never handed over: this side still (or again) owns its
     // image. The migration is abandoned; start a new one.
     StateFile::remove(ctx_.state_path);
-    role_ = Role::None;
     phase_ = Phase::Failed;
     last_error_ = fmt::format("restarted during {} as {}: migration {} abandoned", rec.phase, rec.role,
                               rec.migration_id);
+    if (rec.role == "destination") {  // an incomplete image: refuse writes until released
+      role_ = Role::Destination;
+      io_mode_ = IoMode::Fenced;
+    } else {
+      role_ = Role::None;
+    }
     return Status::ok();
   }
   if (rec.role == "source") {
@@ -430,21 +435,27 @@ Status MigrationEngine::save_record() {
   return state_->write_record(rec);
 }
 
-void MigrationEngine::fail(const std::string& why) {
-  ctx_.log(fmt::format("migration failed: {}", why));
+void MigrationEngine::fail(const std::string& why, Phase end) {
+  ctx_.log(fmt::format("migration {}: {}", end == Phase::Cancelled ? "cancelled" : "failed", why));
   std::unique_lock lock(mu_);
   if (!active_phase(phase_) && phase_ != Phase::Idle) return;
   last_error_ = why;
   IoMode mode = io_mode_.load();
-  // Before handover the source still owns the data: it stops tracking and goes
-  // on serving; the destination's partial image is abandoned.
-  if (mode == IoMode::SourceTracking || mode == IoMode::DestProxy) {
+  if (mode == IoMode::SourceTracking) {
+    // Before handover the source still owns the data: it stops tracking and
+    // goes on serving.
     io_mode_ = IoMode::Local;
+    role_ = Role::None;
+  } else if (mode == IoMode::DestProxy) {
+    // The destination's image is incomplete: it keeps refusing writes (and
+    // claims no authority) until released or given a new migration.
+    io_mode_ = IoMode::Fenced;
+  }
+  if (mode == IoMode::SourceTracking || mode == IoMode::DestProxy) {
     state_.reset();
     StateFile::remove(ctx_.state_path);
-    role_ = Role::None;
   }
-  set_phase(Phase::Failed);
+  set_phase(end);
   auto link = std::move(link_);
   lock.unlock();
   if (link) link->close(Status::error(why, EIO));
@@ -466,7 +477,9 @@ json MigrationEngine::migrate(const json& req) {
       return error_reply(fmt::format("a migration is already running here ({} in phase {}, id {})",
                                      role_name(role_), phase_name(phase_), migration_id_));
     if (io_mode_.load() != IoMode::Local)
-      return error_reply("this side is fenced (it handed an image over before): release it first");
+      return error_reply(role_ == Role::Destination
+                             ? "this side holds the incomplete image of an abandoned migration: release it first"
+                             : "this side is fenced (it handed its image over): release it first");
   }
   if (params->from.empty()) params->from = ctx_.listen;
   const SegmentGeometry& g = *ctx_.geometry;
@@ -520,7 +533,7 @@ json MigrationEngine::migrate(const json& req) {
     io_mode_ = IoMode::SourceTracking;
     worker_ = std::thread([this] { source_run(); });
   }
-  return {{"ok", true}, {"migration_id", id}, {"mode", params->mode}, {"to", params->to}};
+  return {{"ok", true}, {"migration_id", id}, {"id", id}, {"mode", params->mode}, {"to", params->to}};
 }
 
 json MigrationEngine::handover(const json&) {
@@ -565,9 +578,11 @@ json MigrationEngine::release(const json&) {
   state_.reset();
   StateFile::remove(ctx_.state_path);
   Phase was = phase_;
+  // A fenced source stays fenced: its image is older than the destination's.
+  // An abandoned destination serves its (incomplete) image again.
+  if (role_ == Role::Destination && io_mode_.load() == IoMode::Fenced) io_mode_ = IoMode::Local;
   role_ = Role::None;
   set_phase(Phase::Idle);
-  // A fenced source stays fenced: its image is older than the destination's.
   return {{"ok", true}, {"was", phase_name(was)}, {"fenced", io_mode_.load() == IoMode::Fenced}};
 }
 
@@ -613,6 +628,13 @@ json MigrationEngine::progress_json() {
   uint64_t left = 0;
   if (role_ == Role::Source && owed_) left = owed_->count();
   if (role_ == Role::Destination && present_) left = present_->size() - present_->count();
+  // After handover the destination knows what is left; the source shows
+  // what it last reported.
+  if (role_ == Role::Source && (phase_ == Phase::PostCopy || phase_ == Phase::Done))
+    left = phase_ == Phase::Done             ? 0
+           : peer_progress_.is_object() ? peer_progress_.value("blocks_left", left)
+                                        : left;
+  if (role_ == Role::Destination && phase_ == Phase::Done) left = 0;
   uint64_t wire = link_bytes_before_.load();
   if (link_) wire += link_->bytes_sent() + link_->bytes_received();
   double elapsed = started_at_ == Clock::time_point{} ? 0 : seconds_since(started_at_);
@@ -623,12 +645,16 @@ json MigrationEngine::progress_json() {
     if (last_rate_time_ > 0) {
       link_rate_ = (wire - last_rate_bytes_) / dt;
       dirty_rate_ = (blocks_dirtied_.load() - last_rate_dirty_) / dt;
+      // Blocks done per second: holes count, though they cost no bandwidth.
+      double done_rate = (double(last_rate_left_) - double(left)) / dt;
+      block_rate_ = done_rate > 0 ? done_rate : block_rate_ * 0.5;
     }
     last_rate_time_ = now;
     last_rate_bytes_ = wire;
     last_rate_dirty_ = blocks_dirtied_.load();
+    last_rate_left_ = left;
   }
-  double eta = link_rate_ > 1 ? (left * double(g.block_size())) / link_rate_ : -1;
+  double eta = left == 0 ? 0 : block_rate_ > 0.5 ? left / block_rate_ : -1;
   j = {{"id", migration_id_},
        {"mode", params_.mode},
        {"peer", peer_address_},
@@ -669,7 +695,7 @@ json MigrationEngine::progress_json() {
                             {"max", d.back()}};
     }
   }
-  if (!peer_progress_.is_null()) j["peer"] = peer_progress_;
+  if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;
   return j;
 }
@@ -747,7 +773,8 @@ void MigrationEngine::on_link_closed(const std::shared_ptr<PeerLink>& link, cons
 
 void MigrationEngine::on_peer_error(const ErrorPayload& p) {
   Status s = status_from_error(p);
-  fail(s.message());
+  bool cancelled = p.message.find("cancelled") != std::string::npos;
+  fail(s.message(), cancelled ? Phase::Cancelled : Phase::Failed);
 }
 
 void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, const FrameHeader& h, const StartPayload& p) {
@@ -771,7 +798,7 @@ void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, const Fram
     link->send(AckPayload{h.request_id, 0, 0}, h.request_id);
     return;
   }
-  const bool fenced_unreleased = io_mode_.load() == IoMode::Fenced && phase_ != Phase::Idle;
+  const bool fenced_unreleased = io_mode_.load() == IoMode::Fenced && role_ == Role::Source && phase_ != Phase::Idle;
   if (active_phase(phase_) || fenced_unreleased) {
     std::string why = fenced_unreleased
                           ? "this side is fenced (it handed its image over); release it first"
@@ -1157,8 +1184,10 @@ bool MigrationEngine::push_unit(IndexRange unit) {
   if (!link || link->closed()) return false;
   // Claim before reading: a write that lands after this sets the bits again.
   owed_->test_and_clear_range(unit);
+  uint64_t before = link->bytes_enqueued();
   send_blocks(*link, unit, 0, false);
-  throttle(ctx_.geometry->range_length(unit));
+  // max_rate caps what crosses the wire: a hole's zero note costs a header.
+  throttle(link->bytes_enqueued() - before);
   while (!link->wait_queue_below(kPushWindowBytes, std::chrono::milliseconds(200))) {
     if (link->closed()) return false;
   }
@@ -1557,7 +1586,7 @@ void MigrationEngine::send_progress() {
     std::lock_guard lock(mu_);
     j = progress_json();
   }
-  j.erase("peer");
+  j.erase("peer_progress");
   link->send(ProgressPayload{j.dump()}, 0);
 }
 

@@ -219,7 +219,7 @@ class MigrationEngine {
   void set_phase(Phase p);
   Status save_record();
   std::shared_ptr<PeerLink> current_link();
-  void fail(const std::string& why);
+  void fail(const std::string& why, Phase end = Phase::Failed);
   nlohmann::json progress_json();
   void record_read_delay(double ms);
 
@@ -231,9 +231,11 @@ class MigrationEngine {
   std::unique_ptr<boost::asio::steady_timer> tick_timer_;
   void schedule_tick();
 
-  std::atomic<IoMode> io_mode_{IoMode::Local};
-  std::atomic<int64_t> inflight_writes_{0};
-  std::atomic<bool> stopping_{false};
+  // Read by every request; on cache lines of their own so that writers
+  // bumping inflight_writes_ do not slow readers of io_mode_.
+  alignas(64) std::atomic<IoMode> io_mode_{IoMode::Local};
+  alignas(64) std::atomic<int64_t> inflight_writes_{0};
+  alignas(64) std::atomic<bool> stopping_{false};
   // Source: the destination acknowledged the handover, so reads go there.
   std::atomic<bool> reads_to_destination_{false};
   // Destination: threads answering the old source's proxied reads.
@@ -299,6 +301,8 @@ class MigrationEngine {
   uint64_t last_rate_bytes_ = 0;
   uint64_t last_rate_dirty_ = 0;
   double link_rate_ = 0;
+  double block_rate_ = 0;
+  uint64_t last_rate_left_ = 0;
   double dirty_rate_ = 0;
   // Token bucket for max_rate.
   std::chrono::steady_clock::time_point bucket_time_{};

@@ -231,6 +231,39 @@ def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
 
 
 @test
+def a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_fenced():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src, dst = mig.start_pair(src_image, dst_image)
+    try:
+        mig.migrate(src, dst, "precopy", handover="explicit", max_rate=2 * MiB)
+        time.sleep(0.5)
+        reply = src.control({"op": "cancel"})
+        assert reply["ok"], reply
+        st_src = mig.status(src)
+        assert st_src["phase"] == "Cancelled" and st_src["authoritative"], st_src
+        hs = src.connect()
+        hs.pwrite(b"S" * BLOCK, 0)  # the source goes on serving writes
+        st_dst = mig.wait_phase(dst, ["Cancelled"], timeout=10)
+        assert not st_dst["authoritative"], st_dst
+        hd = dst.connect()
+        lmtest.expect_nbd_error(lambda: hd.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
+                                "write to the incomplete image of a cancelled migration")
+        assert not os.path.exists(dst_image + ".livemig-state")
+        assert dst.control({"op": "release"})["ok"]
+        assert mig.status(dst)["authoritative"]
+        # A new migration to the same destination works.
+        mig.migrate(src, dst, "precopy", handover="auto")
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        expect = bytearray(data)
+        expect[0:BLOCK] = b"S" * BLOCK
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "image after the second migration")
+    finally:
+        src.stop()
+        dst.stop()
+
+
+@test
 def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
     src_image, data = mig.make_source_image(SIZE, DATA)
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
