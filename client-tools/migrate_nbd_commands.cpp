@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <ctime>
 #include <memory>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -299,9 +300,40 @@ std::optional<int> open_sides(Context& ctx, std::vector<Side>* sides, bool from_
 
 // ---------------------------------------------------------------- start
 
+// The heat-driven modes' parameters; the plugin checks them too.
+std::optional<int> add_policy(const StartOptions& o, json& req) {
+  if (!o.threshold.empty()) {
+    if (o.threshold == "max" || o.threshold == "inf") {
+      req["threshold"] = "max";
+    } else {
+      char* end = nullptr;
+      double t = std::strtod(o.threshold.c_str(), &end);
+      if (end == o.threshold.c_str() || *end || !(t >= 0))
+        return usage(fmt::format("--threshold '{}': must be a non-negative number or max", o.threshold));
+      req["threshold"] = t;
+    }
+  }
+  if (o.w_read) req["w_read"] = *o.w_read;
+  if (o.w_write) req["w_write"] = *o.w_write;
+  if (!o.monitor_period.empty()) {
+    if (o.monitor_period == "history") {
+      req["monitor_period"] = "history";
+    } else {
+      char* end = nullptr;
+      double t = std::strtod(o.monitor_period.c_str(), &end);
+      if (end == o.monitor_period.c_str() || *end || !(t >= 0))
+        return usage(fmt::format("--monitor-period '{}': must be seconds or history", o.monitor_period));
+      req["monitor_period"] = t;
+    }
+  }
+  if (o.max_resends) req["max_resends"] = *o.max_resends;
+  return std::nullopt;
+}
+
 int run_start(const StartOptions& o) {
-  if (o.mode != "precopy" && o.mode != "postcopy")
-    return usage(fmt::format("--mode '{}': must be precopy or postcopy", o.mode));
+  static const std::set<std::string> kModes = {"precopy", "postcopy", "livefs", "hybrid", "auto"};
+  if (!kModes.count(o.mode))
+    return usage(fmt::format("--mode '{}': must be precopy, postcopy, livefs, hybrid or auto", o.mode));
   if (!o.handover.empty() && o.handover != "explicit" && o.handover != "auto" && o.handover != "on-disconnect")
     return usage(fmt::format("--handover '{}': must be explicit, auto or on-disconnect", o.handover));
   if (o.to.empty()) return usage("--to HOST:PORT (the destination's peer port) is required");
@@ -327,6 +359,7 @@ int run_start(const StartOptions& o) {
     req["max_rounds"] = *o.max_rounds;
   }
   if (o.interval <= 0) return usage("--interval must be more than 0 seconds");
+  if (auto rc = add_policy(o, req)) return *rc;
 
   Context ctx(o);
   std::vector<Side> sides;
@@ -390,6 +423,24 @@ int run_status(const CommonOptions& o) {
   }
   if (o.json) print_json(j);
   return rc;
+}
+
+// ---------------------------------------------------------------- stats
+
+int run_stats(const CommonOptions& o, size_t top) {
+  Context ctx(o);
+  std::vector<Side> sides;
+  if (auto rc = open_sides(ctx, &sides)) return *rc;
+  json req = {{"op", "stats"}};
+  if (top > 0) req["top"] = top;
+  auto reply = sides[0].client->call(req);
+  if (!reply) return failure(reply.status().message());
+  if (o.json) {
+    print_json(*reply);
+    return kExitOk;
+  }
+  std::fputs(render_stats(*reply).c_str(), stdout);
+  return kExitOk;
 }
 
 // ---------------------------------------------------------------- watch

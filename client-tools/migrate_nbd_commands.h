@@ -36,6 +36,11 @@ struct StartOptions : CommonOptions {
   std::string max_rate;
   std::string transfer_unit;
   std::optional<unsigned> max_rounds;
+  // Heat-driven modes (livefs, hybrid, auto); empty/unset: the mode's default.
+  std::string threshold;  // a number, or "max"
+  std::optional<double> w_read, w_write;
+  std::string monitor_period;  // seconds, or "history"
+  std::optional<unsigned> max_resends;
   bool wait = false;
   double interval = 1;
 };
@@ -50,6 +55,8 @@ struct VerifyOptions : CommonOptions {
 
 int run_start(const StartOptions& o);
 int run_status(const CommonOptions& o);
+// Per-segment heat and, during a migration, the policy's decision per segment.
+int run_stats(const CommonOptions& o, size_t top);
 int run_watch(const WatchOptions& o);
 int run_handover(const CommonOptions& o);
 int run_cancel(const CommonOptions& o);

@@ -68,6 +68,7 @@ int main(int argc, char** argv) {
   help->examples = {
       {"migrate-nbd", "migrate-nbd start --from src:10809 --to dst:10809 --secret /etc/livemig/psk --mode precopy --wait"},
       {"start", "migrate-nbd start --from src:10809 --to dst:10809 --mode precopy --handover auto --wait"},
+      {"stats", "migrate-nbd stats --from src:10809 --top 10"},
       {"status", "migrate-nbd status --from src:10809 --to dst:10809"},
       {"watch", "migrate-nbd watch --from src:10809 --to dst:10809 --interval 1"},
       {"handover", "migrate-nbd handover --from src:10809"},
@@ -102,7 +103,19 @@ int main(int argc, char** argv) {
       "start",
 "Starts a migration of the source's image to the destination.");
   add_common(s, start, true, "the source plugin's peer port");
-  s->add_option("--mode", start.mode, "precopy or postcopy")->required()->type_name("MODE");
+  s->add_option("--mode", start.mode, "precopy, postcopy, livefs, hybrid or auto")->required()->type_name("MODE");
+  s->add_option("--threshold", start.threshold,
+                "livefs: push segments scoring at least this (max = none: postcopy); hybrid: stop pushing a "
+                "segment written this many times (default 4)")
+      ->type_name("N");
+  s->add_option("--w-read", start.w_read, "livefs: weight of reads in the score (w-read + w-write = 1)")
+      ->type_name("W");
+  s->add_option("--w-write", start.w_write, "livefs: weight of writes in the score")->type_name("W");
+  s->add_option("--monitor-period", start.monitor_period,
+                "livefs: seconds of monitoring before choosing, or history (rank from the decayed heat)")
+      ->type_name("SECONDS");
+  s->add_option("--max-resends", start.max_resends, "auto: rounds a segment is resent before it is deferred (default 2)")
+      ->type_name("N");
   s->add_option("--handover", start.handover,
                 "explicit (migrate-nbd handover), auto (once converged) or on-disconnect (when the last "
                 "client of the source disconnects); default: the source plugin's handover= key")
@@ -121,6 +134,15 @@ int main(int argc, char** argv) {
   auto* st = app.add_subcommand("status",
                                 "Shows the state of one or both sides and of their migration.");
   add_common(st, status, true, "the (source) plugin's peer port");
+
+  mig::CommonOptions stats;
+  size_t stats_top = 0;
+  auto* sts = app.add_subcommand("stats",
+                                 "Shows request counters, segment heat and, during a migration, each segment's "
+                                 "score, the set it is in and why.");
+  add_common(sts, stats, false, "the plugin's peer port");
+  sts->add_option("--top", stats_top, "only the N hottest segments (default: every segment with heat)")
+      ->type_name("N");
 
   mig::WatchOptions watch;
   auto* w = app.add_subcommand(
@@ -167,6 +189,7 @@ int main(int argc, char** argv) {
 
   if (s->parsed()) return mig::run_start(start);
   if (st->parsed()) return mig::run_status(status);
+  if (sts->parsed()) return mig::run_stats(stats, stats_top);
   if (w->parsed()) return mig::run_watch(watch);
   if (h->parsed()) return mig::run_handover(handover);
   if (c->parsed()) return mig::run_cancel(cancel);

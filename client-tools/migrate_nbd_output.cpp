@@ -326,3 +326,43 @@ std::string render_verify(const VerifyResult& v) {
 }
 
 }  // namespace livemig::mig
+
+namespace livemig::mig {
+
+std::string render_stats(const nlohmann::json& st) {
+  std::string out;
+  const auto& req = st.value("requests", nlohmann::json::object());
+  out += fmt::format("requests (uptime {:.0f} s):\n", st.value("uptime_seconds", 0.0));
+  for (const char* op : {"pread", "pwrite", "flush", "trim", "zero", "extents", "cache"}) {
+    if (!req.contains(op)) continue;
+    const auto& c = req[op];
+    out += fmt::format("  {:<8} {:>12}", op, c.value("count", uint64_t{0}));
+    if (c.contains("bytes")) out += fmt::format("  {:>12}", format_bytes(c.value("bytes", uint64_t{0})));
+    out += "\n";
+  }
+  const auto& heat = st.value("heat", nlohmann::json::object());
+  const auto& segs = heat.value("segments", nlohmann::json::array());
+  if (!segs.empty()) {
+    out += fmt::format("heat (score = (w_r*reads + w_w*writes)/2, decayed, half-life {:g} s):\n",
+                       heat.value("half_life_seconds", 0.0));
+    out += fmt::format("  {:>8} {:>10} {:>9} {:>9} {:>10}\n", "segment", "offset", "reads", "writes", "score");
+    for (const auto& s : segs)
+      out += fmt::format("  {:>8} {:>10} {:>9} {:>9} {:>10.1f}\n", s.value("segment", uint64_t{0}),
+                         format_bytes(s.value("offset", uint64_t{0})), s.value("reads", uint64_t{0}),
+                         s.value("writes", uint64_t{0}), s.value("score", 0.0));
+  }
+  const auto& mig = st.value("migration_segments", nlohmann::json::array());
+  if (!mig.empty()) {
+    out += "migration policy (segments with heat or a decision of their own):\n";
+    out += fmt::format("  {:>8} {:>10} {:>10} {:>8} {:>8} {:<15} {}\n", "segment", "offset", "score", "writes",
+                       "owed", "set", "why");
+    for (const auto& s : mig)
+      out += fmt::format("  {:>8} {:>10} {:>10.1f} {:>8.0f} {:>8} {:<15} {}\n", s.value("segment", uint64_t{0}),
+                         format_bytes(s.value("offset", uint64_t{0})), s.value("score", 0.0),
+                         s.value("writes_during_migration", 0.0), s.value("owed_blocks", uint64_t{0}),
+                         s.value("set", std::string()), s.value("why", std::string()));
+  }
+  return out;
+}
+
+}  // namespace livemig::mig

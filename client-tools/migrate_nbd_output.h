@@ -29,6 +29,10 @@ bool is_final_phase(const std::string& phase);
 // The "status" subcommand's layout of one side.
 std::string render_status(const SideStatus& s);
 
+// The "stats" subcommand: request counters, the hottest segments, and during
+// a migration each segment's score, send set and why.
+std::string render_stats(const nlohmann::json& stats);
+
 // The watch screen (several lines, each ending in '\n'), for a terminal
 // `width` columns wide. `header` is the first line.
 std::string render_watch_screen(const std::string& header, const std::vector<SideStatus>& sides, int width);

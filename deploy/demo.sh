@@ -1,79 +1,62 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: builds livemig if needed, serves a
-# 1 GiB sparse image with livemig.so, drives 10 s of 4k random I/O (70% reads,
-# 30% writes, iodepth 16) through fio's nbd engine, prints what fio measured,
-# then asks the plugin's control socket for its request counters and the five
-# hottest segments, and cleans up.
+# The main job, end to end on one machine: a live migration under load.
 #
-#   deploy/demo.sh                 # from any directory
-#   LIVEMIG_PLUGIN=/path/livemig.so deploy/demo.sh
+#   deploy/demo.sh [--mode precopy|postcopy|livefs|hybrid|auto] [--seconds 20]
 #
-# Everything lives in a temporary directory that is removed at the end; the
-# nbdkit and fio it starts are stopped by PID on exit, on error and on Ctrl-C.
+# Builds livemig if needed, then:
+#   1. serves a 1 GiB image (256 MiB of data, the rest a hole) with a source
+#      livemig plugin, and starts a destination plugin on a missing image;
+#   2. runs the verifying writer (lm-workload: 4k random writes over a 256 MiB
+#      hot region, queue depth 16) alone for a few seconds: the baseline;
+#   3. runs it again and migrates the image under it with migrate-nbd; at
+#      handover the writer switches to the destination, as a hypervisor does;
+#   4. prints the measures: total migration time, handover pause, bytes on the
+#      wire, rounds, the writer's IOPS during migration against without, and
+#      checks that every acknowledged write is at the destination and every
+#      other byte is the source's.
+# Both plugins run on loopback; everything lives in a temporary directory
+# that is removed at the end; every process is stopped by PID on exit.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 build=${LIVEMIG_BUILD_DIR:-$root/build}
-plugin=${LIVEMIG_PLUGIN:-$build/plugin/livemig.so}
-readonly RUNTIME=10
+plugin=$build/plugin/livemig.so
+migrate=$build/client-tools/migrate-nbd
+workload=$build/client-tools/lm-workload
+mode=precopy
+seconds=20
+
+while (($#)); do
+  case $1 in
+    --mode) mode=$2; shift 2 ;;
+    --seconds) seconds=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "demo: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 die() {
   echo "demo: $*" >&2
   exit 1
 }
 
-if [[ ! -f $plugin ]]; then
-  [[ -z ${LIVEMIG_PLUGIN:-} ]] || die "LIVEMIG_PLUGIN=$LIVEMIG_PLUGIN does not exist"
-  echo "demo: $plugin is missing, building it first"
-  if [[ -f $root/deploy/setup.sh ]]; then
-    bash "$root/deploy/setup.sh"
-  else
-    cmake -S "$root" -B "$build"
-    cmake --build "$build" -j2
-  fi
-  [[ -f $plugin ]] || die "the build did not produce $plugin"
+if [[ ! -f $plugin || ! -x $migrate || ! -x $workload ]]; then
+  echo "demo: building livemig first (deploy/setup.sh)"
+  bash "$root/deploy/setup.sh"
 fi
-
-python=/usr/bin/python3
-[[ -x $python ]] || python=$(command -v python3) || die "python3 is not installed"
-for tool in nbdkit fio jq ps; do
+for f in "$plugin" "$migrate" "$workload"; do [[ -e $f ]] || die "the build did not produce $f"; done
+for tool in nbdkit jq; do
   command -v "$tool" >/dev/null || die "$tool is not installed (deploy/install-deps.sh installs it)"
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/livemig-demo.XXXXXX")
-img=$work/demo.img
-sock=$work/nbd.sock
-ctrl=$work/control.sock
-pidfile=$work/nbdkit.pid
-server_pid=""
-fio_pid=""
-
-# True while PID is a live (not zombie) process.
-alive() {
-  local stat
-  stat=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
-  [[ $stat != Z* ]]
-}
-
-# Stops one child by PID: SIGTERM, up to 5 s grace, then SIGKILL; reaps it.
-stop_pid() {
-  local pid=$1 i
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    alive "$pid" || break
-    sleep 0.1
-  done
-  if alive "$pid"; then
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+pids=()
 
 cleanup() {
-  local rc=$?
+  local rc=$? pid
   trap - EXIT INT TERM
-  if [[ -n $fio_pid ]]; then stop_pid "$fio_pid"; fi
-  if [[ -n $server_pid ]]; then stop_pid "$server_pid"; fi
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -rf -- "$work"
   exit "$rc"
 }
@@ -81,95 +64,87 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-truncate -s 1G -- "$img"
-echo "demo: serving a 1 GiB sparse image with livemig"
-echo "  nbdkit -f -U $sock $plugin image=$img control=$ctrl"
-nbdkit -f --exit-with-parent -U "$sock" -P "$pidfile" \
-  "$plugin" "image=$img" "control=$ctrl" >"$work/nbdkit.log" 2>&1 &
-server_pid=$!
-# nbdkit writes the pidfile once it accepts connections.
-for ((i = 0; i < 100; i++)); do
-  [[ -s $pidfile ]] && break
-  if ! alive "$server_pid"; then
-    cat -- "$work/nbdkit.log" >&2
-    die "nbdkit exited during start-up (log above)"
-  fi
-  sleep 0.1
-done
-[[ -s $pidfile ]] || die "nbdkit was not ready after 10 s"
-[[ -S $ctrl ]] || die "no control socket at $ctrl"
-
-echo "demo: fio, $RUNTIME s of 4k random I/O (70% read / 30% write, iodepth 16) over nbd+unix"
-fio --name=demo --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-  --rw=randrw --rwmixread=70 --bs=4k --iodepth=16 --time_based --runtime="$RUNTIME" \
-  --output-format=json --output="$work/fio.json" >"$work/fio.log" 2>&1 &
-fio_pid=$!
-rc=0
-wait "$fio_pid" || rc=$?
-fio_pid=""
-if ((rc != 0)); then
-  cat -- "$work/fio.log" >&2
-  die "fio failed (exit $rc, log above)"
-fi
-
-echo
-echo "What fio measured:"
-jq -r '.jobs[0] as $j | ("read", "write") as $d | $j[$d]
-  | [$d, .iops, .bw_bytes / 1048576, .clat_ns.percentile["50.000000"] / 1000,
-     .clat_ns.percentile["99.000000"] / 1000, .total_ios] | @tsv' "$work/fio.json" |
-  while IFS=$'\t' read -r dir iops mibs p50 p99 ios; do
-    printf '  %-5s %7.0f IOPS  %6.1f MiB/s  latency p50 %6.0f us, p99 %6.0f us  (%s requests)\n' \
-      "$dir" "$iops" "$mibs" "$p50" "$p99" "$ios"
+# Starts a plugin: $1 name, $2 image. Sets ${name}_port.
+start_plugin() {
+  local name=$1 image=$2 i
+  nbdkit -f --exit-with-parent -U "$work/$name.sock" -P "$work/$name.pid" "$plugin" \
+    "image=$image" "listen=127.0.0.1:0" "control=$work/$name.ctl" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  for ((i = 0; i < 100; i++)); do
+    [[ -s $work/$name.pid ]] && break
+    sleep 0.1
   done
-fio_reads=$(jq '.jobs[0].read.total_ios' "$work/fio.json")
-fio_writes=$(jq '.jobs[0].write.total_ios' "$work/fio.json")
+  [[ -s $work/$name.pid ]] || { cat "$work/$name.log" >&2; die "the $name plugin did not start"; }
+  local port
+  port=$("$migrate" status --socket "$work/$name.ctl" --json | jq -r '.from.peer_port')
+  printf -v "${name}_port" '%s' "$port"
+}
+
+echo "demo: making a 1 GiB source image (256 MiB of data, the rest a hole)"
+truncate -s 1G "$work/src.img"
+head -c 256M /dev/urandom | dd of="$work/src.img" conv=notrunc bs=1M status=none
+cp --sparse=always "$work/src.img" "$work/original.img"   # what the untouched bytes must be
+
+start_plugin src "$work/src.img"
+start_plugin dst "$work/dst.img"
+echo "demo: source plugin on 127.0.0.1:$src_port, destination plugin on 127.0.0.1:$dst_port (empty image)"
+
+region=$((512 << 20)):$((256 << 20))   # the hot region: 256 MiB inside the hole
+run_writer() {  # $1 journal, $2 seconds, $3 json-out, rest: extra args
+  local journal=$1 secs=$2 out=$3
+  shift 3
+  "$workload" write --uri "nbd+unix:///?socket=$work/src.sock" --journal "$journal" --region "$region" \
+    --pattern random --queue-depth 16 --duration "$secs" --flush-every 256 --stats-interval 0 \
+    --json-out "$out" "$@"
+}
+
+echo "demo: baseline: the writer alone for 5 s"
+run_writer "$work/journal" 5 "$work/baseline.json" --overwrite >"$work/baseline.log" 2>&1 ||
+  { cat "$work/baseline.log" >&2; die "the baseline writer failed"; }
+
+echo "demo: migrating ($mode) while the writer runs for $seconds s"
+run_writer "$work/journal" "$seconds" "$work/during.json" --switch-file "$work/switch" --append \
+  >"$work/writer.log" 2>&1 &
+writer=$!
+pids+=("$writer")
+sleep 1
+"$migrate" start --socket "$work/src.ctl" --to "127.0.0.1:$dst_port" \
+  --mode "$mode" --handover auto --handover-size 16M
+# The hypervisor's part: when the source has handed over, point the guest at
+# the destination.
+while :; do
+  phase=$("$migrate" status --socket "$work/src.ctl" --json | jq -r '.from.phase')
+  case $phase in
+    PostCopy|Done) break ;;
+    Failed|Cancelled) "$migrate" status --socket "$work/src.ctl"; die "migration $phase" ;;
+  esac
+  sleep 0.05
+done
+echo "nbd+unix:///?socket=$work/dst.sock" >"$work/switch"
+"$migrate" watch --socket "$work/dst.ctl" --interval 1 >/dev/null || die "the migration did not finish"
+wait "$writer" || { cat "$work/writer.log" >&2; die "the writer failed"; }
 
 echo
-echo "What livemig counted (control socket, {\"op\":\"stats\",\"top\":5}):"
-"$python" - "$ctrl" "$fio_reads" "$fio_writes" <<'EOF'
-import json
-import socket
-import sys
-
-with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-    s.settimeout(5)
-    s.connect(sys.argv[1])
-    s.sendall(b'{"op":"stats","top":5}\n')
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-reply = json.loads(buf)
-if not reply.get("ok"):
-    sys.exit(f"demo: stats failed: {reply.get('error')}")
-
-req = reply["requests"]
-print(f"  uptime {reply['uptime_seconds']:.1f} s, clients connected now: {reply['connections']}")
-for op in ("pread", "pwrite", "flush", "trim", "zero", "extents", "cache"):
-    c = req[op]
-    line = f"  {op:<8} {c['count']:>9} requests"
-    if "bytes" in c:
-        line += f"  {c['bytes'] / 1048576:>10.1f} MiB"
-    print(line)
-print(f"  {'errors':<8} {req['errors']:>9}")
-fio_reads, fio_writes = int(sys.argv[2]), int(sys.argv[3])
-if (req["pread"]["count"], req["pwrite"]["count"]) == (fio_reads, fio_writes):
-    print("  (the same numbers of reads and writes that fio issued)")
-else:
-    print(f"  (fio issued {fio_reads} reads and {fio_writes} writes)")
-
-heat = reply["heat"]
-mib = heat["segment_size"] / 1048576
-print()
-print(f"Hottest segments ({mib:g} MiB each; score = (w_r*reads + w_w*writes)/2 "
-      f"with weights {heat['weights']['read']}/{heat['weights']['write']}, "
-      f"decayed with a {heat['half_life_seconds']:g} s half-life):")
-print(f"  {'segment':>7}  {'offset':>10}  {'reads':>7}  {'writes':>7}  {'score':>8}")
-for seg in heat["segments"]:
-    print(f"  {seg['segment']:>7}  {seg['offset'] / 1048576:>6.0f} MiB  {seg['reads']:>7}  "
-          f"{seg['writes']:>7}  {seg['score']:>8.1f}")
-EOF
+"$migrate" status --socket "$work/src.ctl"
+src_json=$("$migrate" status --socket "$work/src.ctl" --json)
+m() { jq -r ".from.migration.$1" <<<"$src_json"; }
+base_iops=$(jq -r '.iops' "$work/baseline.json")
+during_iops=$(jq -r '.iops' "$work/during.json")
 echo
-echo "demo: done; stopping nbdkit and removing $work"
+echo "Measures ($mode, loopback, no rate cap):"
+awk -v t="$(m total_time_ms)" -v p="$(m handover_pause_ms)" -v w="$(m wire_bytes)" \
+    -v r="$(m rounds)" -v why="$(m ready_reason)" -v d="$during_iops" -v b="$base_iops" 'BEGIN {
+  printf "  total migration time   %8.2f s\n", t / 1000
+  printf "  handover pause         %8d ms\n", p
+  printf "  bytes on the wire      %8.1f MiB (256 MiB of data + the 256 MiB the writer wrote, + re-sends)\n", w / 1048576
+  printf "  pre-copy rounds        %8d  (%s)\n", r, why
+  printf "  writer IOPS            %8.0f during migration, %.0f without (ratio %.2f)\n", d, b, (b > 0 ? d / b : 0)
+}'
+
+echo
+echo "demo: checking every acknowledged write at the destination"
+"$workload" verify --uri "nbd+unix:///?socket=$work/dst.sock" --journal "$work/journal" --region "$region"
+echo "demo: checking the bytes the writer never touched"
+cmp -n $((512 << 20)) "$work/original.img" "$work/dst.img" ||
+  die "the destination differs from the source outside the writer's region"
+echo "demo: the destination holds the source's data and every acknowledged write"
