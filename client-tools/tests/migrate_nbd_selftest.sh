@@ -131,7 +131,7 @@ ok
 check "a bad --mode is refused with one line and status 2"
 run badmode start --from 127.0.0.1:1 --to 127.0.0.1:2 --mode fastest
 expect_rc 2
-expect_in badmode.err "--mode 'fastest': must be precopy or postcopy"
+expect_in badmode.err "--mode 'fastest': must be precopy, postcopy, livefs, hybrid or auto"
 expect_lines badmode.err 1
 ok
 
