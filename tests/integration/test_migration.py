@@ -297,4 +297,46 @@ def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
         dst.stop()
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@test
+def a_source_killed_after_handover_serves_pulls_again_after_restart():
+    src_image, data = mig.make_source_image(SIZE, DATA)
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    # A fixed port: the destination reconnects to the address it was given.
+    src = lmtest.Server(control=True, image=src_image, listen=f"127.0.0.1:{free_port()}").start()
+    dst = lmtest.Server(control=True, image=dst_image, listen="127.0.0.1:0").start()
+    try:
+        mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
+        assert src.control({"op": "handover"})["ok"]
+        hd = dst.connect()
+        hd.pwrite(b"W" * BLOCK, 0)   # a local write after handover
+        hd.flush()
+        time.sleep(0.5)
+        src.kill(signal.SIGKILL)
+        assert mig.status(dst)["phase"] == "PostCopy"
+        os.unlink(src.sock)
+        src.start()                  # same image, same state file, same port
+        st = mig.status(src)
+        assert st["role"] == "source" and st["fenced"], st
+        # A read of a block that is still missing is served once the source is back.
+        last = DATA - BLOCK
+        lmtest.assert_same(hd.pread(BLOCK, last), data[last:last + BLOCK], "a pulled block after the restart")
+        mig.wait_phase(dst, ["Done"], timeout=120)
+        expect = bytearray(data)
+        expect[0:BLOCK] = b"W" * BLOCK
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination after the restart")
+        hs = src.connect()
+        lmtest.expect_nbd_error(lambda: hs.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
+                                "write at the restarted source")
+    finally:
+        src.stop()
+        dst.stop()
+
+
 lmtest.main()
