@@ -1,0 +1,333 @@
+"""Live migration between two livemig plugins on two "hosts": network
+namespaces joined by a veth pair capped at 1 Gbit/s with tbf
+(deploy/testbed.sh, DESIGN.md "Test bed"). Each nbdkit runs under
+`ip netns exec NS` and listens for its peer on its namespace's address, so
+the peer protocol crosses a real (shaped) link and must authenticate with
+a secret file; the NBD clients (lm-workload, libnbd) and the control
+operations use the Unix sockets, which every network namespace can reach.
+
+Needs root (network namespaces), iproute2 and tc. The test bed is named
+lmt-<pid> and is removed in a finally block and again at exit.
+"""
+
+import atexit
+import os
+import random
+import subprocess
+import time
+
+import lmtest
+from lmtest import MiB, test
+import migration as mig
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TESTBED = os.path.join(REPO, "deploy", "testbed.sh")
+
+BLOCK = 4096
+SIZE = 64 * MiB
+DATA = 32 * MiB                      # random data at the start, then a hole
+REGION_OFF, REGION_LEN = 16 * MiB, 32 * MiB
+REGION = f"{REGION_OFF}:{REGION_LEN}"  # the writer: half over data, half over the hole
+PEER_PORT = 10809                    # a namespace of our own: a fixed port is free
+MAGIC = b"LMWLBLK1"                  # lm-workload's blocks start with this
+# Protocol overhead allowed on top of the payload: frame headers, zero notes,
+# pull requests, progress and heartbeat frames, the handshake.
+OVERHEAD_FIXED = 256 * 1024
+OVERHEAD_FRACTION = 0.01
+
+
+# --------------------------------------------------------------------------
+# The test bed: deploy/testbed.sh, removed however the script ends
+
+class Testbed:
+    def __init__(self, name, rate="1gbit", subnet=None):
+        self.name = name
+        self.rate = rate
+        self.subnet = subnet
+        self.env = None
+
+    def up(self):
+        argv = [TESTBED, "up", "--name", self.name, "--rate", self.rate, "--print-env"]
+        if self.subnet is not None:
+            argv += ["--subnet", str(self.subnet)]
+        try:
+            p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
+        except BaseException:
+            self.down()
+            raise
+        if p.returncode != 0:
+            self.down()
+            raise AssertionError(f"testbed.sh up failed ({p.returncode}):\n{p.stderr.decode(errors='replace')}")
+        env = {}
+        for line in p.stdout.decode().splitlines():
+            k, _, v = line.partition("=")
+            env[k] = v
+        self.env = env
+        self.src_ns, self.dst_ns = env["LM_TB_SRC_NS"], env["LM_TB_DST_NS"]
+        self.src_addr, self.dst_addr = env["LM_TB_SRC_ADDR"], env["LM_TB_DST_ADDR"]
+        return self
+
+    def down(self):
+        subprocess.run([TESTBED, "down", "--name", self.name], stdout=subprocess.DEVNULL, timeout=60, check=False)
+
+    def exists(self):
+        out = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, check=True).stdout.decode()
+        names = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return f"{self.name}-src" in names or f"{self.name}-dst" in names
+
+
+_testbeds = []
+
+
+def _remove_testbeds():
+    # Registered after lmtest's own handler, so it runs first: stop every
+    # nbdkit (they live in the namespaces), then remove the namespaces.
+    lmtest._kill_all()
+    for tb in _testbeds:
+        tb.down()
+
+
+atexit.register(_remove_testbeds)
+
+
+def testbed():
+    tb = Testbed(f"lmt-{os.getpid()}", subnet=os.getpid() % 256)
+    _testbeds.append(tb)
+    return tb.up()
+
+
+def ns_pids(ns):
+    out = subprocess.run(["ip", "netns", "pids", ns], stdout=subprocess.PIPE, check=False).stdout.decode()
+    return [int(x) for x in out.split()]
+
+
+# --------------------------------------------------------------------------
+# nbdkit inside a namespace
+
+class NsServer(lmtest.Server):
+    """lmtest.Server whose nbdkit runs in network namespace `ns`. `ip netns
+    exec` execs the command, so the PID lmtest waits for, signals and reaps
+    is nbdkit's own (lmtest's readiness check compares it with nbdkit's
+    --pidfile, and a_server_in_a_namespace_is_nbdkit_itself checks it)."""
+
+    def __init__(self, ns, **keys):
+        super().__init__(**keys)
+        self.ns = ns
+        self.argv = ["ip", "netns", "exec", ns, *self.argv]
+
+
+def write_secret(name="psk"):
+    """32 random bytes in a new 0600 file. The plugin drops one trailing
+    newline from a key file, so the last byte is never CR or LF."""
+    path = os.path.join(lmtest.tmp_dir("secret"), name)
+    key = bytearray(os.urandom(32))
+    while key[-1] in (0x0a, 0x0d):
+        key[-1] = os.urandom(1)[0]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return path
+
+
+def start_pair(tb, src_image, dst_image, src_secret, dst_secret=None, **keys):
+    """Source in tb.src_ns, destination in tb.dst_ns, each listening for its
+    peer on its namespace's address. The caller stops them."""
+    src = NsServer(tb.src_ns, control=True, image=src_image, listen=f"{tb.src_addr}:{PEER_PORT}",
+                   secret=src_secret, **keys).start()
+    try:
+        dst = NsServer(tb.dst_ns, control=True, image=dst_image, listen=f"{tb.dst_addr}:{PEER_PORT}",
+                       secret=dst_secret or src_secret, **keys).start()
+    except BaseException:
+        src.stop()
+        raise
+    return src, dst
+
+
+def migrate_request(tb, mode, **params):
+    req = {"op": "migrate", "mode": mode, "to": f"{tb.dst_addr}:{PEER_PORT}",
+           "from": f"{tb.src_addr}:{PEER_PORT}"}
+    req.update(params)
+    return req
+
+
+def migrate(tb, src, mode, **params):
+    reply = src.control(migrate_request(tb, mode, **params))
+    assert reply.get("ok"), f"migrate refused: {reply}"
+    return reply
+
+
+def allocated_bytes(path):
+    """Bytes in data extents (SEEK_DATA/SEEK_HOLE), as a copier that skips
+    holes sees them."""
+    total = 0
+    with open(path, "rb") as f:
+        fd, size, off = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while off < size:
+            try:
+                data = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            total += hole - data
+            off = hole
+    return total
+
+
+def make_source_image():
+    """SIZE bytes: DATA bytes of random data, then a hole. Returns (path, data)."""
+    data = random.Random(11).randbytes(DATA)
+    path = lmtest.make_image(SIZE, name="src.img", dir=lmtest.tmp_dir("src"), data=data)
+    return path, data
+
+
+def check_untouched(dst_image, data):
+    """Every block the writer never touched holds the source's bytes: its
+    data, or zeros where the source had a hole. Written blocks (they start
+    with lm-workload's magic; the journal check proved their contents) lie
+    inside the writer's region."""
+    image = lmtest.read_file(dst_image)
+    assert len(image) == SIZE, f"destination image is {len(image)} bytes, not {SIZE}"
+    original = data + bytes(SIZE - DATA)
+    for b in range(SIZE // BLOCK):
+        off = b * BLOCK
+        blk = image[off:off + BLOCK]
+        if blk.startswith(MAGIC) and REGION_OFF <= off < REGION_OFF + REGION_LEN:
+            continue
+        if blk != original[off:off + BLOCK]:
+            lmtest.assert_same(blk, original[off:off + BLOCK], f"untouched block {b} at the destination")
+
+
+def check_wire(m, allocated):
+    """Bytes on wire at most what had to move: the allocated bytes, plus the
+    blocks written at the source during the migration, plus a little
+    protocol overhead."""
+    payload_bound = allocated + m["blocks_dirtied"] * BLOCK
+    bound = payload_bound + OVERHEAD_FIXED + int(OVERHEAD_FRACTION * payload_bound)
+    assert m["payload_bytes_sent"] <= payload_bound, \
+        f"payload {m['payload_bytes_sent']} > allocated {allocated} + dirtied {m['blocks_dirtied']} blocks: {m}"
+    assert m["wire_bytes"] <= bound, \
+        (f"{m['wire_bytes']} bytes on wire > {bound} (allocated {allocated} + {m['blocks_dirtied']} "
+         f"dirtied blocks + overhead): {m}")
+    assert m["wire_bytes"] >= m["payload_bytes_sent"], m
+    assert m["zero_blocks_sent"] > 0, f"no zero notes: did the hole cross as data? {m}"
+
+
+def run_migration(mode, **params):
+    tb = testbed()
+    secret = write_secret()
+    src_image, data = make_source_image()
+    allocated = allocated_bytes(src_image)
+    assert DATA <= allocated <= DATA + 1 * MiB, f"source image has {allocated} allocated bytes"
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")  # missing: takes the source's size
+    src = dst = None
+    try:
+        src, dst = start_pair(tb, src_image, dst_image, secret)
+        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+        migrate(tb, src, mode, handover="explicit", **params)
+        # Started after migrate: every block it writes at the source counts
+        # in blocks_dirtied (the bound check_wire checks).
+        writer = mig.Writer(src.uri, REGION, journal, rate=1000, duration=5, extra=["--flush-every", "64"])
+        if mode == "precopy":
+            st = mig.wait_ready(src, timeout=30)
+            assert st["migration"]["converged"], st["migration"]
+        time.sleep(1.0)  # the writer dirties blocks already sent
+        reply = src.control({"op": "handover"})
+        assert reply["ok"], reply
+        assert 0 <= reply["handover_pause_ms"] < 5000, reply
+        assert not mig.status(src)["authoritative"] and mig.status(dst)["authoritative"]
+        writer.switch(dst.uri)
+        rc = writer.wait(timeout=60)
+        assert rc == 0, f"writer failed ({rc}):\n{writer.log()}"
+        assert "switch" in writer.log(), writer.log()
+        st_dst = mig.wait_phase(dst, ["Done"], timeout=60)
+        st_src = mig.wait_phase(src, ["Done"], timeout=60)
+        rc, out = mig.verify_journal(dst.uri, journal, "--region", REGION, "--initial", "any")
+        assert rc == 0, f"destination lost acknowledged writes:\n{out}"
+        src.stop()
+        dst.stop()
+        check_untouched(dst_image, data)
+        m = st_src["migration"]
+        check_wire(m, allocated)
+        assert m["total_time_ms"] > 0 and m["handover_pause_ms"] >= 0, m
+        print(f"  {mode}: total {m['total_time_ms']} ms, pause {m['handover_pause_ms']} ms, "
+              f"wire {m['wire_bytes']} B (allocated {allocated}, dirtied {m['blocks_dirtied']} blocks), "
+              f"rounds {m['rounds']}")
+        return st_src, st_dst
+    finally:
+        for s in (src, dst):
+            if s is not None:
+                s.stop()
+        tb.down()
+
+
+# --------------------------------------------------------------------------
+
+@test
+def a_server_in_a_namespace_is_nbdkit_itself_and_stops_by_its_pid():
+    tb = testbed()
+    src = None
+    try:
+        secret = write_secret()
+        image = lmtest.make_image(1 * MiB)
+        src = NsServer(tb.src_ns, control=True, image=image, listen=f"{tb.src_addr}:{PEER_PORT}",
+                       secret=secret).start()
+        exe = os.path.basename(os.readlink(f"/proc/{src.pid}/exe"))
+        assert exe == "nbdkit", f"PID {src.pid} is {exe}, not nbdkit: ip netns exec did not exec"
+        assert ns_pids(tb.src_ns) == [src.pid], (ns_pids(tb.src_ns), src.pid)
+        st = src.control({"op": "status"})
+        assert st["peer_port"] == PEER_PORT, st
+        h = src.connect()
+        h.pwrite(b"n" * BLOCK, 0)
+        lmtest.assert_same(h.pread(BLOCK, 0), b"n" * BLOCK, "read back through the Unix socket")
+        src.stop()
+        assert src.returncode == 0 and not src.needed_sigkill, (src.returncode, src.stderr())
+        assert ns_pids(tb.src_ns) == [], f"processes left in {tb.src_ns}: {ns_pids(tb.src_ns)}"
+    finally:
+        if src is not None:
+            src.stop()
+        tb.down()
+    assert not tb.exists(), f"testbed.sh down left namespaces of {tb.name} behind"
+
+
+@test
+def precopy_over_a_1gbit_link_with_a_writer_across_handover_loses_nothing():
+    st_src, _ = run_migration("precopy", handover_size=1 * MiB)
+    assert st_src["migration"]["rounds"] >= 1, st_src
+
+
+@test
+def postcopy_over_a_1gbit_link_with_a_writer_across_handover_loses_nothing():
+    _, st_dst = run_migration("postcopy")
+    assert st_dst["migration"]["background_pulls"] > 0, st_dst
+
+
+@test
+def a_wrong_secret_fails_migrate_with_an_authentication_error_and_the_source_keeps_serving():
+    tb = testbed()
+    src = dst = None
+    try:
+        src_image, data = make_source_image()
+        dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+        src, dst = start_pair(tb, src_image, dst_image, write_secret("a"), write_secret("b"))
+        reply = src.control(migrate_request(tb, "precopy", handover="auto"))
+        assert reply.get("ok") is False, f"migrate with mismatched secrets was accepted: {reply}"
+        assert "authenticat" in reply.get("error", ""), f"not an authentication error: {reply}"
+        print(f"  migrate: {reply['error']}")
+        st = mig.status(src)
+        assert st["phase"] in ("Idle", "Cancelled", "Failed"), st
+        assert st["authoritative"] is True and st["fenced"] is False, st
+        st_dst = mig.status(dst)
+        assert st_dst["phase"] == "Idle" and st_dst["role"] in ("none", "None"), st_dst
+        h = src.connect()
+        h.pwrite(b"w" * BLOCK, 0)
+        h.flush()
+        lmtest.assert_same(h.pread(BLOCK, 0), b"w" * BLOCK, "write at the source after the failed migrate")
+        lmtest.assert_same(h.pread(BLOCK, BLOCK), data[BLOCK:2 * BLOCK], "source data after the failed migrate")
+    finally:
+        for s in (src, dst):
+            if s is not None:
+                s.stop()
+        tb.down()
+
+
+lmtest.main()
