@@ -30,6 +30,8 @@ constexpr size_t kPushWindowBytes = 8u << 20;
 constexpr uint64_t kBackgroundWindowUnits = 2;
 // Block data in one DATA frame at most (a multiple of every block size).
 constexpr uint64_t kMaxFrameData = 256u << 10;
+// Queued push data the source lets drain before it fences.
+constexpr size_t kHandoverDrainBytes = 256u << 10;
 // Pushed bytes a destination receives between two fdatasyncs.
 constexpr uint64_t kPushSyncBytes = 32u << 20;
 // HANDOVER ranges per frame (each range is 20 bytes on the wire).
@@ -1317,6 +1319,13 @@ std::vector<HandoverRange> MigrationEngine::remaining_ranges() {
 }
 
 Status MigrationEngine::do_handover() {
+  // Let pushed data already queued drain first, while the guest still runs:
+  // HANDOVER must follow it on the link, and waiting behind it inside the
+  // fence would make the pause grow with the push window.
+  if (auto link = current_link()) {
+    while (!link->closed() && !link->wait_queue_below(kHandoverDrainBytes, std::chrono::milliseconds(200))) {
+    }
+  }
   auto fence_start = Clock::now();
   {
     std::lock_guard lock(mu_);
@@ -1327,7 +1336,10 @@ Status MigrationEngine::do_handover() {
   }
   io_mode_ = IoMode::Fenced;
   while (inflight_writes_.load() > 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
-  ctx_.image->flush();
+  // No fdatasync here: the remaining blocks are read from this image (its
+  // page cache survives a kill -9 of this process), and syncing what the
+  // guest wrote without a flush would make the pause grow with it (it is
+  // synced after the handover instead).
   auto link = current_link();
   if (!link) return Status::error("the destination link is down", EPIPE);
   std::vector<HandoverRange> ranges = remaining_ranges();
@@ -1342,11 +1354,15 @@ Status MigrationEngine::do_handover() {
     else reply = link->call(hp, kReplyTimeout);
   } while (sent < ranges.size());
   if (!reply) return Status::error(fmt::format("handover not acknowledged: {}", reply.status().message()), EIO);
-  std::lock_guard lock(mu_);
-  handover_pause_ms_ = ms_since(fence_start);
-  reads_to_destination_ = true;
-  set_phase(Phase::PostCopy);
-  return save_record();
+  {
+    std::lock_guard lock(mu_);
+    handover_pause_ms_ = ms_since(fence_start);
+    reads_to_destination_ = true;
+    set_phase(Phase::PostCopy);
+    if (Status s = save_record(); !s) return s;
+  }
+  ctx_.image->flush();
+  return Status::ok();
 }
 
 void MigrationEngine::source_run() {
@@ -1404,8 +1420,10 @@ void MigrationEngine::source_run() {
     } else if (rounds_ >= params_.max_rounds) {
       mark_ready(false, fmt::format("max_rounds {} reached with {} blocks left; the rest goes post-copy",
                                     params_.max_rounds, left));
-    } else if (left >= prev_left && ++not_shrinking >= 2) {
-      mark_ready(false, fmt::format("the guest dirties faster than the link drains ({} blocks left, not shrinking); "
+    } else if (double(left) > 0.9 * double(prev_left) && ++not_shrinking >= 2) {
+      // Two rounds that shrank the set by less than 10%: resending will not
+      // converge, the guest re-dirties about as fast as the link drains.
+      mark_ready(false, fmt::format("the guest dirties as fast as the link drains ({} blocks left, shrinking < 10%); "
                                     "the rest goes post-copy",
                                     left));
     }
@@ -1601,6 +1619,18 @@ void MigrationEngine::destination_run() {
     order = fetch_order(segment_priority_.empty() ? std::vector<double>(g.segment_count(), 0.0) : segment_priority_);
   }
   auto last_tick = Clock::now();
+  // Presence reaches the state file once a second, on a thread of its own:
+  // its fdatasync must not stall the pulls.
+  std::atomic<bool> pulling_done{false};
+  std::thread persister([&] {
+    std::unique_lock lock(pull_mu_);
+    while (!stopping_ && !pulling_done) {
+      if (pull_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_ || pulling_done; })) break;
+      lock.unlock();
+      persist();
+      lock.lock();
+    }
+  });
   while (!stopping_ && present_->count() < g.block_count()) {
     if (!current_link()) {
       Status s = reconnect_to_source();
@@ -1639,7 +1669,6 @@ void MigrationEngine::destination_run() {
       }
       if (ms_since(last_tick) >= 1000) {
         last_tick = Clock::now();
-        persist();
         send_progress();
       }
     }
@@ -1648,6 +1677,12 @@ void MigrationEngine::destination_run() {
     std::unique_lock lock(pull_mu_);
     pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stopping_.load() || pulls_.empty(); });
   }
+  {
+    std::lock_guard lock(pull_mu_);
+    pulling_done = true;
+  }
+  pull_cv_.notify_all();
+  persister.join();
   if (!stopping_) finish_destination();
 }
 
