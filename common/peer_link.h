@@ -70,6 +70,9 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
                                                    std::chrono::milliseconds timeout);
   // Authenticates an accepted connection (server side). On failure an ERROR
   // frame has been sent and the socket closed.
+  // A coroutine: `secret` and `options` must outlive it (GCC 12 miscompiles
+  // by-value coroutine parameters with non-trivial copies, so they are
+  // references).
   static boost::asio::awaitable<Result<std::shared_ptr<PeerLink>>> accept(
       boost::asio::ip::tcp::socket socket, const Secret& secret, const Options& options);
 

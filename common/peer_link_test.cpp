@@ -1,0 +1,142 @@
+#include "common/peer_link.h"
+
+#include <catch2/catch.hpp>
+
+#include <future>
+#include <thread>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+using namespace livemig;
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
+namespace {
+
+// A connected pair of PeerLinks over loopback TCP, on one io thread.
+struct LinkPair {
+  asio::io_context io;
+  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
+  std::thread thread;
+  std::shared_ptr<PeerLink> client, server;
+  PeerLink::Options options;  // outlives the accept coroutine, which holds a reference
+  std::unique_ptr<tcp::acceptor> acceptor;
+
+  explicit LinkPair(const Secret& server_secret, const Secret& client_secret, Status* connect_status = nullptr) {
+    work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
+    thread = std::thread([this] { io.run(); });
+    acceptor = std::make_unique<tcp::acceptor>(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    uint16_t port = acceptor->local_endpoint().port();
+    std::promise<std::shared_ptr<PeerLink>> accepted;
+    asio::co_spawn(
+        io,
+        [&]() -> asio::awaitable<void> {
+          auto sock = co_await acceptor->async_accept(asio::use_awaitable);
+          auto link = co_await PeerLink::accept(std::move(sock), server_secret, options);
+          accepted.set_value(link ? *link : nullptr);
+        },
+        asio::detached);
+    auto c = PeerLink::connect(io, HostPort{"127.0.0.1", port}, client_secret, kPurposePeer, PeerLink::Options{},
+                               std::chrono::seconds(5));
+    if (connect_status) *connect_status = c ? Status::ok() : c.status();
+    client = c ? *c : nullptr;
+    server = accepted.get_future().get();
+  }
+  ~LinkPair() {
+    if (client) client->close(Status::error("test over"));
+    if (server) server->close(Status::error("test over"));
+    work.reset();
+    io.stop();
+    thread.join();
+    acceptor.reset();
+  }
+};
+
+Secret secret(const char* s) { return Secret::from_bytes(s).value(); }
+
+}  // namespace
+
+TEST_CASE("a priority frame overtakes queued background frames, waiting for at most one in flight", "[peer_link]") {
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  REQUIRE(pair.server);
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<uint64_t> order;  // request ids in arrival order
+  pair.server->start(
+      [&](const std::shared_ptr<PeerLink>&, PeerLink::Frame& f) {
+        std::lock_guard lock(mu);
+        order.push_back(f.header.request_id);
+        cv.notify_all();
+      },
+      [](const std::shared_ptr<PeerLink>&, const Status&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+
+  // 64 background frames of 256 KiB queued at once, then one demand frame.
+  // The io thread is held while they are queued, so that the writer finds
+  // them all queued, as it does when pulls pile up behind a busy link.
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  asio::post(pair.io, [released] { released.wait(); });
+  std::string bytes(256 * 1024, 'b');
+  const int kBackground = 64;
+  for (int i = 1; i <= kBackground; ++i) {
+    DataPayload d{uint64_t(i) * bytes.size(), uint32_t(bytes.size()), 0,
+                  {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}};
+    pair.client->send_data(d, i, false);
+  }
+  pair.client->send(PullPayload{0, 4096, 1}, 1000, true);
+  release.set_value();
+
+  std::unique_lock lock(mu);
+  REQUIRE(cv.wait_for(lock, std::chrono::seconds(20), [&] { return order.size() == kBackground + 1; }));
+  auto pos = std::find(order.begin(), order.end(), 1000) - order.begin();
+  // The demand frame goes out first (the writer was idle when it was
+  // queued): it waits for no queued background frame. A writer busy with a
+  // frame would make it wait for that one frame only.
+  CHECK(pos <= 1);
+}
+
+TEST_CASE("a call gets the reply with its request id, and an ERROR reply becomes its status", "[peer_link]") {
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  pair.server->start(
+      [](const std::shared_ptr<PeerLink>& l, PeerLink::Frame& f) {
+        auto* c = std::get_if<ControlPayload>(&f.message);
+        if (c && c->json == "fail")
+          l->send(make_error_payload(protocol_error(ErrorCode::Busy, "busy now")), f.header.request_id);
+        else if (c)
+          l->send(ControlReplyPayload{"re:" + c->json}, f.header.request_id);
+      },
+      [](auto&, auto&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+  auto ok = pair.client->call(ControlPayload{"hello"}, std::chrono::seconds(5));
+  REQUIRE(ok.is_ok());
+  CHECK(std::get<ControlReplyPayload>(ok->message).json == "re:hello");
+  auto bad = pair.client->call(ControlPayload{"fail"}, std::chrono::seconds(5));
+  REQUIRE_FALSE(bad.is_ok());
+  CHECK(bad.status().message().find("busy now") != std::string::npos);
+  CHECK(error_code_of(bad.status()) == ErrorCode::Busy);
+}
+
+TEST_CASE("a wrong secret fails the connection on the client side", "[peer_link]") {
+  Status st;
+  LinkPair pair(secret("0123456789abcdef-key"), secret("another-secret-0123456"), &st);
+  CHECK_FALSE(pair.client);
+  CHECK_FALSE(st.is_ok());
+  CHECK(st.message().find("authentication") != std::string::npos);
+}
+
+TEST_CASE("host:port parsing names what is wrong", "[peer_link]") {
+  CHECK(parse_host_port("10.0.0.1:10809").value().port == 10809);
+  CHECK(parse_host_port("[::1]:7").value().host == "::1");
+  CHECK_FALSE(parse_host_port("nohost").is_ok());
+  CHECK_FALSE(parse_host_port("h:0").is_ok());
+  CHECK(parse_host_port("h:0", true).is_ok());
+  CHECK_FALSE(parse_host_port("h:70000").is_ok());
+  CHECK(is_loopback_host("127.0.0.5"));
+  CHECK(is_loopback_host("localhost"));
+  CHECK_FALSE(is_loopback_host("0.0.0.0"));
+}
