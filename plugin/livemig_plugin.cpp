@@ -107,6 +107,13 @@ void livemig_unload() {
   g_state.reset();
 }
 
+// Reports a failed step to nbdkit; 0 if it succeeded.
+int report(const Status& s) {
+  if (s) return 0;
+  nbdkit_error("%s", s.message().c_str());
+  return -1;
+}
+
 int livemig_config(const char* key, const char* value) {
   return guarded("config", [&] {
     // File paths are made absolute here, against the directory nbdkit was
@@ -122,72 +129,51 @@ int livemig_config(const char* key, const char* value) {
       free(p);
       value = absolute.c_str();
     }
-    Status s = state().config.set(key, value);
-    if (!s) {
-      nbdkit_error("%s", s.message().c_str());
-      return -1;
-    }
-    return 0;
+    return report(state().config.set(key, value));
   });
+}
+
+// Checks the keys together, opens the image and builds the engine.
+Status complete_config(PluginState& st) {
+  if (Status s = st.config.complete(); !s) return s;
+  // With a peer port this may become a migration destination, which can
+  // start on a missing image and take its size from the source.
+  auto image = ImageFile::open(st.config.image, st.config.readonly, !st.config.listen.empty());
+  if (!image) return image.status();
+  auto geometry = SegmentGeometry::make(image->size(), st.config.block_size, st.config.segment_size);
+  if (!geometry) return geometry.status();
+  st.image.emplace(std::move(*image));
+  st.geometry.emplace(*geometry);
+  st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
+  return make_engine(st);
 }
 
 int livemig_config_complete() {
-  return guarded("config", [&] {
-    PluginState& st = state();
-    Status s = st.config.complete();
-    if (!s) {
-      nbdkit_error("%s", s.message().c_str());
-      return -1;
-    }
-    // With a peer port this may become a migration destination, which can
-    // start on a missing image and take its size from the source.
-    auto image = ImageFile::open(st.config.image, st.config.readonly, !st.config.listen.empty());
-    if (!image) {
-      nbdkit_error("%s", image.status().message().c_str());
-      return -1;
-    }
-    auto geometry = SegmentGeometry::make(image->size(), st.config.block_size, st.config.segment_size);
-    if (!geometry) {
-      nbdkit_error("%s", geometry.status().message().c_str());
-      return -1;
-    }
-    st.image.emplace(std::move(*image));
-    st.geometry.emplace(*geometry);
-    st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
-    if (Status s = make_engine(st); !s) {
-      nbdkit_error("%s", s.message().c_str());
-      return -1;
-    }
-    return 0;
-  });
+  return guarded("config", [&] { return report(complete_config(state())); });
 }
 
-// Binds the control socket before nbdkit forks, so a bad path stops start-up.
-int livemig_get_ready() {
-  return guarded("get_ready", [&] {
-    PluginState& st = state();
-    if (!st.config.listen.empty()) {
-      auto peer = PeerServer::bind(parse_host_port(st.config.listen, true).value());
-      if (!peer) {
-        nbdkit_error("%s", peer.status().message().c_str());
-        return -1;
-      }
-      st.peer = std::move(*peer);
-      HostPort bound = parse_host_port(st.config.listen, true).value();
-      bound.port = st.peer->port();
-      st.engine->set_listen_address(bound.str());
-    }
-    if (st.config.control_path.empty()) return 0;
-    auto server = ControlServer::bind(st.config.control_path, [](std::string_view line) {
-      return handle_control_request(*g_state, line);
-    });
-    if (!server) {
-      nbdkit_error("%s", server.status().message().c_str());
-      return -1;
-    }
-    st.control = std::move(*server);
-    return 0;
+// Binds the peer port and the control socket (system calls only, no thread).
+Status bind_endpoints(PluginState& st) {
+  if (!st.config.listen.empty()) {
+    HostPort where = parse_host_port(st.config.listen, true).value();
+    auto peer = PeerServer::bind(where);
+    if (!peer) return peer.status();
+    st.peer = std::move(*peer);
+    where.port = st.peer->port();
+    st.engine->set_listen_address(where.str());
+  }
+  if (st.config.control_path.empty()) return Status::ok();
+  auto server = ControlServer::bind(st.config.control_path, [](std::string_view line) {
+    return handle_control_request(*g_state, line);
   });
+  if (!server) return server.status();
+  st.control = std::move(*server);
+  return Status::ok();
+}
+
+// Binds before nbdkit forks, so a bad address or path stops start-up.
+int livemig_get_ready() {
+  return guarded("get_ready", [&] { return report(bind_endpoints(state())); });
 }
 
 // Threads start here, after nbdkit has forked into the background.

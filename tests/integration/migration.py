@@ -23,12 +23,32 @@ def peer_port(server):
     return server.control({"op": "status"})["peer_port"]
 
 
-def start_pair(src_image, dst_image, **keys):
-    """Source and destination servers with peer ports on 127.0.0.1 (ports
-    chosen by the kernel) and control sockets. The caller stops them."""
-    src = Server(control=True, image=src_image, listen="127.0.0.1:0", **keys).start()
-    dst = Server(control=True, image=dst_image, listen="127.0.0.1:0", **keys).start()
-    return src, dst
+class Pair:
+    """A source plugin on a fresh image (data_len bytes of data, then a hole)
+    and a destination plugin on a missing image, both stopped on exit:
+
+        with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+    """
+
+    def __init__(self, size, data_len, **keys):
+        self.size, self.data_len, self.keys = size, data_len, keys
+        self.servers = []
+
+    def __enter__(self):
+        src_image, data = make_source_image(self.size, self.data_len)
+        dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")  # missing: takes the source's size
+        src = Server(control=True, image=src_image, listen="127.0.0.1:0", **self.keys)
+        self.servers.append(src)
+        src.start()
+        dst = Server(control=True, image=dst_image, listen="127.0.0.1:0", **self.keys)
+        self.servers.append(dst)
+        dst.start()
+        return src, dst, src_image, dst_image, data
+
+    def __exit__(self, *exc):
+        for server in self.servers:
+            server.stop()
+        return False
 
 
 def migrate(src, dst, mode, **params):

@@ -37,10 +37,7 @@ def check_wire(st_src):
 
 
 def run_migration(mode, writer_rate, **params):
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")  # missing: takes the source's size
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
         # The writer starts after the migration, so every block it allocates
         # counts in blocks_dirtied (the bound check_wire checks).
@@ -67,9 +64,6 @@ def run_migration(mode, writer_rate, **params):
         check_wire(st_src)
         assert st_src["migration"]["total_time_ms"] > 0, st_src
         return st_src, st_dst
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
@@ -86,10 +80,7 @@ def postcopy_with_a_writer_across_handover_loses_nothing():
 
 @test
 def an_idle_precopy_migration_copies_the_image_exactly():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="auto")
         st = mig.wait_phase(src, ["Done"])
         mig.wait_phase(dst, ["Done"])
@@ -103,17 +94,11 @@ def an_idle_precopy_migration_copies_the_image_exactly():
         v_src = src.control({"op": "verify"})
         v_dst = dst.control({"op": "verify"})
         assert v_src["ok"] and v_src["hashes"] == v_dst["hashes"], (v_src, v_dst)
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def writes_are_refused_on_the_side_that_is_not_authoritative():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit")
         hd = dst.connect()
         # NBD carries EROFS as EPERM.
@@ -129,17 +114,11 @@ def writes_are_refused_on_the_side_that_is_not_authoritative():
         # The old source answers reads through the destination: no stale block.
         lmtest.assert_same(hs.pread(BLOCK, 0), b"z" * BLOCK, "read at the old source after handover")
         mig.wait_phase(dst, ["Done"])
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def a_destination_read_before_handover_returns_the_sources_current_data():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=1 * MiB)
         hs, hd = src.connect(), dst.connect()
         lmtest.assert_same(hd.pread(64 * 1024, 100), data[100:100 + 64 * 1024], "proxied read")
@@ -148,17 +127,11 @@ def a_destination_read_before_handover_returns_the_sources_current_data():
             hs.pwrite(blob, 3 * BLOCK + 10)
             lmtest.assert_same(hd.pread(5000, 3 * BLOCK + 10), blob, f"destination read after source write {gen}")
         src.control({"op": "cancel"})
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         # A slow post-copy, so the blocks written below are still missing.
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=4 * MiB)
         assert src.control({"op": "handover"})["ok"]
@@ -173,9 +146,6 @@ def a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
         lmtest.assert_same(lmtest.read_file(dst_image, DATA - 3 * BLOCK, BLOCK), bytes(expect),
                            "the block after post-copy finished")
         assert st["migration"]["demand_pulls"] >= 1, st
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
@@ -183,10 +153,7 @@ def a_write_rate_faster_than_the_capped_link_still_completes():
     """The guest dirties faster than a 2 MiB/s link drains: pre-copy must stop
     resending (bounded rounds), hand over, and finish post-copy (invariant 4)."""
     size, data_len, region = 8 * MiB, 2 * MiB, f"{4 * MiB}:{4 * MiB}"
-    src_image, data = mig.make_source_image(size, data_len)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(size, data_len) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
         mig.migrate(src, dst, "precopy", handover="auto", max_rate=2 * MiB, max_rounds=8,
                     handover_size=256 * 1024)
@@ -204,17 +171,11 @@ def a_write_rate_faster_than_the_capped_link_still_completes():
         rc, out = mig.verify_journal(dst.uri, journal, "--region", region, "--initial", "zero")
         assert rc == 0, out
         lmtest.assert_same(lmtest.read_file(dst_image, 0, data_len), data, "source data at the destination")
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         hs = src.connect()
         mig.migrate(src, dst, "precopy", handover="on-disconnect")
         mig.wait_ready(src)
@@ -225,17 +186,11 @@ def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
         mig.wait_phase(src, ["PostCopy", "Done"], timeout=30)
         mig.wait_phase(dst, ["Done"], timeout=60)
         lmtest.assert_same(lmtest.read_file(dst_image, 5 * BLOCK, BLOCK), b"D" * BLOCK, "the last write")
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_fenced():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit", max_rate=2 * MiB)
         time.sleep(0.5)
         reply = src.control({"op": "cancel"})
@@ -258,17 +213,11 @@ def a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_
         expect = bytearray(data)
         expect[0:BLOCK] = b"S" * BLOCK
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "image after the second migration")
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
 def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
         assert src.control({"op": "handover"})["ok"]
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
@@ -292,9 +241,6 @@ def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
             blk = image[b * BLOCK:(b + 1) * BLOCK]
             if not blk.startswith(b"LMWLBLK1"):
                 lmtest.assert_same(blk, data[b * BLOCK:(b + 1) * BLOCK], f"untouched block {b}")
-    finally:
-        src.stop()
-        dst.stop()
 
 
 def free_port():

@@ -21,10 +21,7 @@ def segments(server):
 
 
 def run_with_writer(mode, **params):
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image, **{"segment-size": "1M"})
-    try:
+    with mig.Pair(SIZE, DATA, **{"segment-size": "1M"}) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
         writer = mig.Writer(src.uri, HOT, journal, rate=0, duration=6, extra=["--flush-every", "64"])
         time.sleep(0.3)
@@ -41,9 +38,6 @@ def run_with_writer(mode, **params):
         rest = lmtest.read_file(dst_image, 20 * MiB, SIZE - 20 * MiB)
         lmtest.assert_same(rest, bytes(len(rest)), "the hole beyond the hot region")
         return st_src, st_dst, seg
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
@@ -77,10 +71,7 @@ def auto_defers_rewritten_segments_and_loses_nothing():
 
 
 def idle_migration(mode, **params):
-    src_image, data = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, mode, handover="explicit", **params)
         st = mig.wait_ready(src)
         before = dict(st["migration"])
@@ -90,9 +81,6 @@ def idle_migration(mode, **params):
         st_dst = mig.wait_phase(dst, ["Done"])
         lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
         return before, st_src["migration"], st_dst["migration"]
-    finally:
-        src.stop()
-        dst.stop()
 
 
 @test
@@ -119,10 +107,7 @@ def livefs_with_threshold_max_behaves_as_postcopy():
 
 @test
 def bad_mode_parameters_are_refused_with_the_field_named():
-    src_image, _ = mig.make_source_image(SIZE, DATA)
-    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
-    src, dst = mig.start_pair(src_image, dst_image)
-    try:
+    with mig.Pair(SIZE, DATA) as (src, dst, *_):
         to = f"127.0.0.1:{mig.peer_port(dst)}"
         for req, word in (({"mode": "turbo"}, "mode"), ({"mode": "livefs", "threshold": -1}, "threshold"),
                           ({"mode": "livefs", "w_read": 0.7, "w_write": 0.7}, "weights"),
@@ -130,9 +115,6 @@ def bad_mode_parameters_are_refused_with_the_field_named():
             reply = src.control({"op": "migrate", "to": to, **req})
             assert not reply["ok"] and word in reply["error"], (req, reply)
         assert mig.status(src)["phase"] == "Idle"
-    finally:
-        src.stop()
-        dst.stop()
 
 
 lmtest.main()
