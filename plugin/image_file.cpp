@@ -93,6 +93,10 @@ int ImageFile::resize(uint64_t size) {
   return 0;
 }
 
+void ImageFile::start_writeback(uint64_t count, uint64_t offset) {
+  (void)::sync_file_range(fd_, static_cast<off_t>(offset), static_cast<off_t>(count), SYNC_FILE_RANGE_WRITE);
+}
+
 int ImageFile::flush() {
   while (::fdatasync(fd_) < 0) {
     if (errno != EINTR) return -1;

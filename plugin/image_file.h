@@ -38,6 +38,9 @@ class ImageFile {
   int pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua);
   // fdatasync.
   int flush();
+  // Starts writing the range back to disk without waiting (sync_file_range),
+  // so that a later flush() finds little left to write. Advisory.
+  void start_writeback(uint64_t count, uint64_t offset);
   // Deallocates the range (punches a hole); the range then reads as zeros.
   int trim(uint64_t count, uint64_t offset, bool fua);
   // Makes the range read as zeros. may_trim allows a hole; fast_zero asks to

@@ -33,7 +33,7 @@ constexpr uint64_t kMaxFrameData = 256u << 10;
 // Queued push data the source lets drain before it fences.
 constexpr size_t kHandoverDrainBytes = 256u << 10;
 // Pushed bytes a destination receives between two fdatasyncs.
-constexpr uint64_t kPushSyncBytes = 32u << 20;
+constexpr uint64_t kPushSyncBytes = 8u << 20;
 // HANDOVER ranges per frame (each range is 20 bytes on the wire).
 constexpr size_t kHandoverRangesPerFrame = 512 * 1024;
 constexpr auto kConnectTimeout = std::chrono::seconds(10);
@@ -921,6 +921,7 @@ Status MigrationEngine::apply_data(const DataPayload& p, bool post_handover) {
       return protocol_error(ErrorCode::Internal, fmt::format("writing {} bytes at {}: {}", p.length, p.offset,
                                                              std::strerror(errno)));
     blocks_received_.fetch_add(blocks.count(), std::memory_order_relaxed);
+    if (!(p.flags & kFlagZero)) ctx_.image->start_writeback(p.length, p.offset);
     // Sync as pre-copy goes, so the fdatasync at handover has little left to
     // write: the handover pause stays bounded by handover-size, not by how
     // much of the image sits in the page cache (invariant 5).

@@ -243,6 +243,28 @@ def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
                 lmtest.assert_same(blk, data[b * BLOCK:(b + 1) * BLOCK], f"untouched block {b}")
 
 
+@test
+def the_handover_pause_does_not_grow_with_the_image():
+    """Invariant 5: the pause is bounded by handover-size, not by image size.
+    The same light writer, the same handover-size, images 8x apart."""
+    pauses = {}
+    for size in (32 * MiB, 256 * MiB):
+        with mig.Pair(size, size - 4 * MiB) as (src, dst, src_image, dst_image, data):
+            journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+            writer = mig.Writer(src.uri, f"0:{4 * MiB}", journal, rate=200, duration=30)
+            mig.migrate(src, dst, "precopy", handover="explicit", handover_size=1 * MiB)
+            mig.wait_ready(src, timeout=120)
+            reply = src.control({"op": "handover"})
+            assert reply["ok"], reply
+            pauses[size] = reply["handover_pause_ms"]
+            writer.switch(dst.uri)
+            writer.proc.terminate()
+            writer.wait()
+            mig.wait_phase(dst, ["Done"], timeout=120)
+    small, large = pauses[32 * MiB], pauses[256 * MiB]
+    assert large <= 4 * max(small, 25), f"pause {large} ms for 256 MiB against {small} ms for 32 MiB"
+
+
 def free_port():
     import socket
     with socket.socket() as s:
