@@ -13,7 +13,7 @@ PACKAGES=(
   catch2
   # tests and benchmarks
   libnbd-bin python3-libnbd nbdfuse fio qemu-utils iproute2 jq
-  procps util-linux
+  procps util-linux socat
 )
 
 missing=()
