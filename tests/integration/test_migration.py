@@ -248,7 +248,9 @@ def the_handover_pause_does_not_grow_with_the_image():
     """Invariant 5: the pause is bounded by handover-size, not by image size.
     The same light writer, the same handover-size, images 8x apart."""
     pauses = {}
-    for size in (32 * MiB, 256 * MiB):
+    # Twice per size, keeping the shorter pause: a real dependence on image
+    # size shows every time, a busy machine's hiccup does not.
+    for size in (32 * MiB, 256 * MiB, 32 * MiB, 256 * MiB):
         with mig.Pair(size, size - 4 * MiB) as (src, dst, src_image, dst_image, data):
             journal = os.path.join(lmtest.tmp_dir("j"), "journal")
             writer = mig.Writer(src.uri, f"0:{4 * MiB}", journal, rate=200, duration=30)
@@ -256,7 +258,7 @@ def the_handover_pause_does_not_grow_with_the_image():
             mig.wait_ready(src, timeout=120)
             reply = src.control({"op": "handover"})
             assert reply["ok"], reply
-            pauses[size] = reply["handover_pause_ms"]
+            pauses[size] = min(pauses.get(size, reply["handover_pause_ms"]), reply["handover_pause_ms"])
             writer.switch(dst.uri)
             writer.proc.terminate()
             writer.wait()
