@@ -99,6 +99,7 @@ def cleanup():
 
 
 def _on_signal(signum, frame):
+    log(f"stopped by signal {signum}; cleaning up")
     raise SystemExit(128 + signum)
 
 
