@@ -14,6 +14,8 @@ PACKAGES=(
   # tests and benchmarks
   libnbd-bin python3-libnbd nbdfuse fio qemu-utils iproute2 jq
   procps util-linux socat
+  # QEMU contenders and the hypervisor end-to-end test; charts
+  qemu-system-x86 qemu-system-common gnuplot-nox
 )
 
 missing=()
