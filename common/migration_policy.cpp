@@ -1,5 +1,9 @@
 #include "common/migration_policy.h"
 
+#include <algorithm>
+#include <numeric>
+#include <utility>
+
 #include <fmt/format.h>
 
 namespace livemig {
@@ -29,7 +33,7 @@ const char* reason_name(SetReason r) {
     case SetReason::ScoreAbove: return "score >= threshold";
     case SetReason::ScoreBelow: return "score < threshold";
     case SetReason::WrittenTooOften: return "written >= threshold times during migration";
-    case SetReason::Rewritten: return "re-written faster than the link drains";
+    case SetReason::Rewritten: return "would be re-written before handover";
   }
   return "?";
 }
@@ -50,19 +54,49 @@ std::vector<SegmentDecision> initial_send_set(const PolicyParams& p, std::span<c
   return set;
 }
 
-void update_send_set(const PolicyParams& p, std::vector<SegmentDecision>& set,
-                     std::span<const double> writes_since_start, std::span<const uint64_t> redirtied,
-                     std::vector<unsigned>& resends, const RoundStats& round) {
+namespace {
+
+// auto: the share of a segment expected to be re-written within `seconds`.
+double expected_rewrite_share(const SegmentLoad& load, uint64_t segment_bytes, double seconds) {
+  if (segment_bytes == 0) return 0;
+  return load.write_bytes_per_s * seconds / double(segment_bytes);
+}
+
+}  // namespace
+
+std::vector<uint64_t> push_order(const PolicyParams& p, std::span<const SegmentLoad> load) {
+  std::vector<uint64_t> order(load.size());
+  std::iota(order.begin(), order.end(), uint64_t{0});
+  if (p.mode == MigrationMode::Hybrid || p.mode == MigrationMode::Auto) {
+    auto key = [&](uint64_t s) { return std::pair(load[s].writes_since_start, load[s].write_bytes_per_s); };
+    std::stable_sort(order.begin(), order.end(), [&](uint64_t a, uint64_t b) { return key(a) < key(b); });
+  }
+  return order;
+}
+
+std::optional<SetReason> defer_before_push(const PolicyParams& p, const SegmentLoad& load,
+                                           uint64_t segment_bytes, double seconds_to_handover) {
+  if (p.mode == MigrationMode::Hybrid && load.writes_since_start >= p.threshold) return SetReason::WrittenTooOften;
+  if (p.mode == MigrationMode::Auto &&
+      expected_rewrite_share(load, segment_bytes, seconds_to_handover) >= kAutoRewriteShare)
+    return SetReason::Rewritten;
+  return std::nullopt;
+}
+
+void update_send_set(const PolicyParams& p, std::vector<SegmentDecision>& set, std::span<const SegmentLoad> load,
+                     std::span<const uint64_t> redirtied, std::vector<unsigned>& resends, uint64_t segment_bytes,
+                     double seconds_to_handover) {
   resends.resize(set.size(), 0);
-  // auto: re-writes that outrun half of what the link drained this round
-  // will not converge by resending; defer the segments that cause them.
-  const bool outrun = round.bytes_redirtied * 2 >= round.bytes_sent && round.bytes_redirtied > 0;
   for (size_t s = 0; s < set.size(); ++s) {
     if (!set[s].push) continue;
-    if (p.mode == MigrationMode::Hybrid && writes_since_start[s] >= p.threshold) {
+    if (p.mode == MigrationMode::Hybrid && load[s].writes_since_start >= p.threshold) {
       set[s] = {false, SetReason::WrittenTooOften};
     } else if (p.mode == MigrationMode::Auto && redirtied[s] > 0) {
-      if (outrun || ++resends[s] > p.max_resends) set[s] = {false, SetReason::Rewritten};
+      // Resend only what will likely stay clean until handover; a segment
+      // that keeps being re-written is cheaper to move once, afterwards.
+      if (expected_rewrite_share(load[s], segment_bytes, seconds_to_handover) >= kAutoRewriteShare ||
+          ++resends[s] > p.max_resends)
+        set[s] = {false, SetReason::Rewritten};
     }
   }
 }

@@ -10,17 +10,22 @@
 //             with f >= threshold; after handover fetch the rest by
 //             decreasing f. threshold 0 with no monitoring = precopy,
 //             threshold infinity = postcopy.
-//   hybrid    (active push / prioritized prefetch) push every segment, but
-//             stop pushing one once it was written >= threshold times during
-//             the migration; after handover fetch by decreasing write count.
-//   auto      push everything once; after that, defer a segment that keeps
-//             being re-written when re-writes outrun what the link drains
-//             (or after max_resends), so that nothing is sent twice for
-//             nothing; fetch by decreasing write count.
+//   hybrid    (active push / prioritized prefetch) push every segment,
+//             coldest first, but skip one once it was written >= threshold
+//             times during the migration (checked again just before it is
+//             pushed); after handover fetch by decreasing write count.
+//   auto      push every segment once, coldest first; just before pushing
+//             one, and again before resending it, estimate how much of it
+//             the guest will re-write before handover (its measured write
+//             rate times the time the link needs for what is left) and defer
+//             it past handover when that is a sizeable share: a deferred
+//             segment crosses the link once, a pushed-then-rewritten one
+//             twice. Fetch by decreasing write count.
 #pragma once
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -54,7 +59,7 @@ enum class SetReason {
   ScoreAbove,     // livefs: score >= threshold
   ScoreBelow,     // livefs: score < threshold
   WrittenTooOften,  // hybrid: written >= threshold times during migration
-  Rewritten,      // auto: re-written faster than the link drains / too often
+  Rewritten,      // auto: would be re-written before handover / resent too often
 };
 const char* reason_name(SetReason r);
 
@@ -63,24 +68,39 @@ struct SegmentDecision {
   SetReason reason = SetReason::All;
 };
 
+// What the engine measured about one segment when the policy decides on it.
+struct SegmentLoad {
+  double writes_since_start = 0;  // write requests during this migration
+  double write_bytes_per_s = 0;   // measured now, or from the decayed history
+};
+
+// auto: defer a segment when the share of it expected to be re-written
+// before handover reaches this (re-writes cost it a second crossing).
+constexpr double kAutoRewriteShare = 0.1;
+
 // The send set at migration start. `heat` is the ranking window (monitoring
 // delta or decayed history), one entry per segment.
 std::vector<SegmentDecision> initial_send_set(const PolicyParams& p, std::span<const HeatCounts> heat);
 
-// What the engine measured in one pre-copy round.
-struct RoundStats {
-  double seconds = 0;
-  uint64_t bytes_sent = 0;       // payload pushed this round
-  uint64_t bytes_redirtied = 0;  // bytes of already-sent blocks written again this round
-};
+// The order in which a pre-copy pass visits the segments: offset order for
+// precopy and livefs; for hybrid and auto the least written first, so that
+// hot segments come last and have the most time to show they are hot.
+std::vector<uint64_t> push_order(const PolicyParams& p, std::span<const SegmentLoad> load);
 
-// Updates the send set after a round. writes_since_start: per-segment write
-// counts since the migration started; redirtied: per-segment blocks that
-// were re-dirtied during the round (owed again after being sent);
-// resends: per-segment count of rounds in which it was resent (updated here).
-void update_send_set(const PolicyParams& p, std::vector<SegmentDecision>& set,
-                     std::span<const double> writes_since_start, std::span<const uint64_t> redirtied,
-                     std::vector<unsigned>& resends, const RoundStats& round);
+// Checked just before a segment of the send set is pushed: the reason to
+// defer it instead, if any. seconds_to_handover: how long the link needs for
+// what is left to push (the time the segment would have to stay clean).
+std::optional<SetReason> defer_before_push(const PolicyParams& p, const SegmentLoad& load,
+                                           uint64_t segment_bytes, double seconds_to_handover);
+
+// Updates the send set after a round. load: per segment, as measured now;
+// redirtied: per-segment blocks that were re-dirtied during the round (owed
+// again after being sent); resends: per-segment count of rounds in which it
+// was resent (updated here); seconds_to_handover: what the link needs for the
+// send set's owed blocks at the throughput of the round.
+void update_send_set(const PolicyParams& p, std::vector<SegmentDecision>& set, std::span<const SegmentLoad> load,
+                     std::span<const uint64_t> redirtied, std::vector<unsigned>& resends, uint64_t segment_bytes,
+                     double seconds_to_handover);
 
 // Priority of each segment for fetching after handover (higher first; equal
 // priorities go in offset order).

@@ -59,36 +59,78 @@ TEST_CASE("the weights decide whether read-hot or write-hot segments are pushed"
   CHECK((!w[0].push && w[1].push));
 }
 
+namespace {
+std::vector<SegmentLoad> writes_of(std::vector<double> writes, double bytes_per_s = 0) {
+  std::vector<SegmentLoad> out;
+  for (double w : writes) out.push_back({w, bytes_per_s});
+  return out;
+}
+constexpr uint64_t kSeg = 1 << 20;
+}  // namespace
+
 TEST_CASE("hybrid stops pushing a segment once it was written threshold times", "[policy]") {
   PolicyParams p{MigrationMode::Hybrid, 3};
   auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));
   std::vector<unsigned> resends;
-  std::vector<double> writes = {0, 2, 3};
+  auto load = writes_of({0, 2, 3});
   std::vector<uint64_t> redirtied = {0, 2, 3};
-  update_send_set(p, set, writes, redirtied, resends, {1, 1000, 10});
+  update_send_set(p, set, load, redirtied, resends, kSeg, 1);
   CHECK(set[0].push);
   CHECK(set[1].push);
   CHECK_FALSE(set[2].push);
   CHECK(set[2].reason == SetReason::WrittenTooOften);
-  writes[1] = 5;
-  update_send_set(p, set, writes, redirtied, resends, {1, 1000, 10});
+  load[1].writes_since_start = 5;
+  update_send_set(p, set, load, redirtied, resends, kSeg, 1);
   CHECK_FALSE(set[1].push);
 }
 
-TEST_CASE("auto defers re-written segments when re-writes outrun the link", "[policy]") {
+TEST_CASE("hybrid skips a segment that reached the threshold just before its push", "[policy]") {
+  PolicyParams p{MigrationMode::Hybrid, 4};
+  CHECK_FALSE(defer_before_push(p, {3, 1e9}, kSeg, 10));
+  auto why = defer_before_push(p, {4, 0}, kSeg, 0);
+  REQUIRE(why);
+  CHECK(*why == SetReason::WrittenTooOften);
+}
+
+TEST_CASE("hybrid and auto push the least written segments first; precopy and livefs in offset order",
+          "[policy]") {
+  std::vector<SegmentLoad> load = {{9, 0}, {0, 5e6}, {0, 0}, {2, 0}, {0, 0}};
+  CHECK(push_order({MigrationMode::Hybrid}, load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
+  CHECK(push_order({MigrationMode::Auto}, load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
+  CHECK(push_order({MigrationMode::Precopy}, load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
+  CHECK(push_order({MigrationMode::Livefs}, load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
+}
+
+TEST_CASE("auto defers a segment that would be re-written before handover, pushes one that stays clean",
+          "[policy]") {
   PolicyParams p{MigrationMode::Auto};
-  auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}}));
+  // 1 MiB/s into a 1 MiB segment: within 2 s of handover it is re-written
+  // over twice; within 10 ms only 1% of it is.
+  auto why = defer_before_push(p, {0, 1 << 20}, kSeg, 2);
+  REQUIRE(why);
+  CHECK(*why == SetReason::Rewritten);
+  CHECK_FALSE(defer_before_push(p, {0, 1 << 20}, kSeg, 0.01));
+  // Never written: pushed however long the rest takes.
+  CHECK_FALSE(defer_before_push(p, {0, 0}, kSeg, 1e6));
+  // The boundary is kAutoRewriteShare of the segment.
+  CHECK(defer_before_push(p, {0, kAutoRewriteShare * kSeg}, kSeg, 1.0));
+  CHECK_FALSE(defer_before_push(p, {0, kAutoRewriteShare * kSeg * 0.99}, kSeg, 1.0));
+  // Other modes never defer on rate.
+  CHECK_FALSE(defer_before_push({MigrationMode::Precopy}, {100, 1e12}, kSeg, 10));
+  CHECK_FALSE(defer_before_push({MigrationMode::Livefs}, {100, 1e12}, kSeg, 10));
+}
+
+TEST_CASE("auto resends a re-dirtied segment that will stay clean, defers one that will not", "[policy]") {
+  PolicyParams p{MigrationMode::Auto};
+  auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));
   std::vector<unsigned> resends;
-  std::vector<double> writes = {0, 100};
-  std::vector<uint64_t> redirtied = {0, 50};
-  // Re-writes far below what the link drains: resend (up to max_resends).
-  update_send_set(p, set, writes, redirtied, resends, {1, 100 << 20, 200 << 10});
-  CHECK(set[1].push);
-  // Re-writes outrun the link: defer at once.
-  update_send_set(p, set, writes, redirtied, resends, {1, 1 << 20, 1 << 20});
-  CHECK_FALSE(set[1].push);
-  CHECK(set[1].reason == SetReason::Rewritten);
+  std::vector<SegmentLoad> load = {{0, 0}, {1, 1000}, {500, 50e6}};
+  std::vector<uint64_t> redirtied = {0, 1, 200};
+  update_send_set(p, set, load, redirtied, resends, kSeg, 0.5);
   CHECK(set[0].push);  // never re-written: stays
+  CHECK(set[1].push);  // 500 bytes expected before handover: resend
+  CHECK_FALSE(set[2].push);
+  CHECK(set[2].reason == SetReason::Rewritten);
 }
 
 TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[policy]") {
@@ -96,13 +138,12 @@ TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[
   p.max_resends = 2;
   auto set = initial_send_set(p, heat_of({{0, 0}}));
   std::vector<unsigned> resends;
-  std::vector<double> writes = {10};
+  auto load = writes_of({10}, 100);
   std::vector<uint64_t> redirtied = {1};
-  RoundStats slow{1, 100 << 20, 4096};
-  update_send_set(p, set, writes, redirtied, resends, slow);
-  update_send_set(p, set, writes, redirtied, resends, slow);
+  update_send_set(p, set, load, redirtied, resends, kSeg, 0.1);
+  update_send_set(p, set, load, redirtied, resends, kSeg, 0.1);
   CHECK(set[0].push);
-  update_send_set(p, set, writes, redirtied, resends, slow);
+  update_send_set(p, set, load, redirtied, resends, kSeg, 0.1);
   CHECK_FALSE(set[0].push);
 }
 

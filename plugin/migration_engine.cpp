@@ -529,7 +529,7 @@ json MigrationEngine::migrate(const json& req) {
     peer_progress_ = json();
     started_at_ = Clock::now();
     total_time_ms_ = handover_pause_ms_ = -1;
-    rounds_ = data_blocks_sent_ = zero_blocks_sent_ = payload_bytes_sent_ = blocks_dirtied_ = 0;
+    rounds_ = data_blocks_sent_ = data_blocks_pushed_ = zero_blocks_sent_ = payload_bytes_sent_ = blocks_dirtied_ = 0;
     set_phase(Phase::PreCopy);
     reads_to_destination_ = false;
     io_mode_ = IoMode::SourceTracking;
@@ -670,6 +670,7 @@ json MigrationEngine::progress_json() {
        {"converged", converged_},
        {"ready_reason", ready_reason_},
        {"data_blocks_sent", data_blocks_sent_.load()},
+       {"data_blocks_pushed", data_blocks_pushed_.load()},
        {"zero_blocks_sent", zero_blocks_sent_.load()},
        {"payload_bytes_sent", payload_bytes_sent_.load()},
        {"blocks_dirtied", blocks_dirtied_.load()},
@@ -1037,7 +1038,8 @@ void MigrationEngine::serve_pull(PeerLink& link, uint64_t request_id, const Pull
   payload_bytes_sent_ += p.length;
 }
 
-void MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority) {
+// Returns the number of data blocks sent (holes and zero blocks not counted).
+uint64_t MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority) {
   const SegmentGeometry& g = *ctx_.geometry;
   const uint64_t off = g.range_offset(blocks), len = g.range_length(blocks);
   auto send_zero = [&](IndexRange r) {
@@ -1061,6 +1063,7 @@ void MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t re
   uint64_t covered_to = parts.empty() ? blocks.first : parts.back().first.last;
   if (covered_to < blocks.last) parts.push_back({{covered_to, blocks.last}, false});
   std::string buf;
+  uint64_t data_blocks = 0;
   for (auto& [r, hole] : parts) {
     if (hole) {
       send_zero(r);
@@ -1070,7 +1073,7 @@ void MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t re
     if (ctx_.image->pread(buf.data(), buf.size(), g.range_offset(r)) < 0) {
       link.close(protocol_error(ErrorCode::Internal, fmt::format("reading {} bytes at {}: {}", buf.size(),
                                                                  g.range_offset(r), std::strerror(errno))));
-      return;
+      return data_blocks;
     }
     for (const ZeroSplit& z : split_zero_runs(g, r, buf.data())) {
       if (z.zero) {
@@ -1088,8 +1091,10 @@ void MigrationEngine::send_blocks(PeerLink& link, IndexRange blocks, uint64_t re
         zoff += zlen;
       }
       data_blocks_sent_.fetch_add(z.blocks.count(), std::memory_order_relaxed);
+      data_blocks += z.blocks.count();
     }
   }
+  return data_blocks;
 }
 
 void MigrationEngine::on_handover(const std::shared_ptr<PeerLink>& link, const FrameHeader& h,
@@ -1188,7 +1193,7 @@ bool MigrationEngine::push_unit(IndexRange unit) {
   // Claim before reading: a write that lands after this sets the bits again.
   owed_->test_and_clear_range(unit);
   uint64_t before = link->bytes_enqueued();
-  send_blocks(*link, unit, 0, false);
+  data_blocks_pushed_.fetch_add(send_blocks(*link, unit, 0, false), std::memory_order_relaxed);
   // max_rate caps what crosses the wire: a hole's zero note costs a header.
   throttle(link->bytes_enqueued() - before);
   while (!link->wait_queue_below(kPushWindowBytes, std::chrono::milliseconds(200))) {
@@ -1197,19 +1202,28 @@ bool MigrationEngine::push_unit(IndexRange unit) {
   return true;
 }
 
-// One pass over the owed blocks of the send set. False if the link failed.
-// *interrupted: a handover or cancel request stopped the pass early.
+// One pass over the owed blocks of the send set, in the policy's order. False
+// if the link failed. *interrupted: a handover or cancel request stopped the
+// pass early.
 bool MigrationEngine::push_pass(bool* interrupted) {
   const SegmentGeometry& g = *ctx_.geometry;
   const uint64_t unit_blocks = std::max<uint64_t>(1, params_.transfer_unit / g.block_size());
   std::vector<bool> push(g.segment_count());
+  std::vector<uint64_t> order;
   {
     std::lock_guard lock(mu_);
     for (uint64_t seg = 0; seg < g.segment_count(); ++seg) push[seg] = send_set_[seg].push;
+    order = push_order(params_.policy, segment_loads());
   }
+  // Owed blocks of the send set from each position of the pass on: a segment
+  // pushed at position i must stay clean while the link carries owed_from[i].
+  std::vector<uint64_t> owed_from(order.size() + 1, 0);
+  for (size_t i = order.size(); i-- > 0;)
+    owed_from[i] = owed_from[i + 1] + (push[order[i]] ? owed_->count_range(g.blocks_of_segment(order[i])) : 0);
   *interrupted = false;
-  for (uint64_t seg = 0; seg < g.segment_count(); ++seg) {
-    if (!push[seg]) continue;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const uint64_t seg = order[i];
+    if (!push[seg] || !still_pushed(seg, owed_from[i] * g.block_size())) continue;
     IndexRange blocks = g.blocks_of_segment(seg);
     for (IndexRange unit = next_transfer_unit_in(*owed_, g, blocks, blocks.first, unit_blocks); !unit.empty() &&
                                                                                                    unit.first < blocks.last;
@@ -1227,6 +1241,28 @@ bool MigrationEngine::push_pass(bool* interrupted) {
   return true;
 }
 
+// Asks the policy, just before pushing `seg`, whether it should rather wait
+// until after handover; `bytes_left` of the send set, this segment's
+// included, are still to be pushed in this pass.
+bool MigrationEngine::still_pushed(uint64_t seg, uint64_t bytes_left) {
+  const SegmentGeometry& g = *ctx_.geometry;
+  std::lock_guard lock(mu_);
+  double seconds_to_handover = double(bytes_left) / push_throughput();
+  auto why = defer_before_push(params_.policy, segment_load(seg), g.segment_size(), seconds_to_handover);
+  if (why) send_set_[seg] = {false, *why};
+  return !why;
+}
+
+// Payload bytes per second the pushes achieve; before enough has been sent
+// to tell, the rate cap or the papers' 1 Gbit/s.
+double MigrationEngine::push_throughput() const {
+  constexpr double kMinSample = 4 << 20;
+  double sent = double(payload_bytes_sent_.load());
+  double seconds = seconds_since(precopy_started_at_);
+  if (sent >= kMinSample && seconds > 0) return sent / seconds;
+  return params_.max_rate ? double(params_.max_rate) : 125e6;
+}
+
 uint64_t MigrationEngine::owed_in_send_set() {
   const SegmentGeometry& g = *ctx_.geometry;
   std::lock_guard lock(mu_);
@@ -1236,7 +1272,28 @@ uint64_t MigrationEngine::owed_in_send_set() {
   return n;
 }
 
-std::vector<double> MigrationEngine::writes_since_start() {
+// How much the guest writes a segment: since the migration started, and its
+// write rate, the larger of the rate measured since then and the one the
+// decayed history implies (a migration just started has measured little).
+SegmentLoad MigrationEngine::segment_load(uint64_t seg) const {
+  HeatCounts now = heat().cumulative(seg);
+  HeatCounts start = seg < heat_at_start_.size() ? heat_at_start_[seg] : HeatCounts{};
+  SegmentLoad load{now.writes - start.writes, 0};
+  double seconds = seconds_since(precopy_started_at_);
+  if (seconds >= 0.5) load.write_bytes_per_s = (now.write_bytes - start.write_bytes) / seconds;
+  if (seg < history_at_start_.size())
+    load.write_bytes_per_s =
+        std::max(load.write_bytes_per_s, history_at_start_[seg].write_bytes * std::log(2.0) / heat().half_life());
+  return load;
+}
+
+std::vector<SegmentLoad> MigrationEngine::segment_loads() const {
+  std::vector<SegmentLoad> loads(ctx_.geometry->segment_count());
+  for (uint64_t seg = 0; seg < loads.size(); ++seg) loads[seg] = segment_load(seg);
+  return loads;
+}
+
+std::vector<double> MigrationEngine::writes_since_start() const {
   std::vector<HeatCounts> now = heat().cumulative_snapshot();
   std::vector<double> w(now.size());
   for (size_t s = 0; s < now.size(); ++s) w[s] = now[s].writes - (s < heat_at_start_.size() ? heat_at_start_[s].writes : 0);
@@ -1247,18 +1304,16 @@ std::vector<double> MigrationEngine::writes_since_start() {
 void MigrationEngine::after_round(double seconds, uint64_t bytes_sent) {
   const SegmentGeometry& g = *ctx_.geometry;
   std::vector<uint64_t> redirtied(g.segment_count());
-  RoundStats round{seconds, bytes_sent, 0};
-  for (uint64_t seg = 0; seg < g.segment_count(); ++seg) {
-    // After a whole pass, an owed block of a pushed segment was written again
-    // after it was sent.
-    redirtied[seg] = owed_->count_range(g.blocks_of_segment(seg));
-    round.bytes_redirtied += redirtied[seg] * g.block_size();
-  }
-  std::vector<double> writes = writes_since_start();
+  // After a whole pass, an owed block of a pushed segment was written again
+  // after it was sent.
+  for (uint64_t seg = 0; seg < g.segment_count(); ++seg) redirtied[seg] = owed_->count_range(g.blocks_of_segment(seg));
   std::lock_guard lock(mu_);
+  uint64_t owed_bytes = 0;
   for (uint64_t seg = 0; seg < g.segment_count(); ++seg)
-    if (!send_set_[seg].push) round.bytes_redirtied -= redirtied[seg] * g.block_size();
-  update_send_set(params_.policy, send_set_, writes, redirtied, resends_, round);
+    if (send_set_[seg].push) owed_bytes += redirtied[seg] * g.block_size();
+  double throughput = bytes_sent > 0 && seconds > 0 ? double(bytes_sent) / seconds : push_throughput();
+  update_send_set(params_.policy, send_set_, segment_loads(), redirtied, resends_, g.segment_size(),
+                  double(owed_bytes) / throughput);
 }
 
 // LiveFS's monitoring period: counts reads and writes per segment for
@@ -1291,6 +1346,8 @@ bool MigrationEngine::monitor() {
   send_set_ = initial_send_set(pol, window);
   resends_.assign(send_set_.size(), 0);
   heat_at_start_ = heat().cumulative_snapshot();
+  history_at_start_ = heat().decayed_snapshot();
+  precopy_started_at_ = Clock::now();
   set_phase(Phase::PreCopy);
   return true;
 }

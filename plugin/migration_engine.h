@@ -193,10 +193,14 @@ class MigrationEngine {
   bool push_pass(bool* interrupted);
   bool monitor();
   void after_round(double seconds, uint64_t bytes_sent);
+  bool still_pushed(uint64_t seg, uint64_t bytes_left);
+  double push_throughput() const;
   uint64_t owed_in_send_set();
-  std::vector<double> writes_since_start();
+  SegmentLoad segment_load(uint64_t seg) const;
+  std::vector<SegmentLoad> segment_loads() const;
+  std::vector<double> writes_since_start() const;
   bool push_unit(IndexRange unit);
-  void send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority);
+  uint64_t send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority);
   Status do_handover();
   void throttle(uint64_t bytes);
   std::vector<HandoverRange> remaining_ranges();
@@ -215,7 +219,7 @@ class MigrationEngine {
   void finish_destination();
 
   // Shared.
-  HeatMap& heat() { return **ctx_.heat_slot; }
+  HeatMap& heat() const { return **ctx_.heat_slot; }
   void set_phase(Phase p);
   Status save_record();
   std::shared_ptr<PeerLink> current_link();
@@ -270,7 +274,11 @@ class MigrationEngine {
   std::unique_ptr<BlockBitmap> present_;  // destination
   std::unique_ptr<BlockBitmap> pulling_;  // destination
   std::unique_ptr<std::mutex[]> segment_locks_;  // destination, one per segment
+  // Source, set when pushing starts (after monitoring): cumulative heat then,
+  // and the decayed history the policy may rate segments by.
   std::vector<HeatCounts> heat_at_start_;
+  std::vector<HeatCounts> history_at_start_;
+  std::chrono::steady_clock::time_point precopy_started_at_{};
 
   // Pull bookkeeping (destination).
   std::mutex pull_mu_;
@@ -287,6 +295,7 @@ class MigrationEngine {
   std::atomic<int64_t> handover_pause_ms_{-1};
   std::atomic<uint64_t> rounds_{0};
   std::atomic<uint64_t> data_blocks_sent_{0};
+  std::atomic<uint64_t> data_blocks_pushed_{0};  // by the pre-copy pusher, before handover
   std::atomic<uint64_t> zero_blocks_sent_{0};
   std::atomic<uint64_t> payload_bytes_sent_{0};
   std::atomic<uint64_t> blocks_dirtied_{0};    // block-writes at the source during migration

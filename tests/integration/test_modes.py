@@ -20,13 +20,16 @@ def segments(server):
     return server.control({"op": "stats"})["migration_segments"]
 
 
-def run_with_writer(mode, **params):
+def run_with_writer(mode, warmup=0.3, **params):
+    """Migrates under the verifying writer; returns the source's and the
+    destination's final status, the source's segments and its status when
+    it handed over."""
     with mig.Pair(SIZE, DATA, **{"segment-size": "1M"}) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
         writer = mig.Writer(src.uri, HOT, journal, rate=0, duration=6, extra=["--flush-every", "64"])
-        time.sleep(0.3)
+        time.sleep(warmup)
         mig.migrate(src, dst, mode, handover="auto", max_rate=8 * MiB, handover_size=512 * 1024, **params)
-        mig.wait_phase(src, ["PostCopy", "Done"], timeout=60)
+        at_handover = mig.wait_phase(src, ["PostCopy", "Done"], timeout=60)
         seg = segments(src)
         writer.switch(dst.uri)
         assert writer.wait() == 0, writer.log()
@@ -37,14 +40,14 @@ def run_with_writer(mode, **params):
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "source data at the destination")
         rest = lmtest.read_file(dst_image, 20 * MiB, SIZE - 20 * MiB)
         lmtest.assert_same(rest, bytes(len(rest)), "the hole beyond the hot region")
-        return st_src, st_dst, seg
+        return st_src, st_dst, seg, at_handover
 
 
 @test
 def livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
     # Monitoring sees only the writer's hot 4 MiB: those segments score > 0
     # and are pushed; the cold ones wait for handover.
-    st_src, st_dst, seg = run_with_writer("livefs", monitor_period=1, threshold=1)
+    st_src, st_dst, seg, _ = run_with_writer("livefs", monitor_period=1, threshold=1)
     pushed = {s["segment"] for s in seg if s["set"] == "push"}
     assert pushed and pushed <= set(range(16, 20)), f"send set should be the hot segments: {seg}"
     assert st_dst["migration"]["background_pulls"] > 0, st_dst
@@ -52,7 +55,7 @@ def livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
 
 @test
 def hybrid_defers_segments_written_too_often_and_loses_nothing():
-    st_src, st_dst, seg = run_with_writer("hybrid", threshold=50)
+    st_src, st_dst, seg, _ = run_with_writer("hybrid", threshold=50)
     deferred = [s for s in seg if s["set"] == "after-handover"]
     assert deferred, f"no segment was written 50 times? {seg}"
     assert all(s["writes_during_migration"] >= 50 for s in deferred), deferred
@@ -61,13 +64,27 @@ def hybrid_defers_segments_written_too_often_and_loses_nothing():
 
 @test
 def auto_defers_rewritten_segments_and_loses_nothing():
-    st_src, st_dst, seg = run_with_writer("auto")
+    st_src, st_dst, seg, _ = run_with_writer("auto")
     m = st_src["migration"]
     deferred = [s for s in seg if s["set"] == "after-handover"]
     assert deferred, f"auto deferred nothing under a hot writer: {seg}"
     assert {s["segment"] for s in deferred} <= set(range(16, 20)), deferred
     # Deferring keeps auto from resending the hot set round after round.
     assert m["rounds"] <= 6, m
+
+
+@test
+def auto_defers_a_segment_it_sees_written_before_pushing_it():
+    # The writer runs 1.5 s before migrate: the decayed heat already shows the
+    # hot 4 MiB, so auto pushes the cold data first and defers the hot
+    # segments without sending them (they would be re-written before
+    # handover): before handover, only the source's own data crossed.
+    st_src, st_dst, seg, at_handover = run_with_writer("auto", warmup=1.5)
+    hot = {s["segment"] for s in seg if s["set"] == "after-handover"}
+    assert hot == set(range(16, 20)), seg
+    assert all(s["why"] == "would be re-written before handover" for s in seg if s["segment"] in hot), seg
+    sent = at_handover["migration"]["data_blocks_pushed"]
+    assert sent <= DATA // BLOCK + 64, f"{sent} data blocks pushed: hot blocks were pushed"
 
 
 def idle_migration(mode, **params):
