@@ -84,12 +84,27 @@ bool is_loopback_host(const std::string& host) {
   return !ec && addr.is_loopback();
 }
 
+namespace {
+
+// Unsent bytes the kernel takes from a link at most. Frames beyond it wait in
+// the link's own queues, where a priority frame (a demand pull's data)
+// overtakes background data; in the socket buffer it could not.
+constexpr int kNotSentLowat = 128 << 10;
+
+void tune_socket(tcp::socket& socket) {
+  boost::system::error_code ec;
+  socket.set_option(tcp::no_delay(true), ec);
+  socket.set_option(asio::detail::socket_option::integer<IPPROTO_TCP, TCP_NOTSENT_LOWAT>(kNotSentLowat), ec);
+}
+
+}  // namespace
+
 PeerLink::PeerLink(tcp::socket socket, const Options& options)
     : socket_(std::move(socket)), options_(options) {
   boost::system::error_code ec;
   auto ep = socket_.remote_endpoint(ec);
   remote_ = ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
-  socket_.set_option(tcp::no_delay(true), ec);
+  if (socket_.is_open()) tune_socket(socket_);
   last_read_ns_ = now_ns();
 }
 
@@ -216,7 +231,7 @@ Result<std::shared_ptr<PeerLink>> PeerLink::connect(asio::io_context& io, const 
           auto endpoints = co_await resolver.async_resolve(where.host, std::to_string(where.port), use_awaitable);
           co_await asio::async_connect(link->socket_, endpoints, use_awaitable);
           boost::system::error_code ec;
-          link->socket_.set_option(tcp::no_delay(true), ec);
+          tune_socket(link->socket_);
           auto ep = link->socket_.remote_endpoint(ec);
           if (!ec) link->remote_ = fmt::format("{}:{}", ep.address().to_string(), ep.port());
           status = co_await link->client_handshake(secret, purpose_copy);

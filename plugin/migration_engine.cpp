@@ -926,11 +926,14 @@ Status MigrationEngine::apply_data(const DataPayload& p, bool post_handover) {
     // Sync as pre-copy goes, so the fdatasync at handover has little left to
     // write: the handover pause stays bounded by handover-size, not by how
     // much of the image sits in the page cache (invariant 5).
+    // The sync runs off the io thread, one at a time: waiting for the disk
+    // here would stall the link (a sync that fails shows again in the one
+    // the handover waits for).
     unsynced_push_bytes_ += p.length;
-    if (unsynced_push_bytes_ >= kPushSyncBytes) {
+    if (unsynced_push_bytes_ >= kPushSyncBytes &&
+        (!push_sync_.valid() || push_sync_.wait_for(std::chrono::seconds(0)) == std::future_status::ready)) {
       unsynced_push_bytes_ = 0;
-      if (ctx_.image->flush() < 0)
-        return protocol_error(ErrorCode::Internal, fmt::format("flush: {}", std::strerror(errno)));
+      push_sync_ = std::async(std::launch::async, [image = ctx_.image] { image->flush(); });
     }
     return Status::ok();
   }

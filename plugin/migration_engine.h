@@ -47,6 +47,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -288,6 +289,7 @@ class MigrationEngine {
   std::vector<IndexRange> unpersisted_;       // GUARDED_BY(pull_mu_): present, data not yet fsync'd
   std::mutex persist_mu_;                     // serializes persist()
   uint64_t unsynced_push_bytes_ = 0;          // io thread only
+  std::future<void> push_sync_;               // io thread only: the fdatasync of pushed data
 
   // Measures.
   std::chrono::steady_clock::time_point started_at_{};
