@@ -107,8 +107,10 @@ std::vector<double> fetch_priority(const PolicyParams& p, std::span<const HeatCo
   for (size_t s = 0; s < heat.size(); ++s) {
     switch (p.mode) {
       case MigrationMode::Livefs: prio[s] = heat_score(heat[s], p.weights); break;
-      case MigrationMode::Hybrid:
-      case MigrationMode::Auto: prio[s] = writes_since_start[s]; break;
+      case MigrationMode::Hybrid: prio[s] = writes_since_start[s]; break;
+      // The least written first: a segment the guest keeps re-writing may
+      // be overwritten whole at the destination and need no fetch at all.
+      case MigrationMode::Auto: prio[s] = -writes_since_start[s]; break;
       default: break;  // offset order
     }
   }

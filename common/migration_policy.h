@@ -20,7 +20,9 @@
 //             rate times the time the link needs for what is left) and defer
 //             it past handover when that is a sizeable share: a deferred
 //             segment crosses the link once, a pushed-then-rewritten one
-//             twice. Fetch by decreasing write count.
+//             twice. Fetch the least written first (demand reads go first
+//             anyway): what the guest re-writes whole at the destination
+//             then needs no fetch.
 #pragma once
 
 #include <cstdint>
@@ -75,8 +77,9 @@ struct SegmentLoad {
 };
 
 // auto: defer a segment when the share of it expected to be re-written
-// before handover reaches this (re-writes cost it a second crossing).
-constexpr double kAutoRewriteShare = 0.1;
+// before handover reaches this (re-writes cost it a second crossing; this
+// bounds what pushing a segment may waste to 5% of it).
+constexpr double kAutoRewriteShare = 0.05;
 
 // The send set at migration start. `heat` is the ranking window (monitoring
 // delta or decayed history), one entry per segment.

@@ -147,11 +147,12 @@ TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[
   CHECK_FALSE(set[0].push);
 }
 
-TEST_CASE("after handover livefs fetches by score, hybrid by write count, precopy by offset", "[policy]") {
+TEST_CASE("after handover livefs fetches by score, hybrid by write count, auto the least written first, precopy by offset", "[policy]") {
   auto heat = heat_of({{1, 0}, {50, 0}, {0, 9}});
   std::vector<double> writes = {7, 0, 9};
   CHECK(fetch_order(fetch_priority({MigrationMode::Livefs}, heat, writes)) == std::vector<uint64_t>{1, 2, 0});
   CHECK(fetch_order(fetch_priority({MigrationMode::Hybrid}, heat, writes)) == std::vector<uint64_t>{2, 0, 1});
+  CHECK(fetch_order(fetch_priority({MigrationMode::Auto}, heat, writes)) == std::vector<uint64_t>{1, 0, 2});
   CHECK(fetch_order(fetch_priority({MigrationMode::Precopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
   CHECK(fetch_order(fetch_priority({MigrationMode::Postcopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
 }
