@@ -424,18 +424,26 @@ class QemuMigration {
         return Failure{step, fmt::format("not completed in {:g} s (see --qemu-timeout)", o_.qemu_timeout)};
       if (auto e = watch_qemus(kPoll)) return Failure{step, *e};
     }
-    // The destination runs the VM if the source ran it (a paused VM stays paused).
-    const std::string want = src_was_running_ ? "running" : "paused";
+    // The destination leaves 'inmigrate' once it has loaded the state. It
+    // runs the VM if the source ran it; a destination started with -S stops
+    // in 'paused' instead, and is resumed here. A VM that was not running
+    // stays as it was (paused, prelaunch).
     std::string got;
     for (auto dl = Clock::now() + milliseconds(60'000);;) {
       auto dt = dst_->execute("query-status", {}, kQmpCommand);
       if (!dt) return Failure{step, "destination QEMU: " + dt.status().message()};
       got = dt->value("status", std::string());
-      if (got == want) break;
-      if (got != "inmigrate" && got != "postmigrate" && got != "prelaunch" && got != "finish-migrate")
-        return Failure{step, fmt::format("the destination QEMU is in state '{}', expected '{}'", got, want)};
+      if (got == "running" || (!src_was_running_ && got != "inmigrate")) break;
+      if (got == "paused") {
+        auto c = dst_->execute("cont", {}, kQmpCommand);
+        if (!c) return Failure{step, "resuming the destination VM: " + c.status().message()};
+        progress(step, "destination VM resumed (cont): it was started with -S", {{"resumed", true}});
+        continue;
+      }
+      if (got != "inmigrate")
+        return Failure{step, fmt::format("the destination QEMU is in state '{}', expected 'running'", got)};
       if (Clock::now() > dl)
-        return Failure{step, fmt::format("the destination QEMU is still '{}' after 60 s, expected '{}'", got, want)};
+        return Failure{step, "the destination QEMU is still 'inmigrate' 60 s after the source completed"};
       if (auto e = watch_qemus(kPoll)) return Failure{step, *e};
     }
     progress(step,
