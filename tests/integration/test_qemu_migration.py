@@ -482,6 +482,21 @@ def a_destination_started_with_dash_s_is_resumed_after_the_migration():
         s.vm_dst.check_read(ORIG, 4096, 0x21, "a write before the migration")
 
 
+@test
+def a_missing_monitor_fails_at_connect_qmp_and_starts_nothing():
+    with mig.Pair(8 * MiB, 1 * MiB) as (src, dst, src_image, dst_image, data):
+        d = lmtest.tmp_dir("no-qmp")
+        argv = [migrate_nbd_path(), "qemu-migrate", "--from", f"127.0.0.1:{mig.peer_port(src)}",
+                "--to", f"127.0.0.1:{mig.peer_port(dst)}", "--qmp-src", os.path.join(d, "src.qmp"),
+                "--qmp-dst", os.path.join(d, "dst.qmp"), "--migrate-uri", "tcp:127.0.0.1:1"]
+        rc, out, err = run_tool(argv + ["--mode", "precopy"])
+        assert rc == 1, (rc, out, err)
+        assert "failed at step 'connect QMP': source QEMU: QMP " in err and "No such file or directory" in err, err
+        assert mig.status(src)["phase"] == "Idle" and mig.status(dst)["phase"] == "Idle"
+        rc, out, err = run_tool(argv)   # no --mode
+        assert rc == 2 and "--mode is required" in err, (rc, err)
+
+
 def kill_destination_and_expect_rollback(s, p, steps):
     """migrate-nbd (Popen p) must fail at one of `steps`, cancel both
     migrations and leave the source VM running on its writable disk."""
