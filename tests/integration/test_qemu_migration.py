@@ -23,16 +23,16 @@ What QEMU does here (7.2), and what the test relies on:
   fenced: a qemu-io write there fails with EPERM and is not counted.
 """
 
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import json
-import shutil
 
 import lmtest
 from lmtest import MiB, test
@@ -303,13 +303,9 @@ def take_write(rnd, slots, pattern):
     return slot * SLOT + start, length, pattern
 
 
-def original(off, length):
-    """What the source image held at [off, off+length) before any write."""
-    out = bytearray(length)
-    lo, hi = off, min(off + length, ORIG)
-    if hi > lo:
-        out[0:hi - lo] = bytes([ORIG_BYTE]) * (hi - lo)
-    return out
+def orig_byte(off):
+    """The byte the source image held at `off` before any write."""
+    return ORIG_BYTE if off < ORIG else 0
 
 
 class Setup:
@@ -382,7 +378,7 @@ def migrate_a_writing_vm(mode, *extra, json_output=False):
     rnd = random.Random(42)
     slots = list(range(SIZE // SLOT))
     with Setup() as s:
-        model = bytearray(original(0, SIZE))
+        model = bytearray([ORIG_BYTE]) * ORIG + bytearray(SIZE - ORIG)
         state = type("P", (), {"pattern": 1})()
         before = []
         for _ in range(24):   # before the migration
@@ -433,7 +429,7 @@ def migrate_a_writing_vm(mode, *extra, json_output=False):
             s.vm_dst.check_read(off, length, pat, "a write read back at the destination")
         # ...and the slots nobody wrote hold the original bytes.
         for slot in sorted(slots)[::4]:
-            s.vm_dst.check_read(slot * SLOT, SLOT, ORIG_BYTE if slot * SLOT < ORIG else 0, "an untouched slot")
+            s.vm_dst.check_read(slot * SLOT, SLOT, orig_byte(slot * SLOT), "an untouched slot")
         # The destination QEMU's disk is writable.
         assert s.vm_dst.write(0, 4096, 0xEE), "a write at the destination after the migration failed"
         s.vm_dst.check_read(0, 4096, 0xEE, "a write at the destination after the migration")
@@ -519,7 +515,7 @@ def kill_destination_and_expect_rollback(s, p, steps):
     w = take_write(rnd, slots, 0x42)
     assert s.vm_src.write(*w), "the source disk is not writable after the failed migration"
     s.vm_src.check_read(w[0], w[1], 0x42, "a write after the failed migration")
-    s.vm_src.check_read(slots[0] * SLOT, SLOT, ORIG_BYTE if slots[0] * SLOT < ORIG else 0, "old data")
+    s.vm_src.check_read(slots[0] * SLOT, SLOT, orig_byte(slots[0] * SLOT), "old data")
 
 
 def start_tool(argv):
