@@ -5,6 +5,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -118,13 +119,17 @@ Result<Message> QmpClient::read_message(Clock::time_point deadline) {
       return m;
     }
     if (buf_.size() > kMaxLineBytes) return fail(Status::error("a line longer than 16 MiB", EMSGSIZE));
-    auto left = std::chrono::duration_cast<Ms>(deadline - Clock::now()).count();
-    if (left <= 0) return Status::error(fmt::format("QMP {}: no answer in time", path_), ETIMEDOUT);
+    // Poll even when the deadline has passed, so that a zero timeout still
+    // takes what is there (and notices a hang-up).
+    auto left = std::max<int64_t>(0, std::chrono::duration_cast<Ms>(deadline - Clock::now()).count());
     pollfd p{fd_, POLLIN, 0};
     int rc = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1'000'000)));
     if (rc < 0 && errno == EINTR) continue;
     if (rc < 0) return fail(Status::error("poll: " + errno_text(errno), errno));
-    if (rc == 0) continue;
+    if (rc == 0) {
+      if (Clock::now() < deadline) continue;
+      return Status::error(fmt::format("QMP {}: no answer in time", path_), ETIMEDOUT);
+    }
     char chunk[65536];
     ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
     if (n < 0 && (errno == EINTR || errno == EAGAIN)) continue;

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -209,6 +210,33 @@ TEST_CASE("QEMU hanging up fails the command in flight and every later one") {
   REQUIRE_FALSE(r2);
   auto ev = (*c)->wait_event(milliseconds(10));
   CHECK_FALSE(ev);
+}
+
+TEST_CASE("a zero-timeout wait takes an event that arrived and notices a hang-up") {
+  FakeMonitor mon([](int fd) {
+    handshake(fd);
+    write_line(fd, R"({"event": "STOP", "timestamp": {}})");
+  });  // and QEMU exits
+  auto c = QmpClient::connect(mon.path(), milliseconds(5000));
+  REQUIRE(c);
+  std::optional<json> ev;
+  for (int i = 0; i < 500 && !ev; ++i) {  // the event may take a moment to arrive
+    auto r = (*c)->wait_event(milliseconds(0));
+    REQUIRE(r);
+    ev = *r;
+    if (!ev) std::this_thread::sleep_for(milliseconds(10));
+  }
+  REQUIRE(ev);
+  CHECK((*ev)["event"] == "STOP");
+  std::optional<std::string> error;
+  for (int i = 0; i < 500 && !error; ++i) {
+    auto r = (*c)->wait_event(milliseconds(0));
+    if (!r) error = r.status().message();
+    else std::this_thread::sleep_for(milliseconds(10));
+  }
+  REQUIRE(error);
+  CHECK(error->find("closed the monitor connection") != std::string::npos);
+  CHECK_FALSE((*c)->usable());
 }
 
 TEST_CASE("waiting for an event returns nothing after the timeout") {
