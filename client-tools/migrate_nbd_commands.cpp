@@ -330,7 +330,7 @@ std::optional<int> add_policy(const StartOptions& o, json& req) {
   return std::nullopt;
 }
 
-int run_start(const StartOptions& o) {
+std::optional<int> make_migrate_request(const StartOptions& o, json* out) {
   static const std::set<std::string> kModes = {"precopy", "postcopy", "livefs", "hybrid", "auto"};
   if (!kModes.count(o.mode))
     return usage(fmt::format("--mode '{}': must be precopy, postcopy, livefs, hybrid or auto", o.mode));
@@ -360,7 +360,13 @@ int run_start(const StartOptions& o) {
   }
   if (o.interval <= 0) return usage("--interval must be more than 0 seconds");
   if (auto rc = add_policy(o, req)) return *rc;
+  *out = std::move(req);
+  return std::nullopt;
+}
 
+int run_start(const StartOptions& o) {
+  json req;
+  if (auto rc = make_migrate_request(o, &req)) return *rc;
   Context ctx(o);
   std::vector<Side> sides;
   if (auto rc = open_sides(ctx, &sides)) return *rc;
@@ -396,6 +402,23 @@ int run_start(const StartOptions& o) {
     std::printf("%s\n", ending_line(w).c_str());
   }
   return w.final_phase == "Done" ? kExitOk : kExitFailure;
+}
+
+// ---------------------------------------------------------------- for other files
+
+PluginPair::PluginPair() = default;
+PluginPair::~PluginPair() = default;
+PluginPair::PluginPair(PluginPair&&) noexcept = default;
+
+std::optional<int> open_plugin_pair(const CommonOptions& o, PluginPair* out) {
+  if (o.to.empty()) return usage("--to HOST:PORT (the destination's peer port) is required");
+  Context ctx(o);
+  std::vector<Side> sides;
+  if (auto rc = open_sides(ctx, &sides)) return *rc;
+  out->from = std::move(sides.at(0).client);
+  out->to = std::move(sides.at(1).client);
+  out->long_timeout = ctx.long_timeout();
+  return std::nullopt;
 }
 
 // ---------------------------------------------------------------- status

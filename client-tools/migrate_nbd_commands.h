@@ -9,9 +9,13 @@
 // Errors are one line on stderr, "migrate-nbd: ...".
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 namespace livemig::mig {
 
@@ -54,6 +58,22 @@ struct VerifyOptions : CommonOptions {
 };
 
 int run_start(const StartOptions& o);
+
+// For subcommands in other files (migrate_nbd_qemu.cpp): on a bad option
+// these print the error and return the exit status; nullopt on success.
+//
+// The migrate request that `start` sends, checked (o.wait is not used).
+std::optional<int> make_migrate_request(const StartOptions& o, nlohmann::json* out);
+class ControlClient;
+// Clients of the source (--from or --socket) and the destination (--to).
+struct PluginPair {
+  std::unique_ptr<ControlClient> from, to;
+  std::chrono::milliseconds long_timeout{0};  // for migrate and handover replies
+  PluginPair();
+  ~PluginPair();
+  PluginPair(PluginPair&&) noexcept;
+};
+std::optional<int> open_plugin_pair(const CommonOptions& o, PluginPair* out);
 int run_status(const CommonOptions& o);
 // Per-segment heat and, during a migration, the policy's decision per segment.
 int run_stats(const CommonOptions& o, size_t top);

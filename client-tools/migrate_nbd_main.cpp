@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "client-tools/migrate_nbd_commands.h"
+#include "client-tools/migrate_nbd_qemu.h"
 
 namespace mig = livemig::mig;
 
@@ -172,6 +173,13 @@ int main(int argc, char** argv) {
   add_common(v, verify, true, "the source plugin's peer port");
   v->add_option("--range-size", verify.range_size, "bytes hashed per range (default 64M)")->type_name("SIZE");
 
+  // qemu-migrate (migrate_nbd_qemu.cpp): a QEMU live migration with its disk.
+  mig::QemuMigrateOptions qemu_migrate;
+  help->examples["qemu-migrate"] = mig::kQemuMigrateExample;
+  help->details["qemu-migrate"] = mig::kQemuMigrateDetails;
+  auto* qm = mig::add_qemu_migrate_command(app, qemu_migrate);
+  add_common(qm, qemu_migrate, true, "the source plugin's peer port");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
@@ -195,5 +203,6 @@ int main(int argc, char** argv) {
   if (c->parsed()) return mig::run_cancel(cancel);
   if (r->parsed()) return mig::run_release(release);
   if (v->parsed()) return mig::run_verify(verify);
+  if (qm->parsed()) return mig::run_qemu_migrate(qemu_migrate);
   return mig::kExitUsage;
 }
