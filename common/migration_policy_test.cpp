@@ -16,6 +16,15 @@ std::vector<HeatCounts> heat_of(std::initializer_list<std::pair<double, double>>
 }
 }  // namespace
 
+namespace {
+PolicyParams params(MigrationMode mode, double threshold = 0) {
+  PolicyParams p;
+  p.mode = mode;
+  p.threshold = threshold;
+  return p;
+}
+}  // namespace
+
 TEST_CASE("livefs pushes exactly the segments scoring at or above the threshold", "[policy]") {
   PolicyParams p{MigrationMode::Livefs, 5, {}, 0};
   auto heat = heat_of({{0, 0}, {20, 0}, {0, 20}, {10, 9}, {10, 10}});
@@ -32,7 +41,7 @@ TEST_CASE("livefs pushes exactly the segments scoring at or above the threshold"
 
 TEST_CASE("livefs with threshold 0 pushes everything, like precopy", "[policy]") {
   PolicyParams livefs{MigrationMode::Livefs, 0, {}, 0};
-  PolicyParams precopy{MigrationMode::Precopy};
+  PolicyParams precopy = params(MigrationMode::Precopy);
   auto heat = heat_of({{0, 0}, {5, 1}, {0, 0}});
   auto a = initial_send_set(livefs, heat), b = initial_send_set(precopy, heat);
   for (size_t s = 0; s < heat.size(); ++s) CHECK(a[s].push == b[s].push);
@@ -40,7 +49,7 @@ TEST_CASE("livefs with threshold 0 pushes everything, like precopy", "[policy]")
 
 TEST_CASE("livefs with threshold infinity pushes nothing, like postcopy", "[policy]") {
   PolicyParams livefs{MigrationMode::Livefs, std::numeric_limits<double>::infinity(), {}, 0};
-  PolicyParams postcopy{MigrationMode::Postcopy};
+  PolicyParams postcopy = params(MigrationMode::Postcopy);
   auto heat = heat_of({{1e9, 1e9}, {5, 1}, {0, 0}});
   auto a = initial_send_set(livefs, heat), b = initial_send_set(postcopy, heat);
   for (size_t s = 0; s < heat.size(); ++s) {
@@ -69,7 +78,7 @@ constexpr uint64_t kSeg = 1 << 20;
 }  // namespace
 
 TEST_CASE("hybrid stops pushing a segment once it was written threshold times", "[policy]") {
-  PolicyParams p{MigrationMode::Hybrid, 3};
+  PolicyParams p = params(MigrationMode::Hybrid, 3);
   auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));
   std::vector<unsigned> resends;
   auto load = writes_of({0, 2, 3});
@@ -85,7 +94,7 @@ TEST_CASE("hybrid stops pushing a segment once it was written threshold times", 
 }
 
 TEST_CASE("hybrid skips a segment that reached the threshold just before its push", "[policy]") {
-  PolicyParams p{MigrationMode::Hybrid, 4};
+  PolicyParams p = params(MigrationMode::Hybrid, 4);
   CHECK_FALSE(defer_before_push(p, {3, 1e9}, kSeg, 10));
   auto why = defer_before_push(p, {4, 0}, kSeg, 0);
   REQUIRE(why);
@@ -95,15 +104,15 @@ TEST_CASE("hybrid skips a segment that reached the threshold just before its pus
 TEST_CASE("hybrid and auto push the least written segments first; precopy and livefs in offset order",
           "[policy]") {
   std::vector<SegmentLoad> load = {{9, 0}, {0, 5e6}, {0, 0}, {2, 0}, {0, 0}};
-  CHECK(push_order({MigrationMode::Hybrid}, load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
-  CHECK(push_order({MigrationMode::Auto}, load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
-  CHECK(push_order({MigrationMode::Precopy}, load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
-  CHECK(push_order({MigrationMode::Livefs}, load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
+  CHECK(push_order(params(MigrationMode::Hybrid), load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
+  CHECK(push_order(params(MigrationMode::Auto), load) == std::vector<uint64_t>{2, 4, 1, 3, 0});
+  CHECK(push_order(params(MigrationMode::Precopy), load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
+  CHECK(push_order(params(MigrationMode::Livefs), load) == std::vector<uint64_t>{0, 1, 2, 3, 4});
 }
 
 TEST_CASE("auto defers a segment that would be re-written before handover, pushes one that stays clean",
           "[policy]") {
-  PolicyParams p{MigrationMode::Auto};
+  PolicyParams p = params(MigrationMode::Auto);
   // 1 MiB/s into a 1 MiB segment: within 2 s of handover it is re-written
   // over twice; within 10 ms only 1% of it is.
   auto why = defer_before_push(p, {0, 1 << 20}, kSeg, 2);
@@ -116,12 +125,12 @@ TEST_CASE("auto defers a segment that would be re-written before handover, pushe
   CHECK(defer_before_push(p, {0, kAutoRewriteShare * kSeg}, kSeg, 1.0));
   CHECK_FALSE(defer_before_push(p, {0, kAutoRewriteShare * kSeg * 0.99}, kSeg, 1.0));
   // Other modes never defer on rate.
-  CHECK_FALSE(defer_before_push({MigrationMode::Precopy}, {100, 1e12}, kSeg, 10));
-  CHECK_FALSE(defer_before_push({MigrationMode::Livefs}, {100, 1e12}, kSeg, 10));
+  CHECK_FALSE(defer_before_push(params(MigrationMode::Precopy), {100, 1e12}, kSeg, 10));
+  CHECK_FALSE(defer_before_push(params(MigrationMode::Livefs), {100, 1e12}, kSeg, 10));
 }
 
 TEST_CASE("auto resends a re-dirtied segment that will stay clean, defers one that will not", "[policy]") {
-  PolicyParams p{MigrationMode::Auto};
+  PolicyParams p = params(MigrationMode::Auto);
   auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));
   std::vector<unsigned> resends;
   std::vector<SegmentLoad> load = {{0, 0}, {1, 1000}, {500, 50e6}};
@@ -134,7 +143,7 @@ TEST_CASE("auto resends a re-dirtied segment that will stay clean, defers one th
 }
 
 TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[policy]") {
-  PolicyParams p{MigrationMode::Auto};
+  PolicyParams p = params(MigrationMode::Auto);
   p.max_resends = 2;
   auto set = initial_send_set(p, heat_of({{0, 0}}));
   std::vector<unsigned> resends;
@@ -150,11 +159,11 @@ TEST_CASE("auto defers a segment re-written in more than max_resends rounds", "[
 TEST_CASE("after handover livefs fetches by score, hybrid by write count, auto the least written first, precopy by offset", "[policy]") {
   auto heat = heat_of({{1, 0}, {50, 0}, {0, 9}});
   std::vector<double> writes = {7, 0, 9};
-  CHECK(fetch_order(fetch_priority({MigrationMode::Livefs}, heat, writes)) == std::vector<uint64_t>{1, 2, 0});
-  CHECK(fetch_order(fetch_priority({MigrationMode::Hybrid}, heat, writes)) == std::vector<uint64_t>{2, 0, 1});
-  CHECK(fetch_order(fetch_priority({MigrationMode::Auto}, heat, writes)) == std::vector<uint64_t>{1, 0, 2});
-  CHECK(fetch_order(fetch_priority({MigrationMode::Precopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
-  CHECK(fetch_order(fetch_priority({MigrationMode::Postcopy}, heat, writes)) == std::vector<uint64_t>{0, 1, 2});
+  CHECK(fetch_order(fetch_priority(params(MigrationMode::Livefs), heat, writes)) == std::vector<uint64_t>{1, 2, 0});
+  CHECK(fetch_order(fetch_priority(params(MigrationMode::Hybrid), heat, writes)) == std::vector<uint64_t>{2, 0, 1});
+  CHECK(fetch_order(fetch_priority(params(MigrationMode::Auto), heat, writes)) == std::vector<uint64_t>{1, 0, 2});
+  CHECK(fetch_order(fetch_priority(params(MigrationMode::Precopy), heat, writes)) == std::vector<uint64_t>{0, 1, 2});
+  CHECK(fetch_order(fetch_priority(params(MigrationMode::Postcopy), heat, writes)) == std::vector<uint64_t>{0, 1, 2});
 }
 
 TEST_CASE("an unknown mode is rejected with the list of modes", "[policy]") {
