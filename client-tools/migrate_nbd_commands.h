@@ -13,6 +13,10 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
+#include "common/status.h"
+
 namespace livemig::mig {
 
 inline constexpr int kExitOk = 0;
@@ -52,6 +56,11 @@ struct WatchOptions : CommonOptions {
 struct VerifyOptions : CommonOptions {
   std::string range_size = "64M";
 };
+
+// The migrate control request (plugin/control_ops.cpp) that `start` sends,
+// built from the options; an error names the bad option. submit (livemigd)
+// sends the same request.
+Result<nlohmann::json> migrate_request(const StartOptions& o);
 
 int run_start(const StartOptions& o);
 int run_status(const CommonOptions& o);

@@ -1,0 +1,74 @@
+"""livemigd runs its queue in FIFO order within max-concurrent.
+
+Each test starts its own plugins (loopback TCP) and its own livemigd, and
+kills them by PID at the end, also on failure."""
+
+import time
+
+import lmtest
+from lmtest import MiB, test
+from daemonlib import Export, Livemigd, active_phase
+
+
+@test
+def fifo_order_with_max_concurrent_1():
+    """Three tasks with max-concurrent 1 start in submission order, each
+    after the one before it ended, and all end done with equal images."""
+    exports = []
+    try:
+        exports = [Export(8 * MiB) for _ in range(3)]
+        with Livemigd(max_concurrent=1) as d:
+            # A rate cap keeps the first running while the others queue.
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "16M")
+                   for ex in exports]
+            tasks = [d.wait_state(i, ("done",), timeout=60) for i in ids]
+            starts = [t["started_at"] for t in tasks]
+            assert starts == sorted(starts) and len(set(starts)) == 3, f"not FIFO: start times {starts}"
+            for before, after in zip(tasks, tasks[1:]):
+                assert after["started_at"] >= before["finished_at"], \
+                    f"task {after['id']} started at {after['started_at']} before task {before['id']} ended " \
+                    f"at {before['finished_at']} (max-concurrent 1)"
+            for ex in exports:
+                ex.assert_copied()
+    finally:
+        for ex in exports:
+            ex.stop()
+
+
+@test
+def never_more_than_max_concurrent_running():
+    """max-concurrent 2 with three tasks: the plugins never show more than
+    two migrations at once, two do run together, and the third runs too."""
+    exports = []
+    try:
+        exports = [Export(8 * MiB) for _ in range(3)]
+        with Livemigd(max_concurrent=2) as d:
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "4M")
+                   for ex in exports]
+            most = 0
+            seen = set()
+            deadline = time.monotonic() + 60
+            while True:
+                active = [i for i, ex in enumerate(exports) if active_phase(ex.src)]
+                most = max(most, len(active))
+                seen.update(active)
+                assert len(active) <= 2, f"{len(active)} migrations running at once (max-concurrent 2)"
+                states = [d.task(i)["state"] for i in ids]
+                if all(s == "done" for s in states):
+                    break
+                assert not any(s in ("failed", "cancelled") for s in states), f"states {states}\n{d.log()}"
+                assert time.monotonic() < deadline, f"not done after 60 s: {states}"
+                time.sleep(0.05)
+            assert most == 2, f"at most {most} ran at once; expected 2 to run together"
+            assert seen == {0, 1, 2}, f"saw only {seen} running"
+            third = d.task(ids[2])
+            first_end = min(d.task(i)["finished_at"] for i in ids[:2])
+            assert third["started_at"] >= first_end, "the third task started before a slot was free"
+            for ex in exports:
+                ex.assert_copied()
+    finally:
+        for ex in exports:
+            ex.stop()
+
+
+lmtest.main()
