@@ -347,7 +347,12 @@ void Daemon::tend(const Task& task) {
       t.blocks_total = progress.value("blocks_total", t.blocks_total);
       t.blocks_left = progress.value("blocks_left", t.blocks_left);
     }
-    if (v.action == Action::Wait && !unknown) t.note = v.note;
+    if (v.action == Action::Wait && !unknown) {
+      t.note = v.note;
+      if (t.note.empty() && progress.is_object() && progress.value("ready", false) &&
+          progress.value("params", json::object()).value("handover", "") == "explicit")
+        t.note = fmt::format("ready: waiting for an explicit handover (migrate-nbd handover --from {})", t.source);
+    }
     if (v.action == Action::Adopt) {
       t.migration_id = v.adopt_id;
       t.note = "re-attached to migration " + v.adopt_id;

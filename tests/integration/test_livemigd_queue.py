@@ -6,6 +6,7 @@ kills them by PID at the end, also on failure."""
 import time
 
 import lmtest
+import migration as mig
 from lmtest import MiB, test
 from daemonlib import Export, Livemigd, active_phase
 
@@ -64,6 +65,37 @@ def never_more_than_max_concurrent_running():
             third = d.task(ids[2])
             first_end = min(d.task(i)["finished_at"] for i in ids[:2])
             assert third["started_at"] >= first_end, "the third task started before a slot was free"
+            for ex in exports:
+                ex.assert_copied()
+    finally:
+        for ex in exports:
+            ex.stop()
+
+
+@test
+def host_bandwidth_is_never_exceeded():
+    """--host-bandwidth 8M with max-concurrent 2 and three tasks on one host
+    (loopback): every migration the plugins run has a cap (max_rate), and the
+    caps of the migrations running at once never add up to more than 8M."""
+    limit = 8 * MiB
+    exports = []
+    try:
+        exports = [Export(4 * MiB) for _ in range(3)]
+        with Livemigd(max_concurrent=2, host_bandwidth="8M") as d:
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K") for ex in exports]
+            deadline = time.monotonic() + 60
+            while not all(d.task(i)["state"] == "done" for i in ids):
+                caps = []
+                for ex in exports:
+                    st = mig.status(ex.src)
+                    if st["phase"] in ("Monitoring", "PreCopy", "Sync", "Handover", "PostCopy"):
+                        caps.append(st["migration"]["params"]["max_rate"])
+                assert all(0 < c <= limit for c in caps), f"caps {caps}: every one must be set, at most {limit}"
+                assert sum(caps) <= limit, f"caps {caps} add up to more than the host's {limit}"
+                assert time.monotonic() < deadline, [d.task(i) for i in ids]
+                time.sleep(0.05)
+            for i in ids:
+                assert 0 < d.task(i)["rate_cap"] <= limit, d.task(i)
             for ex in exports:
                 ex.assert_copied()
     finally:
