@@ -8,6 +8,7 @@ image, both on loopback TCP), and migrate-nbd's daemon subcommands.
         d.submit(ex, "precopy", "--handover", "auto")
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -79,6 +80,19 @@ class Export:
     def assert_copied(self):
         """The destination image equals the source image byte for byte."""
         lmtest.assert_same(lmtest.read_file(self.dst_image), lmtest.read_file(self.src_image), "destination image")
+
+
+@contextlib.contextmanager
+def exports(n, size):
+    """n Exports of `size` bytes, stopped on exit (also on failure)."""
+    made = []
+    try:
+        for _ in range(n):
+            made.append(Export(size))
+        yield made
+    finally:
+        for ex in made:
+            ex.stop()
 
 
 class Livemigd:

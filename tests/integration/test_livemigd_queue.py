@@ -8,20 +8,18 @@ import time
 import lmtest
 import migration as mig
 from lmtest import MiB, test
-from daemonlib import Export, Livemigd, active_phase
+from daemonlib import Livemigd, active_phase, exports
 
 
 @test
 def fifo_order_with_max_concurrent_1():
     """Three tasks with max-concurrent 1 start in submission order, each
     after the one before it ended, and all end done with equal images."""
-    exports = []
-    try:
-        exports = [Export(8 * MiB) for _ in range(3)]
+    with exports(3, 8 * MiB) as exs:
         with Livemigd(max_concurrent=1) as d:
             # A rate cap keeps the first running while the others queue.
             ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "16M")
-                   for ex in exports]
+                   for ex in exs]
             tasks = [d.wait_state(i, ("done",), timeout=60) for i in ids]
             starts = [t["started_at"] for t in tasks]
             assert starts == sorted(starts) and len(set(starts)) == 3, f"not FIFO: start times {starts}"
@@ -29,28 +27,23 @@ def fifo_order_with_max_concurrent_1():
                 assert after["started_at"] >= before["finished_at"], \
                     f"task {after['id']} started at {after['started_at']} before task {before['id']} ended " \
                     f"at {before['finished_at']} (max-concurrent 1)"
-            for ex in exports:
+            for ex in exs:
                 ex.assert_copied()
-    finally:
-        for ex in exports:
-            ex.stop()
 
 
 @test
 def never_more_than_max_concurrent_running():
     """max-concurrent 2 with three tasks: the plugins never show more than
     two migrations at once, two do run together, and the third runs too."""
-    exports = []
-    try:
-        exports = [Export(8 * MiB) for _ in range(3)]
+    with exports(3, 8 * MiB) as exs:
         with Livemigd(max_concurrent=2) as d:
             ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "4M")
-                   for ex in exports]
+                   for ex in exs]
             most = 0
             seen = set()
             deadline = time.monotonic() + 60
             while True:
-                active = [i for i, ex in enumerate(exports) if active_phase(ex.src)]
+                active = [i for i, ex in enumerate(exs) if active_phase(ex.src)]
                 most = max(most, len(active))
                 seen.update(active)
                 assert len(active) <= 2, f"{len(active)} migrations running at once (max-concurrent 2)"
@@ -65,11 +58,8 @@ def never_more_than_max_concurrent_running():
             third = d.task(ids[2])
             first_end = min(d.task(i)["finished_at"] for i in ids[:2])
             assert third["started_at"] >= first_end, "the third task started before a slot was free"
-            for ex in exports:
+            for ex in exs:
                 ex.assert_copied()
-    finally:
-        for ex in exports:
-            ex.stop()
 
 
 @test
@@ -78,15 +68,13 @@ def host_bandwidth_is_never_exceeded():
     (loopback): every migration the plugins run has a cap (max_rate), and the
     caps of the migrations running at once never add up to more than 8M."""
     limit = 8 * MiB
-    exports = []
-    try:
-        exports = [Export(4 * MiB) for _ in range(3)]
+    with exports(3, 4 * MiB) as exs:
         with Livemigd(max_concurrent=2, host_bandwidth="8M") as d:
-            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K") for ex in exports]
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K") for ex in exs]
             deadline = time.monotonic() + 60
             while not all(d.task(i)["state"] == "done" for i in ids):
                 caps = []
-                for ex in exports:
+                for ex in exs:
                     st = mig.status(ex.src)
                     if st["phase"] in ("Monitoring", "PreCopy", "Sync", "Handover", "PostCopy"):
                         caps.append(st["migration"]["params"]["max_rate"])
@@ -96,11 +84,8 @@ def host_bandwidth_is_never_exceeded():
                 time.sleep(0.05)
             for i in ids:
                 assert 0 < d.task(i)["rate_cap"] <= limit, d.task(i)
-            for ex in exports:
+            for ex in exs:
                 ex.assert_copied()
-    finally:
-        for ex in exports:
-            ex.stop()
 
 
 lmtest.main()
