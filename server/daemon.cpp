@@ -208,6 +208,10 @@ void Daemon::stop() {
     std::lock_guard lock(wake_mu_);
   }
   wake_.notify_all();
+  {
+    std::lock_guard lock(mu_);  // a cancel request waiting for its task gives up
+  }
+  changed_.notify_all();
   if (scheduler_.joinable()) scheduler_.join();
   if (server_) server_->stop();
   std::lock_guard lock(monitors_mu_);
