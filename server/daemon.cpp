@@ -114,6 +114,7 @@ class HostMonitor {
     bool known = false;  // an answer arrived since monitoring began
     bool down = false;
     double down_since = 0;  // Unix time the silence began (last answer, or start)
+    Clock::time_point answered_at{};  // when the status below arrived
     json status;
     std::string error;
   };
@@ -125,6 +126,7 @@ class HostMonitor {
     auto silent = Clock::now() - last_ok_;
     s.down = silent > timeout_;
     if (s.down) s.down_since = now_unix() - std::chrono::duration<double>(silent).count() + timeout_.count() / 1000.0;
+    s.answered_at = known_ ? last_ok_ : Clock::time_point{};
     s.status = status_;
     s.error = error_;
     return s;
@@ -278,7 +280,7 @@ void Daemon::watch_addresses(const std::vector<Task>& running) {
   }
 }
 
-PluginView Daemon::view_of(const std::string& address, double* down_since) {
+PluginView Daemon::view_of(const std::string& address, double* down_since, Clock::time_point* answered_at) {
   HostMonitor::Snapshot s;
   {
     std::lock_guard lock(monitors_mu_);
@@ -287,6 +289,7 @@ PluginView Daemon::view_of(const std::string& address, double* down_since) {
     s = it->second->snapshot();
   }
   *down_since = s.down ? s.down_since : 0;
+  *answered_at = s.answered_at;
   if (s.down || !s.known) {
     PluginView v;
     v.up = false;
@@ -317,8 +320,9 @@ void Daemon::tick() {
 // One running task: record what the heartbeats say, then act on judge().
 void Daemon::tend(const Task& task) {
   double src_down = 0, dst_down = 0;
-  PluginView src = view_of(task.source, &src_down);
-  PluginView dst = view_of(task.destination, &dst_down);
+  Clock::time_point src_at{}, dst_at{};
+  PluginView src = view_of(task.source, &src_down, &src_at);
+  PluginView dst = view_of(task.destination, &dst_down, &dst_at);
   const bool unknown = (!src.up && src.phase == "?") || (!dst.up && dst.phase == "?");
   Verdict v;
   if (!unknown) v = judge({task.migration_id, task.destination, task.cancel_requested}, src, dst);
@@ -374,6 +378,7 @@ void Daemon::tend(const Task& task) {
       t.note.clear();
       t.finished_at = now_unix();
       retry_at_.erase(t.id);
+      issued_at_.erase(t.id);
     }
     return t.to_json() != before.to_json();
   });
@@ -382,6 +387,10 @@ void Daemon::tend(const Task& task) {
       std::lock_guard lock(mu_);
       auto it = retry_at_.find(task.id);
       if (it != retry_at_.end() && Clock::now() < it->second) return;
+      // A status older than our last migrate predates the migration it
+      // started: wait for fresh answers from both sides before starting again.
+      auto issued = issued_at_.find(task.id);
+      if (issued != issued_at_.end() && (src_at < issued->second || dst_at < issued->second)) return;
     }
     if (!v.note.empty()) log(fmt::format("task {}: {}", task.id, v.note));
     issue_migrate(task.id, task.attempts == 0);
@@ -414,6 +423,7 @@ void Daemon::issue_migrate(int64_t id, bool first) {
   modify(id, [&](Task& t) {
     if (t.state != TaskState::Running) return false;
     if (why.empty()) {
+      issued_at_[t.id] = Clock::now();
       t.migration_id = reply->value("id", reply->value("migration_id", std::string()));
       t.note.clear();
       if (t.attempts > 1) t.error = fmt::format("restarted from pre-copy (attempt {})", t.attempts);

@@ -83,7 +83,10 @@ class Daemon {
   // Reads the task, applies fn, writes it back if fn returns true. Under mu_.
   template <typename Fn>
   void modify(int64_t id, Fn&& fn);
-  PluginView view_of(const std::string& address, double* down_since);
+  // What the heartbeats last said of the plugin at `address`; down_since: 0
+  // or when it went silent; answered_at: when that status arrived.
+  PluginView view_of(const std::string& address, double* down_since,
+                     std::chrono::steady_clock::time_point* answered_at);
   void watch_addresses(const std::vector<Task>& running);
   void log(const std::string& message);
 
@@ -95,6 +98,9 @@ class Daemon {
   std::mutex mu_;  // guards read-modify-write of tasks and retry_at_
   std::condition_variable changed_;  // a task changed state
   std::map<int64_t, std::chrono::steady_clock::time_point> retry_at_;  // GUARDED_BY(mu_)
+  // When migrate was last answered for a task (statuses older than that
+  // cannot show its migration).
+  std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_;  // GUARDED_BY(mu_)
 
   std::mutex monitors_mu_;
   std::map<std::string, std::unique_ptr<HostMonitor>> monitors_;  // GUARDED_BY(monitors_mu_)
