@@ -301,7 +301,7 @@ std::optional<int> open_sides(Context& ctx, std::vector<Side>* sides, bool from_
 // ---------------------------------------------------------------- start
 
 // The heat-driven modes' parameters; the plugin checks them too.
-std::optional<int> add_policy(const StartOptions& o, json& req) {
+Status add_policy(const StartOptions& o, json& req) {
   if (!o.threshold.empty()) {
     if (o.threshold == "max" || o.threshold == "inf") {
       req["threshold"] = "max";
@@ -309,7 +309,7 @@ std::optional<int> add_policy(const StartOptions& o, json& req) {
       char* end = nullptr;
       double t = std::strtod(o.threshold.c_str(), &end);
       if (end == o.threshold.c_str() || *end || !(t >= 0))
-        return usage(fmt::format("--threshold '{}': must be a non-negative number or max", o.threshold));
+        return Status::error(fmt::format("--threshold '{}': must be a non-negative number or max", o.threshold));
       req["threshold"] = t;
     }
   }
@@ -322,21 +322,21 @@ std::optional<int> add_policy(const StartOptions& o, json& req) {
       char* end = nullptr;
       double t = std::strtod(o.monitor_period.c_str(), &end);
       if (end == o.monitor_period.c_str() || *end || !(t >= 0))
-        return usage(fmt::format("--monitor-period '{}': must be seconds or history", o.monitor_period));
+        return Status::error(fmt::format("--monitor-period '{}': must be seconds or history", o.monitor_period));
       req["monitor_period"] = t;
     }
   }
   if (o.max_resends) req["max_resends"] = *o.max_resends;
-  return std::nullopt;
+  return Status::ok();
 }
 
-std::optional<int> make_migrate_request(const StartOptions& o, json* out) {
+Result<json> migrate_request(const StartOptions& o) {
   static const std::set<std::string> kModes = {"precopy", "postcopy", "livefs", "hybrid", "auto"};
   if (!kModes.count(o.mode))
-    return usage(fmt::format("--mode '{}': must be precopy, postcopy, livefs, hybrid or auto", o.mode));
+    return Status::error(fmt::format("--mode '{}': must be precopy, postcopy, livefs, hybrid or auto", o.mode));
   if (!o.handover.empty() && o.handover != "explicit" && o.handover != "auto" && o.handover != "on-disconnect")
-    return usage(fmt::format("--handover '{}': must be explicit, auto or on-disconnect", o.handover));
-  if (o.to.empty()) return usage("--to HOST:PORT (the destination's peer port) is required");
+    return Status::error(fmt::format("--handover '{}': must be explicit, auto or on-disconnect", o.handover));
+  if (o.to.empty()) return Status::error("--to HOST:PORT (the destination's peer port) is required");
   json req = {{"op", "migrate"}, {"to", o.to}, {"mode", o.mode}};
   if (!o.from.empty()) req["from"] = o.from;
   if (!o.handover.empty()) req["handover"] = o.handover;
@@ -351,16 +351,22 @@ std::optional<int> make_migrate_request(const StartOptions& o, json* out) {
                              SizeField{o.transfer_unit, "--transfer-unit", "transfer_unit", false}}) {
     if (f.text.empty()) continue;
     auto v = f.rate ? parse_rate(f.text, f.flag) : parse_size(f.text, f.flag);
-    if (!v) return usage(v.status().message());
+    if (!v) return v.status();
     req[f.key] = *v;
   }
   if (o.max_rounds) {
-    if (*o.max_rounds < 1 || *o.max_rounds > 10000) return usage("--max-rounds must be from 1 to 10000");
+    if (*o.max_rounds < 1 || *o.max_rounds > 10000) return Status::error("--max-rounds must be from 1 to 10000");
     req["max_rounds"] = *o.max_rounds;
   }
-  if (o.interval <= 0) return usage("--interval must be more than 0 seconds");
-  if (auto rc = add_policy(o, req)) return *rc;
-  *out = std::move(req);
+  if (o.interval <= 0) return Status::error("--interval must be more than 0 seconds");
+  if (Status s = add_policy(o, req); !s) return s;
+  return req;
+}
+
+std::optional<int> make_migrate_request(const StartOptions& o, json* out) {
+  auto request = migrate_request(o);
+  if (!request) return usage(request.status().message());
+  *out = std::move(*request);
   return std::nullopt;
 }
 

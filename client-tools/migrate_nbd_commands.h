@@ -17,6 +17,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/status.h"
+
 namespace livemig::mig {
 
 inline constexpr int kExitOk = 0;
@@ -57,12 +59,17 @@ struct VerifyOptions : CommonOptions {
   std::string range_size = "64M";
 };
 
+// The migrate control request (plugin/control_ops.cpp) that `start` sends,
+// built from the options; an error names the bad option. submit (livemigd)
+// sends the same request.
+Result<nlohmann::json> migrate_request(const StartOptions& o);
+
 int run_start(const StartOptions& o);
 
 // For subcommands in other files (migrate_nbd_qemu.cpp): on a bad option
 // these print the error and return the exit status; nullopt on success.
 //
-// The migrate request that `start` sends, checked (o.wait is not used).
+// migrate_request, with a bad option printed as a usage error.
 std::optional<int> make_migrate_request(const StartOptions& o, nlohmann::json* out);
 class ControlClient;
 // Clients of the source (--from or --socket) and the destination (--to).

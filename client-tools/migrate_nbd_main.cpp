@@ -15,6 +15,8 @@
 #include <fmt/format.h>
 
 #include "client-tools/migrate_nbd_commands.h"
+#include "client-tools/migrate_nbd_daemon.h"
+#include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_qemu.h"
 
 namespace mig = livemig::mig;
@@ -104,29 +106,7 @@ int main(int argc, char** argv) {
       "start",
 "Starts a migration of the source's image to the destination.");
   add_common(s, start, true, "the source plugin's peer port");
-  s->add_option("--mode", start.mode, "precopy, postcopy, livefs, hybrid or auto")->required()->type_name("MODE");
-  s->add_option("--threshold", start.threshold,
-                "livefs: push segments scoring at least this (max = none: postcopy); hybrid: stop pushing a "
-                "segment written this many times (default 4)")
-      ->type_name("N");
-  s->add_option("--w-read", start.w_read, "livefs: weight of reads in the score (w-read + w-write = 1)")
-      ->type_name("W");
-  s->add_option("--w-write", start.w_write, "livefs: weight of writes in the score")->type_name("W");
-  s->add_option("--monitor-period", start.monitor_period,
-                "livefs: seconds of monitoring before choosing, or history (rank from the decayed heat)")
-      ->type_name("SECONDS");
-  s->add_option("--max-resends", start.max_resends, "auto: rounds a segment is resent before it is deferred (default 2)")
-      ->type_name("N");
-  s->add_option("--handover", start.handover,
-                "explicit (migrate-nbd handover), auto (once converged) or on-disconnect (when the last "
-                "client of the source disconnects); default: the source plugin's handover= key")
-      ->type_name("WHEN");
-  s->add_option("--handover-size", start.handover_size, "hand over once at most this much is left (default 64M)")
-      ->type_name("SIZE");
-  s->add_option("--max-rate", start.max_rate, "cap the migration's bandwidth (default: no cap)")->type_name("RATE");
-  s->add_option("--max-rounds", start.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
-      ->type_name("N");
-  s->add_option("--transfer-unit", start.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");
+  mig::add_migration_options(s, start);
   s->add_flag("--wait", start.wait, "show progress until the migration is Done, Failed or Cancelled");
   s->add_option("--interval", start.interval, "seconds between progress updates with --wait (default 1)")
       ->type_name("SECONDS");
@@ -180,6 +160,10 @@ int main(int argc, char** argv) {
   auto* qm = mig::add_qemu_migrate_command(app, qemu_migrate);
   add_common(qm, qemu_migrate, true, "the source plugin's peer port");
 
+  // livemigd: submit, list, show, cancel ID (client-tools/migrate_nbd_daemon.h).
+  mig::DaemonCommands daemon_commands;
+  mig::add_daemon_commands(app, daemon_commands, help->examples);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
@@ -195,6 +179,7 @@ int main(int argc, char** argv) {
     return mig::kExitUsage;
   }
 
+  if (auto rc = mig::run_daemon_command(daemon_commands)) return *rc;
   if (s->parsed()) return mig::run_start(start);
   if (st->parsed()) return mig::run_status(status);
   if (sts->parsed()) return mig::run_stats(stats, stats_top);

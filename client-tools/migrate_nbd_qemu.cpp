@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "client-tools/migrate_nbd_client.h"
+#include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
 #include "client-tools/qmp_client.h"
 
@@ -51,16 +52,7 @@ CLI::App* add_qemu_migrate_command(CLI::App& app, QemuMigrateOptions& o) {
   q->add_flag("--no-wait-storage", o.no_wait_storage,
               "return once the VM runs at the destination, while the disk still arrives post-copy");
   // The storage migration: the options of start (the handover is explicit).
-  q->add_option("--mode", o.mode, "storage: precopy, postcopy, livefs, hybrid or auto")->required()->type_name("MODE");
-  q->add_option("--threshold", o.threshold, "storage: as for start")->type_name("N");
-  q->add_option("--w-read", o.w_read, "storage: as for start")->type_name("W");
-  q->add_option("--w-write", o.w_write, "storage: as for start")->type_name("W");
-  q->add_option("--monitor-period", o.monitor_period, "storage: as for start")->type_name("SECONDS");
-  q->add_option("--max-resends", o.max_resends, "storage: as for start")->type_name("N");
-  q->add_option("--handover-size", o.handover_size, "storage: as for start")->type_name("SIZE");
-  q->add_option("--max-rate", o.max_rate, "storage: cap the storage migration's bandwidth")->type_name("RATE");
-  q->add_option("--max-rounds", o.max_rounds, "storage: as for start")->type_name("N");
-  q->add_option("--transfer-unit", o.transfer_unit, "storage: as for start")->type_name("SIZE");
+  add_migration_options(q, o, /*with_handover=*/false);
   q->add_option("--interval", o.interval, "seconds between progress lines while waiting (default 1)")
       ->type_name("SECONDS");
   return q;

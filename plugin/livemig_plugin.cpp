@@ -16,7 +16,7 @@
 
 #include "common/peer_auth.h"
 #include "plugin/control_ops.h"
-#include "plugin/control_server.h"
+#include "common/control_server.h"
 #include "plugin/migration_engine.h"
 #include "plugin/peer_server.h"
 #include "plugin/plugin_state.h"

@@ -67,61 +67,6 @@ bool active_phase(Phase p) {
   return p == Phase::Monitoring || p == Phase::PreCopy || p == Phase::Sync || p == Phase::Handover || p == Phase::PostCopy;
 }
 
-Result<uint64_t> json_size(const json& j, const char* key, uint64_t dflt) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return dflt;
-  if (!it->is_number_unsigned()) return Status::error(fmt::format("migrate: \"{}\" must be a non-negative integer", key));
-  return it->get<uint64_t>();
-}
-
-Result<std::string> json_string(const json& j, const char* key, const std::string& dflt) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return dflt;
-  if (!it->is_string()) return Status::error(fmt::format("migrate: \"{}\" must be a string", key));
-  return it->get<std::string>();
-}
-
-// threshold: a number, or "max"/"inf" (never push: livefs = postcopy).
-// monitor_period: seconds, or "history" (rank from the decayed heat).
-Status parse_policy(const json& j, PolicyParams& p) {
-  if (p.mode == MigrationMode::Hybrid) p.threshold = 4;  // Nicolae & Cappello's default order of magnitude
-  if (auto it = j.find("threshold"); it != j.end() && !it->is_null()) {
-    if (it->is_string() && (*it == "max" || *it == "inf"))
-      p.threshold = std::numeric_limits<double>::infinity();
-    else if (it->is_number() && it->get<double>() >= 0)
-      p.threshold = it->get<double>();
-    else
-      return Status::error("migrate: \"threshold\" must be a non-negative number or \"max\"");
-  }
-  double wr = j.value("w_read", 0.5), ww = j.value("w_write", 0.5);
-  if (j.contains("w_read") && !j.contains("w_write")) ww = 1 - wr;
-  if (j.contains("w_write") && !j.contains("w_read")) wr = 1 - ww;
-  auto w = HeatWeights::make(wr, ww);
-  if (!w) return Status::error("migrate: " + w.status().message());
-  p.weights = *w;
-  if (auto it = j.find("monitor_period"); it != j.end() && !it->is_null()) {
-    if (it->is_string() && *it == "history")
-      p.monitor_period = -1;
-    else if (it->is_number() && it->get<double>() >= 0 && it->get<double>() <= 86400)
-      p.monitor_period = it->get<double>();
-    else
-      return Status::error("migrate: \"monitor_period\" must be seconds (0 to 86400) or \"history\"");
-  }
-  if (auto it = j.find("max_resends"); it != j.end() && !it->is_null()) {
-    if (!it->is_number_unsigned() || it->get<uint64_t>() > 1000)
-      return Status::error("migrate: \"max_resends\" must be an integer from 0 to 1000");
-    p.max_resends = static_cast<unsigned>(it->get<uint64_t>());
-  }
-  return Status::ok();
-}
-
-json policy_json(const PolicyParams& p) {
-  json j = {{"w_read", p.weights.read}, {"w_write", p.weights.write}, {"max_resends", p.max_resends}};
-  j["threshold"] = std::isinf(p.threshold) ? json("max") : json(p.threshold);
-  j["monitor_period"] = p.monitor_period < 0 ? json("history") : json(p.monitor_period);
-  return j;
-}
-
 }  // namespace
 
 const char* phase_name(Phase p) {
@@ -153,58 +98,6 @@ Result<Phase> parse_phase(const std::string& s) {
                   Phase::Cancelled, Phase::Failed})
     if (s == phase_name(p)) return p;
   return Status::error(fmt::format("unknown phase '{}'", s));
-}
-
-// ---------------------------------------------------------------- params
-
-Result<MigrationParams> MigrationParams::from_json(const json& j, const std::string& default_handover) {
-  MigrationParams p;
-  p.handover = default_handover;
-  auto mode = json_string(j, "mode", p.mode);
-  if (!mode) return mode.status();
-  p.mode = *mode;
-  auto m = parse_mode(p.mode);
-  if (!m) return Status::error("migrate: " + m.status().message());
-  p.policy.mode = *m;
-  if (Status s = parse_policy(j, p.policy); !s) return s;
-  auto to = json_string(j, "to", "");
-  if (!to) return to.status();
-  p.to = *to;
-  if (p.to.empty()) return Status::error("migrate: \"to\" (the destination HOST:PORT) is required");
-  if (auto hp = parse_host_port(p.to); !hp) return Status::error("migrate: to=" + hp.status().message());
-  auto from = json_string(j, "from", "");
-  if (!from) return from.status();
-  p.from = *from;
-  auto handover = json_string(j, "handover", p.handover);
-  if (!handover) return handover.status();
-  p.handover = *handover;
-  if (p.handover != "explicit" && p.handover != "auto" && p.handover != "on-disconnect")
-    return Status::error(
-        fmt::format("migrate: handover \"{}\" must be explicit, auto or on-disconnect", p.handover));
-  auto hs = json_size(j, "handover_size", p.handover_size);
-  auto rate = json_size(j, "max_rate", p.max_rate);
-  auto rounds = json_size(j, "max_rounds", p.max_rounds);
-  auto unit = json_size(j, "transfer_unit", p.transfer_unit);
-  for (auto* r : {&hs, &rate, &rounds, &unit})
-    if (!*r) return r->status();
-  p.handover_size = *hs;
-  p.max_rate = *rate;
-  if (*rounds < 1 || *rounds > 10000) return Status::error("migrate: max_rounds must be from 1 to 10000");
-  p.max_rounds = static_cast<unsigned>(*rounds);
-  if (*unit < 4096 || *unit > kMaxDataLength || (*unit & (*unit - 1)))
-    return Status::error(fmt::format("migrate: transfer_unit {} must be a power of two from 4096 to {}", *unit,
-                                     kMaxDataLength));
-  p.transfer_unit = *unit;
-  return p;
-}
-
-json MigrationParams::to_json() const {
-  json j = policy_json(policy);
-  j.update(json{{"mode", mode},           {"to", to},
-          {"from", from},           {"handover", handover},
-          {"handover_size", handover_size}, {"max_rate", max_rate},
-          {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit}});
-  return j;
 }
 
 // ---------------------------------------------------------------- life cycle

@@ -61,6 +61,7 @@
 
 #include "common/block_bitmap.h"
 #include "common/heat_map.h"
+#include "common/migration_params.h"
 #include "common/migration_policy.h"
 #include "common/peer_link.h"
 #include "common/segment_geometry.h"
@@ -77,23 +78,6 @@ enum class IoMode : uint8_t { Local, SourceTracking, Fenced, DestProxy, DestPost
 const char* phase_name(Phase p);
 const char* role_name(Role r);
 Result<Phase> parse_phase(const std::string& s);
-
-// The parameters of one migration (a mode is a set of these).
-struct MigrationParams {
-  std::string mode = "precopy";     // precopy | postcopy | livefs | hybrid | auto
-  std::string to;                   // destination HOST:PORT
-  std::string from;                 // how the destination reaches the source
-  std::string handover = "explicit";  // explicit | auto | on-disconnect
-  uint64_t handover_size = 64ull << 20;  // bytes left at most before handover
-  uint64_t max_rate = 0;                 // bytes/s on the wire, 0 = no cap
-  unsigned max_rounds = 30;              // pre-copy rounds before handing over anyway
-  uint64_t transfer_unit = 1ull << 20;   // bytes in one transfer at most
-  PolicyParams policy;                   // mode, threshold, weights, monitoring
-
-  // Parses a migrate request; errors name the field.
-  static Result<MigrationParams> from_json(const nlohmann::json& j, const std::string& default_handover);
-  nlohmann::json to_json() const;
-};
 
 // What the engine needs from the plugin.
 struct EngineContext {

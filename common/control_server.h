@@ -1,6 +1,6 @@
-// The local control endpoint: a Unix stream socket (mode 0600) that takes one
-// JSON request per line and answers one JSON line each, plus the plugin's
-// background timer (heat decay).
+// A local control endpoint (the plugin's control=, livemigd's --socket): a
+// Unix stream socket (mode 0600) that takes one JSON request per line and
+// answers one JSON line each, plus a periodic timer (the plugin's heat decay).
 //
 // Life cycle, fitted to nbdkit's: bind() runs in .get_ready, before nbdkit
 // forks into the background, so a bad path fails the start-up; it uses plain
@@ -32,7 +32,10 @@ class ControlServer {
 
   // Creates, binds and listens on `path` with mode 0600. A stale socket file
   // left by a dead process is replaced; any other existing file is an error.
-  static Result<std::unique_ptr<ControlServer>> bind(const std::string& path, Handler handler);
+  // Errors name the path as "<key>=PATH" (the plugin's key, or livemigd's
+  // option).
+  static Result<std::unique_ptr<ControlServer>> bind(const std::string& path, Handler handler,
+                                                     std::string_view key = "control");
 
   ~ControlServer();
 

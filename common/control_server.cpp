@@ -1,4 +1,4 @@
-#include "plugin/control_server.h"
+#include "common/control_server.h"
 
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -36,8 +36,8 @@ struct ControlServer::Impl {
 
 namespace {
 
-Status socket_error(const std::string& path, const char* what) {
-  return Status::error(fmt::format("control={}: {}: {}", path, what, std::strerror(errno)), errno);
+Status socket_error(std::string_view key, const std::string& path, const char* what) {
+  return Status::error(fmt::format("{}={}: {}: {}", key, path, what, std::strerror(errno)), errno);
 }
 
 // True if something accepts connections on the socket at `path`.
@@ -113,31 +113,32 @@ awaitable<void> accept_loop(stream_protocol::acceptor& acceptor, ControlServer::
 
 }  // namespace
 
-Result<std::unique_ptr<ControlServer>> ControlServer::bind(const std::string& path, Handler handler) {
+Result<std::unique_ptr<ControlServer>> ControlServer::bind(const std::string& path, Handler handler,
+                                                           std::string_view key) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.size() >= sizeof addr.sun_path)
-    return Status::error(fmt::format("control={}: path too long for a Unix socket", path));
+    return Status::error(fmt::format("{}={}: path too long for a Unix socket", key, path));
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
 
   struct stat st;
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode))
-      return Status::error(fmt::format("control={}: exists and is not a socket", path), EEXIST);
+      return Status::error(fmt::format("{}={}: exists and is not a socket", key, path), EEXIST);
     if (socket_in_use(addr))
-      return Status::error(fmt::format("control={}: another process is listening there", path), EADDRINUSE);
+      return Status::error(fmt::format("{}={}: another process is listening there", key, path), EADDRINUSE);
     ::unlink(path.c_str());  // stale socket of a process that died
   }
 
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return socket_error(path, "socket");
+  if (fd < 0) return socket_error(key, path, "socket");
   // The umask makes the socket 0600 from its creation, with no window in
   // which another user could connect. .get_ready runs single-threaded.
   mode_t old_mask = ::umask(0177);
   int rc = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   ::umask(old_mask);
   if (rc < 0 || ::listen(fd, 16) < 0) {
-    Status s = socket_error(path, rc < 0 ? "bind" : "listen");
+    Status s = socket_error(key, path, rc < 0 ? "bind" : "listen");
     ::close(fd);
     return s;
   }

@@ -1,0 +1,32 @@
+#include "client-tools/migrate_nbd_options.h"
+
+namespace livemig::mig {
+
+void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
+  app->add_option("--mode", o.mode, "precopy, postcopy, livefs, hybrid or auto")->required()->type_name("MODE");
+  app->add_option("--threshold", o.threshold,
+                  "livefs: push segments scoring at least this (max = none: postcopy); hybrid: stop pushing a "
+                  "segment written this many times (default 4)")
+      ->type_name("N");
+  app->add_option("--w-read", o.w_read, "livefs: weight of reads in the score (w-read + w-write = 1)")
+      ->type_name("W");
+  app->add_option("--w-write", o.w_write, "livefs: weight of writes in the score")->type_name("W");
+  app->add_option("--monitor-period", o.monitor_period,
+                  "livefs: seconds of monitoring before choosing, or history (rank from the decayed heat)")
+      ->type_name("SECONDS");
+  app->add_option("--max-resends", o.max_resends, "auto: rounds a segment is resent before it is deferred (default 2)")
+      ->type_name("N");
+  if (with_handover)
+    app->add_option("--handover", o.handover,
+                    "explicit (migrate-nbd handover), auto (once converged) or on-disconnect (when the last "
+                    "client of the source disconnects); default: the source plugin's handover= key")
+        ->type_name("WHEN");
+  app->add_option("--handover-size", o.handover_size, "hand over once at most this much is left (default 64M)")
+      ->type_name("SIZE");
+  app->add_option("--max-rate", o.max_rate, "cap the migration's bandwidth (default: no cap)")->type_name("RATE");
+  app->add_option("--max-rounds", o.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
+      ->type_name("N");
+  app->add_option("--transfer-unit", o.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");
+}
+
+}  // namespace livemig::mig

@@ -1,0 +1,28 @@
+#include "common/migration_params.h"
+
+#include <catch2/catch.hpp>
+
+using livemig::MigrationParams;
+using nlohmann::json;
+
+TEST_CASE("migration params: a valid request parses and round-trips") {
+  auto p = MigrationParams::from_json({{"to", "127.0.0.1:10809"}, {"mode", "livefs"}, {"threshold", "max"}}, "auto");
+  REQUIRE(p);
+  CHECK(p->mode == "livefs");
+  CHECK(p->handover == "auto");
+  auto again = MigrationParams::from_json(p->to_json(), "explicit");
+  REQUIRE(again);
+  CHECK(again->to_json() == p->to_json());
+}
+
+TEST_CASE("migration params: a bad mode or parameter is refused by name") {
+  auto mode = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"mode", "teleport"}}, "explicit");
+  REQUIRE_FALSE(mode);
+  CHECK(mode.status().message().find("teleport") != std::string::npos);
+  auto unit = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"transfer_unit", 3000}}, "explicit");
+  REQUIRE_FALSE(unit);
+  CHECK(unit.status().message().find("transfer_unit") != std::string::npos);
+  auto to = MigrationParams::from_json({{"mode", "precopy"}}, "explicit");
+  REQUIRE_FALSE(to);
+  CHECK(to.status().message().find("\"to\"") != std::string::npos);
+}

@@ -1,0 +1,690 @@
+#include "server/daemon.h"
+
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include <cstdio>
+#include <ctime>
+#include <set>
+
+#include <fmt/format.h>
+
+#include "common/migration_params.h"
+#include "common/peer_link.h"
+
+namespace livemig::daemon {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+namespace {
+
+constexpr milliseconds kTick{200};
+// Replies of migrate and cancel, which block in the plugin.
+constexpr milliseconds kLongReply{120'000};
+// Submit checks both plugins; an answer must come within this.
+constexpr milliseconds kSubmitTimeout{5'000};
+// A cancel request waits this long for the task to end.
+constexpr auto kCancelWait = std::chrono::seconds(60);
+
+double now_unix() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+milliseconds to_ms(double seconds) { return milliseconds(static_cast<int64_t>(seconds * 1000)); }
+
+json error_reply(const std::string& message) { return {{"ok", false}, {"error", message}}; }
+
+// HOST:PORT with HOST resolved to a numeric address, so that one host has
+// one name for the bandwidth limit and for the duplicate check.
+Result<std::string> resolve(const std::string& what, const std::string& address) {
+  auto hp = parse_host_port(address);
+  if (!hp) return Status::error(fmt::format("{} {}", what, hp.status().message()));
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  int rc = ::getaddrinfo(hp->host.c_str(), nullptr, &hints, &res);
+  if (rc != 0 || !res)
+    return Status::error(fmt::format("unknown host: {} {}: {} does not resolve ({})", what, address, hp->host,
+                                     rc ? gai_strerror(rc) : "no address"),
+                         EHOSTUNREACH);
+  char host[NI_MAXHOST];
+  rc = ::getnameinfo(res->ai_addr, res->ai_addrlen, host, sizeof host, nullptr, 0, NI_NUMERICHOST);
+  ::freeaddrinfo(res);
+  if (rc != 0) return Status::error(fmt::format("{} {}: {}", what, address, gai_strerror(rc)), EHOSTUNREACH);
+  return HostPort{host, hp->port}.str();
+}
+
+bool is_protocol_errno(int e) {
+  switch (e) {
+    case EPROTO: case EILSEQ: case EPROTONOSUPPORT: case EBADRQC: case EMSGSIZE: case EBADMSG: case ENOMSG: case EACCES:
+      return true;
+    default:
+      return false;
+  }
+}
+
+bool handed_over_phase(const std::string& p) { return p == "Handover" || p == "PostCopy" || p == "Done"; }
+
+PluginView view_from_status(const json& st) {
+  PluginView v;
+  v.up = true;
+  v.phase = st.value("phase", "");
+  v.role = st.value("role", "");
+  v.fenced = st.value("fenced", false);
+  v.last_error = st.value("last_error", "");
+  if (auto m = st.find("migration"); m != st.end() && m->is_object()) {
+    v.migration_id = m->value("id", "");
+    v.peer = m->value("peer", "");
+    if (v.last_error.empty()) v.last_error = m->value("last_error", "");
+  }
+  return v;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- HostMonitor
+
+// Polls one plugin's status every heartbeat-interval on a thread of its own
+// (a call may block for up to heartbeat-timeout). The plugin is down when it
+// has not answered for heartbeat-timeout, whether its calls fail or hang.
+class HostMonitor {
+ public:
+  HostMonitor(std::string address, std::shared_ptr<const mig::SecretChoice> secret, double interval, double timeout)
+      : address_(std::move(address)), interval_(to_ms(interval)), timeout_(to_ms(timeout)) {
+    mig::Timeouts t;
+    t.connect = t.reply = timeout_;
+    client_ = std::make_unique<mig::ControlClient>(mig::Target::remote(parse_host_port(address_).value()),
+                                                   std::move(secret), t);
+    last_ok_ = Clock::now();
+    thread_ = std::thread([this] { run(); });
+  }
+  ~HostMonitor() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  struct Snapshot {
+    bool known = false;  // an answer arrived since monitoring began
+    bool down = false;
+    double down_since = 0;  // Unix time the silence began (last answer, or start)
+    Clock::time_point answered_at{};  // when the status below arrived
+    json status;
+    std::string error;
+  };
+
+  Snapshot snapshot() {
+    std::lock_guard lock(mu_);
+    Snapshot s;
+    s.known = known_;
+    auto silent = Clock::now() - last_ok_;
+    s.down = silent > timeout_;
+    if (s.down) s.down_since = now_unix() - std::chrono::duration<double>(silent).count() + timeout_.count() / 1000.0;
+    s.answered_at = known_ ? last_ok_ : Clock::time_point{};
+    s.status = status_;
+    s.error = error_;
+    return s;
+  }
+
+ private:
+  void run() {
+    std::unique_lock lock(mu_);
+    while (!stop_) {
+      auto next = Clock::now() + interval_;
+      lock.unlock();
+      auto reply = client_->call({{"op", "status"}});
+      lock.lock();
+      if (reply) {
+        last_ok_ = Clock::now();
+        known_ = true;
+        status_ = std::move(*reply);
+        error_.clear();
+      } else {
+        error_ = reply.status().message();
+      }
+      cv_.wait_until(lock, next, [&] { return stop_; });
+    }
+  }
+
+  const std::string address_;
+  const milliseconds interval_, timeout_;
+  std::unique_ptr<mig::ControlClient> client_;  // the monitor thread's only
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;               // GUARDED_BY(mu_)
+  bool known_ = false;              // GUARDED_BY(mu_)
+  Clock::time_point last_ok_;       // GUARDED_BY(mu_)
+  json status_;                     // GUARDED_BY(mu_)
+  std::string error_;               // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
+// ---------------------------------------------------------------- life cycle
+
+Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
+  if (config.max_concurrent < 1) return Status::error("max-concurrent must be at least 1");
+  if (!(config.heartbeat_interval > 0) || !(config.heartbeat_timeout > 0))
+    return Status::error("heartbeat-interval and heartbeat-timeout must be more than 0 seconds");
+  std::string warning;
+  auto secret = mig::choose_secret(config.secret_file, &warning);
+  if (!secret) return secret.status();
+  auto store = TaskStore::open(config.database);
+  if (!store) return store.status();
+  std::unique_ptr<Daemon> d(new Daemon(config, std::move(*store),
+                                       std::make_shared<const mig::SecretChoice>(std::move(*secret))));
+  if (!warning.empty()) d->log("warning: " + warning);
+  Daemon* self = d.get();
+  auto server = ControlServer::bind(
+      config.socket, [self](std::string_view line) { return self->handle(line); }, "socket");
+  if (!server) return server.status();
+  d->server_ = std::move(*server);
+  return d;
+}
+
+Daemon::Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret)
+    : config_(std::move(config)), store_(std::move(store)), secret_(std::move(secret)) {}
+
+Daemon::~Daemon() { stop(); }
+
+void Daemon::start() {
+  auto running = store_->list(true);
+  if (running) {
+    size_t n = 0;
+    for (const Task& t : *running) n += t.state == TaskState::Running;
+    log(fmt::format("{} task(s) queued or running; {} running re-attach through their plugins' status", running->size(),
+                    n));
+  }
+  server_->start(nullptr, std::chrono::seconds(3600));
+  scheduler_ = std::thread([this] { scheduler_loop(); });
+}
+
+void Daemon::stop() {
+  if (stopping_.exchange(true)) return;
+  {
+    std::lock_guard lock(wake_mu_);
+  }
+  wake_.notify_all();
+  {
+    std::lock_guard lock(mu_);  // a cancel request waiting for its task gives up
+  }
+  changed_.notify_all();
+  if (scheduler_.joinable()) scheduler_.join();
+  if (server_) server_->stop();
+  std::lock_guard lock(monitors_mu_);
+  monitors_.clear();
+}
+
+void Daemon::log(const std::string& message) {
+  std::fprintf(stderr, "livemigd: %s\n", message.c_str());
+  std::fflush(stderr);
+}
+
+template <typename Fn>
+void Daemon::modify(int64_t id, Fn&& fn) {
+  std::lock_guard lock(mu_);
+  auto t = store_->get(id);
+  if (!t || !*t) {
+    if (!t) log(t.status().message());
+    return;
+  }
+  Task task = std::move(**t);
+  TaskState before = task.state;
+  if (!fn(task)) return;
+  if (Status s = store_->update(task); !s) {
+    log(fmt::format("task {}: {}", id, s.message()));
+    return;
+  }
+  if (task.state != before) {
+    log(fmt::format("task {} ({}): {} -> {}{}", id, task.name, state_name(before), state_name(task.state),
+                    task.error.empty() || task.state != TaskState::Failed ? "" : ": " + task.error));
+    changed_.notify_all();
+  }
+}
+
+// ---------------------------------------------------------------- scheduler
+
+void Daemon::scheduler_loop() {
+  while (!stopping_) {
+    tick();
+    std::unique_lock lock(wake_mu_);
+    wake_.wait_for(lock, kTick, [&] { return stopping_.load(); });
+  }
+}
+
+void Daemon::watch_addresses(const std::vector<Task>& running) {
+  std::set<std::string> wanted;
+  for (const Task& t : running) {
+    wanted.insert(t.source);
+    wanted.insert(t.destination);
+  }
+  std::vector<std::unique_ptr<HostMonitor>> gone;  // joined outside the lock
+  {
+    std::lock_guard lock(monitors_mu_);
+    for (auto it = monitors_.begin(); it != monitors_.end();) {
+      if (!wanted.count(it->first)) {
+        gone.push_back(std::move(it->second));
+        it = monitors_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (const std::string& a : wanted)
+      if (!monitors_.count(a))
+        monitors_[a] = std::make_unique<HostMonitor>(a, secret_, config_.heartbeat_interval, config_.heartbeat_timeout);
+  }
+}
+
+PluginView Daemon::view_of(const std::string& address, double* down_since, Clock::time_point* answered_at) {
+  HostMonitor::Snapshot s;
+  {
+    std::lock_guard lock(monitors_mu_);
+    auto it = monitors_.find(address);
+    if (it == monitors_.end()) return {};
+    s = it->second->snapshot();
+  }
+  *down_since = s.down ? s.down_since : 0;
+  *answered_at = s.answered_at;
+  if (s.down || !s.known) {
+    PluginView v;
+    v.up = false;
+    v.last_error = s.error;
+    if (!s.down) v.phase = "?";  // not answered yet, not down yet: unknown
+    return v;
+  }
+  return view_from_status(s.status);
+}
+
+void Daemon::tick() {
+  auto running = store_->list(true);
+  if (!running) {
+    log(running.status().message());
+    return;
+  }
+  std::vector<Task> run;
+  for (Task& t : *running)
+    if (t.state == TaskState::Running) run.push_back(std::move(t));
+  watch_addresses(run);
+  for (const Task& t : run) {
+    if (stopping_) return;
+    tend(t);
+  }
+  start_queued();
+}
+
+// One running task: record what the heartbeats say, then act on judge().
+void Daemon::tend(const Task& task) {
+  double src_down = 0, dst_down = 0;
+  Clock::time_point src_at{}, dst_at{};
+  PluginView src = view_of(task.source, &src_down, &src_at);
+  PluginView dst = view_of(task.destination, &dst_down, &dst_at);
+  const bool unknown = (!src.up && src.phase == "?") || (!dst.up && dst.phase == "?");
+  Verdict v;
+  if (!unknown) v = judge({task.migration_id, task.destination, task.cancel_requested}, src, dst);
+  // Progress: the source's view before handover, the destination's after.
+  const bool ours_src = src.up && src.migration_id == task.migration_id && !task.migration_id.empty();
+  const bool ours_dst = dst.up && dst.migration_id == task.migration_id && !task.migration_id.empty();
+  std::string phase = task.phase;
+  if (ours_dst && handed_over_phase(dst.phase)) phase = dst.phase;
+  else if (ours_src) phase = src.phase;
+  json progress;
+  {
+    std::lock_guard lock(monitors_mu_);
+    auto pick = [&](const std::string& a) -> json {
+      auto it = monitors_.find(a);
+      if (it == monitors_.end()) return json();
+      return it->second->snapshot().status.value("migration", json());
+    };
+    progress = ours_dst && handed_over_phase(dst.phase) ? pick(task.destination) : ours_src ? pick(task.source) : json();
+  }
+
+  modify(task.id, [&](Task& t) {
+    if (t.state != TaskState::Running) return false;
+    Task before = t;
+    if (!unknown) {
+      t.source_down_since = src_down == 0 ? 0 : (t.source_down_since ? t.source_down_since : src_down);
+      t.destination_down_since = dst_down == 0 ? 0 : (t.destination_down_since ? t.destination_down_since : dst_down);
+    }
+    t.phase = phase;
+    if (progress.is_object()) {
+      t.blocks_total = progress.value("blocks_total", t.blocks_total);
+      t.blocks_left = progress.value("blocks_left", t.blocks_left);
+    }
+    if (v.action == Action::Wait && !unknown) {
+      t.note = v.note;
+      if (t.note.empty() && progress.is_object() && progress.value("ready", false) &&
+          progress.value("params", json::object()).value("handover", "") == "explicit")
+        t.note = fmt::format("ready: waiting for an explicit handover (migrate-nbd handover --from {})", t.source);
+    }
+    if (v.action == Action::Adopt) {
+      t.migration_id = v.adopt_id;
+      t.note = "re-attached to migration " + v.adopt_id;
+      log(fmt::format("task {}: re-attached to migration {} running at {}", t.id, v.adopt_id, t.source));
+    }
+    if (v.action == Action::Done || v.action == Action::Failed || v.action == Action::Cancelled) {
+      t.state = v.action == Action::Done ? TaskState::Done
+                : v.action == Action::Failed ? TaskState::Failed
+                                             : TaskState::Cancelled;
+      if (v.action == Action::Done) {
+        t.blocks_left = 0;
+        t.phase = "Done";
+      }
+      if (v.action == Action::Failed) t.error = v.note;
+      t.note.clear();
+      t.finished_at = now_unix();
+      retry_at_.erase(t.id);
+      issued_at_.erase(t.id);
+    }
+    return t.to_json() != before.to_json();
+  });
+  if (v.action == Action::Start) {
+    {
+      std::lock_guard lock(mu_);
+      auto it = retry_at_.find(task.id);
+      if (it != retry_at_.end() && Clock::now() < it->second) return;
+      // A status older than our last migrate predates the migration it
+      // started: wait for fresh answers from both sides before starting again.
+      auto issued = issued_at_.find(task.id);
+      if (issued != issued_at_.end() && (src_at < issued->second || dst_at < issued->second)) return;
+    }
+    if (!v.note.empty()) log(fmt::format("task {}: {}", task.id, v.note));
+    issue_migrate(task.id, task.attempts == 0);
+  } else if (v.action == Action::Cancel) {
+    issue_cancel(task.id);
+  }
+}
+
+void Daemon::issue_migrate(int64_t id, bool first) {
+  auto got = store_->get(id);
+  if (!got || !*got) return;
+  Task task = **got;
+  if (task.state != TaskState::Running) return;
+  json req = task.request;
+  req["op"] = "migrate";
+  if (task.rate_cap > 0) req["max_rate"] = task.rate_cap;
+  modify(id, [&](Task& t) {
+    ++t.attempts;
+    t.note = t.attempts == 1 ? "starting" : fmt::format("restarting from pre-copy (attempt {})", t.attempts);
+    return true;
+  });
+  mig::Timeouts timeouts;
+  timeouts.reply = kLongReply;
+  mig::ControlClient client(mig::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
+  auto reply = client.call_raw(req);
+  const bool refused = reply && reply->value("ok", false) != true;
+  std::string why = !reply ? reply.status().message()
+                    : refused ? fmt::format("{}: {}", task.source, reply->value("error", std::string("refused")))
+                              : "";
+  modify(id, [&](Task& t) {
+    if (t.state != TaskState::Running) return false;
+    if (why.empty()) {
+      issued_at_[t.id] = Clock::now();
+      t.migration_id = reply->value("id", reply->value("migration_id", std::string()));
+      t.note.clear();
+      if (t.attempts > 1) t.error = fmt::format("restarted from pre-copy (attempt {})", t.attempts);
+      log(fmt::format("task {} ({}): migration {} started from {} to {}{}", t.id, t.name, t.migration_id, t.source,
+                      t.destination, t.rate_cap ? fmt::format(" at most {} bytes/s", t.rate_cap) : ""));
+      return true;
+    }
+    t.error = why;
+    if ((first && refused) || t.attempts >= static_cast<int>(config_.max_attempts)) {
+      t.state = TaskState::Failed;
+      t.note.clear();
+      t.finished_at = now_unix();
+      if (!first || !refused) t.error = fmt::format("gave up after {} attempts: {}", t.attempts, why);
+      return true;
+    }
+    t.note = fmt::format("migrate failed ({}); retrying in {:g} s", why, config_.retry_delay);
+    retry_at_[t.id] = Clock::now() + to_ms(config_.retry_delay);
+    return true;
+  });
+}
+
+void Daemon::issue_cancel(int64_t id) {
+  auto got = store_->get(id);
+  if (!got || !*got) return;
+  mig::Timeouts timeouts;
+  timeouts.reply = kLongReply;
+  mig::ControlClient client(mig::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
+  auto reply = client.call({{"op", "cancel"}});
+  modify(id, [&](Task& t) {
+    if (t.state != TaskState::Running) return false;
+    if (!reply) {
+      t.note = "cancel: " + reply.status().message();
+      return true;
+    }
+    t.state = TaskState::Cancelled;
+    t.phase = reply->value("phase", t.phase);
+    t.note.clear();
+    t.finished_at = now_unix();
+    return true;
+  });
+}
+
+void Daemon::start_queued() {
+  auto active = store_->list(true);
+  if (!active) return;
+  std::vector<TaskSlot> running, queued;
+  std::map<int64_t, const Task*> by_id;
+  for (const Task& t : *active) {
+    TaskSlot s{t.id, t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}), t.rate_cap};
+    (t.state == TaskState::Running ? running : queued).push_back(s);
+    by_id[t.id] = &t;
+  }
+  StartPlan plan = plan_starts(running, queued, {config_.max_concurrent, config_.host_bandwidth});
+  for (const StartDecision& d : plan.start) {
+    bool started = false;
+    modify(d.id, [&](Task& t) {
+      if (t.state != TaskState::Queued) return false;
+      t.state = TaskState::Running;
+      t.rate_cap = d.rate_cap;
+      t.started_at = now_unix();
+      t.note = "starting";
+      started = true;
+      return true;
+    });
+    if (started) issue_migrate(d.id, true);
+  }
+  if (plan.waiting_id)
+    modify(plan.waiting_id, [&](Task& t) {
+      if (t.state != TaskState::Queued || t.note == plan.waiting) return false;
+      t.note = plan.waiting;
+      return true;
+    });
+}
+
+// ---------------------------------------------------------------- control ops
+
+std::string Daemon::handle(std::string_view line) {
+  json reply;
+  try {
+    json req = json::parse(line, nullptr, false);
+    if (req.is_discarded() || !req.is_object()) {
+      reply = error_reply("request must be a JSON object such as {\"op\":\"list\"}");
+    } else {
+      std::string op = req.value("op", "");
+      if (op == "submit") reply = op_submit(req);
+      else if (op == "list") reply = op_list(req);
+      else if (op == "show") reply = op_show(req);
+      else if (op == "cancel") reply = op_cancel(req);
+      else if (op == "status") reply = op_status(req);
+      else reply = error_reply(fmt::format("unknown op \"{}\" (known: submit, list, show, cancel, status)", op));
+      reply["op"] = op;
+    }
+  } catch (const std::exception& e) {
+    reply = error_reply(fmt::format("internal error: {}", e.what()));
+  }
+  return reply.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+json Daemon::op_submit(const json& req) {
+  auto r = req.find("request");
+  if (r == req.end() || !r->is_object())
+    return error_reply("submit: \"request\" must be the migrate request (from, to, mode and parameters)");
+  json m = *r;
+  m.erase("op");
+  if (!m.contains("from") || !m["from"].is_string() || m["from"].get<std::string>().empty())
+    return error_reply("submit: \"from\" (the source plugin's HOST:PORT) is required");
+  if (!m.contains("to") || !m["to"].is_string() || m["to"].get<std::string>().empty())
+    return error_reply("submit: \"to\" (the destination plugin's HOST:PORT) is required");
+  auto from = resolve("source", m["from"].get<std::string>());
+  if (!from) return error_reply(from.status().message());
+  auto to = resolve("destination", m["to"].get<std::string>());
+  if (!to) return error_reply(to.status().message());
+  if (*from == *to) return error_reply(fmt::format("source and destination are the same plugin ({})", *from));
+  m["from"] = *from;
+  m["to"] = *to;
+  if (!m.contains("mode")) return error_reply("submit: \"mode\" is required (precopy, postcopy, livefs, hybrid or auto)");
+  auto params = MigrationParams::from_json(m, "explicit");
+  if (!params) return error_reply("bad migration: " + params.status().message());
+
+  // Both plugins must answer status now.
+  json src_status;
+  for (const auto& [what, address] : {std::pair<std::string, std::string>{"source", *from}, {"destination", *to}}) {
+    mig::Timeouts t;
+    t.connect = t.reply = kSubmitTimeout;
+    mig::ControlClient client(mig::Target::remote(parse_host_port(address).value()), secret_, t);
+    auto st = client.call_raw({{"op", "status"}});
+    if (!st) {
+      int e = st.status().errno_value();
+      return error_reply(fmt::format("{}: {} {}: {}", is_protocol_errno(e) ? "unknown export" : "unknown host", what,
+                                     address, st.status().message()));
+    }
+    if (st->value("ok", false) != true || !st->contains("phase"))
+      return error_reply(fmt::format("unknown export: {} {} does not answer status like a livemig plugin: {:.200}", what,
+                                     address, st->dump()));
+    if (what == "source") src_status = *st;
+    if (what == "source" && st->value("fenced", false))
+      return error_reply(fmt::format("the source {} is fenced: it handed its image over in an earlier migration "
+                                     "(migrate-nbd release, or migrate from the new owner)",
+                                     address));
+  }
+  Task task;
+  task.source = *from;
+  task.destination = *to;
+  task.mode = params->mode;
+  task.request = m;
+  task.name = req.value("name", "");
+  if (task.name.empty()) {
+    std::string image = src_status.value("image", "");
+    task.name = image.substr(image.rfind('/') == std::string::npos ? 0 : image.rfind('/') + 1);
+  }
+  if (task.name.empty()) task.name = *from;
+  {
+    std::lock_guard lock(mu_);
+    auto active = store_->list(true);
+    if (!active) return error_reply(active.status().message());
+    for (const Task& t : *active)
+      if (t.source == task.source)
+        return error_reply(fmt::format("export {} (source {}) already has a migration {}: task {} to {}; cancel it or "
+                                       "wait for it to end",
+                                       t.name, t.source, state_name(t.state), t.id, t.destination));
+    if (Status s = store_->add(task); !s) return error_reply(s.message());
+  }
+  log(fmt::format("task {} ({}): queued: {} from {} to {}", task.id, task.name, task.mode, task.source,
+                  task.destination));
+  {
+    std::lock_guard lock(wake_mu_);
+  }
+  wake_.notify_all();
+  return {{"ok", true}, {"task", task.to_json()}};
+}
+
+json Daemon::op_list(const json& req) {
+  auto tasks = store_->list(req.value("active", false));
+  if (!tasks) return error_reply(tasks.status().message());
+  json arr = json::array();
+  for (const Task& t : *tasks) arr.push_back(t.to_json());
+  return {{"ok", true}, {"tasks", std::move(arr)}, {"time", now_unix()}};
+}
+
+json Daemon::op_show(const json& req) {
+  if (!req.contains("id") || !req["id"].is_number_integer()) return error_reply("show: \"id\" (a task id) is required");
+  auto t = store_->get(req["id"].get<int64_t>());
+  if (!t) return error_reply(t.status().message());
+  if (!*t) return error_reply(fmt::format("no task {}", req["id"].get<int64_t>()));
+  json j = {{"ok", true}, {"task", (*t)->to_json()}, {"time", now_unix()}};
+  std::lock_guard lock(monitors_mu_);
+  for (const auto& [key, address] : {std::pair<std::string, std::string>{"source_status", (*t)->source},
+                                     {"destination_status", (*t)->destination}}) {
+    auto it = monitors_.find(address);
+    if (it == monitors_.end()) continue;
+    auto s = it->second->snapshot();
+    j[key] = s.status;
+    if (!s.error.empty()) j[key + "_error"] = s.error;
+  }
+  return j;
+}
+
+json Daemon::op_cancel(const json& req) {
+  if (!req.contains("id") || !req["id"].is_number_integer()) return error_reply("cancel: \"id\" (a task id) is required");
+  const int64_t id = req["id"].get<int64_t>();
+  std::string refusal;
+  bool found = false;
+  modify(id, [&](Task& t) {
+    found = true;
+    if (is_final(t.state)) {
+      refusal = fmt::format("task {} has ended already ({})", id, state_name(t.state));
+      return false;
+    }
+    if (t.state == TaskState::Queued) {
+      t.state = TaskState::Cancelled;
+      t.finished_at = now_unix();
+      t.note.clear();
+      return true;
+    }
+    if (handed_over_phase(t.phase)) {
+      refusal = fmt::format("task {} handed over already (phase {}): the destination owns the image now, so it cannot "
+                            "be cancelled",
+                            id, t.phase);
+      return false;
+    }
+    t.cancel_requested = true;
+    t.note = "cancelling";
+    return true;
+  });
+  if (!found) return error_reply(fmt::format("no task {}", id));
+  if (!refusal.empty()) return error_reply(refusal);
+  {
+    std::lock_guard lock(wake_mu_);
+  }
+  wake_.notify_all();
+  // Wait for the scheduler to carry it out.
+  std::unique_lock lock(mu_);
+  changed_.wait_for(lock, kCancelWait, [&] {
+    auto t = store_->get(id);
+    return stopping_ || !t || !*t || (*t)->state != TaskState::Running;
+  });
+  lock.unlock();
+  auto t = store_->get(id);
+  if (!t || !*t) return error_reply(fmt::format("no task {}", id));
+  if ((*t)->state == TaskState::Running)
+    return error_reply(fmt::format("task {}: cancel asked for, not done yet: {}", id, (*t)->note));
+  if ((*t)->state != TaskState::Cancelled)
+    return error_reply(fmt::format("task {} ended {} before it could be cancelled", id, state_name((*t)->state)));
+  return {{"ok", true}, {"task", (*t)->to_json()}};
+}
+
+json Daemon::op_status(const json&) {
+  auto tasks = store_->list(true);
+  size_t queued = 0, running = 0;
+  if (tasks)
+    for (const Task& t : *tasks) (t.state == TaskState::Running ? running : queued)++;
+  return {{"ok", true},
+          {"database", config_.database},
+          {"socket", config_.socket},
+          {"max_concurrent", config_.max_concurrent},
+          {"host_bandwidth", config_.host_bandwidth},
+          {"heartbeat_interval", config_.heartbeat_interval},
+          {"heartbeat_timeout", config_.heartbeat_timeout},
+          {"max_attempts", config_.max_attempts},
+          {"queued", queued},
+          {"running", running}};
+}
+
+}  // namespace livemig::daemon

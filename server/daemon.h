@@ -1,0 +1,114 @@
+// livemigd: the migrations daemon (DESIGN.md, "Control"). It takes migration
+// tasks from `migrate-nbd submit` on its Unix socket, keeps them in SQLite
+// (server/task_store.h), starts them in FIFO order within max-concurrent and
+// the per-host bandwidth limit (server/scheduler.h), watches both plugins of
+// every running task with heartbeats (the status op), and carries a task
+// through plugin failures by the recovery rules (scheduler.h, judge()).
+//
+// Threads:
+//   - the control socket's I/O thread, and one short-lived thread per request
+//     (common/control_server.h): submit, list, show, cancel, status;
+//   - the scheduler thread: every 200 ms, judges the running tasks from the
+//     heartbeats and acts (migrate, cancel), then starts queued tasks;
+//   - one heartbeat thread per plugin address in use (HostMonitor).
+// The plugin-side migration runs on without the daemon: a restarted daemon
+// finds its running tasks in the database and re-attaches to them through
+// the same judge() rules.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "client-tools/migrate_nbd_client.h"
+#include "common/control_server.h"
+#include "common/status.h"
+#include "server/scheduler.h"
+#include "server/task_store.h"
+
+namespace livemig::daemon {
+
+struct DaemonConfig {
+  std::string database = "/var/lib/livemig/livemigd.db";
+  std::string socket = "/run/livemig/livemigd.sock";
+  unsigned max_concurrent = 1;
+  uint64_t host_bandwidth = 0;     // bytes/s per host, 0 = no limit
+  double heartbeat_interval = 1;   // seconds between status polls of a plugin
+  double heartbeat_timeout = 5;    // a plugin silent this long is down
+  std::string secret_file;         // else $LIVEMIG_SECRET_FILE, else the loopback key
+  unsigned max_attempts = 5;       // migrate requests per task before it fails
+  double retry_delay = 2;          // seconds between two restarts of a task
+};
+
+class HostMonitor;
+
+class Daemon {
+ public:
+  // Opens the database and binds the socket; starts no thread.
+  static Result<std::unique_ptr<Daemon>> create(const DaemonConfig& config);
+  ~Daemon();
+
+  // Starts the threads. Returns at once.
+  void start();
+  // Stops every thread; running migrations go on in the plugins.
+  void stop();
+
+  // One control request (a JSON line) and its reply; any thread.
+  std::string handle(std::string_view line);
+
+ private:
+  Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret);
+
+  nlohmann::json op_submit(const nlohmann::json& req);
+  nlohmann::json op_list(const nlohmann::json& req);
+  nlohmann::json op_show(const nlohmann::json& req);
+  nlohmann::json op_cancel(const nlohmann::json& req);
+  nlohmann::json op_status(const nlohmann::json& req);
+
+  void scheduler_loop();
+  void tick();
+  void tend(const Task& task);
+  void start_queued();
+  // Sends migrate for `task` at its source. first: the task's first start.
+  void issue_migrate(int64_t id, bool first);
+  void issue_cancel(int64_t id);
+  // Reads the task, applies fn, writes it back if fn returns true. Under mu_.
+  template <typename Fn>
+  void modify(int64_t id, Fn&& fn);
+  // What the heartbeats last said of the plugin at `address`; down_since: 0
+  // or when it went silent; answered_at: when that status arrived.
+  PluginView view_of(const std::string& address, double* down_since,
+                     std::chrono::steady_clock::time_point* answered_at);
+  void watch_addresses(const std::vector<Task>& running);
+  void log(const std::string& message);
+
+  DaemonConfig config_;
+  std::unique_ptr<TaskStore> store_;
+  std::shared_ptr<const mig::SecretChoice> secret_;
+  std::unique_ptr<ControlServer> server_;
+
+  std::mutex mu_;  // guards read-modify-write of tasks and retry_at_
+  std::condition_variable changed_;  // a task changed state
+  std::map<int64_t, std::chrono::steady_clock::time_point> retry_at_;  // GUARDED_BY(mu_)
+  // When migrate was last answered for a task (statuses older than that
+  // cannot show its migration).
+  std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_;  // GUARDED_BY(mu_)
+
+  std::mutex monitors_mu_;
+  std::map<std::string, std::unique_ptr<HostMonitor>> monitors_;  // GUARDED_BY(monitors_mu_)
+
+  std::atomic<bool> stopping_{false};
+  std::mutex wake_mu_;
+  std::condition_variable wake_;
+  std::thread scheduler_;
+};
+
+}  // namespace livemig::daemon

@@ -1,0 +1,116 @@
+// livemigd: the livemig migrations daemon (server/daemon.h).
+//
+//   livemigd --config /etc/livemig/livemigd.conf
+//   livemigd --database /tmp/q.db --socket /tmp/livemigd.sock --max-concurrent 2 --host-bandwidth 1Gbit
+//
+// Runs in the foreground (systemd: deploy/systemd/livemigd.service) and logs
+// to stderr. SIGTERM or SIGINT stops it; migrations running in the plugins go
+// on, and the next livemigd re-attaches to them.
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "client-tools/migrate_nbd_units.h"
+#include "server/daemon.h"
+
+namespace d = livemig::daemon;
+
+int main(int argc, char** argv) {
+  d::DaemonConfig c;
+  std::string bandwidth = "0";
+  CLI::App app(
+      "livemigd: the livemig migrations daemon. Takes migration tasks from `migrate-nbd submit` on its Unix\n"
+      "socket, keeps them in SQLite, runs them in FIFO order within --max-concurrent and --host-bandwidth,\n"
+      "polls both plugins of every running task (heartbeats) and resumes tasks after a plugin or livemigd\n"
+      "itself restarts.\n\nExample: livemigd --config /etc/livemig/livemigd.conf",
+      "livemigd");
+  app.set_config("--config", "", "read options from FILE: one `key = value` a line, keys as the long options "
+                                 "below without --, # comments (deploy/livemigd.conf.example); options on the "
+                                 "command line win")
+      ->type_name("FILE");
+  app.allow_config_extras(CLI::config_extras_mode::error);  // an unknown key in the file is an error
+  app.add_option("--database", c.database, "the task queue (SQLite, WAL mode)")->type_name("PATH")->capture_default_str();
+  app.add_option("--socket", c.socket, "the control socket for migrate-nbd (created with mode 0600)")
+      ->type_name("PATH")
+      ->capture_default_str();
+  app.add_option("--max-concurrent", c.max_concurrent, "migrations running at once at most")
+      ->type_name("N")
+      ->check(CLI::Range(1u, 1000u))
+      ->capture_default_str();
+  app.add_option("--host-bandwidth", bandwidth,
+                 "bandwidth limit per host, summed over the migrations it takes part in (as source or destination): "
+                 "bytes/s as a SIZE (100M) or bits/s (1Gbit); 0 = no limit")
+      ->type_name("RATE")
+      ->capture_default_str();
+  app.add_option("--heartbeat-interval", c.heartbeat_interval, "seconds between two status polls of a plugin")
+      ->type_name("SECONDS")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--heartbeat-timeout", c.heartbeat_timeout,
+                 "a plugin that has not answered for this many seconds is marked down")
+      ->type_name("SECONDS")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--secret", c.secret_file,
+                 "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE, else the loopback key of plugins "
+                 "started without secret=)")
+      ->type_name("FILE");
+  app.add_option("--max-attempts", c.max_attempts,
+                 "migrate requests per task (the first start and restarts after failures) before it fails")
+      ->type_name("N")
+      ->check(CLI::Range(1u, 1000u))
+      ->capture_default_str();
+  app.add_option("--retry-delay", c.retry_delay, "seconds between two restarts of a task")
+      ->type_name("SECONDS")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket or key), 2 for a bad "
+             "command line or config file.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "livemigd: %s (see livemigd --help)\n", e.what());
+    return 2;
+  }
+  auto rate = livemig::mig::parse_rate(bandwidth, "--host-bandwidth");
+  if (!rate) {
+    std::fprintf(stderr, "livemigd: %s\n", rate.status().message().c_str());
+    return 2;
+  }
+  c.host_bandwidth = *rate;
+  if (c.heartbeat_timeout < c.heartbeat_interval)
+    std::fprintf(stderr, "livemigd: warning: --heartbeat-timeout %g is shorter than --heartbeat-interval %g\n",
+                 c.heartbeat_timeout, c.heartbeat_interval);
+
+  // Signals are taken by sigwait below; every thread inherits the mask.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto daemon = d::Daemon::create(c);
+  if (!daemon) {
+    std::fprintf(stderr, "livemigd: %s\n", daemon.status().message().c_str());
+    return 1;
+  }
+  (*daemon)->start();
+  std::fprintf(stderr,
+               "livemigd: serving %s; database %s; max-concurrent %u; host bandwidth %s; heartbeat every %g s, "
+               "down after %g s\n",
+               c.socket.c_str(), c.database.c_str(), c.max_concurrent,
+               c.host_bandwidth ? livemig::mig::format_rate(static_cast<double>(c.host_bandwidth)).c_str() : "unlimited",
+               c.heartbeat_interval, c.heartbeat_timeout);
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::fprintf(stderr, "livemigd: signal %d: stopping (running migrations go on in the plugins)\n", sig);
+  (*daemon)->stop();
+  return 0;
+}

@@ -1,0 +1,107 @@
+// livemigd's decisions as pure functions, so that tests can prove them
+// without plugins: which queued tasks start now and at what rate cap
+// (plan_starts), and what a running task needs given what both plugins say
+// (judge: the recovery rules of DESIGN.md, "Phases").
+//
+// Starting. Tasks start strictly in FIFO order: a task never starts before
+// one submitted earlier, and at most max_concurrent run at once.
+//
+// Bandwidth. With a per-host limit L, every running task has a rate cap
+// (passed to the plugin's migrate op as max_rate) and, for every host, the
+// caps of the tasks touching it (as source or destination) add up to at most
+// L. A plugin cannot change a running migration's cap, so the split is
+// decided at start: a starting task gets, on each of its hosts, the
+// bandwidth still free there divided among the tasks that may run there
+// together (itself, plus the queued tasks behind it on that host, at most
+// the free slots), and the smaller of its two hosts' shares (and of its own
+// max_rate). A lone task gets all of L; a task that would get less than
+// L / (4 * max_concurrent) waits (and, FIFO, so does everything behind it)
+// until bandwidth frees up.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace livemig::daemon {
+
+struct SchedulerLimits {
+  unsigned max_concurrent = 1;
+  uint64_t host_bandwidth = 0;  // bytes/s per host; 0 = no limit
+};
+
+// What the planner needs to know of a task.
+struct TaskSlot {
+  int64_t id = 0;
+  std::string source_host, destination_host;
+  uint64_t max_rate = 0;  // the submitter's own cap, 0 = none
+  uint64_t rate_cap = 0;  // running tasks: the cap they were started with
+};
+
+struct StartDecision {
+  int64_t id = 0;
+  uint64_t rate_cap = 0;  // 0 = no cap
+};
+
+struct StartPlan {
+  std::vector<StartDecision> start;
+  // Why the first queued task that does not start waits; empty if none waits.
+  std::string waiting;
+  int64_t waiting_id = 0;
+};
+
+// `running` and `queued` (in FIFO order) as they are now.
+StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& queued,
+                      const SchedulerLimits& limits);
+
+// One plugin as the last heartbeat saw it.
+struct PluginView {
+  bool up = false;              // answered within the heartbeat timeout
+  std::string phase;            // Idle, PreCopy, ..., Done, Cancelled, Failed
+  std::string role;             // none, source, destination
+  std::string migration_id;     // of the migration it knows, if any
+  std::string peer;             // its migration's peer address
+  bool fenced = false;
+  std::string last_error;
+};
+
+enum class Action {
+  Wait,      // nothing to do now (running normally, or waiting for a host)
+  Start,     // issue migrate at the source (first start or a restart)
+  Adopt,     // the source runs our migration but we never saw its id: take it
+  Cancel,    // a cancel was asked for and the source can still cancel
+  Done,
+  Failed,
+  Cancelled,
+};
+
+struct Verdict {
+  Verdict() = default;
+  Verdict(Action a, std::string n, std::string id = "") : action(a), note(std::move(n)), adopt_id(std::move(id)) {}
+  Action action = Action::Wait;
+  std::string note;      // for people: what the task waits for / why
+  std::string adopt_id;  // Adopt
+};
+
+// The task's side of judge().
+struct TaskView {
+  std::string migration_id;  // empty: migrate not (yet) answered
+  std::string destination;   // the address migrate was sent with ("to")
+  bool cancel_requested = false;
+};
+
+// The recovery rules for a running task:
+//  - after handover (either side reports our migration in Handover, PostCopy
+//    or Done) the destination owns the data: wait for Done, whoever is down
+//    (a restarted destination reloads its map and pulls again; a restarted
+//    source serves pulls);
+//  - before handover, a source running our migration: wait (note a host
+//    that is down); a source that failed or forgot it (restarted, or its
+//    receiver failed): Start again from pre-copy once the destination is up
+//    and no longer busy with it;
+//  - a cancel asked for before handover is carried out; after it, refused.
+Verdict judge(const TaskView& task, const PluginView& source, const PluginView& destination);
+
+}  // namespace livemig::daemon

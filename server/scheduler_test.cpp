@@ -1,0 +1,175 @@
+#include "server/scheduler.h"
+
+#include <catch2/catch.hpp>
+
+using namespace livemig::daemon;
+
+namespace {
+
+TaskSlot slot(int64_t id, const std::string& src, const std::string& dst, uint64_t max_rate = 0, uint64_t cap = 0) {
+  return {id, src, dst, max_rate, cap};
+}
+
+constexpr uint64_t M = 1u << 20;
+
+}  // namespace
+
+TEST_CASE("scheduler: never more than max-concurrent run, and starts follow FIFO order") {
+  std::vector<TaskSlot> queued = {slot(1, "a", "b"), slot(2, "c", "d"), slot(3, "e", "f")};
+  auto plan = plan_starts({}, queued, {2, 0});
+  REQUIRE(plan.start.size() == 2);
+  CHECK(plan.start[0].id == 1);
+  CHECK(plan.start[1].id == 2);
+  CHECK(plan.waiting_id == 3);
+  CHECK(plan.waiting.find("max-concurrent 2") != std::string::npos);
+
+  // Two running: nothing starts.
+  auto full = plan_starts({slot(1, "a", "b"), slot(2, "c", "d")}, {slot(3, "e", "f")}, {2, 0});
+  CHECK(full.start.empty());
+  CHECK(full.waiting_id == 3);
+
+  // One ends: the next in line starts, not a later one.
+  auto next = plan_starts({slot(2, "c", "d")}, {slot(3, "e", "f"), slot(4, "g", "h")}, {2, 0});
+  REQUIRE(next.start.size() == 1);
+  CHECK(next.start[0].id == 3);
+
+  // Without a bandwidth limit the submitter's own cap is passed on as it is.
+  auto own = plan_starts({}, {slot(5, "a", "b", 7 * M)}, {1, 0});
+  REQUIRE(own.start.size() == 1);
+  CHECK(own.start[0].rate_cap == 7 * M);
+}
+
+TEST_CASE("scheduler: a lone task gets the whole host bandwidth") {
+  auto plan = plan_starts({}, {slot(1, "a", "b")}, {4, 100 * M});
+  REQUIRE(plan.start.size() == 1);
+  CHECK(plan.start[0].rate_cap == 100 * M);
+}
+
+TEST_CASE("scheduler: tasks starting together on a host split its bandwidth and never exceed it") {
+  std::vector<TaskSlot> queued = {slot(1, "a", "b"), slot(2, "a", "c"), slot(3, "a", "d")};
+  auto plan = plan_starts({}, queued, {2, 100 * M});
+  REQUIRE(plan.start.size() == 2);
+  CHECK(plan.start[0].rate_cap == 50 * M);
+  CHECK(plan.start[1].rate_cap == 50 * M);
+  CHECK(plan.start[0].rate_cap + plan.start[1].rate_cap <= 100 * M);
+
+  // Three slots, three tasks on host a: a third each.
+  auto three = plan_starts({}, queued, {3, 99 * M});
+  REQUIRE(three.start.size() == 3);
+  uint64_t sum = 0;
+  for (auto& d : three.start) {
+    CHECK(d.rate_cap == 33 * M);
+    sum += d.rate_cap;
+  }
+  CHECK(sum <= 99 * M);
+}
+
+TEST_CASE("scheduler: a task's cap is the smaller share of its two hosts and of its own max_rate") {
+  // Host b already carries 75 of 100 for a running task: the new a->b task
+  // gets what is left on b, though a is free.
+  auto plan = plan_starts({slot(1, "c", "b", 0, 75 * M)}, {slot(2, "a", "b")}, {4, 100 * M});
+  REQUIRE(plan.start.size() == 1);
+  CHECK(plan.start[0].rate_cap == 25 * M);
+  // Its own max_rate is lower still.
+  auto own = plan_starts({slot(1, "c", "b", 0, 75 * M)}, {slot(2, "a", "b", 10 * M)}, {4, 100 * M});
+  REQUIRE(own.start.size() == 1);
+  CHECK(own.start[0].rate_cap == 10 * M);
+  // Disjoint hosts do not share.
+  auto other = plan_starts({slot(1, "c", "d", 0, 100 * M)}, {slot(2, "a", "b")}, {4, 100 * M});
+  REQUIRE(other.start.size() == 1);
+  CHECK(other.start[0].rate_cap == 100 * M);
+}
+
+TEST_CASE("scheduler: a task waits when its host's bandwidth is taken, and so does everything behind it") {
+  auto plan = plan_starts({slot(1, "a", "b", 0, 100 * M)}, {slot(2, "a", "c"), slot(3, "x", "y")}, {4, 100 * M});
+  CHECK(plan.start.empty());
+  CHECK(plan.waiting_id == 2);
+  CHECK(plan.waiting.find("bandwidth on host a") != std::string::npos);
+  // A running task without a cap (started before the limit was set) counts
+  // as using all of it.
+  auto uncapped = plan_starts({slot(1, "a", "b", 0, 0)}, {slot(2, "a", "c")}, {4, 100 * M});
+  CHECK(uncapped.start.empty());
+}
+
+TEST_CASE("judge: before handover a source running our migration is left alone") {
+  PluginView src{true, "PreCopy", "source", "m1", "10.0.0.2:1", false, ""};
+  PluginView dst{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Wait);
+  CHECK(v.note.empty());
+  dst.up = false;
+  v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Wait);
+  CHECK(v.note.find("destination down") != std::string::npos);
+}
+
+TEST_CASE("judge: a failed receiver before handover restarts from pre-copy once it is back") {
+  // The destination restarted: it abandoned the migration; the source failed it.
+  PluginView src{true, "Failed", "none", "m1", "10.0.0.2:1", false, "connection to the destination lost"};
+  PluginView dst{true, "Failed", "destination", "m1", "10.0.0.1:1", true, "restarted during PreCopy"};
+  auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Start);
+  CHECK(v.note.find("pre-copy") != std::string::npos);
+  // Still down: wait.
+  dst.up = false;
+  CHECK(judge({"m1", "10.0.0.2:1", false}, src, dst).action == Action::Wait);
+  // The destination has not noticed yet: wait.
+  PluginView busy{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, src, busy).action == Action::Wait);
+  // A restarted source (forgot the migration: Idle or Failed) restarts it too.
+  PluginView idle{true, "Idle", "none", "", "", false, ""};
+  PluginView dst_failed{true, "Failed", "destination", "m1", "10.0.0.1:1", true, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, idle, dst_failed).action == Action::Start);
+}
+
+TEST_CASE("judge: after handover the daemon waits for Done whoever is down") {
+  PluginView src{true, "PostCopy", "source", "m1", "10.0.0.2:1", true, ""};
+  PluginView dst{false, "", "", "", "", false, ""};
+  auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Wait);
+  CHECK(v.note.find("resumes pulling") != std::string::npos);
+  // A source that failed after handover stays fenced: still not a restart.
+  PluginView failed_src{true, "Failed", "source", "m1", "10.0.0.2:1", true, "x"};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, failed_src, dst).action == Action::Wait);
+  // Source down, destination pulling.
+  PluginView down{false, "", "", "", "", false, ""};
+  PluginView pulling{true, "PostCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, down, pulling).action == Action::Wait);
+  // Either side Done: done.
+  PluginView done{true, "Done", "destination", "m1", "10.0.0.1:1", false, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, down, done).action == Action::Done);
+  PluginView src_done{true, "Done", "source", "m1", "10.0.0.2:1", true, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, src_done, down).action == Action::Done);
+  // Cancel after handover is not carried out.
+  CHECK(judge({"m1", "10.0.0.2:1", true}, src, pulling).action == Action::Wait);
+}
+
+TEST_CASE("judge: a migrate whose answer was lost is adopted, not issued twice") {
+  PluginView src{true, "PreCopy", "source", "m7", "10.0.0.2:1", false, ""};
+  PluginView dst{true, "PreCopy", "destination", "m7", "10.0.0.1:1", false, ""};
+  auto v = judge({"", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Adopt);
+  CHECK(v.adopt_id == "m7");
+  // Busy with someone else's migration: wait rather than start.
+  PluginView other{true, "PreCopy", "source", "m8", "10.0.0.5:1", false, ""};
+  CHECK(judge({"", "10.0.0.2:1", false}, other, dst).action == Action::Wait);
+  // Idle: start.
+  PluginView idle{true, "Idle", "none", "", "", false, ""};
+  CHECK(judge({"", "10.0.0.2:1", false}, idle, dst).action == Action::Start);
+}
+
+TEST_CASE("judge: cancel before handover is carried out at the source") {
+  PluginView src{true, "Sync", "source", "m1", "10.0.0.2:1", false, ""};
+  PluginView dst{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", true}, src, dst).action == Action::Cancel);
+  PluginView cancelled{true, "Cancelled", "none", "m1", "10.0.0.2:1", false, ""};
+  CHECK(judge({"m1", "10.0.0.2:1", false}, cancelled, dst).action == Action::Cancelled);
+}
+
+TEST_CASE("judge: a source busy with another migration fails the task") {
+  PluginView src{true, "PreCopy", "source", "m9", "10.0.0.7:1", false, ""};
+  PluginView dst{true, "Idle", "none", "", "", false, ""};
+  auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Failed);
+  CHECK(v.note.find("another migration") != std::string::npos);
+}

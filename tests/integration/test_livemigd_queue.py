@@ -1,0 +1,91 @@
+"""livemigd runs its queue in FIFO order within max-concurrent.
+
+Each test starts its own plugins (loopback TCP) and its own livemigd, and
+kills them by PID at the end, also on failure."""
+
+import time
+
+import lmtest
+import migration as mig
+from lmtest import MiB, test
+from daemonlib import Livemigd, active_phase, exports
+
+
+@test
+def fifo_order_with_max_concurrent_1():
+    """Three tasks with max-concurrent 1 start in submission order, each
+    after the one before it ended, and all end done with equal images."""
+    with exports(3, 8 * MiB) as exs:
+        with Livemigd(max_concurrent=1) as d:
+            # A rate cap keeps the first running while the others queue.
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "16M")
+                   for ex in exs]
+            tasks = [d.wait_state(i, ("done",), timeout=60) for i in ids]
+            starts = [t["started_at"] for t in tasks]
+            assert starts == sorted(starts) and len(set(starts)) == 3, f"not FIFO: start times {starts}"
+            for before, after in zip(tasks, tasks[1:]):
+                assert after["started_at"] >= before["finished_at"], \
+                    f"task {after['id']} started at {after['started_at']} before task {before['id']} ended " \
+                    f"at {before['finished_at']} (max-concurrent 1)"
+            for ex in exs:
+                ex.assert_copied()
+
+
+@test
+def never_more_than_max_concurrent_running():
+    """max-concurrent 2 with three tasks: the plugins never show more than
+    two migrations at once, two do run together, and the third runs too."""
+    with exports(3, 8 * MiB) as exs:
+        with Livemigd(max_concurrent=2) as d:
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "4M")
+                   for ex in exs]
+            most = 0
+            seen = set()
+            deadline = time.monotonic() + 60
+            while True:
+                active = [i for i, ex in enumerate(exs) if active_phase(ex.src)]
+                most = max(most, len(active))
+                seen.update(active)
+                assert len(active) <= 2, f"{len(active)} migrations running at once (max-concurrent 2)"
+                states = [d.task(i)["state"] for i in ids]
+                if all(s == "done" for s in states):
+                    break
+                assert not any(s in ("failed", "cancelled") for s in states), f"states {states}\n{d.log()}"
+                assert time.monotonic() < deadline, f"not done after 60 s: {states}"
+                time.sleep(0.05)
+            assert most == 2, f"at most {most} ran at once; expected 2 to run together"
+            assert seen == {0, 1, 2}, f"saw only {seen} running"
+            third = d.task(ids[2])
+            first_end = min(d.task(i)["finished_at"] for i in ids[:2])
+            assert third["started_at"] >= first_end, "the third task started before a slot was free"
+            for ex in exs:
+                ex.assert_copied()
+
+
+@test
+def host_bandwidth_is_never_exceeded():
+    """--host-bandwidth 8M with max-concurrent 2 and three tasks on one host
+    (loopback): every migration the plugins run has a cap (max_rate), and the
+    caps of the migrations running at once never add up to more than 8M."""
+    limit = 8 * MiB
+    with exports(3, 4 * MiB) as exs:
+        with Livemigd(max_concurrent=2, host_bandwidth="8M") as d:
+            ids = [d.submit(ex, "precopy", "--handover", "auto", "--handover-size", "64K") for ex in exs]
+            deadline = time.monotonic() + 60
+            while not all(d.task(i)["state"] == "done" for i in ids):
+                caps = []
+                for ex in exs:
+                    st = mig.status(ex.src)
+                    if st["phase"] in ("Monitoring", "PreCopy", "Sync", "Handover", "PostCopy"):
+                        caps.append(st["migration"]["params"]["max_rate"])
+                assert all(0 < c <= limit for c in caps), f"caps {caps}: every one must be set, at most {limit}"
+                assert sum(caps) <= limit, f"caps {caps} add up to more than the host's {limit}"
+                assert time.monotonic() < deadline, [d.task(i) for i in ids]
+                time.sleep(0.05)
+            for i in ids:
+                assert 0 < d.task(i)["rate_cap"] <= limit, d.task(i)
+            for ex in exs:
+                ex.assert_copied()
+
+
+lmtest.main()
