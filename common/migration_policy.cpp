@@ -34,6 +34,7 @@ const char* reason_name(SetReason r) {
     case SetReason::ScoreBelow: return "score < threshold";
     case SetReason::WrittenTooOften: return "written >= threshold times during migration";
     case SetReason::Rewritten: return "would be re-written before handover";
+    case SetReason::GuestOutwrites: return "the guest writes faster than the link drains";
   }
   return "?";
 }
@@ -81,6 +82,10 @@ std::optional<SetReason> defer_before_push(const PolicyParams& p, const SegmentL
       expected_rewrite_share(load, segment_bytes, seconds_to_handover) >= kAutoRewriteShare)
     return SetReason::Rewritten;
   return std::nullopt;
+}
+
+bool guest_outwrites_pushes(const PolicyParams& p, double guest_write_bytes_per_s, double push_bytes_per_s) {
+  return p.mode == MigrationMode::Auto && push_bytes_per_s > 0 && guest_write_bytes_per_s >= push_bytes_per_s;
 }
 
 void update_send_set(const PolicyParams& p, std::vector<SegmentDecision>& set, std::span<const SegmentLoad> load,

@@ -62,6 +62,7 @@ enum class SetReason {
   ScoreBelow,     // livefs: score < threshold
   WrittenTooOften,  // hybrid: written >= threshold times during migration
   Rewritten,      // auto: would be re-written before handover / resent too often
+  GuestOutwrites,  // auto: the guest writes faster than the pushes drain
 };
 const char* reason_name(SetReason r);
 
@@ -95,6 +96,13 @@ std::vector<uint64_t> push_order(const PolicyParams& p, std::span<const SegmentL
 // what is left to push (the time the segment would have to stay clean).
 std::optional<SetReason> defer_before_push(const PolicyParams& p, const SegmentLoad& load,
                                            uint64_t segment_bytes, double seconds_to_handover);
+
+// auto: true when the guest writes (anywhere in the image) at least as fast
+// as the pushes drain. The source is then busy with the guest, what it pushes
+// competes with it and is likely written again, while what the guest writes
+// at the destination after handover crosses no link: the rest waits for
+// handover. Both rates in bytes per second, measured over the same time.
+bool guest_outwrites_pushes(const PolicyParams& p, double guest_write_bytes_per_s, double push_bytes_per_s);
 
 // Updates the send set after a round. load: per segment, as measured now;
 // redirtied: per-segment blocks that were re-dirtied during the round (owed

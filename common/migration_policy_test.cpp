@@ -129,6 +129,16 @@ TEST_CASE("auto defers a segment that would be re-written before handover, pushe
   CHECK_FALSE(defer_before_push(params(MigrationMode::Livefs), {100, 1e12}, kSeg, 10));
 }
 
+TEST_CASE("auto stops pushing when the guest writes at least as fast as the pushes drain", "[policy]") {
+  PolicyParams p = params(MigrationMode::Auto);
+  CHECK(guest_outwrites_pushes(p, 100e6, 100e6));
+  CHECK(guest_outwrites_pushes(p, 300e6, 100e6));
+  CHECK_FALSE(guest_outwrites_pushes(p, 99e6, 100e6));
+  CHECK_FALSE(guest_outwrites_pushes(p, 0, 0));  // nothing measured yet
+  for (auto m : {MigrationMode::Precopy, MigrationMode::Livefs, MigrationMode::Hybrid, MigrationMode::Postcopy})
+    CHECK_FALSE(guest_outwrites_pushes(params(m), 1e12, 1));
+}
+
 TEST_CASE("auto resends a re-dirtied segment that will stay clean, defers one that will not", "[policy]") {
   PolicyParams p = params(MigrationMode::Auto);
   auto set = initial_send_set(p, heat_of({{0, 0}, {0, 0}, {0, 0}}));

@@ -30,6 +30,8 @@ constexpr size_t kPushWindowBytes = 8u << 20;
 constexpr uint64_t kBackgroundWindowUnits = 2;
 // Block data in one DATA frame at most (a multiple of every block size).
 constexpr uint64_t kMaxFrameData = 256u << 10;
+// Pushed bytes before the pusher trusts its measured throughput.
+constexpr uint64_t kMinPushSample = 4u << 20;
 // Queued push data the source lets drain before it fences.
 constexpr size_t kHandoverDrainBytes = 256u << 10;
 // Pushed bytes a destination receives between two fdatasyncs.
@@ -1145,17 +1147,26 @@ bool MigrationEngine::still_pushed(uint64_t seg, uint64_t bytes_left) {
   std::lock_guard lock(mu_);
   double seconds_to_handover = double(bytes_left) / push_throughput();
   auto why = defer_before_push(params_.policy, segment_load(seg), g.segment_size(), seconds_to_handover);
+  if (!why && pushes_measured() &&
+      guest_outwrites_pushes(params_.policy,
+                             double(blocks_dirtied_.load()) * g.block_size() / seconds_since(precopy_started_at_),
+                             push_throughput()))
+    why = SetReason::GuestOutwrites;
   if (why) send_set_[seg] = {false, *why};
   return !why;
+}
+
+// Enough has been pushed to tell the rate.
+bool MigrationEngine::pushes_measured() const {
+  return payload_bytes_sent_.load() >= kMinPushSample && seconds_since(precopy_started_at_) >= 0.5;
 }
 
 // Payload bytes per second the pushes achieve; before enough has been sent
 // to tell, the rate cap or the papers' 1 Gbit/s.
 double MigrationEngine::push_throughput() const {
-  constexpr double kMinSample = 4 << 20;
   double sent = double(payload_bytes_sent_.load());
   double seconds = seconds_since(precopy_started_at_);
-  if (sent >= kMinSample && seconds > 0) return sent / seconds;
+  if (sent >= kMinPushSample && seconds > 0) return sent / seconds;
   return params_.max_rate ? double(params_.max_rate) : 125e6;
 }
 

@@ -179,6 +179,7 @@ class MigrationEngine {
   bool monitor();
   void after_round(double seconds, uint64_t bytes_sent);
   bool still_pushed(uint64_t seg, uint64_t bytes_left);
+  bool pushes_measured() const;
   double push_throughput() const;
   uint64_t owed_in_send_set();
   SegmentLoad segment_load(uint64_t seg) const;

@@ -20,13 +20,13 @@ def segments(server):
     return server.control({"op": "stats"})["migration_segments"]
 
 
-def run_with_writer(mode, warmup=0.3, **params):
+def run_with_writer(mode, warmup=0.3, rate=0, **params):
     """Migrates under the verifying writer; returns the source's and the
     destination's final status, the source's segments and its status when
     it handed over."""
     with mig.Pair(SIZE, DATA, **{"segment-size": "1M"}) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
-        writer = mig.Writer(src.uri, HOT, journal, rate=0, duration=6, extra=["--flush-every", "64"])
+        writer = mig.Writer(src.uri, HOT, journal, rate=rate, duration=6, extra=["--flush-every", "64"])
         time.sleep(warmup)
         mig.migrate(src, dst, mode, handover="auto", max_rate=8 * MiB, handover_size=512 * 1024, **params)
         at_handover = mig.wait_phase(src, ["PostCopy", "Done"], timeout=60)
@@ -62,9 +62,11 @@ def hybrid_defers_segments_written_too_often_and_loses_nothing():
     assert all(s["why"].startswith("written") for s in deferred), deferred
 
 
+# auto tests: 500 writes/s (2 MiB/s) into the hot 4 MiB, slower than the
+# 8 MiB/s pushes, so the decisions are per segment.
 @test
 def auto_defers_rewritten_segments_and_loses_nothing():
-    st_src, st_dst, seg, _ = run_with_writer("auto")
+    st_src, st_dst, seg, _ = run_with_writer("auto", rate=500)
     m = st_src["migration"]
     deferred = [s for s in seg if s["set"] == "after-handover"]
     assert deferred, f"auto deferred nothing under a hot writer: {seg}"
@@ -79,12 +81,24 @@ def auto_defers_a_segment_it_sees_written_before_pushing_it():
     # hot 4 MiB, so auto pushes the cold data first and defers the hot
     # segments without sending them (they would be re-written before
     # handover): before handover, only the source's own data crossed.
-    st_src, st_dst, seg, at_handover = run_with_writer("auto", warmup=1.5)
+    st_src, st_dst, seg, at_handover = run_with_writer("auto", warmup=1.5, rate=500)
     hot = {s["segment"] for s in seg if s["set"] == "after-handover"}
     assert hot == set(range(16, 20)), seg
     assert all(s["why"] == "would be re-written before handover" for s in seg if s["segment"] in hot), seg
     sent = at_handover["migration"]["data_blocks_pushed"]
     assert sent <= DATA // BLOCK + 64, f"{sent} data blocks pushed: hot blocks were pushed"
+
+
+@test
+def auto_hands_over_early_when_the_guest_outwrites_the_pushes():
+    # An unthrottled writer writes faster than the 8 MiB/s pushes drain: auto
+    # stops pushing once it has measured both rates (4 MiB pushed) and the
+    # rest crosses after handover, where the guest's writes need no link.
+    st_src, st_dst, seg, at_handover = run_with_writer("auto", rate=0)
+    why = {s["why"] for s in seg if s["set"] == "after-handover"}
+    assert "the guest writes faster than the link drains" in why, seg
+    pushed = at_handover["migration"]["data_blocks_pushed"]
+    assert pushed < DATA // BLOCK // 2, f"{pushed} data blocks pushed: auto kept pushing under the writer"
 
 
 def idle_migration(mode, **params):
