@@ -3,9 +3,7 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <ctime>
 #include <memory>
@@ -16,6 +14,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "client-tools/interrupt_scope.h"
 #include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_output.h"
 #include "client-tools/migrate_nbd_units.h"
@@ -123,26 +122,6 @@ std::string phase_of(const SideStatus& s) {
 
 // ---------------------------------------------------------------- watch loop
 
-std::atomic<bool> g_interrupted{false};
-
-extern "C" void on_sigint(int) { g_interrupted = true; }
-
-// Ctrl-C ends the watch loop cleanly (the cursor comes back); a second one
-// kills the process (SA_RESETHAND).
-class SigintScope {
- public:
-  SigintScope() {
-    struct sigaction sa {};
-    sa.sa_handler = on_sigint;
-    sa.sa_flags = SA_RESETHAND;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_);
-  }
-  ~SigintScope() { sigaction(SIGINT, &old_, nullptr); }
-
- private:
-  struct sigaction old_ {};
-};
 
 enum class WatchOutput { Screen, Lines, Json, Quiet };
 
@@ -206,8 +185,7 @@ struct WatchResult {
 // A side that stops answering is shown as unreachable and asked again.
 WatchResult watch_loop(std::vector<Side>& sides, double interval, WatchOutput mode, const std::string& title) {
   WatchResult r;
-  SigintScope sigint;
-  g_interrupted = false;
+  InterruptScope interrupt;
   std::unique_ptr<ScreenPainter> painter;
   if (mode == WatchOutput::Screen) painter = std::make_unique<ScreenPainter>();
   const auto period = milliseconds(static_cast<int64_t>(std::max(interval, 0.1) * 1000));
@@ -246,9 +224,9 @@ WatchResult watch_loop(std::vector<Side>& sides, double interval, WatchOutput mo
       r.final_phase = phase;
       return r;
     }
-    while (std::chrono::steady_clock::now() < next && !g_interrupted)
+    while (std::chrono::steady_clock::now() < next && !InterruptScope::interrupted())
       std::this_thread::sleep_for(milliseconds(50));
-    if (g_interrupted) {
+    if (InterruptScope::interrupted()) {
       r.interrupted = true;
       return r;
     }

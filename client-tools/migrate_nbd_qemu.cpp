@@ -1,6 +1,5 @@
 #include "client-tools/migrate_nbd_qemu.h"
 
-#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -15,6 +14,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "client-tools/interrupt_scope.h"
 #include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
@@ -69,27 +69,6 @@ constexpr milliseconds kCancelWait{30'000};
 
 // Ctrl-C (or SIGTERM) during a wait fails the step, so the migration is
 // rolled back like after any other failure; a second one kills the process.
-std::atomic<bool> g_interrupted{false};
-extern "C" void on_interrupt(int) { g_interrupted = true; }
-
-class InterruptScope {
- public:
-  InterruptScope() {
-    struct sigaction sa {};
-    sa.sa_handler = on_interrupt;
-    sa.sa_flags = SA_RESETHAND;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int_);
-    sigaction(SIGTERM, &sa, &old_term_);
-  }
-  ~InterruptScope() {
-    sigaction(SIGINT, &old_int_, nullptr);
-    sigaction(SIGTERM, &old_term_, nullptr);
-  }
-
- private:
-  struct sigaction old_int_ {}, old_term_ {};
-};
 
 milliseconds seconds_ms(double s) { return milliseconds(static_cast<int64_t>(s * 1000)); }
 
@@ -109,7 +88,7 @@ class QemuMigration {
 
   int run() {
     t0_ = Clock::now();
-    InterruptScope interrupt;
+    InterruptScope interrupt(/*also_sigterm=*/true);
     std::optional<Failure> f = steps();
     if (!f) return kExitOk;
     std::vector<std::string> undone = roll_back();
@@ -124,7 +103,7 @@ class QemuMigration {
       std::fflush(stdout);
     }
     print_error(fmt::format("qemu-migrate failed at step '{}': {}{}", f->step, f->message, after));
-    return g_interrupted ? kExitInterrupted : kExitFailure;
+    return InterruptScope::interrupted() ? kExitInterrupted : kExitFailure;
   }
 
  private:
@@ -266,7 +245,7 @@ class QemuMigration {
   // Sleeps about `d` while reading both monitors, so that a QEMU that exits
   // is noticed at once; an error names the QEMU.
   std::optional<std::string> watch_qemus(milliseconds d) {
-    if (g_interrupted) return "interrupted";
+    if (InterruptScope::interrupted()) return "interrupted";
     auto ev = src_->wait_event(d);
     if (!ev) return "source QEMU: " + ev.status().message();
     auto dv = dst_->wait_event(milliseconds(0));
@@ -460,7 +439,7 @@ class QemuMigration {
       phase = st->value("phase", std::string());
       m = st->value("migration", json::object());
       if (phase == "Done" || o_.no_wait_storage) break;
-      if (g_interrupted) return Failure{step, "interrupted; the VM runs at the destination and the storage migration goes on"};
+      if (InterruptScope::interrupted()) return Failure{step, "interrupted; the VM runs at the destination and the storage migration goes on"};
       if (phase == "Failed" || phase == "Cancelled")
         return Failure{step, fmt::format("the storage migration is {}: {}", phase,
                                          st->value("last_error", m.value("last_error", std::string())))};
