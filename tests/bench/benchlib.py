@@ -1,7 +1,9 @@
-"""Shared pieces of the Python benchmarks in tests/bench (migration, modes):
-processes stopped by PID on any exit, the two-host test bed
+"""Shared pieces of the Python benchmarks in tests/bench (migration, modes,
+run): processes stopped by PID on any exit, the two-host test bed
 (deploy/testbed.sh), nbdkit with livemig.so in a namespace and its control
-socket, fio runs and their JSON, sparse images, status polling.
+socket, qemu-storage-daemon and its QMP monitor, fio runs and their JSON,
+the modes bench's workloads, sparse images, status polling, peak RSS, link
+throughput, report cells.
 
 Python stdlib only. A bench calls set_prog() and install_cleanup() first.
 Every process started through spawn() is stopped by PID on exit, error,
@@ -182,6 +184,19 @@ class Plugin:
     def stop(self):
         stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_work_dir(args, parent, name, longest_tag):
+    """args.work = PARENT/NAME, for this run's images and sockets (removed on
+    exit), with the pre-shared key args.secret in it. longest_tag: the
+    longest server tag, to check Unix socket paths fit."""
+    args.work = os.path.join(os.path.realpath(parent), name)
+    os.makedirs(args.work)
+    cleanup_paths.append(args.work)
+    if len(os.path.join(args.work, longest_tag, "control.sock")) > 100:
+        die(f"path too long for Unix socket names: {parent}")
+    args.secret = os.path.join(args.work, "psk")
+    write_secret(args.secret)
 
 
 def write_secret(path):
@@ -367,3 +382,303 @@ def median(xs):
         return None
     n = len(xs)
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def fmt_num(x):
+    if x is None:
+        return "-"
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+def cell(xs, fmt="{:.2f}", f=None):
+    """Median of the values (None skipped), with min-max when more than one."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    show = f or (lambda v: fmt.format(v))
+    med = median(xs)
+    if len(xs) == 1:
+        return show(med)
+    return f"{show(med)} ({show(min(xs))}-{show(max(xs))})"
+
+
+# --------------------------------------------------------------------------
+# Workloads of the modes bench and tests/bench/run (fio, nbd engine)
+
+class Workload:
+    """name, kind ("read": recurring reads; "write": the write workloads),
+    the fio options of one run and the number of NBD connections fio opens."""
+
+    def __init__(self, name, kind, options, jobs=1, time_based=True, label=""):
+        self.name, self.kind, self.options, self.jobs, self.time_based = name, kind, options, jobs, time_based
+        self.label = label or name
+
+
+def make_workloads(args):
+    size = args.size_b
+    wls = {}
+    blocks = args.reread_set // MiB
+    stride = size // blocks
+    for rate in args.reread_rates:
+        name = "reread" if not rate else f"reread-{rate}"
+        opts = ["--rw=randread", "--bs=1M", f"--blockalign={stride}", "--offset=0", f"--size={size}",
+                f"--numjobs={args.readers}", "--iodepth=1", "--norandommap", "--randrepeat=0", "--group_reporting"]
+        if rate:
+            opts.append(f"--rate_iops={rate}")
+        wls[name] = Workload(name, "read", opts, jobs=args.readers,
+                             label=f"recurring reads: {args.readers} readers of 1M randread, "
+                                   f"{f'{rate} IOPS each' if rate else 'unthrottled'}, "
+                                   f"{blocks} x 1 MiB working set")
+        wls[name].stride = stride
+        wls[name].blocks = blocks
+    for rate in args.hotset_rates:
+        name = "hotset" if not rate else f"hotset-{rate}"
+        opts = ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--numjobs=1", f"--offset={args.hot_offset}",
+                f"--size={args.hot_size}", "--randrepeat=0"]
+        if rate:
+            opts.append(f"--rate_iops={rate}")
+        wls[name] = Workload(name, "write", opts,
+                             label=f"hot-set 4k randwrite over {args.hot_size // MiB} MiB, "
+                                   f"{f'{rate} IOPS' if rate else 'unthrottled'}")
+    # time_based would keep fio writing forever and never read back: the
+    # loop is loops= with runtime as the cap.
+    opts = ["--rw=write", "--bs=1M", "--iodepth=1", "--numjobs=1", f"--offset={args.ior_offset}",
+            f"--size={args.ior_size}", "--verify=crc32c", "--do_verify=1", "--loops=1000000",
+            "--verify_state_save=0"]
+    wls["ior"] = Workload("ior", "write", opts, time_based=False,
+                          label=f"IOR-like 1M write then read of {args.ior_size // MiB} MiB, looped")
+    return wls
+
+
+def start_fio(args, wl, uri, tag, runtime, ramp, extra=()):
+    opts = [*wl.options, *extra]
+    return Fio(args, uri, tag, opts, runtime, ramp, time_based=wl.time_based)
+
+
+def fio_summary(fio, wl):
+    """I/Os, IOPS, per direction mean/p50/p99 completion latency (ms), fio's
+    runtime (s) and error; None if fio wrote no report."""
+    j = fio.json()
+    if j is None or not j.get("jobs"):
+        return None
+    job = j["jobs"][0]
+    # group_reporting sums job_runtime over the jobs of the group.
+    runtime = job.get("job_runtime", 0) / 1000 / max(1, wl.jobs)
+    out = {"runtime_s": runtime, "error": job.get("error", 0), "ios": 0}
+    for ddir in ("read", "write"):
+        d = job.get(ddir, {})
+        n = d.get("total_ios", 0)
+        out["ios"] += n
+        if not n:
+            continue
+        clat = d.get("clat_ns", {})
+        pct = clat.get("percentile", {})
+        out[ddir] = {"ios": n, "iops": d.get("iops", 0), "mean_ms": clat.get("mean", 0) / 1e6,
+                     "p50_ms": pct.get("50.000000", 0) / 1e6, "p99_ms": pct.get("99.000000", 0) / 1e6,
+                     "max_ms": clat.get("max", 0) / 1e6}
+    if out["ios"] and not any(out[d]["mean_ms"] for d in ("read", "write") if d in out):
+        # Stopped during its ramp: fio reports the ramp's I/Os without latencies.
+        out = {"runtime_s": 0, "error": out["error"], "ios": 0, "ramp_only": True}
+    out["iops"] = out["ios"] / runtime if runtime > 0 and out["ios"] else None
+    return out
+
+
+def overall(pre, post):
+    """Time-weighted IOPS of the two pieces."""
+    ios = sum(x["ios"] for x in (pre, post) if x)
+    t = sum(x["runtime_s"] for x in (pre, post) if x)
+    return ios / t if t > 0 and ios else None
+
+
+def mode_params(args, mode):
+    p = {"mode": mode, "handover": "auto", "handover_size": args.handover_size}
+    if mode == "livefs":
+        p.update(threshold=args.threshold, monitor_period=args.monitor_period, w_read=args.w_read)
+    elif mode == "hybrid":
+        p.update(threshold=args.hybrid_threshold)
+    elif mode == "auto" and args.max_resends is not None:
+        p.update(max_resends=args.max_resends)
+    if args.max_rounds:
+        p["max_rounds"] = args.max_rounds
+    return p
+
+
+# --------------------------------------------------------------------------
+# QEMU's side (tests/bench/run): qemu-storage-daemon and its QMP monitor
+
+class Qmp:
+    """A QMP client on a Unix socket. Events that arrive are kept in
+    .events as (time.time(), event dict)."""
+
+    def __init__(self, path, timeout=20):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no QMP monitor at {path} after {timeout} s")
+                time.sleep(0.05)
+        self.sock.settimeout(60)
+        self.buf = b""
+        self.events = []
+        self._line()                      # the greeting
+        self.execute("qmp_capabilities")
+
+    def _line(self):
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("QMP monitor closed")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def execute(self, cmd, **arguments):
+        """Runs one command; returns its "return", raises on "error"."""
+        msg = {"execute": cmd}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            r = self._line()
+            if "event" in r:
+                self.events.append((time.time(), r))
+            elif "error" in r:
+                raise RuntimeError(f"QMP {cmd}: {r['error'].get('desc', r['error'])}")
+            elif "return" in r:
+                return r["return"]
+
+    def event(self, name):
+        """The first event called name seen so far: (time, event) or None."""
+        return next(((t, e) for t, e in self.events if e["event"] == name), None)
+
+    def close(self):
+        self.sock.close()
+
+
+class StorageDaemon:
+    """qemu-storage-daemon in a network namespace serving image (file +
+    raw, node disk0) as the writable NBD export "disk0", on a Unix socket
+    (listen=None) or on HOST:PORT, with a QMP monitor on a Unix socket.
+    args needs .work and .logs."""
+
+    EXPORT = "disk0"
+
+    def __init__(self, args, ns, image, tag, listen=None):
+        self.dir = os.path.join(args.work, tag)
+        os.makedirs(self.dir, exist_ok=True)
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.qmp_path = os.path.join(self.dir, "qmp.sock")
+        self.log = os.path.join(args.logs, f"{tag}.qsd.log")
+        self.image = image
+        addr = (f"addr.type=inet,addr.host={listen[0]},addr.port={listen[1]}" if listen
+                else f"addr.type=unix,addr.path={self.sock}")
+        argv = ["ip", "netns", "exec", ns, "qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={image}",
+                "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                "--nbd-server", addr,
+                "--export", f"type=nbd,id=exp0,node-name=disk0,name={self.EXPORT},writable=on",
+                "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
+                "--monitor", "chardev=qmp0"]
+        self.proc = spawn(argv, self.log)
+        try:
+            self.qmp = Qmp(self.qmp_path)
+        except RuntimeError as e:
+            die(f"qemu-storage-daemon did not start ({e}):\n{open(self.log).read()}")
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///{self.EXPORT}?socket={self.sock}"
+
+    def stop(self):
+        """quit through QMP (it flushes and closes its NBD client), else SIGTERM."""
+        if self.proc.poll() is None:
+            try:
+                self.qmp.execute("quit")
+            except (RuntimeError, OSError):
+                pass
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.qmp.close()
+        stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NbdkitFile:
+    """nbdkit's file plugin serving image read-write in a namespace on HOST:PORT."""
+
+    def __init__(self, args, ns, image, tag, listen):
+        self.log = os.path.join(args.logs, f"{tag}.nbdkit-file.log")
+        self.pidfile = os.path.join(args.work, f"{tag}.pid")
+        argv = ["ip", "netns", "exec", ns, "nbdkit", "-f", "--exit-with-parent", "-i", listen[0],
+                "-p", str(listen[1]), "--pidfile", self.pidfile, "file", image]
+        self.proc = spawn(argv, self.log)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(self.pidfile) and open(self.pidfile).read().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                die(f"nbdkit file did not start:\n{open(self.log).read()}")
+            time.sleep(0.02)
+
+    def stop(self):
+        stop(self.proc)
+        try:
+            os.unlink(self.pidfile)
+        except FileNotFoundError:
+            pass
+
+
+def peak_rss(pid):
+    """VmHWM of a live process in bytes, or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KiB
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return None
+
+
+_STREAM_RX = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("listening", flush=True)
+c, _ = s.accept(); n = 0; t0 = None; buf = bytearray(1 << 20)
+while True:
+    k = c.recv_into(buf)
+    if not k: break
+    if t0 is None: t0 = time.monotonic()
+    n += k
+print(n, time.monotonic() - t0, flush=True)
+"""
+
+_STREAM_TX = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2]))); left = int(sys.argv[3]); b = bytes(1 << 20)
+while left > 0:
+    c.sendall(b[:min(left, len(b))]); left -= len(b)
+c.close()
+"""
+
+
+def link_throughput(env, nbytes, port=PEER_PORT + 7):
+    """Bytes/s of one TCP stream of nbytes from the source namespace to the
+    destination's address (the receiver times first byte -> end)."""
+    rx = subprocess.Popen(["ip", "netns", "exec", env["LM_TB_DST_NS"], sys.executable, "-c", _STREAM_RX,
+                           env["LM_TB_DST_ADDR"], str(port)], stdout=subprocess.PIPE, text=True)
+    _procs[rx.pid] = rx
+    try:
+        rx.stdout.readline()
+        subprocess.run(["ip", "netns", "exec", env["LM_TB_SRC_NS"], sys.executable, "-c", _STREAM_TX,
+                        env["LM_TB_DST_ADDR"], str(port), str(nbytes)], check=True, timeout=300)
+        n, secs = rx.stdout.readline().split()
+        rx.wait(10)
+    finally:
+        stop(rx)
+    return int(n) / float(secs)
