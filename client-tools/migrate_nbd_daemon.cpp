@@ -3,7 +3,7 @@
 #include <unistd.h>
 
 #include <chrono>
-#include <csignal>
+#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "client-tools/interrupt_scope.h"
 #include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
@@ -28,9 +29,6 @@ constexpr const char* kDaemonFooter =
     "The daemon's socket is --daemon PATH, else $LIVEMIGD_SOCKET, else /run/livemig/livemigd.sock.\n"
     "Exit status: 0 success, 1 refused or failed (or, with --wait, the task did not end done),\n"
     "2 bad command line, 130 interrupted.";
-
-std::atomic<bool> g_stop{false};
-extern "C" void on_stop_signal(int) { g_stop = true; }
 
 std::string socket_of(const DaemonCommands& d) {
   if (!d.daemon.empty()) return d.daemon;
@@ -162,13 +160,8 @@ int cmd_list(const DaemonCommands& d) {
     return kExitUsage;
   }
   const bool tty = ::isatty(STDOUT_FILENO);
-  struct sigaction sa {}, old {};
-  if (d.watch) {
-    sa.sa_handler = on_stop_signal;
-    sa.sa_flags = SA_RESETHAND;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old);
-  }
+  std::optional<InterruptScope> interrupt;  // Ctrl-C ends the watch
+  if (d.watch) interrupt.emplace();
   for (;;) {
     auto reply = ask(d, {{"op", "list"}, {"active", d.watch && !d.all}});
     if (!reply) {
@@ -196,11 +189,9 @@ int cmd_list(const DaemonCommands& d) {
     for (const json& t : tasks) active |= !final_state(t.value("state", ""));
     if (!active) return kExitOk;
     auto until = std::chrono::steady_clock::now() + milliseconds(static_cast<int64_t>(d.interval * 1000));
-    while (std::chrono::steady_clock::now() < until && !g_stop) std::this_thread::sleep_for(milliseconds(50));
-    if (g_stop) {
-      sigaction(SIGINT, &old, nullptr);
-      return kExitInterrupted;
-    }
+    while (std::chrono::steady_clock::now() < until && !InterruptScope::interrupted())
+      std::this_thread::sleep_for(milliseconds(50));
+    if (InterruptScope::interrupted()) return kExitInterrupted;
   }
 }
 
