@@ -263,11 +263,11 @@ def load_fio_json(path):
             text = f.read()
     except FileNotFoundError:
         return None
-    # fio prints notes ("fio: terminating on signal 2") before the JSON.
-    start = text.find("\n{")
-    text = text[start + 1:] if not text.startswith("{") and start >= 0 else text
+    # fio prints notes ("fio: terminating on signal 2") before the JSON, or
+    # after it when the signal came as it ended on its own.
+    start = 0 if text.startswith("{") else text.find("\n{") + 1
     try:
-        return json.loads(text)
+        return json.JSONDecoder().raw_decode(text, start)[0]
     except json.JSONDecodeError:
         return None
 
