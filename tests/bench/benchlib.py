@@ -112,7 +112,25 @@ def install_cleanup():
     signal.signal(signal.SIGHUP, _on_signal)
 
 
-def spawn(argv, out_path):
+# CPU pinning (tests/bench/run --pin): testbed namespace -> CPU list. With
+# it each "host" runs on its own CPUs, its servers and the guest attached to
+# them, as on two machines; without it both hosts and the guest share every
+# CPU, and the destination's receive work slows the guest on the source.
+host_cpus = {}
+
+
+def pinned(argv, host=None):
+    """argv under taskset on HOST's CPUs when pinning is on. HOST defaults
+    to the namespace of an `ip netns exec NS ...` argv."""
+    if host is None and argv[:3] == ["ip", "netns", "exec"]:
+        host = argv[3]
+    if host in host_cpus:
+        return ["taskset", "-c", host_cpus[host], *argv]
+    return argv
+
+
+def spawn(argv, out_path, host=None):
+    argv = pinned(argv, host)
     f = open(out_path, "wb")
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     f.close()
@@ -217,7 +235,7 @@ class Fio:
     JSON output to DIR/raw/TAG.fio.json (args needs .raw and .logs).
     time_based=False: runtime only caps the run (e.g. a loops= job)."""
 
-    def __init__(self, args, uri, tag, options, runtime, ramp=0, time_based=True):
+    def __init__(self, args, uri, tag, options, runtime, ramp=0, time_based=True, host=None):
         self.json_path = os.path.join(args.raw, f"{tag}.fio.json")
         self.log_path = os.path.join(args.logs, f"{tag}.fio.log")
         argv = ["fio", f"--name={tag}", "--ioengine=nbd", f"--uri={uri}", *options,
@@ -227,7 +245,7 @@ class Fio:
             argv.append(f"--ramp_time={ramp}")
         self.argv = argv
         self.started = time.monotonic()
-        self.proc = spawn(argv, self.log_path)
+        self.proc = spawn(argv, self.log_path, host)
         self.ended = None
 
     def running(self):
@@ -450,9 +468,11 @@ def make_workloads(args):
     return wls
 
 
-def start_fio(args, wl, uri, tag, runtime, ramp, extra=()):
+def start_fio(args, wl, uri, tag, runtime, ramp, extra=(), host=None):
+    """host: the namespace whose CPUs fio runs on when pinning is on (the
+    host of the server it attaches to, as a guest runs where its disk is served)."""
     opts = [*wl.options, *extra]
-    return Fio(args, uri, tag, opts, runtime, ramp, time_based=wl.time_based)
+    return Fio(args, uri, tag, opts, runtime, ramp, time_based=wl.time_based, host=host)
 
 
 def fio_summary(fio, wl):
@@ -670,13 +690,13 @@ c.close()
 def link_throughput(env, nbytes, port=PEER_PORT + 7):
     """Bytes/s of one TCP stream of nbytes from the source namespace to the
     destination's address (the receiver times first byte -> end)."""
-    rx = subprocess.Popen(["ip", "netns", "exec", env["LM_TB_DST_NS"], sys.executable, "-c", _STREAM_RX,
-                           env["LM_TB_DST_ADDR"], str(port)], stdout=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(pinned(["ip", "netns", "exec", env["LM_TB_DST_NS"], sys.executable, "-c", _STREAM_RX,
+                                  env["LM_TB_DST_ADDR"], str(port)]), stdout=subprocess.PIPE, text=True)
     _procs[rx.pid] = rx
     try:
         rx.stdout.readline()
-        subprocess.run(["ip", "netns", "exec", env["LM_TB_SRC_NS"], sys.executable, "-c", _STREAM_TX,
-                        env["LM_TB_DST_ADDR"], str(port), str(nbytes)], check=True, timeout=300)
+        subprocess.run(pinned(["ip", "netns", "exec", env["LM_TB_SRC_NS"], sys.executable, "-c", _STREAM_TX,
+                               env["LM_TB_DST_ADDR"], str(port), str(nbytes)]), check=True, timeout=300)
         n, secs = rx.stdout.readline().split()
         rx.wait(10)
     finally:
