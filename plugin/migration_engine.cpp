@@ -1323,7 +1323,10 @@ Status MigrationEngine::do_handover() {
     std::lock_guard lock(mu_);
     handover_pause_ms_ = ms_since(fence_start);
     reads_to_destination_ = true;
-    set_phase(Phase::PostCopy);
+    // A destination with nothing to fetch sends DONE right after the ACK;
+    // the link thread may have handled it (on_done) before this thread
+    // woke from the call. Done must not go back to PostCopy.
+    if (phase_ == Phase::Handover) set_phase(Phase::PostCopy);
     if (Status s = save_record(); !s) return s;
   }
   ctx_.image->flush();

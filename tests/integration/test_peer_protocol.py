@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 
 import lmtest
@@ -162,8 +163,10 @@ class ServerHello:
 class PeerClient:
     """A raw TCP connection to a peer port."""
 
-    def __init__(self, port, timeout=10.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, timeout=10.0, sock=None):
+        """Connects to the peer port, or (sock=) speaks on an accepted socket."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
@@ -810,6 +813,97 @@ def peer_link_refuses_frames_at_the_wrong_time_with_an_error():
         for k in ("role", "phase", "io_mode", "authoritative"):
             assert after.get(k) == before.get(k), f"status {k} changed: {before.get(k)} -> {after.get(k)}"
         assert_still_serving(s, key)
+        assert_no_crash_logged(s)
+
+
+# ---------------------------------------------------------------------------
+# Tests: a fake destination drives a real source
+
+class FakeDestination:
+    """A peer port on loopback that a real source migrates to: it completes
+    the server side of the handshake, acknowledges START, swallows DATA and
+    answers HANDOVER with `on_handover(client, frame)`. Runs in a thread;
+    `error` holds what went wrong there."""
+
+    def __init__(self, key, on_handover):
+        self.key, self.on_handover = key, on_handover
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.client = None
+        self.error = None
+        self.handed_over = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.listener.settimeout(20)
+            conn, _ = self.listener.accept()
+            self.client = c = PeerClient(0, timeout=20, sock=conn)
+            self._handshake(c)
+            while True:
+                f = c.read_frame()
+                assert f is not None, "the source closed the link before HANDOVER"
+                if f.type == START:
+                    c.send(frame(ACK, struct.pack(">QQI", f.request_id, 0, 0), request_id=f.request_id))
+                elif f.type == HANDOVER:
+                    self.on_handover(c, f)
+                    self.handed_over.set()
+                    return
+        except Exception as e:  # reported by the test, not lost in the thread
+            self.error = e
+            self.handed_over.set()
+
+    def _handshake(self, c):
+        f = c.read_frame()
+        assert f is not None and f.type == HELLO, f"expected the source's HELLO, got {f}"
+        nonce_c = f.payload[2:34]
+        nonce_s = os.urandom(32)
+        c.send(frame(HELLO, hello_payload(nonce_s, "peer", "fake-destination",
+                                          mac=server_mac(self.key, nonce_c, nonce_s))))
+        f = c.read_frame()
+        assert f is not None and f.type == AUTH, f"expected AUTH, got {f}"
+        assert hmac.compare_digest(f.payload, client_mac(self.key, nonce_s, nonce_c)), "the source's AUTH MAC"
+        c.send(frame(AUTH_OK))
+
+    def close(self):
+        self.thread.join(10)
+        if self.client:
+            self.client.close()
+        self.listener.close()
+
+
+@test
+def a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
+    # A destination with nothing to fetch sends DONE right after HANDOVER_ACK.
+    # The source's link thread can handle that DONE before its migration
+    # thread, woken by the ACK, records the handover (seen under load in
+    # tests/bench/run: the source stuck in PostCopy while the destination was
+    # Done). Sending DONE before the ACK forces that order.
+    key_path, key = make_secret()
+    with peer_server(key_path) as s:
+        def done_then_ack(c, f):
+            c.send(frame(DONE, struct.pack(">QQ", 0, IMAGE_SIZE // 4096)))
+            time.sleep(0.2)   # the DONE is handled first
+            c.send(frame(HANDOVER_ACK, request_id=f.request_id))
+
+        fake = FakeDestination(key, done_then_ack)
+        try:
+            reply = s.control({"op": "migrate", "mode": "precopy", "handover": "auto",
+                               "to": f"127.0.0.1:{fake.port}", "from": f"127.0.0.1:{peer_port(s)}"})
+            assert reply.get("ok") is True, f"migrate to the fake destination: {reply}"
+            assert fake.handed_over.wait(30), "the source sent no HANDOVER within 30 s"
+            assert fake.error is None, f"fake destination: {fake.error!r}"
+            deadline = time.monotonic() + 5
+            while (st := s.control({"op": "status"}))["phase"] != "Done" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert st["phase"] == "Done", f"the source is {st['phase']} after the destination's DONE: {st}"
+            assert st["migration"]["handover_pause_ms"] >= 0, st
+            assert st["fenced"], f"a source that handed over must stay fenced: {st}"
+            time.sleep(0.3)
+            assert s.control({"op": "status"})["phase"] == "Done", "the source left Done"
+        finally:
+            fake.close()
         assert_no_crash_logged(s)
 
 
