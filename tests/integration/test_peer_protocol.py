@@ -19,6 +19,7 @@ import threading
 import time
 
 import lmtest
+import migration as mig
 from lmtest import KiB, MiB, Server, make_image, run_nbdkit_expect_failure, test
 
 IMAGE_SIZE = 4 * MiB
@@ -894,10 +895,7 @@ def a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
             assert reply.get("ok") is True, f"migrate to the fake destination: {reply}"
             assert fake.handed_over.wait(30), "the source sent no HANDOVER within 30 s"
             assert fake.error is None, f"fake destination: {fake.error!r}"
-            deadline = time.monotonic() + 5
-            while (st := s.control({"op": "status"}))["phase"] != "Done" and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert st["phase"] == "Done", f"the source is {st['phase']} after the destination's DONE: {st}"
+            st = mig.wait_phase(s, ["Done"], timeout=5)
             assert st["migration"]["handover_pause_ms"] >= 0, st
             assert st["fenced"], f"a source that handed over must stay fenced: {st}"
             time.sleep(0.3)
