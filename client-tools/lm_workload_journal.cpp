@@ -87,6 +87,11 @@ Status scan(const std::string& path, JournalSummary& s,
     return Status::error(fmt::format("journal {} is too short to be an lm-workload journal", path));
   if (load64(h) != kJournalMagic)
     return Status::error(fmt::format("{} is not an lm-workload journal (bad magic)", path));
+  if (load32(h + 8) == 1)
+    return Status::error(fmt::format(
+        "journal {} has version 1, which does not record connections, so the writes a flush made durable "
+        "cannot be told from those a killed server lost; start a new journal (write --overwrite)",
+        path));
   if (load32(h + 8) != kJournalVersion)
     return Status::error(fmt::format("journal {} has unsupported version {}", path, load32(h + 8)));
   if (load32(h + 12) != kJournalHeaderSize || load32(h + 20) != kJournalRecordSize ||
@@ -112,7 +117,7 @@ Status scan(const std::string& path, JournalSummary& s,
       const uint8_t* r = buf.data() + off;
       RawRecord rec{load32(r), load64(r + 8), load64(r + 16)};
       bool good = load32(r + 4) == record_check(rec.type, rec.a, rec.b) && rec.type >= 1 &&
-                  rec.type <= static_cast<uint32_t>(RecordType::kRunEnd);
+                  rec.type <= static_cast<uint32_t>(RecordType::kConnect);
       if (good && bad_bytes > 0)
         return Status::error(fmt::format(
             "journal {} is corrupt: bad record at byte {} followed by good ones", path, good_bytes));
@@ -137,18 +142,28 @@ Status scan(const std::string& path, JournalSummary& s,
 }  // namespace
 
 Result<JournalSummary> read_journal(const std::string& path) {
-  // Pass 1: which FLUSH_ISSUED record does the latest completed flush start at?
+  // Pass 1: per connection epoch (records from one CONNECT to the next; epoch 0
+  // is before the first), the FLUSH_ISSUED record of its latest flush that
+  // completed in the same epoch.
   JournalSummary s;
-  std::unordered_map<uint64_t, uint64_t> flush_issue_index;
-  uint64_t covered_before = 0;  // ACK records with index < this are covered by a flush
+  struct IssuedFlush {
+    uint64_t index;
+    uint64_t epoch;
+  };
+  std::unordered_map<uint64_t, IssuedFlush> issued_flushes;
+  std::vector<uint64_t> covered_before{0};  // per epoch: its ACK records with index < this are covered
   Status st = scan(path, s, [&](uint64_t index, const RawRecord& r) {
+    const uint64_t epoch = covered_before.size() - 1;
     switch (static_cast<RecordType>(r.type)) {
+      case RecordType::kConnect:
+        covered_before.push_back(0);
+        break;
       case RecordType::kFlushIssued:
-        flush_issue_index[r.a] = index;
+        issued_flushes[r.a] = IssuedFlush{index, epoch};
         break;
       case RecordType::kFlushDone:
-        if (auto it = flush_issue_index.find(r.a); it != flush_issue_index.end())
-          covered_before = std::max(covered_before, it->second);
+        if (auto it = issued_flushes.find(r.a); it != issued_flushes.end() && it->second.epoch == epoch)
+          covered_before[epoch] = std::max(covered_before[epoch], it->second.index);
         break;
       default:
         break;
@@ -158,8 +173,13 @@ Result<JournalSummary> read_journal(const std::string& path) {
 
   // Pass 2: per-block histories and counters.
   JournalSummary out;
+  uint64_t epoch = 0;
   st = scan(path, out, [&](uint64_t index, const RawRecord& r) {
     switch (static_cast<RecordType>(r.type)) {
+      case RecordType::kConnect:
+        epoch++;
+        out.connections++;
+        break;
       case RecordType::kRunStart:
         out.runs++;
         out.last_run_ended = false;
@@ -170,7 +190,7 @@ Result<JournalSummary> read_journal(const std::string& path) {
         BlockHistory& b = out.blocks[r.a];
         b.acked = std::max(b.acked, r.b);
         b.issued = std::max(b.issued, r.b);
-        if (fua || index < covered_before) b.durable = std::max(b.durable, r.b);
+        if (fua || index < covered_before[epoch]) b.durable = std::max(b.durable, r.b);
         out.acks++;
         if (fua) out.fua_acks++;
         break;

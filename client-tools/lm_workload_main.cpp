@@ -138,8 +138,8 @@ int main(int argc, char** argv) {
   verify->add_option("--uri", v.uri, "NBD URI of the server to read")->required();
   verify->add_option("--journal", v.journal, "journal written by lm-workload write")->required();
   verify->add_flag("--durable-only", v.durable_only,
-                   "accept any generation between the last flushed/FUA one and the last issued one "
-                   "(after a server was killed)");
+                   "accept any generation between the last durable one (FUA, or flushed on the connection "
+                   "that wrote it) and the last issued one (after a server was killed)");
   auto* vblocks_opt = verify->add_option("--blocks", vblocks, "also check that never-written blocks in 0..N-1 "
                                                               "still hold their initial content")
                           ->check(CLI::PositiveNumber);

@@ -332,6 +332,7 @@ int run_journal_info(const JournalOptions& options) {
                           {"flushes_issued", j.flushes_issued},
                           {"flushes_done", j.flushes_done},
                           {"switches", j.switches},
+                          {"connections", j.connections},
                           {"runs", j.runs},
                           {"runs_failed", j.runs_failed},
                           {"last_run_ended", j.last_run_ended},
@@ -346,8 +347,8 @@ int run_journal_info(const JournalOptions& options) {
   }
   fmt::print("journal {}: block size {}, seed {:#x}, export size {}\n", options.journal, j.header.block_size,
              j.header.seed, j.header.export_size);
-  fmt::print("  {} records, {} runs ({} failed{}), {} switches\n", j.records, j.runs, j.runs_failed,
-             j.last_run_ended ? "" : ", the last one unfinished", j.switches);
+  fmt::print("  {} records, {} runs ({} failed{}), {} switches, {} connections\n", j.records, j.runs,
+             j.runs_failed, j.last_run_ended ? "" : ", the last one unfinished", j.switches, j.connections);
   fmt::print("  {} blocks written ({} with a durable generation), highest generation {}\n", j.blocks.size(),
              durable_blocks, max_gen);
   fmt::print("  {} writes acknowledged ({} FUA), {} failed attempts, {}/{} flushes completed\n", j.acks,

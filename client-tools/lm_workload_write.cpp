@@ -15,6 +15,9 @@
 // - Switching server: stop issuing, wait until nothing is in flight (replies
 //   come from the old server), flush the old server, connect to the new one,
 //   then retry what was refused and go on.
+// - Every connection opened (the first, after a lost one, after a switch) is a
+//   CONNECT record: a flush makes durable only the acknowledgements of its own
+//   connection, so the journal must say where one ends.
 #include "client-tools/lm_workload_write.h"
 
 #include <fcntl.h>
@@ -131,6 +134,7 @@ class Workload {
   Status setup();
   Status install_signals();
   void adopt(NbdConnection&& c);
+  void journal_connection();
 
   // Loop steps.
   void handle_signals();
@@ -173,6 +177,7 @@ class Workload {
 
   std::unique_ptr<JournalWriter> journal_;
   uint64_t next_flush_id_ = 1;
+  uint64_t connections_ = 0;  // CONNECT records of this run
 
   std::vector<uint64_t> gen_;   // per block in range: last issued generation
   std::vector<uint8_t> busy_;   // per block in range: a write is in progress
@@ -188,7 +193,7 @@ class Workload {
     int error = 0;
     uint64_t id = 0;
   } flush_;
-  uint64_t acked_since_flush_ = 0;
+  uint64_t acked_since_flush_ = 0;  // on the current connection
 
   // Counters.
   uint64_t issued_new_ = 0;
@@ -269,6 +274,11 @@ void Workload::adopt(NbdConnection&& c) {
   if (opt_.flush_every && !can_flush_) warn("{} does not support flush: no flushes are sent", uri_);
 }
 
+void Workload::journal_connection() {
+  journal_->add(RecordType::kConnect, ++connections_);
+  acked_since_flush_ = 0;  // a flush here cannot cover the old connection's writes
+}
+
 Status Workload::setup() {
   if (auto p = parse_pattern(opt_.pattern_text); p) pattern_ = *p;
   else return p.status();
@@ -332,6 +342,7 @@ Status Workload::setup() {
   if (!j) return j.status();
   journal_ = std::move(*j);
   journal_->add(RecordType::kRunStart, range_.first, range_.count);
+  journal_connection();
   if (Status s = journal_->sync(); !s) return s;
 
   // The run's own random stream: the seed, and which run of the journal this is.
@@ -587,6 +598,7 @@ void Workload::try_reconnect() {
   const std::string previous = uri_;
   uri_ = target;
   adopt(std::move(*c));
+  journal_connection();
   if (switch_target_) complete_switch(target);
   else note("reconnected to {}", uri_);
   for (Slot& s : slots_)

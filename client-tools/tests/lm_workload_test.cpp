@@ -38,6 +38,28 @@ struct TempPath {
   ~TempPath() { std::remove(path.c_str()); }
 };
 
+struct Rec {
+  RecordType type;
+  uint64_t a;
+  uint64_t b = 0;
+};
+
+// Writes `records` to a new journal (block size 4096, seed 99) and replays it.
+JournalSummary replay(const std::vector<Rec>& records) {
+  TempPath p;
+  {
+    auto w = JournalWriter::create(p.path, JournalHeader{4096, 99, 1 << 20, 0});
+    REQUIRE(w);
+    for (const Rec& r : records) (*w)->add(r.type, r.a, r.b);
+    REQUIRE((*w)->sync());
+  }
+  auto s = read_journal(p.path);
+  REQUIRE(s);
+  return std::move(*s);
+}
+
+using enum RecordType;
+
 }  // namespace
 
 TEST_CASE("a block decodes as the block, generation and seed it was encoded with") {
@@ -95,36 +117,143 @@ TEST_CASE("a block read with another block size is not valid") {
 }
 
 TEST_CASE("a flush covers exactly the writes acknowledged before it was issued") {
-  TempPath p;
-  {
-    auto w = JournalWriter::create(p.path, JournalHeader{4096, 99, 1 << 20, 0});
-    REQUIRE(w);
-    auto& j = **w;
-    j.add(RecordType::kRunStart, 0, 256);
-    j.add(RecordType::kAck, 1, 1);
-    j.add(RecordType::kFlushIssued, 1);
-    j.add(RecordType::kAck, 2, 1);  // acknowledged while the flush was in flight: not covered
-    j.add(RecordType::kFlushDone, 1);
-    j.add(RecordType::kAckFua, 3, 1);
-    j.add(RecordType::kAck, 1, 2);
-    j.add(RecordType::kWriteFailed, 4, 1);
-    j.add(RecordType::kFlushIssued, 2);  // never completes
-    j.add(RecordType::kAck, 5, 1);
-    REQUIRE(j.sync());
-  }
-  auto s = read_journal(p.path);
-  REQUIRE(s);
-  CHECK(s->header.block_size == 4096);
-  CHECK(s->header.seed == 99);
-  CHECK(s->records == 10);
-  CHECK_FALSE(s->last_run_ended);
-  auto h = [&](uint64_t b) { return s->blocks.at(b); };
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAck, 1, 1},
+      {kFlushIssued, 1},
+      {kAck, 2, 1},  // acknowledged while the flush was in flight: not covered
+      {kFlushDone, 1},
+      {kAckFua, 3, 1},
+      {kAck, 1, 2},
+      {kWriteFailed, 4, 1},
+      {kFlushIssued, 2},  // never completes
+      {kAck, 5, 1},
+  });
+  CHECK(s.header.block_size == 4096);
+  CHECK(s.header.seed == 99);
+  CHECK(s.records == 11);
+  CHECK(s.connections == 1);
+  CHECK_FALSE(s.last_run_ended);
+  auto h = [&](uint64_t b) { return s.blocks.at(b); };
   CHECK((h(1).acked == 2 && h(1).durable == 1 && h(1).issued == 2));
   CHECK((h(2).acked == 1 && h(2).durable == 0));
   CHECK((h(3).acked == 1 && h(3).durable == 1));
   CHECK((h(4).acked == 0 && h(4).durable == 0 && h(4).issued == 1));
   CHECK((h(5).acked == 1 && h(5).durable == 0));
-  CHECK(s->next_flush_id == 3);
+  CHECK(s.next_flush_id == 3);
+}
+
+TEST_CASE("an ack before a reconnect is not made durable by a flush on the new connection") {
+  // The issue: the server acknowledged blocks 1 and 2 and was killed before a
+  // flush completed; the flush to the restarted server covers only block 3.
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAck, 1, 1},
+      {kAck, 2, 1},
+      {kFlushIssued, 1},    // in flight when the server died
+      {kWriteFailed, 3, 1},  // lost with the connection
+      {kConnect, 2},
+      {kAck, 3, 1},  // the retry
+      {kFlushIssued, 2},
+      {kFlushDone, 2},
+  });
+  CHECK(s.connections == 2);
+  CHECK((s.blocks.at(1).acked == 1 && s.blocks.at(1).durable == 0));
+  CHECK((s.blocks.at(2).acked == 1 && s.blocks.at(2).durable == 0));
+  CHECK((s.blocks.at(3).acked == 1 && s.blocks.at(3).durable == 1));
+}
+
+TEST_CASE("a flush covers the acks of its own connection") {
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAck, 1, 1},
+      {kFlushIssued, 1},
+      {kAck, 2, 1},  // while the flush was in flight
+      {kFlushDone, 1},
+      {kAck, 3, 1},  // after it, then the connection was lost
+      {kConnect, 2},
+      {kAck, 4, 1},
+      {kFlushIssued, 2},
+      {kFlushDone, 2},
+      {kAck, 5, 1},
+  });
+  CHECK(s.blocks.at(1).durable == 1);
+  CHECK(s.blocks.at(2).durable == 0);
+  CHECK(s.blocks.at(3).durable == 0);
+  CHECK(s.blocks.at(4).durable == 1);
+  CHECK(s.blocks.at(5).durable == 0);
+}
+
+TEST_CASE("ACK_FUA is durable whatever follows") {
+  // Block 1: generation 1 with FUA, generation 2 without, then the server died.
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAckFua, 1, 1},
+      {kAck, 1, 2},
+      {kAckFua, 2, 1},
+      {kFlushIssued, 1},  // never completes
+      {kConnect, 2},
+      {kFlushIssued, 2},
+      {kFlushDone, 2},
+  });
+  CHECK((s.blocks.at(1).acked == 2 && s.blocks.at(1).durable == 1));
+  CHECK((s.blocks.at(2).acked == 1 && s.blocks.at(2).durable == 1));
+}
+
+TEST_CASE("a switch makes the old server's acks durable only if its flush completed") {
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAck, 1, 1},
+      {kFlushIssued, 1},  // the flush before the first switch: completed
+      {kFlushDone, 1},
+      {kConnect, 2},
+      {kSwitch, 1},
+      {kAck, 2, 1},
+      {kFlushIssued, 2},  // the flush before the second switch: failed
+      {kConnect, 3},
+      {kSwitch, 2},
+      {kAck, 3, 1},
+      {kFlushIssued, 3},
+      {kFlushDone, 3},
+  });
+  CHECK(s.switches == 2);
+  CHECK(s.connections == 3);
+  CHECK(s.blocks.at(1).durable == 1);
+  CHECK((s.blocks.at(2).acked == 1 && s.blocks.at(2).durable == 0));
+  CHECK(s.blocks.at(3).durable == 1);
+}
+
+TEST_CASE("a flush completion recorded on another connection than its issue covers nothing") {
+  const JournalSummary s = replay({
+      {kRunStart, 0, 256},
+      {kConnect, 1},
+      {kAck, 1, 1},
+      {kFlushIssued, 1},
+      {kConnect, 2},
+      {kFlushDone, 1},
+  });
+  CHECK(s.blocks.at(1).durable == 0);
+}
+
+TEST_CASE("a version-1 journal is refused with the reason") {
+  TempPath p;
+  {
+    auto w = JournalWriter::create(p.path, JournalHeader{4096, 1, 1 << 20, 0});
+    REQUIRE(w);
+  }
+  {
+    std::fstream f(p.path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(8);
+    f.put('\x01');
+  }
+  auto s = read_journal(p.path);
+  REQUIRE_FALSE(s);
+  CHECK(s.status().message().find("has version 1, which does not record connections") != std::string::npos);
 }
 
 TEST_CASE("a torn journal tail is ignored and cut off when appending") {
