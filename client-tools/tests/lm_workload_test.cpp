@@ -44,12 +44,15 @@ struct Rec {
   uint64_t b = 0;
 };
 
-// Writes `records` to a new journal (block size 4096, seed 99) and replays it.
-JournalSummary replay(const std::vector<Rec>& records) {
+// Writes a journal (block size 4096, seed 99) of one run, RUN_START and the
+// run's first CONNECT followed by `records`, and replays it.
+JournalSummary replay_run(const std::vector<Rec>& records) {
   TempPath p;
   {
     auto w = JournalWriter::create(p.path, JournalHeader{4096, 99, 1 << 20, 0});
     REQUIRE(w);
+    (*w)->add(RecordType::kRunStart, 0, 256);
+    (*w)->add(RecordType::kConnect, 1);
     for (const Rec& r : records) (*w)->add(r.type, r.a, r.b);
     REQUIRE((*w)->sync());
   }
@@ -117,9 +120,7 @@ TEST_CASE("a block read with another block size is not valid") {
 }
 
 TEST_CASE("a flush covers exactly the writes acknowledged before it was issued") {
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAck, 1, 1},
       {kFlushIssued, 1},
       {kAck, 2, 1},  // acknowledged while the flush was in flight: not covered
@@ -147,9 +148,7 @@ TEST_CASE("a flush covers exactly the writes acknowledged before it was issued")
 TEST_CASE("an ack before a reconnect is not made durable by a flush on the new connection") {
   // The issue: the server acknowledged blocks 1 and 2 and was killed before a
   // flush completed; the flush to the restarted server covers only block 3.
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAck, 1, 1},
       {kAck, 2, 1},
       {kFlushIssued, 1},    // in flight when the server died
@@ -166,9 +165,7 @@ TEST_CASE("an ack before a reconnect is not made durable by a flush on the new c
 }
 
 TEST_CASE("a flush covers the acks of its own connection") {
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAck, 1, 1},
       {kFlushIssued, 1},
       {kAck, 2, 1},  // while the flush was in flight
@@ -189,9 +186,7 @@ TEST_CASE("a flush covers the acks of its own connection") {
 
 TEST_CASE("ACK_FUA is durable whatever follows") {
   // Block 1: generation 1 with FUA, generation 2 without, then the server died.
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAckFua, 1, 1},
       {kAck, 1, 2},
       {kAckFua, 2, 1},
@@ -205,9 +200,7 @@ TEST_CASE("ACK_FUA is durable whatever follows") {
 }
 
 TEST_CASE("a switch makes the old server's acks durable only if its flush completed") {
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAck, 1, 1},
       {kFlushIssued, 1},  // the flush before the first switch: completed
       {kFlushDone, 1},
@@ -229,9 +222,7 @@ TEST_CASE("a switch makes the old server's acks durable only if its flush comple
 }
 
 TEST_CASE("a flush completion recorded on another connection than its issue covers nothing") {
-  const JournalSummary s = replay({
-      {kRunStart, 0, 256},
-      {kConnect, 1},
+  const JournalSummary s = replay_run({
       {kAck, 1, 1},
       {kFlushIssued, 1},
       {kConnect, 2},
