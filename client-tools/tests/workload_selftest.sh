@@ -1,6 +1,7 @@
 #!/bin/bash
-# Self-tests of lm-workload against plain nbdkit servers (file, memory and the
-# error filter standing in for a fenced livemig source).
+# Self-tests of lm-workload against plain nbdkit servers (file, memory, the
+# error filter standing in for a fenced livemig source, and the cache filter in
+# writeback mode standing in for a server that loses unflushed writes).
 #
 #   client-tools/tests/workload_selftest.sh build/client-tools/lm-workload "verify catches a stale block"
 #
@@ -15,6 +16,7 @@ BS=4096
 
 T=$(mktemp -d /tmp/lm-workload-test.XXXXXX)
 PIDS=()
+declare -A SERVER_PID  # name -> PID of the running nbdkit
 
 cleanup() {
   local pid
@@ -43,11 +45,37 @@ start_server() {
   local name=$1; shift
   nbdkit -f -U "$T/$name.sock" "$@" >"$T/nbdkit-$name.out" 2>&1 &
   PIDS+=($!)
+  SERVER_PID[$name]=$!
   for _ in $(seq 100); do
     [ -S "$T/$name.sock" ] && return 0
     sleep 0.1
   done
   fail "nbdkit $name did not start: $(cat "$T/nbdkit-$name.out")"
+}
+
+# kill_server NAME: kill -9 the nbdkit serving NAME (the PID start_server
+# started), reap it, forget its PID (it may be reused) and remove its socket.
+kill_server() {
+  local pid=${SERVER_PID[$1]} p rest=()
+  kill -9 "$pid"
+  wait "$pid" 2>/dev/null
+  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || rest+=("$p"); done
+  PIDS=("${rest[@]}")
+  unset "SERVER_PID[$1]"
+  rm -f "$T/$1.sock"
+}
+
+# The cache filter in writeback mode keeps writes in an unlinked temporary
+# file and writes them to the image only on flush or FUA: kill -9 loses
+# exactly the acknowledged writes that no completed flush or FUA covered.
+LOSSY=(--filter=cache file "$T/img" cache=writeback)
+
+# start_writer ARGS...: lm-workload write ARGS in the background, output in
+# $T/write.out / .err, PID in $WPID.
+start_writer() {
+  "$WL" write "$@" >"$T/write.out" 2>"$T/write.err" &
+  WPID=$!
+  PIDS+=($WPID)
 }
 
 # run NAME ARGS...: run lm-workload, output in $T/NAME.out / .err, status in $RC.
@@ -73,6 +101,15 @@ print(d)' "$1" "$2"
 switch_to() {
   printf '%s\n' "$(uri "$1")" >"$T/switch.tmp"
   mv "$T/switch.tmp" "$T/switch"
+}
+
+# wait_for_count NAME TEXT N: until $T/NAME has N lines containing TEXT.
+wait_for_count() {
+  for _ in $(seq 150); do
+    [ "$(grep -cF -- "$2" "$T/$1" 2>/dev/null || true)" -ge "$3" ] 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "$1 does not have $3 lines containing: $2"
 }
 
 # wait_for_lines FILE N: until FILE has N lines.
@@ -288,14 +325,10 @@ assert m[0]["found"]=={"kind":"valid","block":7,"generation":int(sys.argv[3]),"s
 
 "a killed and restarted server is reconnected to")
   start_server a file "$T/img"
-  "$WL" write --uri "$(uri a)" --journal "$T/j" --blocks 1024 --duration 4 --flush-every 100 \
-    --stats-interval 0.5 --retry-timeout 20 >"$T/write.out" 2>"$T/write.err" &
-  WPID=$!
-  PIDS+=($WPID)
+  start_writer --uri "$(uri a)" --journal "$T/j" --blocks 1024 --duration 4 --flush-every 100 \
+    --stats-interval 0.5 --retry-timeout 20
   sleep 1.2
-  kill -9 "${PIDS[0]}"
-  wait "${PIDS[0]}" 2>/dev/null
-  rm -f "$T/a.sock"
+  kill_server a
   sleep 0.5
   start_server a file "$T/img"
   wait "$WPID"
@@ -310,6 +343,64 @@ assert m[0]["found"]=={"kind":"valid","block":7,"generation":int(sys.argv[3]),"s
   # retried with the same generation and acknowledged by the new server.
   run durable verify --uri "$(uri a)" --journal "$T/j" --durable-only --blocks 1024
   expect_rc 0 "verify --durable-only"
+  pass
+  ;;
+
+"durable-only verify does not demand a write acked by a killed server before any flush")
+  # The issue: writes acknowledged by a server killed before any flush, then
+  # a flush to the restarted server (here the final one) completes. That flush
+  # covers only what the restarted server acknowledged.
+  start_server a "${LOSSY[@]}"
+  start_writer --uri "$(uri a)" --journal "$T/j" --blocks 1024 --rate 200 --duration 3 \
+    --stats-interval 0.5 --retry-timeout 20
+  sleep 1
+  kill_server a
+  start_server a "${LOSSY[@]}"
+  wait_for_count write.out "reconnected to $(uri a)" 1
+  wait "$WPID"
+  RC=$?
+  expect_rc 0 "write across a server kill"
+  run journal journal --journal "$T/j" --json
+  [ "$(json_field "$T/journal.out" connections)" = 2 ] || fail "journal: connections != 2"
+  [ "$(json_field "$T/journal.out" flushes_done)" = 1 ] || fail "journal: not only the final flush completed"
+  # Not vacuous: the killed server lost writes it had acknowledged.
+  run exact verify --uri "$(uri a)" --journal "$T/j"
+  expect_rc 1 "exact verify after losing unflushed writes"
+  expect_in exact.out "found zeros"
+  run durable verify --uri "$(uri a)" --journal "$T/j" --durable-only
+  expect_rc 0 "verify --durable-only"
+  expect_in durable.out " 0 mismatched"
+  pass
+  ;;
+
+"durable-only verify after a server that loses unflushed writes")
+  # Five kill -9 and restarts during one run with periodic flushes and FUA.
+  # Throttled over the whole image, so that few lost writes are hidden by a
+  # later write of the same block.
+  start_server a "${LOSSY[@]}"
+  start_writer --uri "$(uri a)" --journal "$T/j" --blocks 16384 --rate 2000 --queue-depth 8 \
+    --flush-every 400 --fua-every 61 --stats-interval 0.5 --retry-timeout 20
+  for kill in 1 2 3 4 5; do
+    sleep 0.6
+    kill_server a
+    start_server a "${LOSSY[@]}"
+    wait_for_count write.out "reconnected to $(uri a)" $kill
+  done
+  sleep 0.5
+  kill -INT "$WPID"
+  wait "$WPID"
+  RC=$?
+  expect_rc 0 "write across 5 server kills"
+  run journal journal --journal "$T/j" --json
+  [ "$(json_field "$T/journal.out" connections)" = 6 ] || fail "journal: connections != 6"
+  [ "$(json_field "$T/journal.out" flushes_done)" -ge 6 ] || fail "journal: too few flushes completed"
+  [ "$(json_field "$T/journal.out" fua_acks)" -gt 0 ] || fail "journal: no FUA write"
+  run exact verify --uri "$(uri a)" --journal "$T/j" --blocks 16384 --json
+  expect_rc 1 "exact verify after losing unflushed writes"
+  [ "$(json_field "$T/exact.out" mismatched)" -gt 0 ] || fail "exact verify: no lost write"
+  run durable verify --uri "$(uri a)" --journal "$T/j" --blocks 16384 --durable-only --json
+  expect_rc 0 "verify --durable-only"
+  [ "$(json_field "$T/durable.out" mismatched)" = 0 ] || fail "durable-only: mismatches"
   pass
   ;;
 
