@@ -74,9 +74,54 @@ void write(ByteWriter&, const AuthOkPayload&) {}
 void read(ByteReader&, AuthOkPayload&) {}
 Status check(const AuthOkPayload&) { return Status::ok(); }
 
-void write(ByteWriter&, const HandoverAckPayload&) {}
-void read(ByteReader&, HandoverAckPayload&) {}
+void write(ByteWriter& w, const HandoverAckPayload& p) { w.u64(p.generation); }
+void read(ByteReader& r, HandoverAckPayload& p) { p.generation = r.u64("generation"); }
 Status check(const HandoverAckPayload&) { return Status::ok(); }
+
+void write(ByteWriter& w, const PushAckPayload& p) { w.u64(p.frames); }
+void read(ByteReader& r, PushAckPayload& p) { p.frames = r.u64("frames"); }
+Status check(const PushAckPayload&) { return Status::ok(); }
+
+// ---- SUMS, SUMS_REPLY
+void write(ByteWriter& w, const SumsPayload& p) {
+  w.u64(p.offset);
+  w.u32(p.unit);
+  w.u32(p.count);
+}
+void read(ByteReader& r, SumsPayload& p) {
+  p.offset = r.u64("offset");
+  p.unit = r.u32("unit");
+  p.count = r.u32("count");
+}
+Status check(const SumsPayload& p) {
+  Checks c(p.kType);
+  c.require(p.unit > 0 && p.count > 0, ErrorCode::BadFrame, "unit {} and count {} must not be 0", p.unit, p.count);
+  c.require(p.count <= kMaxSumsCount, ErrorCode::TooLarge, "count {} exceeds the limit {}", p.count, kMaxSumsCount);
+  c.require(uint64_t{p.unit} * p.count <= kMaxSumsBytes, ErrorCode::TooLarge, "{} units of {} bytes exceed {} bytes",
+            p.count, p.unit, kMaxSumsBytes);
+  c.no_overflow("offset + unit * count", p.offset, uint64_t{p.unit} * p.count);
+  return c.status();
+}
+
+void write(ByteWriter& w, const SumsReplyPayload& p) {
+  w.u64(p.offset);
+  w.u32(p.unit);
+  w.u32(static_cast<uint32_t>(p.hashes.size()));
+  for (uint64_t h : p.hashes) w.u64(h);
+}
+void read(ByteReader& r, SumsReplyPayload& p) {
+  p.offset = r.u64("offset");
+  p.unit = r.u32("unit");
+  uint32_t n = r.count(kMaxSumsCount, 8, "hash count");
+  p.hashes.reserve(n);
+  for (uint32_t i = 0; i < n && r.ok(); ++i) p.hashes.push_back(r.u64("hash"));
+}
+Status check(const SumsReplyPayload& p) {
+  Checks c(p.kType);
+  c.require(p.hashes.size() <= kMaxSumsCount, ErrorCode::TooLarge, "{} hashes exceed the limit {}", p.hashes.size(),
+            kMaxSumsCount);
+  return c.status();
+}
 
 // ---- START
 void write(ByteWriter& w, const StartPayload& p) {
@@ -191,6 +236,7 @@ Status check(const CancelPullPayload& p) {
 
 // ---- HANDOVER
 void write(ByteWriter& w, const HandoverPayload& p) {
+  w.u64(p.generation);
   w.u64(p.remaining_blocks);
   w.u32(static_cast<uint32_t>(p.ranges.size()));
   for (const HandoverRange& range : p.ranges) {
@@ -200,6 +246,7 @@ void write(ByteWriter& w, const HandoverPayload& p) {
   }
 }
 void read(ByteReader& r, HandoverPayload& p) {
+  p.generation = r.u64("generation");
   p.remaining_blocks = r.u64("remaining_blocks");
   uint32_t n = r.count(kMaxHandoverRanges, kHandoverRangeSize, "range count");
   p.ranges.reserve(n);
@@ -253,6 +300,9 @@ Status check(const ControlPayload& p) { return check_json(p); }
 void write(ByteWriter& w, const ControlReplyPayload& p) { write_json(w, p); }
 void read(ByteReader& r, ControlReplyPayload& p) { read_json(r, p); }
 Status check(const ControlReplyPayload& p) { return check_json(p); }
+void write(ByteWriter& w, const StartOkPayload& p) { write_json(w, p); }
+void read(ByteReader& r, StartOkPayload& p) { read_json(r, p); }
+Status check(const StartOkPayload& p) { return check_json(p); }
 
 // ---- HEARTBEAT, ERROR, DONE
 void write(ByteWriter& w, const HeartbeatPayload& p) {
@@ -454,6 +504,10 @@ LIVEMIG_INSTANTIATE_PAYLOAD(DonePayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(ControlPayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(ControlReplyPayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(HandoverAckPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(PushAckPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(StartOkPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(SumsPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(SumsReplyPayload)
 #undef LIVEMIG_INSTANTIATE_PAYLOAD
 
 Result<AnyPayload> decode_message(const FrameHeader& h, std::span<const uint8_t> payload) {

@@ -129,8 +129,10 @@ struct HandoverRange {
 };
 
 // The set the destination must still fetch; ranges ascending and disjoint.
+// generation: this handover attempt of the migration (docs/handover.md).
 struct HandoverPayload {
   static constexpr FrameType kType = FrameType::Handover;
+  uint64_t generation = 0;
   uint64_t remaining_blocks = 0;
   std::vector<HandoverRange> ranges;  // <= kMaxHandoverRanges; u32 count first
   bool operator==(const HandoverPayload&) const = default;
@@ -190,16 +192,53 @@ struct ControlReplyPayload {
   bool operator==(const ControlReplyPayload&) const = default;
 };
 
+// The destination committed handover `generation` (it is authoritative now).
 struct HandoverAckPayload {
   static constexpr FrameType kType = FrameType::HandoverAck;
+  uint64_t generation = 0;
   bool operator==(const HandoverAckPayload&) const = default;
+};
+
+// The first `frames` pushed DATA frames (request id 0) the destination
+// received on this link are durable there.
+struct PushAckPayload {
+  static constexpr FrameType kType = FrameType::PushAck;
+  uint64_t frames = 0;
+  bool operator==(const PushAckPayload&) const = default;
+};
+
+// The destination's answer to START: what it holds (one JSON object).
+struct StartOkPayload {
+  static constexpr FrameType kType = FrameType::StartOk;
+  std::string json;  // <= kMaxControlJson
+  bool operator==(const StartOkPayload&) const = default;
+};
+
+// Asks for xxh3-64 hashes of `count` units of `unit` bytes from `offset` on
+// (the last one cut at the image's end). count <= kMaxSumsCount,
+// unit * count <= kMaxSumsBytes.
+struct SumsPayload {
+  static constexpr FrameType kType = FrameType::Sums;
+  uint64_t offset = 0;
+  uint32_t unit = 0;
+  uint32_t count = 0;
+  bool operator==(const SumsPayload&) const = default;
+};
+
+struct SumsReplyPayload {
+  static constexpr FrameType kType = FrameType::SumsReply;
+  uint64_t offset = 0;
+  uint32_t unit = 0;
+  std::vector<uint64_t> hashes;  // <= kMaxSumsCount; u32 count first
+  bool operator==(const SumsReplyPayload&) const = default;
 };
 
 // Any payload; alternative i is the payload of FrameType i + 1.
 using AnyPayload = std::variant<HelloPayload, AuthPayload, AuthOkPayload, StartPayload, DataPayload,
                                 AckPayload, HandoverPayload, PullPayload, CancelPullPayload,
                                 ProgressPayload, HeartbeatPayload, ErrorPayload, DonePayload,
-                                ControlPayload, ControlReplyPayload, HandoverAckPayload>;
+                                ControlPayload, ControlReplyPayload, HandoverAckPayload, PushAckPayload,
+                                StartOkPayload, SumsPayload, SumsReplyPayload>;
 static_assert(std::variant_size_v<AnyPayload> == kMaxFrameType);
 
 namespace detail {

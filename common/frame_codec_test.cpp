@@ -60,8 +60,8 @@ std::vector<AnyPayload> samples() {
   v.push_back(DataPayload{4096, 1 << 20, kFlagZero, {}});
   v.push_back(DataPayload{8192, 65536, kFlagCompressed, {b.data(), 10}});
   v.push_back(AckPayload{77, 1ull << 35, 65536});
-  v.push_back(HandoverPayload{600, {{0, 100, 7}, {100, 400, 0}, {1000, 100, 0xFFFFFFFF}}});
-  v.push_back(HandoverPayload{0, {}});
+  v.push_back(HandoverPayload{3, 600, {{0, 100, 7}, {100, 400, 0}, {1000, 100, 0xFFFFFFFF}}});
+  v.push_back(HandoverPayload{1, 0, {}});
   v.push_back(PullPayload{1ull << 30, 4096, 1});
   v.push_back(PullPayload{0, 65536, 0});
   v.push_back(CancelPullPayload{1ull << 30, 4096});
@@ -71,7 +71,12 @@ std::vector<AnyPayload> samples() {
   v.push_back(DonePayload{1ull << 40, 1ull << 24});
   v.push_back(ControlPayload{R"({"op":"status"})"});
   v.push_back(ControlReplyPayload{R"({"ok":true})"});
-  v.push_back(HandoverAckPayload{});
+  v.push_back(HandoverAckPayload{7});
+  v.push_back(PushAckPayload{1ull << 40});
+  v.push_back(StartOkPayload{R"({"phase":"PreCopy","resync":false})"});
+  v.push_back(SumsPayload{1ull << 30, 1 << 20, 1024});
+  v.push_back(SumsReplyPayload{1ull << 30, 1 << 20, {1, 2, 0xFFFFFFFFFFFFFFFFull}});
+  v.push_back(SumsReplyPayload{0, 4096, {}});
   return v;
 }
 
@@ -208,7 +213,7 @@ TEST_CASE("a frame header has the documented big-endian layout", "[frame]") {
       *encode_message(PullPayload{0x0102030405060708, 0x1000, 1}, 0x1122334455667788);
   const auto* b = reinterpret_cast<const uint8_t*>(frame.data());
   REQUIRE(frame.size() == kFrameHeaderSize + 13);
-  const uint8_t header[24] = {'L',  'M',  'I',  'G',  0,    1,    0,    8,    0, 0, 0, 4,
+  const uint8_t header[24] = {'L',  'M',  'I',  'G',  0,    2,    0,    8,    0, 0, 0, 4,
                               0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0, 0, 13};
   CHECK(std::memcmp(b, header, sizeof header) == 0);
   CHECK(load_be32(b + kHeaderCrcOffset) == crc32c(b + kFrameHeaderSize, 13));
@@ -227,7 +232,7 @@ TEST_CASE("a header with the wrong magic is rejected as BadMagic", "[frame]") {
 
 TEST_CASE("a header with another protocol version is rejected as BadVersion", "[frame]") {
   std::string frame = *encode_message(HeartbeatPayload{}, 1);
-  for (uint16_t v : {uint16_t{0}, uint16_t{2}, uint16_t{0xFFFF}}) {
+  for (uint16_t v : {uint16_t{0}, uint16_t{1}, uint16_t{3}, uint16_t{0xFFFF}}) {
     store_be16(reinterpret_cast<uint8_t*>(frame.data()) + kHeaderVersionOffset, v);
     auto h = header_of(frame);
     REQUIRE_FALSE(h.is_ok());
@@ -238,7 +243,7 @@ TEST_CASE("a header with another protocol version is rejected as BadVersion", "[
 
 TEST_CASE("a header with an unknown frame type is rejected as UnknownType", "[frame]") {
   std::string frame = *encode_message(HeartbeatPayload{}, 1);
-  for (uint16_t t : {uint16_t{0}, uint16_t{17}, uint16_t{0xFFFF}}) {
+  for (uint16_t t : {uint16_t{0}, uint16_t{kMaxFrameType + 1}, uint16_t{0xFFFF}}) {
     store_be16(reinterpret_cast<uint8_t*>(frame.data()) + kHeaderTypeOffset, t);
     auto h = header_of(frame);
     REQUIRE_FALSE(h.is_ok());
@@ -357,6 +362,7 @@ TEST_CASE("a string length over its limit is rejected before allocation", "[fram
 TEST_CASE("a handover range count over its limit is rejected before reserving", "[frame]") {
   std::string p;
   ByteWriter w(&p);
+  w.u64(1);
   w.u64(10);
   w.u32(kMaxHandoverRanges + 1);
   auto r = decode_payload<HandoverPayload>(bytes_of(p));
@@ -367,6 +373,7 @@ TEST_CASE("a handover range count over its limit is rejected before reserving", 
   // nothing reserved (the count is checked against the bytes left first).
   std::string q;
   ByteWriter wq(&q);
+  wq.u64(1);
   wq.u64(10);
   wq.u32(kMaxHandoverRanges);
   wq.u64(0);
@@ -380,7 +387,7 @@ TEST_CASE("a handover range count over its limit is rejected before reserving", 
 TEST_CASE("handover ranges that overlap, go backwards, are empty or overflow are rejected",
           "[frame]") {
   auto bad = [](std::vector<HandoverRange> ranges) {
-    HandoverPayload p{0, std::move(ranges)};
+    HandoverPayload p{1, 0, std::move(ranges)};
     CHECK_FALSE(validate_payload(p).is_ok());
     std::string bytes = encode_payload(p);
     return code_of(decode_payload<HandoverPayload>(bytes_of(bytes)));
@@ -389,7 +396,7 @@ TEST_CASE("handover ranges that overlap, go backwards, are empty or overflow are
   CHECK(bad({{100, 10, 0}, {0, 10, 0}}) == "BadFrame");
   CHECK(bad({{0, 0, 0}}) == "BadFrame");
   CHECK(bad({{UINT64_MAX, 2, 0}}) == "BadFrame");
-  HandoverPayload adjacent{20, {{0, 10, 1}, {10, 10, 2}}};
+  HandoverPayload adjacent{1, 20, {{0, 10, 1}, {10, 10, 2}}};
   CHECK(validate_payload(adjacent).is_ok());
 }
 
@@ -469,9 +476,10 @@ TEST_CASE("every error code maps to its own errno and back", "[frame]") {
     CHECK(error_code_of(s) == code);
     CHECK(std::string(error_code_name(c)) != "Unknown");
   }
-  CHECK(error_code_of(Status::error("disk full", ENOSPC)) == ErrorCode::Internal);
+  CHECK(error_code_of(Status::error("not permitted", EPERM)) == ErrorCode::Internal);
+  CHECK(error_code_of(Status::error("disk full", ENOSPC)) == ErrorCode::NoSpace);
   CHECK(std::string(error_code_name(0)) == "Unknown");
-  CHECK(std::string(error_code_name(13)) == "Unknown");
+  CHECK(std::string(error_code_name(kMaxErrorCode + 1)) == "Unknown");
 }
 
 TEST_CASE("an ERROR frame carries a Status's code and message to the peer", "[frame]") {
@@ -543,8 +551,8 @@ TEST_CASE("random garbage never crashes the decoder", "[frame]") {
 
 TEST_CASE("each frame type's payload limit is the one docs/protocol.md lists", "[frame]") {
   const uint32_t documented[kMaxFrameType + 1] = {
-      0,  8267,    32, 0,    1056800, 16777232, 20,      83886092, 13,
-      12, 1048580, 16, 4104, 16,      1048580,  1048580, 0};
+      0,  8267,    32, 0,    1056800, 16777232, 20,      83886100, 13,
+      12, 1048580, 16, 4104, 16,      1048580,  1048580, 8,  8, 1048580, 16, 524304};
   for (uint16_t t = kMinFrameType; t <= kMaxFrameType; ++t) {
     INFO(frame_type_name(static_cast<FrameType>(t)));
     CHECK(max_payload_length(static_cast<FrameType>(t)) == documented[t]);
@@ -564,9 +572,31 @@ TEST_CASE("the largest payload of each fixed-size type is exactly its encoding",
   CHECK(encode_payload(CancelPullPayload{}).size() == max_payload_length(FrameType::CancelPull));
   CHECK(encode_payload(HeartbeatPayload{}).size() == max_payload_length(FrameType::Heartbeat));
   CHECK(encode_payload(DonePayload{}).size() == max_payload_length(FrameType::Done));
+  CHECK(encode_payload(HandoverAckPayload{}).size() == max_payload_length(FrameType::HandoverAck));
+  CHECK(encode_payload(PushAckPayload{}).size() == max_payload_length(FrameType::PushAck));
+  CHECK(encode_payload(SumsPayload{}).size() == max_payload_length(FrameType::Sums));
+  CHECK(encode_payload(SumsReplyPayload{0, 1, std::vector<uint64_t>(kMaxSumsCount)}).size() ==
+        max_payload_length(FrameType::SumsReply));
   HelloPayload hello{1, {}, std::string(kMaxStringLength, 'n'), "peer", MacBytes{}};
   hello.purpose.resize(0);
   std::string big = encode_payload(hello);
   // A HELLO with both strings at their limit (purpose padded here) fills the limit.
   CHECK(big.size() + kMaxStringLength == max_payload_length(FrameType::Hello));
+}
+
+TEST_CASE("a SUMS asking for nothing, too many hashes or too many bytes is refused", "[frame]") {
+  CHECK(validate_payload(SumsPayload{0, 1 << 20, 1024}).is_ok());
+  CHECK(code_of(validate_payload(SumsPayload{0, 0, 1})) == "BadFrame");
+  CHECK(code_of(validate_payload(SumsPayload{0, 4096, 0})) == "BadFrame");
+  CHECK(code_of(validate_payload(SumsPayload{0, 4096, kMaxSumsCount + 1})) == "TooLarge");
+  CHECK(code_of(validate_payload(SumsPayload{0, 1u << 30, 2})) == "TooLarge");
+  CHECK(code_of(validate_payload(SumsPayload{UINT64_MAX - 10, 4096, 1})) == "BadFrame");
+  // A reply whose count promises more hashes than the bytes that follow.
+  std::string p;
+  ByteWriter w(&p);
+  w.u64(0);
+  w.u32(4096);
+  w.u32(kMaxSumsCount);
+  w.u64(1);
+  CHECK(code_of(decode_payload<SumsReplyPayload>(bytes_of(p))) == "BadFrame");
 }

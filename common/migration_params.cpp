@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "common/enum_names.h"
 #include "common/peer_link.h"
 #include "common/protocol_format.h"
 
@@ -70,13 +71,27 @@ json policy_json(const PolicyParams& p) {
 }
 }  // namespace
 
-Result<MigrationParams> MigrationParams::from_json(const json& j, const std::string& default_handover) {
+const char* handover_policy_name(HandoverPolicy p) {
+  switch (p) {
+    case HandoverPolicy::Explicit: return "explicit";
+    case HandoverPolicy::Auto: return "auto";
+    case HandoverPolicy::OnDisconnect: return "on-disconnect";
+  }
+  return "?";
+}
+
+Result<HandoverPolicy> parse_handover_policy(const std::string& s) {
+  constexpr HandoverPolicy kAll[] = {HandoverPolicy::Explicit, HandoverPolicy::Auto, HandoverPolicy::OnDisconnect};
+  if (auto p = enum_by_name(s, kAll, handover_policy_name)) return *p;
+  return Status::error(fmt::format("handover \"{}\" must be explicit, auto or on-disconnect", s));
+}
+
+Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy default_handover) {
   MigrationParams p;
   p.handover = default_handover;
-  auto mode = json_string(j, "mode", p.mode);
+  auto mode = json_string(j, "mode", "precopy");
   if (!mode) return mode.status();
-  p.mode = *mode;
-  auto m = parse_mode(p.mode);
+  auto m = parse_mode(*mode);
   if (!m) return Status::error("migrate: " + m.status().message());
   p.policy.mode = *m;
   if (Status s = parse_policy(j, p.policy); !s) return s;
@@ -88,12 +103,16 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, const std::str
   auto from = json_string(j, "from", "");
   if (!from) return from.status();
   p.from = *from;
-  auto handover = json_string(j, "handover", p.handover);
+  auto handover = json_string(j, "handover", handover_policy_name(p.handover));
   if (!handover) return handover.status();
-  p.handover = *handover;
-  if (p.handover != "explicit" && p.handover != "auto" && p.handover != "on-disconnect")
-    return Status::error(
-        fmt::format("migrate: handover \"{}\" must be explicit, auto or on-disconnect", p.handover));
+  auto policy = parse_handover_policy(*handover);
+  if (!policy) return Status::error("migrate: " + policy.status().message());
+  p.handover = *policy;
+  if (auto it = j.find("resume_timeout"); it != j.end() && !it->is_null()) {
+    if (!it->is_number() || it->get<double>() < 0 || it->get<double>() > 7 * 86400)
+      return Status::error("migrate: \"resume_timeout\" must be seconds from 0 to 604800");
+    p.resume_timeout = it->get<double>();
+  }
   auto hs = json_size(j, "handover_size", p.handover_size);
   auto rate = json_size(j, "max_rate", p.max_rate);
   auto rounds = json_size(j, "max_rounds", p.max_rounds);
@@ -113,8 +132,9 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, const std::str
 
 json MigrationParams::to_json() const {
   json j = policy_json(policy);
-  j.update(json{{"mode", mode},           {"to", to},
-          {"from", from},           {"handover", handover},
+  j.update(json{{"mode", mode_name(policy.mode)}, {"to", to},
+          {"from", from},           {"handover", handover_policy_name(handover)},
+          {"resume_timeout", resume_timeout},
           {"handover_size", handover_size}, {"max_rate", max_rate},
           {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit}});
   return j;

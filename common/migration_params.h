@@ -14,19 +14,32 @@
 
 namespace livemig {
 
+// What triggers the handover once the source is ready.
+enum class HandoverPolicy {
+  Explicit,      // a `handover` control request
+  Auto,          // as soon as ready
+  OnDisconnect,  // when the last NBD client of the source disconnects
+};
+const char* handover_policy_name(HandoverPolicy p);
+// "explicit", "auto" or "on-disconnect"; the error names the three.
+Result<HandoverPolicy> parse_handover_policy(const std::string& s);
+
 struct MigrationParams {
-  std::string mode = "precopy";     // precopy | postcopy | livefs | hybrid | auto
   std::string to;                   // destination HOST:PORT
   std::string from;                 // how the destination reaches the source
-  std::string handover = "explicit";  // explicit | auto | on-disconnect
+  HandoverPolicy handover = HandoverPolicy::Explicit;
   uint64_t handover_size = 64ull << 20;  // bytes left at most before handover
   uint64_t max_rate = 0;                 // bytes/s on the wire, 0 = no cap
   unsigned max_rounds = 30;              // pre-copy rounds before handing over anyway
   uint64_t transfer_unit = 1ull << 20;   // bytes in one transfer at most
+  // Seconds the source keeps trying to reach a lost destination before
+  // handover (resuming where it was) before the migration fails.
+  double resume_timeout = 300;
   PolicyParams policy;                   // mode, threshold, weights, monitoring
 
+  MigrationMode mode() const { return policy.mode; }
   // Parses a migrate request; errors name the field ("migrate: ...").
-  static Result<MigrationParams> from_json(const nlohmann::json& j, const std::string& default_handover);
+  static Result<MigrationParams> from_json(const nlohmann::json& j, HandoverPolicy default_handover);
   nlohmann::json to_json() const;
 };
 

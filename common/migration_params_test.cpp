@@ -6,23 +6,23 @@ using livemig::MigrationParams;
 using nlohmann::json;
 
 TEST_CASE("migration params: a valid request parses and round-trips") {
-  auto p = MigrationParams::from_json({{"to", "127.0.0.1:10809"}, {"mode", "livefs"}, {"threshold", "max"}}, "auto");
+  auto p = MigrationParams::from_json({{"to", "127.0.0.1:10809"}, {"mode", "livefs"}, {"threshold", "max"}}, livemig::HandoverPolicy::Auto);
   REQUIRE(p);
-  CHECK(p->mode == "livefs");
-  CHECK(p->handover == "auto");
-  auto again = MigrationParams::from_json(p->to_json(), "explicit");
+  CHECK(p->mode() == livemig::MigrationMode::Livefs);
+  CHECK(p->handover == livemig::HandoverPolicy::Auto);
+  auto again = MigrationParams::from_json(p->to_json(), livemig::HandoverPolicy::Explicit);
   REQUIRE(again);
   CHECK(again->to_json() == p->to_json());
 }
 
 TEST_CASE("migration params: a bad mode or parameter is refused by name") {
-  auto mode = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"mode", "teleport"}}, "explicit");
+  auto mode = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"mode", "teleport"}}, livemig::HandoverPolicy::Explicit);
   REQUIRE_FALSE(mode);
   CHECK(mode.status().message().find("teleport") != std::string::npos);
-  auto unit = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"transfer_unit", 3000}}, "explicit");
+  auto unit = MigrationParams::from_json({{"to", "127.0.0.1:1"}, {"transfer_unit", 3000}}, livemig::HandoverPolicy::Explicit);
   REQUIRE_FALSE(unit);
   CHECK(unit.status().message().find("transfer_unit") != std::string::npos);
-  auto to = MigrationParams::from_json({{"mode", "precopy"}}, "explicit");
+  auto to = MigrationParams::from_json({{"mode", "precopy"}}, livemig::HandoverPolicy::Explicit);
   REQUIRE_FALSE(to);
   CHECK(to.status().message().find("\"to\"") != std::string::npos);
 }

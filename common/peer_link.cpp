@@ -44,7 +44,8 @@ bool is_error_frame(const std::string& frame) {
 // True for the frames that answer a call().
 bool is_reply_type(FrameType t) {
   return t == FrameType::Ack || t == FrameType::Error || t == FrameType::ControlReply ||
-         t == FrameType::HandoverAck || t == FrameType::AuthOk;
+         t == FrameType::HandoverAck || t == FrameType::AuthOk || t == FrameType::StartOk ||
+         t == FrameType::SumsReply;
 }
 
 }  // namespace
@@ -338,10 +339,7 @@ bool PeerLink::deliver_reply(Frame& frame) {
   std::lock_guard lock(mu_);
   auto it = waiters_.find(frame.header.request_id);
   if (it == waiters_.end()) return false;
-  if (auto* err = std::get_if<ErrorPayload>(&frame.message))
-    it->second->result = status_from_error(*err);
-  else
-    it->second->result = std::move(frame);
+  it->second->result = std::move(frame);
   it->second->done = true;
   waiters_.erase(it);
   cv_.notify_all();
@@ -402,7 +400,8 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
   }
 }
 
-Result<PeerLink::Frame> PeerLink::call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout) {
+Result<PeerLink::Frame> PeerLink::call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout,
+                                           bool error_as_status) {
   auto waiter = std::make_shared<Waiter>();
   {
     std::lock_guard lock(mu_);
@@ -415,6 +414,8 @@ Result<PeerLink::Frame> PeerLink::call_raw(std::string frame, uint64_t id, std::
     waiters_.erase(id);
     return Status::error(fmt::format("no reply from {} within {} ms", remote_, timeout.count()), ETIMEDOUT);
   }
+  if (error_as_status && waiter->result)
+    if (auto* err = std::get_if<ErrorPayload>(&waiter->result->message)) return status_from_error(*err);
   return std::move(waiter->result);
 }
 

@@ -8,7 +8,8 @@
 // thread. A link keeps itself alive while its read loop runs.
 //
 // Replies: call() sends a request with a fresh request id and waits for the
-// peer's ACK, HANDOVER_ACK, CONTROL_REPLY or ERROR frame with the same id.
+// peer's ACK, HANDOVER_ACK, START_OK, SUMS_REPLY, CONTROL_REPLY or ERROR
+// frame with the same id.
 // Every other frame goes to the FrameHandler.
 #pragma once
 
@@ -102,13 +103,28 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
     uint64_t id = next_request_id();
     auto frame = encode_message(p, id);
     if (!frame) return frame.status();
-    return call_raw(std::move(*frame), id, timeout);
+    return call_raw(std::move(*frame), id, timeout, true);
+  }
+  // Like call(), but an ERROR reply is returned as a frame (holding an
+  // ErrorPayload), so that the caller can tell the peer's explicit refusal
+  // from a lost link or a timeout (those are the Status).
+  template <Payload T>
+  Result<Frame> call_for_reply(const T& p, std::chrono::milliseconds timeout) {
+    uint64_t id = next_request_id();
+    auto frame = encode_message(p, id);
+    if (!frame) return frame.status();
+    return call_raw(std::move(*frame), id, timeout, false);
   }
 
   uint64_t next_request_id() { return next_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // Closes the connection; the close handler runs once with `why`.
   void close(const Status& why);
+  // Answers request `request_id` with an ERROR for `why`, then closes.
+  void refuse(uint64_t request_id, const Status& why) {
+    send(make_error_payload(why), request_id);
+    close(why);
+  }
   bool closed() const { return closed_.load(); }
   const Status& close_reason() const;
 
@@ -126,7 +142,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   PeerLink(boost::asio::ip::tcp::socket socket, const Options& options);
 
  private:
-  Result<Frame> call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout);
+  Result<Frame> call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout, bool error_as_status);
   boost::asio::awaitable<Result<Frame>> read_frame(uint32_t max_payload);
   boost::asio::awaitable<void> read_loop(std::shared_ptr<PeerLink> self);
   boost::asio::awaitable<void> write_loop(std::shared_ptr<PeerLink> self);

@@ -28,6 +28,11 @@ constexpr ErrorCodeInfo kErrorCodes[] = {
     {"NotAuthoritative", ESTALE},
     {"Protocol", ENOMSG},
     {"Internal", EIO},
+    {"Cancelled", ECANCELED},
+    {"HandoverLost", ENOTRECOVERABLE},
+    {"NotEmpty", ENOTEMPTY},
+    {"NoSpace", ENOSPC},
+    {"UnknownMigration", ESRCH},
 };
 static_assert(std::size(kErrorCodes) == kMaxErrorCode + 1);
 
@@ -51,6 +56,10 @@ const char* frame_type_name(FrameType type) {
     case FrameType::Control: return "CONTROL";
     case FrameType::ControlReply: return "CONTROL_REPLY";
     case FrameType::HandoverAck: return "HANDOVER_ACK";
+    case FrameType::PushAck: return "PUSH_ACK";
+    case FrameType::StartOk: return "START_OK";
+    case FrameType::Sums: return "SUMS";
+    case FrameType::SumsReply: return "SUMS_REPLY";
   }
   return "UNKNOWN";
 }
@@ -74,7 +83,11 @@ uint32_t max_payload_length(FrameType type) {
     case FrameType::Heartbeat: return 8 + 8;
     case FrameType::Error: return 4 + string_field(kMaxStringLength);
     case FrameType::Done: return 8 + 8;
-    case FrameType::HandoverAck: return 0;
+    case FrameType::HandoverAck: return 8;
+    case FrameType::PushAck: return 8;
+    case FrameType::StartOk: return string_field(kMaxControlJson);
+    case FrameType::Sums: return kSumsFixedSize;
+    case FrameType::SumsReply: return kSumsFixedSize + 8 * kMaxSumsCount;
   }
   return 0;
 }

@@ -26,7 +26,7 @@
 namespace livemig {
 
 inline constexpr uint32_t kFrameMagic = 0x4C4D4947;  // "LMIG"
-inline constexpr uint16_t kProtocolVersion = 1;
+inline constexpr uint16_t kProtocolVersion = 2;
 inline constexpr size_t kFrameHeaderSize = 28;
 
 inline constexpr size_t kHeaderMagicOffset = 0;
@@ -55,9 +55,13 @@ enum class FrameType : uint16_t {
   Control = 14,
   ControlReply = 15,
   HandoverAck = 16,
+  PushAck = 17,
+  StartOk = 18,
+  Sums = 19,
+  SumsReply = 20,
 };
 inline constexpr uint16_t kMinFrameType = 1;
-inline constexpr uint16_t kMaxFrameType = 16;
+inline constexpr uint16_t kMaxFrameType = 20;
 
 // True if `type` is one of FrameType's values.
 inline constexpr bool is_known_frame_type(uint16_t type) {
@@ -85,6 +89,8 @@ inline constexpr uint32_t kMaxDataLength = 16 * 1024 * 1024;  // block bytes in 
 inline constexpr uint32_t kMaxPayload = kMaxDataLength + 64;  // any frame but HANDOVER
 inline constexpr uint32_t kMaxControlJson = 1024 * 1024;      // each JSON text
 inline constexpr uint32_t kMaxHandoverRanges = 4 * 1024 * 1024;
+inline constexpr uint32_t kMaxSumsCount = 64 * 1024;                 // hashes in one SUMS_REPLY
+inline constexpr uint64_t kMaxSumsBytes = uint64_t{1} << 30;         // image bytes one SUMS covers
 inline constexpr uint32_t kMaxStringLength = 4096;  // names, ids, messages
 inline constexpr size_t kNonceSize = 32;
 inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
@@ -93,7 +99,8 @@ inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
 inline constexpr uint32_t kStringPrefixSize = 4;  // u32 length before each string
 inline constexpr uint32_t kDataHeaderSize = 16;   // offset u64, length u32, flags u32
 inline constexpr uint32_t kHandoverRangeSize = 20;
-inline constexpr uint32_t kHandoverFixedSize = 12;  // remaining_blocks u64, count u32
+inline constexpr uint32_t kHandoverFixedSize = 20;  // generation u64, remaining_blocks u64, count u32
+inline constexpr uint32_t kSumsFixedSize = 16;      // offset u64, unit u32, count u32
 // HANDOVER is the one frame that may exceed kMaxPayload (about 80 MiB).
 inline constexpr uint32_t kMaxHandoverPayload =
     kHandoverFixedSize + kMaxHandoverRanges * kHandoverRangeSize;
@@ -127,8 +134,13 @@ enum class ErrorCode : uint32_t {
   NotAuthoritative = 10,  // the request needs the side that owns the data
   Protocol = 11,          // a valid frame at the wrong time
   Internal = 12,          // a local failure (I/O error, ...)
+  Cancelled = 13,         // the source cancelled the migration
+  HandoverLost = 14,      // the operator aborted the handover this destination committed
+  NotEmpty = 15,          // the destination image holds data it will not overwrite
+  NoSpace = 16,           // the destination's disk is full
+  UnknownMigration = 17,  // no such migration here (to resume or resolve)
 };
-inline constexpr uint32_t kMaxErrorCode = 12;
+inline constexpr uint32_t kMaxErrorCode = 17;
 
 // The name ("BadCrc"), "Unknown" for a value outside the enum.
 const char* error_code_name(uint32_t code);
@@ -138,7 +150,8 @@ const char* error_code_name(uint32_t code);
 //   BadFrame EPROTO, BadMagic EILSEQ, BadVersion EPROTONOSUPPORT,
 //   UnknownType EBADRQC, TooLarge EMSGSIZE, BadCrc EBADMSG, AuthFailed EACCES,
 //   Busy EBUSY, SizeMismatch ERANGE, NotAuthoritative ESTALE, Protocol ENOMSG,
-//   Internal EIO.
+//   Internal EIO, Cancelled ECANCELED, HandoverLost ENOTRECOVERABLE,
+//   NotEmpty ENOTEMPTY, NoSpace ENOSPC, UnknownMigration ESRCH.
 int error_code_errno(ErrorCode code);
 // A Status for `code`; the message says what is wrong.
 Status protocol_error(ErrorCode code, std::string message);

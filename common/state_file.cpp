@@ -122,6 +122,9 @@ Result<std::string> record_to_json(const MigrationRecord& r, const std::string& 
         {"mode", r.mode},
         {"image_size", r.image_size},
         {"block_size", r.block_size},
+        {"handover_generation", r.handover_generation},
+        {"committed_generation", r.committed_generation},
+        {"aborted_generation", r.aborted_generation},
         {"extra", r.extra},
     };
     return j.dump();
@@ -154,6 +157,13 @@ Result<MigrationRecord> record_from_json(std::string_view text) {
     }
     if (!u64("image_size", &r.image_size)) return Status::error("field \"image_size\" missing or not unsigned", EIO);
     if (!u64("block_size", &r.block_size)) return Status::error("field \"block_size\" missing or not unsigned", EIO);
+    // Generations came with the handover commit; a record without them has none.
+    for (auto [key, out] : {std::pair{"handover_generation", &r.handover_generation},
+                            std::pair{"committed_generation", &r.committed_generation},
+                            std::pair{"aborted_generation", &r.aborted_generation}}) {
+      if (j.contains(key) && !u64(key, out))
+        return Status::error(std::string("field \"") + key + "\" is not unsigned", EIO);
+    }
     auto extra = j.find("extra");
     r.extra = extra == j.end() ? nlohmann::json::object() : *extra;
     Status ok = check_record(r, "record");

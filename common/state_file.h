@@ -85,6 +85,13 @@ struct MigrationRecord {
   std::string mode;   // "precopy", "postcopy", "livefs", "hybrid", "auto"
   uint64_t image_size = 0;
   uint64_t block_size = 4096;
+  // The handover commit (docs/handover.md). Source: the generation of its
+  // latest handover attempt, persisted before it fences; the one the
+  // operator aborted with `resolve --abort`. Destination: the generation it
+  // committed (0: none), persisted before it acknowledges.
+  uint64_t handover_generation = 0;
+  uint64_t committed_generation = 0;
+  uint64_t aborted_generation = 0;
   nlohmann::json extra = nlohmann::json::object();  // anything else, kept as is
 
   bool operator==(const MigrationRecord&) const = default;

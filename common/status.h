@@ -44,7 +44,9 @@ class Result {
   T& value() { return std::get<T>(v_); }
   const T& value() const { return std::get<T>(v_); }
   T& operator*() { return value(); }
+  const T& operator*() const { return value(); }
   T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
   // REQUIRES: !is_ok()
   const Status& status() const { return std::get<Status>(v_); }
 

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/heat_map.h"
+#include "common/json_limits.h"
 #include "plugin/migration_engine.h"
 #include "plugin/peer_server.h"
 
@@ -111,6 +112,7 @@ const std::map<std::string, Handler, std::less<>>& handlers() {
       {"migrate", [](PluginState& st, const json& r) { return st.engine->migrate(r); }},
       {"handover", [](PluginState& st, const json& r) { return st.engine->handover(r); }},
       {"cancel", [](PluginState& st, const json& r) { return st.engine->cancel(r); }},
+      {"resolve", [](PluginState& st, const json& r) { return st.engine->resolve(r); }},
       {"release", [](PluginState& st, const json& r) { return st.engine->release(r); }},
       {"verify", [](PluginState& st, const json& r) { return st.engine->verify(r); }},
   };
@@ -118,6 +120,8 @@ const std::map<std::string, Handler, std::less<>>& handlers() {
 }
 
 json dispatch(PluginState& st, std::string_view line) {
+  if (!json_depth_within(line))
+    return error_reply(fmt::format("request JSON nests arrays or objects deeper than {} levels", kMaxJsonDepth));
   json req = json::parse(line, nullptr, /*allow_exceptions=*/false);
   if (req.is_discarded())
     return error_reply(fmt::format("request is not valid JSON: {:.80}", line));

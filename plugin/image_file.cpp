@@ -77,6 +77,9 @@ int ImageFile::pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua
     }
     if (r < 0) {
       if (errno == EINTR) continue;
+      // A synchronous write that failed in writeback (EIO) consumed the
+      // file's error report: a later fdatasync would not see it.
+      if (flags && errno == EIO) note_sync_error(errno);
       return -1;
     }
     p += r;
@@ -98,10 +101,21 @@ void ImageFile::start_writeback(uint64_t count, uint64_t offset) {
 }
 
 int ImageFile::flush() {
+  if (int e = sync_error_.load(); e != 0) {
+    errno = e;
+    return -1;
+  }
   while (::fdatasync(fd_) < 0) {
-    if (errno != EINTR) return -1;
+    if (errno == EINTR) continue;
+    note_sync_error(errno);
+    return -1;
   }
   return 0;
+}
+
+void ImageFile::note_sync_error(int err) {
+  int expected = 0;
+  sync_error_.compare_exchange_strong(expected, err ? err : EIO);
 }
 
 int ImageFile::trim(uint64_t count, uint64_t offset, bool fua) {

@@ -36,8 +36,14 @@ class ImageFile {
   int pread(void* buf, uint64_t count, uint64_t offset) const;
   // Writes exactly count bytes; with fua the data is durable on return.
   int pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua);
-  // fdatasync.
+  // fdatasync. Sticky: once an fdatasync (or a FUA write) failed in
+  // writeback, every later flush fails with that errno. Linux reports a
+  // writeback error once per file and may drop the pages it could not
+  // write; a later fdatasync would succeed without them, so success after
+  // a failure would be a lie (the lesson of PostgreSQL's "fsyncgate").
   int flush();
+  // The errno of the first failed sync, 0 if none.
+  int sync_error() const { return sync_error_.load(); }
   // Starts writing the range back to disk without waiting (sync_file_range),
   // so that a later flush() finds little left to write. Advisory.
   void start_writeback(uint64_t count, uint64_t offset);
@@ -56,11 +62,13 @@ class ImageFile {
  private:
   ImageFile(std::string path, int fd, uint64_t size, bool readonly);
   int write_zeros(uint64_t count, uint64_t offset);
+  void note_sync_error(int err);
 
   std::string path_;
   int fd_ = -1;
   std::atomic<uint64_t> size_{0};
   bool readonly_ = false;
+  std::atomic<int> sync_error_{0};
 };
 
 }  // namespace livemig

@@ -81,6 +81,12 @@ Status make_engine(PluginState& st) {
   ctx.state_path = st.config.state_file.empty() ? StateFile::path_for_image(st.config.image) : st.config.state_file;
   ctx.listen = st.config.listen;
   ctx.handover_policy = st.config.handover;
+  ctx.accept_incoming = st.config.accept_incoming;
+  ctx.connections = [] { return g_state->connections.load(std::memory_order_relaxed); };
+  ctx.client_writes = [] {
+    const RequestCounters& c = g_state->counters;
+    return c.pwrite.count.load() + c.trim.count.load() + c.zero.count.load();
+  };
   ctx.peer_timeout = std::chrono::milliseconds(static_cast<int64_t>(st.config.peer_timeout * 1000));
   ctx.resize_image = resize_image;
   ctx.tick = [] { g_state->heat->decay_tick(g_state->uptime_seconds()); };
@@ -187,7 +193,7 @@ int livemig_after_fork() {
       auto secret = st.engine->secret();
       st.peer->start(
           st.engine->io(), secret, opts, [](const std::shared_ptr<PeerLink>& link) { g_state->engine->on_peer_link(link); },
-          [](std::string_view line) { return handle_control_request(*g_state, line); });
+          [](std::string_view line) { return handle_control_request(*g_state, line); }, &st.engine->control_pool());
     }
     if (st.control) {
       st.control->start(nullptr,

@@ -15,6 +15,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "plugin/work_pool.h"
+
 namespace livemig {
 
 namespace asio = boost::asio;
@@ -27,16 +29,17 @@ struct PeerServer::Impl {
   PeerLink::Options options;
   PeerHandler on_peer;
   ControlHandler on_control;
+  WorkPool* control_pool = nullptr;
 };
 
 namespace {
 
-// CONTROL frames of one orchestration connection. Each request runs on a
-// thread of its own: some (migrate, handover) wait for the peer, whose frames
+// CONTROL frames of one orchestration connection. Each request runs on the
+// control pool: some (migrate, handover) wait for the peer, whose frames
 // arrive on the io thread.
-void serve_control(const std::shared_ptr<PeerLink>& link, PeerServer::ControlHandler handler) {
+void serve_control(const std::shared_ptr<PeerLink>& link, PeerServer::ControlHandler handler, WorkPool* pool) {
   link->start(
-      [handler](const std::shared_ptr<PeerLink>& l, PeerLink::Frame& f) {
+      [handler, pool](const std::shared_ptr<PeerLink>& l, PeerLink::Frame& f) {
         auto* control = std::get_if<ControlPayload>(&f.message);
         if (!control) {
           Status s = protocol_error(ErrorCode::Protocol,
@@ -46,12 +49,15 @@ void serve_control(const std::shared_ptr<PeerLink>& link, PeerServer::ControlHan
           l->close(s);
           return;
         }
-        std::thread([l, handler, request = control->json, id = f.header.request_id] {
+        bool queued = pool->try_post([l, handler, request = control->json, id = f.header.request_id] {
           std::string reply = handler(request);
           if (reply.size() > kMaxControlJson)
             reply = R"({"ok":false,"error":"reply too large for a CONTROL_REPLY frame"})";
           l->send(ControlReplyPayload{reply}, id);
-        }).detach();
+        });
+        if (!queued)
+          l->send(make_error_payload(protocol_error(ErrorCode::Busy, "too many control requests queued")),
+                  f.header.request_id);
       },
       [](const std::shared_ptr<PeerLink>&, const Status&) {});
 }
@@ -68,7 +74,7 @@ asio::awaitable<void> accept_loop(std::shared_ptr<PeerServer::Impl> impl) {
           auto link = co_await PeerLink::accept(std::move(sock), impl->secret, impl->options);
           if (!link) co_return;  // the peer got an ERROR frame; nothing else to do
           if ((*link)->purpose() == kPurposeControl)
-            serve_control(*link, impl->on_control);
+            serve_control(*link, impl->on_control, impl->control_pool);
           else
             impl->on_peer(*link);
         },
@@ -124,7 +130,7 @@ PeerServer::~PeerServer() {
 }
 
 void PeerServer::start(asio::io_context& io, Secret secret, PeerLink::Options options, PeerHandler on_peer,
-                       ControlHandler on_control) {
+                       ControlHandler on_control, WorkPool* control_pool) {
   impl_ = std::make_shared<Impl>(io);
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
@@ -134,6 +140,7 @@ void PeerServer::start(asio::io_context& io, Secret secret, PeerLink::Options op
   impl_->options = options;
   impl_->on_peer = std::move(on_peer);
   impl_->on_control = std::move(on_control);
+  impl_->control_pool = control_pool;
   asio::co_spawn(io, accept_loop(impl_), asio::detached);
 }
 

@@ -22,6 +22,8 @@
 
 namespace livemig {
 
+class WorkPool;
+
 class PeerServer {
  public:
   using ControlHandler = std::function<std::string(std::string_view request)>;
@@ -34,9 +36,11 @@ class PeerServer {
   // The port actually bound (useful with port 0).
   uint16_t port() const { return port_; }
 
-  // Starts accepting on `io`.
+  // Starts accepting on `io`. CONTROL requests run on `control_pool` (they
+  // may wait for the peer, whose frames arrive on io's thread); when it is
+  // full the request gets ERROR(Busy).
   void start(boost::asio::io_context& io, Secret secret, PeerLink::Options options, PeerHandler on_peer,
-             ControlHandler on_control);
+             ControlHandler on_control, WorkPool* control_pool);
 
   struct Impl;  // the acceptor and handlers, shared with the accept loop
 

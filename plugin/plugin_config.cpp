@@ -85,9 +85,13 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     if (value.empty()) return Status::error("secret=: the key file path is empty");
     secret_path = value;
   } else if (key == "handover") {
-    if (value != "explicit" && value != "auto" && value != "on-disconnect")
-      return Status::error(fmt::format("handover={}: expected explicit, auto or on-disconnect", value));
-    handover = value;
+    auto policy = parse_handover_policy(std::string(value));
+    if (!policy) return Status::error(fmt::format("handover={}: expected explicit, auto or on-disconnect", value));
+    handover = *policy;
+  } else if (key == "accept-incoming") {
+    auto a = parse_accept_incoming(std::string(value));
+    if (!a) return a.status();
+    accept_incoming = *a;
   } else if (key == "state-file") {
     if (value.empty()) return Status::error("state-file=: the path is empty");
     state_file = value;

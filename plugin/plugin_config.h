@@ -7,8 +7,10 @@
 #include <string>
 #include <string_view>
 
+#include "common/migration_params.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
+#include "plugin/engine_context.h"
 
 namespace livemig {
 
@@ -30,6 +32,10 @@ inline constexpr const char* kConfigHelp =
     "handover=explicit|auto|on-disconnect\n"
     "                       Default handover trigger of migrations started\n"
     "                       here (default explicit).\n"
+    "accept-incoming=empty|always|never\n"
+    "                       When this plugin may become a migration destination\n"
+    "                       (default empty: only onto an image without data\n"
+    "                       that no client wrote to, or its own partial copy).\n"
     "peer-timeout=<SECS>    A silent peer is dead after this (default 15).\n"
     "state-file=<FILE>      Migration state (default <image>.livemig-state).";
 
@@ -42,7 +48,8 @@ struct PluginConfig {
   std::string control_path;
   std::string listen;        // HOST:PORT, empty = no peer port
   std::string secret_path;
-  std::string handover = "explicit";
+  HandoverPolicy handover = HandoverPolicy::Explicit;
+  AcceptIncoming accept_incoming = AcceptIncoming::Empty;
   double peer_timeout = 15.0;
   std::string state_file;    // empty = <image>.livemig-state
 

@@ -540,7 +540,7 @@ json Daemon::op_submit(const json& req) {
   m["from"] = *from;
   m["to"] = *to;
   if (!m.contains("mode")) return error_reply("submit: \"mode\" is required (precopy, postcopy, livefs, hybrid or auto)");
-  auto params = MigrationParams::from_json(m, "explicit");
+  auto params = MigrationParams::from_json(m, HandoverPolicy::Explicit);
   if (!params) return error_reply("bad migration: " + params.status().message());
 
   // Both plugins must answer status now.
@@ -567,7 +567,7 @@ json Daemon::op_submit(const json& req) {
   Task task;
   task.source = *from;
   task.destination = *to;
-  task.mode = params->mode;
+  task.mode = mode_name(params->mode());
   task.request = m;
   task.name = req.value("name", "");
   if (task.name.empty()) {

@@ -29,30 +29,34 @@ IMAGE_SIZE = 4 * MiB
 # test must not share the codec it checks.
 
 MAGIC = 0x4C4D4947  # "LMIG"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">IHHIQII")  # magic, version, type, flags, request_id, payload_length, crc32c
 assert HEADER.size == 28
 
 HELLO, AUTH, AUTH_OK, START, DATA, ACK, HANDOVER, PULL, CANCEL_PULL, PROGRESS, HEARTBEAT, ERROR, DONE, \
-    CONTROL, CONTROL_REPLY, HANDOVER_ACK = range(1, 17)
+    CONTROL, CONTROL_REPLY, HANDOVER_ACK, PUSH_ACK, START_OK, SUMS, SUMS_REPLY = range(1, 21)
+MAX_TYPE = SUMS_REPLY
 TYPE_NAMES = {v: k for k, v in dict(
     HELLO=HELLO, AUTH=AUTH, AUTH_OK=AUTH_OK, START=START, DATA=DATA, ACK=ACK, HANDOVER=HANDOVER, PULL=PULL,
     CANCEL_PULL=CANCEL_PULL, PROGRESS=PROGRESS, HEARTBEAT=HEARTBEAT, ERROR=ERROR, DONE=DONE, CONTROL=CONTROL,
-    CONTROL_REPLY=CONTROL_REPLY, HANDOVER_ACK=HANDOVER_ACK).items()}
+    CONTROL_REPLY=CONTROL_REPLY, HANDOVER_ACK=HANDOVER_ACK, PUSH_ACK=PUSH_ACK, START_OK=START_OK, SUMS=SUMS,
+    SUMS_REPLY=SUMS_REPLY).items()}
 
 FLAG_ZERO, FLAG_COMPRESSED, FLAG_PRIORITY = 1, 2, 4
 
 # Error codes.
 BAD_FRAME, BAD_MAGIC, BAD_VERSION, UNKNOWN_TYPE, TOO_LARGE, BAD_CRC, AUTH_FAILED, BUSY, SIZE_MISMATCH, \
-    NOT_AUTHORITATIVE, PROTOCOL, INTERNAL = range(1, 13)
+    NOT_AUTHORITATIVE, PROTOCOL, INTERNAL, CANCELLED, HANDOVER_LOST, NOT_EMPTY, NO_SPACE, \
+    UNKNOWN_MIGRATION = range(1, 18)
 CODE_NAMES = {1: "BadFrame", 2: "BadMagic", 3: "BadVersion", 4: "UnknownType", 5: "TooLarge", 6: "BadCrc",
               7: "AuthFailed", 8: "Busy", 9: "SizeMismatch", 10: "NotAuthoritative", 11: "Protocol",
-              12: "Internal"}
+              12: "Internal", 13: "Cancelled", 14: "HandoverLost", 15: "NotEmpty", 16: "NoSpace",
+              17: "UnknownMigration"}
 
 # Limits.
 MAX_PRE_AUTH_PAYLOAD = 8267
 MAX_CONTROL_PAYLOAD = 1048580  # 4 + 1 MiB
-MAX_HANDOVER_PAYLOAD = 12 + 20 * 4 * MiB
+MAX_HANDOVER_PAYLOAD = 20 + 20 * 4 * MiB
 
 SERVER_LABEL = b"livemig-v1 server"
 CLIENT_LABEL = b"livemig-v1 client"
@@ -356,7 +360,7 @@ def crc32c_matches_the_known_vector():
     # 0x0102030405060708, priority 1, request id 0x1122334455667788.
     payload = bytes.fromhex("0102030405060708") + struct.pack(">IB", 4096, 1)
     f = frame(PULL, payload, flags=FLAG_PRIORITY, request_id=0x1122334455667788)
-    assert f[:24].hex() == "4c4d4947" "0001" "0008" "00000004" "1122334455667788" "0000000d"
+    assert f[:24].hex() == "4c4d4947" "0002" "0008" "00000004" "1122334455667788" "0000000d"
     assert f[24:28] == struct.pack(">I", crc32c(payload))
 
 
@@ -387,7 +391,7 @@ def unsupported_version_gets_bad_version():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
-        for v in (0, 2, 0x0100, 0xFFFF):
+        for v in (0, 1, 3, 0x0100, 0xFFFF):
             with PeerClient(port) as c:
                 p = hello_payload(os.urandom(32))
                 c.send(header(HELLO, len(p), crc32c(p), version=v))
@@ -395,8 +399,8 @@ def unsupported_version_gets_bad_version():
         # After authentication too.
         c, _ = handshake(port, key)
         with c:
-            c.send(header(CONTROL, 0, 0, version=2, request_id=9))
-            c.expect_error(BAD_VERSION, what="version 2 after the handshake")
+            c.send(header(CONTROL, 0, 0, version=1, request_id=9))
+            c.expect_error(BAD_VERSION, what="version 1 after the handshake")
         assert_still_serving(s, key)
 
 
@@ -405,14 +409,14 @@ def unknown_frame_type_gets_unknown_type():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
-        for t in (0, 17, 0x100, 0xFFFF):
+        for t in (0, MAX_TYPE + 1, 0x100, 0xFFFF):
             with PeerClient(port) as c:
                 c.send(header(t, 0, 0))
                 c.expect_error(UNKNOWN_TYPE, what=f"type {t} before the handshake")
         c, _ = handshake(port, key, purpose="peer")
         with c:
-            c.send(header(17, 0, 0, request_id=5))
-            c.expect_error(UNKNOWN_TYPE, what="type 17 on an authenticated peer link")
+            c.send(header(MAX_TYPE + 1, 0, 0, request_id=5))
+            c.expect_error(UNKNOWN_TYPE, what=f"type {MAX_TYPE + 1} on an authenticated peer link")
         assert_still_serving(s, key)
 
 
@@ -666,7 +670,7 @@ def frames_other_than_hello_before_authentication_are_refused_and_not_executed()
                 (DATA, struct.pack(">QII", 0, 4096, FLAG_ZERO), FLAG_ZERO),
                 (DONE, struct.pack(">QQ", 0, 0), 0),
                 (ERROR, struct.pack(">I", 11) + string("x"), 0),
-                (HANDOVER_ACK, b"", 0),
+                (HANDOVER_ACK, struct.pack(">Q", 1), 0),
             ]
             for ftype, payload, flags in firsts:
                 with PeerClient(port) as c:
@@ -791,7 +795,7 @@ def peer_link_refuses_frames_at_the_wrong_time_with_an_error():
         before = s.control({"op": "status"})
         # Frames an idle plugin does not expect on a peer link.
         for ftype, payload in ((CONTROL, control_payload({"op": "status"})), (AUTH, os.urandom(32)),
-                               (HELLO, hello_payload(os.urandom(32))), (HANDOVER_ACK, b"")):
+                               (HELLO, hello_payload(os.urandom(32))), (HANDOVER_ACK, struct.pack(">Q", 1))):
             c, _ = handshake(port, key, purpose="peer")
             with c:
                 c.send(frame(ftype, payload, request_id=55))
@@ -801,7 +805,7 @@ def peer_link_refuses_frames_at_the_wrong_time_with_an_error():
         c, _ = handshake(port, key, purpose="peer")
         with c:
             c.send(frame(START, start_payload(IMAGE_SIZE, params={"resume": True}), request_id=56))
-            c.expect_error(PROTOCOL, request_id=56, what="START resume of an unknown migration")
+            c.expect_error(UNKNOWN_MIGRATION, request_id=56, what="START resume of an unknown migration")
         c, _ = handshake(port, key, purpose="peer")
         with c:
             c.send(frame(START, start_payload(IMAGE_SIZE, block_size=8192), request_id=57))
@@ -846,7 +850,8 @@ class FakeDestination:
                 f = c.read_frame()
                 assert f is not None, "the source closed the link before HANDOVER"
                 if f.type == START:
-                    c.send(frame(ACK, struct.pack(">QQI", f.request_id, 0, 0), request_id=f.request_id))
+                    c.send(frame(START_OK, string(json.dumps({"phase": "PreCopy", "resync": False})),
+                                 request_id=f.request_id))
                 elif f.type == HANDOVER:
                     self.on_handover(c, f)
                     self.handed_over.set()
@@ -886,7 +891,7 @@ def a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
         def done_then_ack(c, f):
             c.send(frame(DONE, struct.pack(">QQ", 0, IMAGE_SIZE // 4096)))
             time.sleep(0.2)   # the DONE is handled first
-            c.send(frame(HANDOVER_ACK, request_id=f.request_id))
+            c.send(frame(HANDOVER_ACK, f.payload[:8], request_id=f.request_id))
 
         fake = FakeDestination(key, done_then_ack)
         try:

@@ -1,0 +1,29 @@
+#include "common/json_limits.h"
+
+#include <string>
+
+#include <catch2/catch.hpp>
+
+using livemig::json_depth_within;
+using livemig::parse_json_object;
+
+TEST_CASE("json limits: a text nested deeper than the limit is refused before it is parsed") {
+  std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  CHECK_FALSE(json_depth_within(deep));
+  CHECK(parse_json_object("{\"a\":" + deep + "}").is_discarded());
+  std::string ok = "{\"a\":" + std::string(20, '[') + std::string(20, ']') + "}";
+  CHECK(json_depth_within(ok));
+  CHECK(parse_json_object(ok).is_object());
+}
+
+TEST_CASE("json limits: brackets inside strings do not count, escaped quotes do not end a string") {
+  CHECK(json_depth_within(R"({"a":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["})", 4));
+  CHECK(json_depth_within(R"({"a":"\"[[[[[[[[[[[[["})", 2));
+  CHECK_FALSE(json_depth_within(R"({"a":"\\",  "b":[[[[]]]]})", 3));
+}
+
+TEST_CASE("json limits: only objects are taken") {
+  CHECK(parse_json_object("[1,2]").is_discarded());
+  CHECK(parse_json_object("not json").is_discarded());
+  CHECK(parse_json_object("{\"phase\":\"PreCopy\"}").value("phase", "") == "PreCopy");
+}

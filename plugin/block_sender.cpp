@@ -1,0 +1,135 @@
+#include "plugin/block_sender.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "common/transfer_planner.h"
+
+namespace livemig {
+namespace {
+
+// [blocks] as alternating runs of holes and (maybe) data, in order, covering
+// all of `blocks` (a hole is a whole number of blocks inside a file hole).
+std::vector<std::pair<IndexRange, bool>> hole_runs(const ImageFile& image, const SegmentGeometry& g,
+                                                   IndexRange blocks) {
+  std::vector<std::pair<IndexRange, bool>> parts;  // (blocks, is_hole)
+  const uint64_t off = g.range_offset(blocks), len = g.range_length(blocks);
+  image.extents(len, off, [&](uint64_t o, uint64_t l, bool hole) {
+    IndexRange r = hole ? g.blocks_covered(o, l) : g.blocks_touched(o, l);
+    r.first = std::max(r.first, blocks.first);
+    r.last = std::min(r.last, blocks.last);
+    if (!parts.empty() && parts.back().first.last > r.first) r.first = parts.back().first.last;
+    if (r.empty()) return true;
+    uint64_t covered = parts.empty() ? blocks.first : parts.back().first.last;
+    if (covered < r.first) parts.push_back({{covered, r.first}, false});
+    parts.push_back({r, hole});
+    return true;
+  });
+  uint64_t covered = parts.empty() ? blocks.first : parts.back().first.last;
+  if (covered < blocks.last) parts.push_back({{covered, blocks.last}, false});
+  return parts;
+}
+
+Status read_error(uint64_t length, uint64_t offset) {
+  return protocol_error(ErrorCode::Internal,
+                        fmt::format("reading {} bytes at {}: {}", length, offset, std::strerror(errno)));
+}
+
+}  // namespace
+
+Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id,
+                                                   bool priority) {
+  Sent sent;
+  auto send = [&](const DataPayload& d) {
+    link.send_data(d, request_id, priority);
+    sent.frames++;
+  };
+  auto send_zero = [&](IndexRange r) {
+    send(DataPayload{g_.range_offset(r), static_cast<uint32_t>(g_.range_length(r)), kFlagZero, {}});
+    stats_.zero_blocks_sent.fetch_add(r.count(), std::memory_order_relaxed);
+  };
+  std::string buf;
+  for (auto& [r, hole] : hole_runs(image_, g_, blocks)) {
+    if (hole) {
+      send_zero(r);
+      continue;
+    }
+    buf.resize(g_.range_length(r));
+    if (image_.pread(buf.data(), buf.size(), g_.range_offset(r)) < 0) return read_error(buf.size(), g_.range_offset(r));
+    for (const ZeroSplit& z : split_zero_runs(g_, r, buf.data())) {
+      if (z.zero) {
+        send_zero(z.blocks);
+        continue;
+      }
+      for (uint64_t off = g_.range_offset(z.blocks), end = off + g_.range_length(z.blocks); off < end;) {
+        uint64_t n = std::min<uint64_t>(std::max(kMaxFrameData, g_.block_size()), end - off);
+        send(DataPayload{off, static_cast<uint32_t>(n), 0,
+                         {reinterpret_cast<const uint8_t*>(buf.data() + (off - g_.range_offset(r))), n}});
+        stats_.payload_bytes_sent.fetch_add(n, std::memory_order_relaxed);
+        off += n;
+      }
+      stats_.data_blocks_sent.fetch_add(z.blocks.count(), std::memory_order_relaxed);
+      sent.data_blocks += z.blocks.count();
+    }
+  }
+  return sent;
+}
+
+Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p) {
+  const uint64_t size = g_.image_size();
+  if (p.length == 0 || p.length > kMaxDataLength || p.offset > size || p.length > size - p.offset)
+    return protocol_error(ErrorCode::BadFrame, fmt::format("PULL of {} bytes at {}: not inside the {}-byte image "
+                                                           "in one frame (at most {} bytes)",
+                                                           p.length, p.offset, size, kMaxDataLength));
+  const bool priority = p.priority != 0;
+  const bool aligned =
+      p.offset % g_.block_size() == 0 && (p.length % g_.block_size() == 0 || p.offset + p.length == size);
+  if (aligned) {
+    auto sent = send_blocks(link, g_.blocks_touched(p.offset, p.length), request_id, priority);
+    return sent ? Status::ok() : sent.status();  // NOLINT: sent's value is not needed
+  }
+  // An unaligned proxied read: the exact bytes, in one frame.
+  std::string buf(p.length, '\0');
+  if (image_.pread(buf.data(), p.length, p.offset) < 0) return read_error(p.length, p.offset);
+  DataPayload d{p.offset, p.length, 0, {reinterpret_cast<const uint8_t*>(buf.data()), buf.size()}};
+  link.send_data(d, request_id, priority);
+  stats_.payload_bytes_sent.fetch_add(p.length, std::memory_order_relaxed);
+  return Status::ok();
+}
+
+Result<uint64_t> BlockSender::hash_range(uint64_t offset, uint64_t length) {
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> st(XXH3_createState(), XXH3_freeState);
+  XXH3_64bits_reset(st.get());
+  std::vector<char> buf(std::min<uint64_t>(length, 4u << 20));
+  for (uint64_t done = 0; done < length;) {
+    uint64_t n = std::min<uint64_t>(buf.size(), length - done);
+    if (image_.pread(buf.data(), n, offset + done) < 0) return read_error(n, offset + done);
+    XXH3_64bits_update(st.get(), buf.data(), n);
+    done += n;
+  }
+  return XXH3_64bits_digest(st.get());
+}
+
+Result<SumsReplyPayload> BlockSender::sums(const SumsPayload& p) {
+  const uint64_t size = g_.image_size();
+  if (p.offset > size)
+    return protocol_error(ErrorCode::BadFrame, fmt::format("SUMS at {}: beyond the {}-byte image", p.offset, size));
+  SumsReplyPayload reply{p.offset, p.unit, {}};
+  for (uint32_t i = 0; i < p.count; ++i) {
+    uint64_t off = p.offset + uint64_t{i} * p.unit;
+    if (off >= size) break;
+    auto h = hash_range(off, std::min<uint64_t>(p.unit, size - off));
+    if (!h) return h.status();
+    reply.hashes.push_back(*h);
+  }
+  return reply;
+}
+
+}  // namespace livemig

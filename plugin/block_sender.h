@@ -1,0 +1,53 @@
+// Sending image contents to the peer: pushes before handover and answers to
+// PULL and SUMS, shared by both roles (a source answers its destination's
+// pulls; a destination after the commit answers its old source's reads).
+//
+// Holes cross as ZERO notes without being read, and all-zero blocks as
+// ZERO notes after reading (invariant 3). Data goes in frames of at most
+// kMaxFrameData bytes, so a demand reply (priority lane) overtakes queued
+// background data at the next frame boundary.
+#pragma once
+
+#include <cstdint>
+
+#include "common/frame_codec.h"
+#include "common/peer_link.h"
+#include "common/segment_geometry.h"
+#include "common/status.h"
+#include "plugin/engine_stats.h"
+#include "plugin/image_file.h"
+
+namespace livemig {
+
+// Block data in one DATA frame at most (a multiple of every block size).
+inline constexpr uint64_t kMaxFrameData = 256u << 10;
+
+class BlockSender {
+ public:
+  BlockSender(ImageFile& image, const SegmentGeometry& geometry, EngineStats& stats)
+      : image_(image), g_(geometry), stats_(stats) {}
+
+  struct Sent {
+    uint64_t data_blocks = 0;  // holes and zero blocks not counted
+    uint64_t frames = 0;       // DATA frames queued
+  };
+  // Sends `blocks` on `link` as DATA frames with `request_id` (0: pushed).
+  // On a read error, the frames queued before it stay queued.
+  Result<Sent> send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority);
+  // Answers a PULL from the local image: block-aligned ranges as blocks,
+  // anything else as the exact bytes in one frame. A range outside the
+  // image or over kMaxDataLength is a BadFrame error; a read error is
+  // Internal. The caller sends the ERROR (for this request only).
+  Status answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p);
+  // Answers a SUMS: xxh3-64 of each unit of the local image.
+  Result<SumsReplyPayload> sums(const SumsPayload& p);
+  // The xxh3-64 of [offset, offset + length) of the local image.
+  Result<uint64_t> hash_range(uint64_t offset, uint64_t length);
+
+ private:
+  ImageFile& image_;
+  const SegmentGeometry& g_;
+  EngineStats& stats_;
+};
+
+}  // namespace livemig

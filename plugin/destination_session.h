@@ -1,0 +1,184 @@
+// The destination side of one migration: before the commit it receives
+// pushes (acknowledging them once durable) and reads through the source;
+// at HANDOVER it commits; after the commit it is authoritative and pulls
+// what it lacks (demand pulls ahead of background ones), reconnecting to the
+// source whenever the link drops, until every block is present.
+//
+// Design notes
+// ------------
+// Before the commit. Pushed DATA is written as it arrives and synced every
+// few MiB off the io thread; after each sync PUSH_ACK(n) tells the source the
+// first n pushed frames of this link are durable (the source re-sends the
+// rest after a cut link). A lost link leaves this side in PreCopy waiting for
+// the source to resume (START resume); its data stays.
+//
+// The commit (HANDOVER(g), maybe in several frames, ranges ascending and
+// disjoint across frames, inside the image): sync the image; build presence
+// = not remaining; write and sync the presence bitmap; write the record
+// (phase PostCopy, committed_generation g): that write is the commit point;
+// switch to DestPost; answer HANDOVER_ACK(g). Any failure before the record
+// write is an explicit refusal (ERROR): this side did not commit, and the
+// source unfences. The commit runs on the io thread and a resume START takes
+// commit_mu_, so a source asking "did you commit g?" gets an answer that no
+// commit in progress can change afterwards.
+//
+// After the commit. present lives in the PresenceJournal (durability rules
+// there); pulling = a pull of the block is in flight, so a second reader
+// waits for it. Pulled data and a client write to a missing block both hold
+// the block's segment lock while they check presence, write and mark, so
+// pulled data never overwrites a newer local write. An ERROR about one pull
+// fails that pull only: a reader waiting for it gets its errno (ENOSPC when
+// this disk is full, with the path and bytes missing in status); background
+// pulls retry after a pause. Only the operator's abort at the source
+// (HandoverLost on reconnect) ends this side's authority.
+//
+// Threads: frames on the io thread; the puller and the persister (once a
+// second) after the commit; PULL/SUMS answers and push syncs on the disk pool.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/block_bitmap.h"
+#include "common/migration_params.h"
+#include "common/peer_link.h"
+#include "plugin/engine_context.h"
+#include "plugin/presence_journal.h"
+#include "plugin/proxy_reader.h"
+#include "plugin/rate_limiter.h"
+#include "plugin/session_link.h"
+
+namespace livemig {
+
+class DestinationSession : public std::enable_shared_from_this<DestinationSession> {
+ public:
+  DestinationSession(EngineServices& s, std::string migration_id, MigrationParams params);
+  ~DestinationSession();
+  DestinationSession(const DestinationSession&) = delete;
+  DestinationSession& operator=(const DestinationSession&) = delete;
+
+  const std::string& id() const { return id_; }
+  // Before the commit: waits for pushes (link may be null after a restart:
+  // the source resumes). had_copy: the image held a copy before this START.
+  void start_precopy(std::shared_ptr<PeerLink> link, bool had_copy);
+  // After the commit (a restart in PostCopy): presence as recovered. The
+  // threads start with start_pulling() (after nbdkit forked).
+  void start_committed(BlockBitmap present);
+  void start_pulling();
+  // Stops the threads and closes the link. Not on the io thread.
+  void stop();
+  // Once a second (engine tick): syncs pushed data that waits.
+  void tick();
+
+  // ---- data path (any thread, inside the gate)
+  int proxy_read(void* buf, uint32_t count, uint64_t offset);  // DestProxy
+  int read(void* buf, uint32_t count, uint64_t offset);        // DestPost
+  // DestPost writes: begin (may pull a partly written edge block, may lock
+  // segments into *locked), the write, end (marks the blocks present).
+  int begin_write(uint64_t offset, uint64_t length, IndexRange* locked);
+  void end_write(uint64_t offset, uint64_t length, bool ok, IndexRange locked);
+  // A flush or FUA reply at DestPost waits for this.
+  Status persist();
+
+  // ---- peer (io thread, except on_resume_start: a control thread)
+  bool owns(const PeerLink* link) const;
+  void on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame);
+  void on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why);
+  // The source asks where this migration stands (START resume); answers on
+  // `link` and makes it this migration's link.
+  void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id);
+
+  // ---- status
+  nlohmann::json progress_json();
+  bool link_up() const;
+  uint64_t blocks_received() const { return s_.stats.blocks_received.load(); }
+
+ private:
+  struct Pull {
+    IndexRange blocks;
+    uint64_t bytes_left = 0;
+    bool background = false;
+  };
+
+  // before the commit
+  void on_push(const std::shared_ptr<PeerLink>& link, const DataPayload& p);
+  void maybe_sync_pushes(const std::shared_ptr<PeerLink>& link, bool force);
+  void on_handover(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const HandoverPayload& p);
+  void commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation);
+  void refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why);
+  void on_source_error(const std::shared_ptr<PeerLink>& link, const ErrorPayload& e);
+  void serve_sums(const std::shared_ptr<PeerLink>& link, uint64_t id, const SumsPayload& p);
+  // after the commit
+  void become_authoritative(BlockBitmap present, std::vector<double> priority);
+  void on_pulled(uint64_t id, const DataPayload& p);
+  Status apply_pulled(const DataPayload& p);
+  uint64_t issue_pull(IndexRange blocks, bool background);  // REQUIRES: pull_mu_ held
+  void finish_pull(uint64_t id, uint64_t bytes);
+  void fail_pull(uint64_t id, int err);
+  Status ensure_present(IndexRange blocks);
+  void serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p);
+  void pull_loop();
+  bool pull_segment(uint64_t seg, uint64_t unit_blocks, uint64_t window);
+  void persist_loop();
+  Status reconnect_to_source();
+  void send_progress();
+  void finish();
+  void lost(const Status& why);
+
+  std::shared_ptr<PeerLink> current_link() const;
+  void adopt_link(const std::shared_ptr<PeerLink>& link);
+  void lock_segments(IndexRange segs);
+  void unlock_segments(IndexRange segs);
+  void set_error(std::string message);
+
+  EngineServices& s_;
+  const std::string id_;
+  const MigrationParams params_;
+  ProxyReader proxy_;
+  SessionLink link_;
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex mu_;
+  std::string last_error_;          // guarded by mu_
+  std::string space_error_;         // guarded by mu_: the disk is full (cleared by a write that succeeds)
+  nlohmann::json peer_progress_;    // guarded by mu_
+  bool had_copy_ = false;           // guarded by mu_
+
+  // Before the commit (io thread, and the sync job under push_mu_).
+  std::mutex commit_mu_;                      // a commit and a resume START exclude each other
+  std::vector<HandoverRange> pending_;        // guarded by commit_mu_
+  uint64_t pending_generation_ = 0;           // guarded by commit_mu_
+  uint64_t pending_blocks_ = 0;               // guarded by commit_mu_
+  std::mutex push_mu_;
+  uint64_t pushed_frames_ = 0;   // guarded by push_mu_: pushed DATA frames received on the current link
+  uint64_t unsynced_bytes_ = 0;  // guarded by push_mu_
+  bool sync_running_ = false;    // guarded by push_mu_
+
+  // After the commit. Set once, before the state turns DestPost.
+  std::unique_ptr<PresenceJournal> presence_;
+  std::unique_ptr<BlockBitmap> pulling_;
+  std::unique_ptr<std::mutex[]> segment_locks_;
+  std::vector<double> segment_priority_;
+  std::thread puller_;
+  std::thread persister_;
+  RateLimiter limiter_;  // max_rate caps post-copy pulls too (puller only)
+
+  std::mutex pull_mu_;
+  std::condition_variable pull_cv_;
+  std::map<uint64_t, Pull> pulls_;            // guarded by pull_mu_
+  std::map<uint64_t, int> failed_pulls_;      // guarded by pull_mu_: demand pulls that got an error
+  uint64_t background_bytes_in_flight_ = 0;   // guarded by pull_mu_
+  std::chrono::steady_clock::time_point background_paused_until_{};  // guarded by pull_mu_
+};
+
+}  // namespace livemig

@@ -1,0 +1,57 @@
+#include "plugin/presence_journal.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include <fmt/format.h>
+
+namespace livemig {
+namespace {
+
+int env_ms(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::atoi(v) : 0;
+}
+
+}  // namespace
+
+PresenceJournal::PresenceJournal(ImageFile& image, StateFile* file, BlockBitmap present)
+    : image_(image), file_(file), present_(std::move(present)), mark_delay_ms_(env_ms("LIVEMIG_TEST_MARK_DELAY_MS")) {}
+
+void PresenceJournal::mark(IndexRange blocks) {
+  if (blocks.empty()) return;
+  std::lock_guard lock(batch_mu_);
+  present_.set_range(blocks);
+  if (mark_delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(mark_delay_ms_));
+  batch_.push_back(blocks);
+}
+
+Status PresenceJournal::persist() {
+  std::lock_guard serial(persist_mu_);
+  std::vector<IndexRange> runs;
+  {
+    std::lock_guard lock(batch_mu_);
+    runs.swap(batch_);
+  }
+  auto put_back = [&] {
+    std::lock_guard lock(batch_mu_);
+    batch_.insert(batch_.end(), runs.begin(), runs.end());
+  };
+  // Data first, then the bits that claim it.
+  if (image_.flush() < 0) {
+    int e = errno;
+    put_back();
+    return Status::error(fmt::format("syncing {}: {}", image_.path(), std::strerror(e)), e);
+  }
+  if (!file_) return Status::ok();
+  for (IndexRange r : runs) file_->mark_present(r);
+  if (Status s = file_->sync(); !s) {
+    put_back();
+    return s;
+  }
+  return Status::ok();
+}
+
+}  // namespace livemig

@@ -1,0 +1,70 @@
+#include "plugin/session_link.h"
+
+#include <utility>
+
+namespace livemig {
+
+using Clock = std::chrono::steady_clock;
+
+bool SessionLink::owns(const PeerLink* link) const {
+  std::lock_guard lock(mu_);
+  return link_.get() == link;
+}
+
+std::shared_ptr<PeerLink> SessionLink::get() const {
+  std::lock_guard lock(mu_);
+  return link_;
+}
+
+void SessionLink::adopt(const std::shared_ptr<PeerLink>& link) {
+  std::shared_ptr<PeerLink> old;
+  {
+    std::lock_guard lock(mu_);
+    old = std::exchange(link_, link);
+  }
+  if (old && old != link) old->close(Status::error("replaced by a resumed link", EPIPE));
+  cv_.notify_all();
+}
+
+bool SessionLink::drop(const std::shared_ptr<PeerLink>& link) {
+  {
+    std::lock_guard lock(mu_);
+    if (link_ != link) return false;
+    link_.reset();
+    down_since_ = Clock::now();
+  }
+  cv_.notify_all();
+  return true;
+}
+
+std::shared_ptr<PeerLink> SessionLink::take() {
+  std::shared_ptr<PeerLink> link;
+  {
+    std::lock_guard lock(mu_);
+    link = std::exchange(link_, nullptr);
+  }
+  cv_.notify_all();
+  return link;
+}
+
+std::shared_ptr<PeerLink> SessionLink::wait_up(std::chrono::milliseconds timeout, const std::atomic<bool>& stopping) {
+  std::unique_lock lock(mu_);
+  cv_.wait_for(lock, timeout, [&] { return stopping.load() || (link_ && !link_->closed()); });
+  return link_;
+}
+
+Clock::time_point SessionLink::down_since() const {
+  std::lock_guard lock(mu_);
+  return down_since_;
+}
+
+void SessionLink::describe(nlohmann::json& j) const {
+  std::lock_guard lock(mu_);
+  j["link_up"] = link_ && !link_->closed();
+  if (link_)
+    j["live_link_bytes"] = link_->bytes_sent() + link_->bytes_received();
+  else
+    j["link_down_seconds"] = std::chrono::duration<double>(Clock::now() - down_since_).count();
+}
+
+}  // namespace livemig

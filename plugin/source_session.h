@@ -1,0 +1,202 @@
+// The source side of one migration: what the destination still owes, the
+// pre-copy pusher, the handover and its resolution, and the source's part
+// after the commit (answering pulls, forwarding reads).
+//
+// Design notes
+// ------------
+// owed: bit set = the destination does not hold this block's current data
+// durably. A migration sets every bit (or, resuming after this side
+// restarted, sets every bit and clears those the destination's checksums
+// match); a guest write sets its blocks' bits AFTER its data is in the image;
+// the pusher clears a run's bits (test_and_clear) BEFORE it reads the run. So
+// a write racing a push either lands before the read (sent now) or sets the
+// bits again (sent later): a block crosses again only if written after its
+// last send (invariant 3), and no write is missed.
+//
+// Pushed frames are owed until the destination says they are durable: each
+// push is listed (blocks, the number of pushed frames on the link once it is
+// queued); PUSH_ACK(n) drops the entries whose frames are among the first n;
+// a link that closes puts the rest back into owed. So after a cut link (or a
+// restart of the destination) the migration resumes where it was and
+// re-sends only what was not yet durable there.
+//
+// The handover (docs/handover.md): the pusher lets queued pushes drain,
+// persists phase Handover with a new generation g and fences (the write
+// gate drains in-flight writes), sends HANDOVER(g) with the owed set, and
+// waits for the answer:
+//   HANDOVER_ACK(g)  committed: PostCopy, reads go to the destination;
+//   ERROR            an explicit refusal: the source unfences at once (the
+//                    migration fails, the source keeps serving);
+//   nothing          (link lost, timeout, this side restarted) unresolved:
+//                    the source stays fenced and asks the destination on
+//                    every reconnect (START resume g) whether it committed
+//                    g; yes -> PostCopy, no -> back to Sync, unfenced. The
+//                    operator's `resolve --abort` unfences without an
+//                    answer; a destination that later comes back with g
+//                    committed is told it lost (ERROR HandoverLost).
+//
+// Threads: one worker runs the migration (monitor, push rounds, handover,
+// reconnects, resolution); frames arrive on the io thread; PULLs are served
+// on the disk pool. mu_ guards what they share.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/block_bitmap.h"
+#include "common/migration_params.h"
+#include "common/migration_policy.h"
+#include "common/peer_link.h"
+#include "plugin/engine_context.h"
+#include "plugin/proxy_reader.h"
+#include "plugin/rate_limiter.h"
+#include "plugin/session_link.h"
+
+namespace livemig {
+
+class SourceSession : public std::enable_shared_from_this<SourceSession> {
+ public:
+  // How the session begins.
+  enum class Begin {
+    Fresh,      // a new migration (migrate request); resync if the destination holds a copy
+    Restarted,  // this side restarted before handover: owed is unknown, resync first
+    InWindow,   // this side restarted inside the handover window: resolve first
+    Committed,  // this side restarted after the commit: serve pulls, forward reads
+  };
+
+  SourceSession(EngineServices& s, std::string migration_id, MigrationParams params, Begin begin,
+                uint64_t handover_generation);
+  ~SourceSession();
+  SourceSession(const SourceSession&) = delete;
+  SourceSession& operator=(const SourceSession&) = delete;
+
+  const std::string& id() const { return id_; }
+  const MigrationParams& params() const { return params_; }
+  // Starts the worker. link: the link START went over (Fresh), else null;
+  // resync: the destination said it holds a copy worth comparing.
+  void start(std::shared_ptr<PeerLink> link, bool resync);
+  // Stops the worker and closes the link. Not on the io thread.
+  void stop();
+
+  // ---- data path (any thread, inside the gate)
+  void on_guest_write(IndexRange blocks);
+  // SourceForward: a read answered by the destination.
+  int forward_read(void* buf, uint32_t count, uint64_t offset);
+
+  // ---- peer (io thread)
+  bool owns(const PeerLink* link) const;
+  void on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame);
+  void on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why);
+  // The destination reconnected after the commit (START resume), claiming
+  // `committed`. Answers on `link` (START_OK or ERROR).
+  void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t committed);
+
+  // ---- control (any thread but the io thread)
+  nlohmann::json request_handover();
+  nlohmann::json request_cancel();
+  nlohmann::json resolve_abort();
+  void on_last_client_closed();
+  // Status of this migration (the "migration" object of status).
+  nlohmann::json progress_json();
+  // Per segment: score, writes during the migration, send set and why.
+  nlohmann::json segments_json(size_t limit);
+
+ private:
+  struct Push {
+    IndexRange blocks;
+    uint64_t frames_end;  // pushed frames on the link once queued; UINT64_MAX while queuing
+  };
+  struct Attempt {
+    uint64_t number = 0;  // handover attempts started
+    uint64_t done = 0;    // attempts with an outcome
+    std::string outcome;  // "committed", "refused: ...", "unresolved: ...", "not committed"
+  };
+
+  // worker
+  void run();
+  bool begin_pushing();
+  bool monitor();
+  void push_round(bool* ready, uint64_t* prev_left, int* not_shrinking);
+  bool push_pass(bool* interrupted);
+  bool push_unit(IndexRange unit);
+  bool still_pushed(uint64_t seg, uint64_t bytes_left);
+  void after_round(double seconds, uint64_t bytes_sent);
+  bool reconnect_before_handover();
+  bool resync();
+  void do_handover();
+  void resolve_handover();
+  void committed(uint64_t generation);
+  void refused(const Status& why);
+  void end_before_handover(Phase end, const std::string& why);
+  bool handover_due();
+  void set_ready(bool converged, std::string why);
+  void finish_attempt(std::string outcome);
+  bool wait_worker(std::chrono::milliseconds d);
+
+  // helpers
+  std::shared_ptr<PeerLink> current_link() const;
+  void adopt_link(const std::shared_ptr<PeerLink>& link);
+  bool pushes_measured() const;
+  double push_throughput() const;
+  uint64_t owed_in_send_set();
+  SegmentLoad segment_load(uint64_t seg) const;
+  std::vector<SegmentLoad> segment_loads() const;
+  std::vector<double> writes_since_start() const;
+  std::vector<HandoverRange> remaining_ranges();
+  void serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p);
+  void on_push_ack(uint64_t frames);
+  void on_peer_error(const std::shared_ptr<PeerLink>& link, uint64_t id, const ErrorPayload& e);
+  void on_done();
+
+  EngineServices& s_;
+  const std::string id_;
+  const MigrationParams params_;
+  const Begin begin_;
+  BlockBitmap owed_;
+  ProxyReader forward_;
+  SessionLink link_;
+  std::thread worker_;
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool handover_requested_ = false;           // guarded by mu_
+  bool cancel_requested_ = false;             // guarded by mu_
+  bool abort_requested_ = false;              // guarded by mu_
+  bool needs_resync_ = false;                 // guarded by mu_
+  bool ready_ = false;                        // guarded by mu_
+  bool converged_ = false;                    // guarded by mu_
+  std::string ready_reason_;                  // guarded by mu_
+  std::string last_error_;                    // guarded by mu_
+  std::string resolution_;                    // guarded by mu_: why the window is unresolved
+  uint64_t generation_;                       // guarded by mu_: the current or last handover
+  Attempt attempt_;                           // guarded by mu_
+  nlohmann::json peer_progress_;              // guarded by mu_
+  std::vector<SegmentDecision> send_set_;     // guarded by mu_
+  std::vector<HeatCounts> rank_heat_;         // guarded by mu_: the ranking window
+  std::vector<unsigned> resends_;             // worker only
+  // Set when pushing starts (after monitoring), read by the worker and
+  // (under mu_) by status.
+  std::vector<HeatCounts> heat_at_start_;
+  std::vector<HeatCounts> history_at_start_;
+  std::chrono::steady_clock::time_point precopy_started_at_{};
+  std::chrono::steady_clock::time_point fence_started_at_{};  // worker only
+
+  std::mutex push_mu_;
+  std::deque<Push> unacked_;    // guarded by push_mu_
+  uint64_t pushed_frames_ = 0;  // guarded by push_mu_: on the current link
+
+  RateLimiter limiter_;  // max_rate (worker only)
+};
+
+}  // namespace livemig

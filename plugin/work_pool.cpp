@@ -1,0 +1,73 @@
+#include "plugin/work_pool.h"
+
+#include <pthread.h>
+
+namespace livemig {
+
+WorkPool::WorkPool(std::string name, size_t threads, size_t max_queued)
+    : name_(std::move(name)), thread_count_(threads), max_queued_(max_queued) {}
+
+void WorkPool::start() {
+  std::lock_guard lock(mu_);
+  if (!threads_.empty() || stopping_) return;
+  for (size_t i = 0; i < thread_count_; ++i) {
+    threads_.emplace_back([this] { run(); });
+    pthread_setname_np(threads_.back().native_handle(), name_.substr(0, 15).c_str());
+  }
+}
+
+WorkPool::~WorkPool() { stop(); }
+
+bool WorkPool::try_post(std::function<void()> job) {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_ || jobs_.size() >= max_queued_) return false;
+    jobs_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+  return true;
+}
+
+void WorkPool::stop() {
+  {
+    std::lock_guard lock(mu_);
+    if (stopping_ && threads_.empty()) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  threads_.clear();
+}
+
+size_t WorkPool::queued() const {
+  std::lock_guard lock(mu_);
+  return jobs_.size();
+}
+
+size_t WorkPool::running() const {
+  std::lock_guard lock(mu_);
+  return running_;
+}
+
+void WorkPool::run() {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    cv_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
+    if (jobs_.empty()) return;  // stopping, and nothing left to run
+    auto job = std::move(jobs_.front());
+    jobs_.pop_front();
+    ++running_;
+    lock.unlock();
+    try {
+      job();
+    } catch (...) {
+      // A job reports its own failures; one that throws must not end the
+      // process that serves the guest.
+    }
+    lock.lock();
+    --running_;
+  }
+}
+
+}  // namespace livemig

@@ -1,0 +1,52 @@
+// A bounded pool of threads for work that must not run on the io thread:
+// disk reads that answer PULLs, hashing for SUMS, fdatasyncs of pushed data,
+// and control requests that wait for the peer. Bounded twice: a fixed
+// number of threads, and a queue of at most `max_queued` jobs; try_post()
+// refuses a job beyond that (the caller answers the peer "busy" instead of
+// starting a thread per request, which a peer could abuse).
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace livemig {
+
+class WorkPool {
+ public:
+  // No thread starts before start() (nbdkit forks after the engine exists:
+  // threads made before the fork would not exist in the child).
+  WorkPool(std::string name, size_t threads, size_t max_queued);
+  void start();
+  ~WorkPool();  // stop()
+  WorkPool(const WorkPool&) = delete;
+  WorkPool& operator=(const WorkPool&) = delete;
+
+  // Queues `job`; false if the queue is full or the pool stopped.
+  bool try_post(std::function<void()> job);
+  // Runs the queued jobs, then joins the threads. Idempotent. Jobs posted
+  // after stop() are refused.
+  void stop();
+  size_t queued() const;
+  size_t running() const;
+
+ private:
+  void run();
+
+  const std::string name_;
+  const size_t thread_count_;
+  const size_t max_queued_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;  // guarded by mu_
+  size_t running_ = 0;                      // guarded by mu_
+  bool stopping_ = false;                   // guarded by mu_
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace livemig
