@@ -1,5 +1,7 @@
 #include "common/peer_link.h"
 
+#include "tests/support/link_pair.h"
+
 #include <catch2/catch.hpp>
 
 #include <future>
@@ -14,45 +16,6 @@ namespace asio = boost::asio;
 using asio::ip::tcp;
 
 namespace {
-
-// A connected pair of PeerLinks over loopback TCP, on one io thread.
-struct LinkPair {
-  asio::io_context io;
-  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> work;
-  std::thread thread;
-  std::shared_ptr<PeerLink> client, server;
-  PeerLink::Options options;  // outlives the accept coroutine, which holds a reference
-  std::unique_ptr<tcp::acceptor> acceptor;
-
-  explicit LinkPair(const Secret& server_secret, const Secret& client_secret, Status* connect_status = nullptr) {
-    work = std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(io.get_executor());
-    thread = std::thread([this] { io.run(); });
-    acceptor = std::make_unique<tcp::acceptor>(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
-    uint16_t port = acceptor->local_endpoint().port();
-    std::promise<std::shared_ptr<PeerLink>> accepted;
-    asio::co_spawn(
-        io,
-        [&]() -> asio::awaitable<void> {
-          auto sock = co_await acceptor->async_accept(asio::use_awaitable);
-          auto link = co_await PeerLink::accept(std::move(sock), server_secret, options);
-          accepted.set_value(link ? *link : nullptr);
-        },
-        asio::detached);
-    auto c = PeerLink::connect(io, HostPort{"127.0.0.1", port}, client_secret, kPurposePeer, PeerLink::Options{},
-                               std::chrono::seconds(5));
-    if (connect_status) *connect_status = c ? Status::ok() : c.status();
-    client = c ? *c : nullptr;
-    server = accepted.get_future().get();
-  }
-  ~LinkPair() {
-    if (client) client->close(Status::error("test over"));
-    if (server) server->close(Status::error("test over"));
-    work.reset();
-    io.stop();
-    thread.join();
-    acceptor.reset();
-  }
-};
 
 Secret secret(const char* s) { return Secret::from_bytes(s).value(); }
 

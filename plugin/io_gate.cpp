@@ -25,7 +25,7 @@ bool io_mode_authoritative(IoMode m) {
 
 void IoGate::drain() {
   std::lock_guard lock(drain_mu_);
-  for (int round = 0; round < 2; ++round) wait_for_parity(epoch_.fetch_add(1) & 1);
+  wait_for_parity(epoch_.fetch_add(1) & 1);
 }
 
 void IoGate::wait_for_parity(uint32_t parity) {

@@ -6,19 +6,21 @@
 //
 // Design notes
 // ------------
-// Cost (invariant 6): a request does one atomic load of the epoch, one
+// Cost (invariant 6): a request does two atomic loads of the epoch, one
 // increment and one decrement of a counter, and one load of the mode: no
 // lock. The counters and the mode sit on cache lines of their own.
 //
-// Draining, after Linux's SRCU: a request increments inflight_[e & 1] for the
-// epoch e it read, THEN reads the mode. set_mode() stores the new mode;
-// drain() flips the epoch and waits for the old parity's counter to reach 0,
-// twice. Why twice: a request may read epoch e, stall, and increment its
-// counter after one flip's wait already saw 0; but then it reads the mode
-// after the store and runs under the new mode. The second flip-and-wait
-// catches a request that read an epoch two flips old. After drain() returns,
-// every request that read the mode before set_mode() has left the gate
-// (all atomics are sequentially consistent).
+// Draining, after Linux's SRCU: a request reads the epoch e, increments
+// inflight_[e & 1], reads the mode, then reads the epoch again; if it moved,
+// it takes its increment back and starts over. set_mode() stores the new
+// mode; drain() flips the epoch (e -> e + 1) and waits for inflight_[e & 1]
+// to reach 0. Why that suffices (all atomics sequentially consistent): a
+// request that read the old mode read it before the store, so its second
+// epoch load came before the flip or it would have started over; so it
+// counted in inflight_[e & 1], before the flip, and the wait sees it. A
+// request that enters after the flip counts in the other parity and never
+// holds up the wait (the re-check is what makes one flip enough: without
+// it a request could count under an epoch two flips old).
 #pragma once
 
 #include <atomic>
@@ -56,18 +58,25 @@ class IoGate {
   };
 
   Ticket enter() {
-    uint32_t e = epoch_.load();
-    inflight_[e & 1].value.fetch_add(1);
-    return {e, mode_.value.load()};
+    for (;;) {
+      uint32_t e = epoch_.load();
+      inflight_[e & 1].value.fetch_add(1);
+      IoMode m = mode_.value.load();
+      if (epoch_.load() == e) return {e, m};
+      inflight_[e & 1].value.fetch_sub(1);  // a drain flipped meanwhile: count again
+    }
   }
   void leave(const Ticket& t) { inflight_[t.epoch & 1].value.fetch_sub(1); }
 
   IoMode mode() const { return mode_.value.load(); }
   // Publishes a new mode for the requests that enter from now on.
   void set_mode(IoMode m) { mode_.value.store(m); }
-  // Returns once no request that read an older mode is still in the gate.
-  // Requests that enter meanwhile do not delay it for long: each waits only
-  // for those already counted. Concurrent drains take turns.
+  // Returns once every request that entered before drain() was called has
+  // left (so none that read an older mode is still in the gate). Requests
+  // that enter meanwhile do not hold it up. A request must therefore never
+  // wait in the gate for something that needs a drain to finish (the engine
+  // waits for a handover's resolution outside the gate). Concurrent drains
+  // take turns.
   void drain();
   // Requests in the gate now (for status and tests).
   int64_t in_flight() const { return inflight_[0].value.load() + inflight_[1].value.load(); }

@@ -235,14 +235,30 @@ void MigrationEngine::retire_session() {
 // ---------------------------------------------------------------- data path
 
 int MigrationEngine::read(void* buf, uint32_t count, uint64_t offset) {
+  {
+    GatePass pass(gate_);
+    if (pass.mode() != IoMode::SourceHandover) return read_as(pass.mode(), buf, count, offset);
+  }
+  // Inside the handover window nobody knows yet which image holds the
+  // truth: wait (bounded) for the resolution, outside the gate (the fence
+  // drains it, and must not wait for us), then read where it says.
+  machine_.wait_for([](const EngineState& s) { return s.phase != Phase::Handover; }, ctx_.peer_timeout);
   GatePass pass(gate_);
-  switch (pass.mode()) {
+  if (pass.mode() == IoMode::SourceHandover) {
+    errno = EIO;  // still unresolved
+    return -1;
+  }
+  return read_as(pass.mode(), buf, count, offset);
+}
+
+int MigrationEngine::read_as(IoMode mode, void* buf, uint32_t count, uint64_t offset) {
+  switch (mode) {
     case IoMode::Local:
     case IoMode::SourceTracking:
     case IoMode::Fenced:
       return ctx_.image->pread(buf, count, offset);
     case IoMode::SourceHandover:
-      return read_in_handover_window(buf, count, offset);
+      break;  // see read()
     case IoMode::SourceForward:
       return source()->forward_read(buf, count, offset);
     case IoMode::DestProxy:
@@ -250,26 +266,11 @@ int MigrationEngine::read(void* buf, uint32_t count, uint64_t offset) {
     case IoMode::DestPost:
       return destination()->read(buf, count, offset);
     case IoMode::Stale:
-      break;
-  }
-  errno = ESTALE;
-  return -1;
-}
-
-// Inside the handover window nobody knows yet which image holds the truth:
-// a read waits (bounded) for the resolution and then goes where it says.
-int MigrationEngine::read_in_handover_window(void* buf, uint32_t count, uint64_t offset) {
-  machine_.wait_for([](const EngineState& s) { return s.phase != Phase::Handover; }, ctx_.peer_timeout);
-  switch (machine_.state().io) {
-    case IoMode::SourceForward:
-      return source()->forward_read(buf, count, offset);
-    case IoMode::SourceTracking:
-    case IoMode::Local:
-      return ctx_.image->pread(buf, count, offset);
-    default:
-      errno = EIO;  // still unresolved
+      errno = ESTALE;
       return -1;
   }
+  errno = EIO;
+  return -1;
 }
 
 int MigrationEngine::write_begin(uint64_t offset, uint64_t length, IoMode mode, IndexRange* locked) {

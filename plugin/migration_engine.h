@@ -95,7 +95,8 @@ class MigrationEngine {
 
   int write_begin(uint64_t offset, uint64_t length, IoMode mode, IndexRange* locked);
   int write_end(uint64_t offset, uint64_t length, bool ok, bool fua, IoMode mode, IndexRange locked);
-  int read_in_handover_window(void* buf, uint32_t count, uint64_t offset);
+  // A read under `mode`, inside the gate.
+  int read_as(IoMode mode, void* buf, uint32_t count, uint64_t offset);
   SourceSession* source() const;
   DestinationSession* destination() const;
   Session current_session() const;
