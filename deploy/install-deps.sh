@@ -10,10 +10,12 @@ PACKAGES=(
   nbdkit nbdkit-plugin-dev libnbd-dev
   libboost-dev libboost-system-dev libfmt-dev nlohmann-json3-dev
   libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
-  catch2
+  catch2 libfuse3-dev
   # tests and benchmarks
   libnbd-bin python3-libnbd nbdfuse fio qemu-utils iproute2 jq
   procps util-linux socat
+  # faultfs (tests/faults): the FUSE file system that fails on command
+  fuse3
   # QEMU contenders and the hypervisor end-to-end test; charts
   qemu-system-x86 qemu-system-common gnuplot-nox
 )
