@@ -125,6 +125,7 @@ Result<std::string> record_to_json(const MigrationRecord& r, const std::string& 
         {"handover_generation", r.handover_generation},
         {"committed_generation", r.committed_generation},
         {"aborted_generation", r.aborted_generation},
+        {"confirmed_generation", r.confirmed_generation},
         {"extra", r.extra},
     };
     return j.dump();
@@ -160,7 +161,8 @@ Result<MigrationRecord> record_from_json(std::string_view text) {
     // Generations came with the handover commit; a record without them has none.
     for (auto [key, out] : {std::pair{"handover_generation", &r.handover_generation},
                             std::pair{"committed_generation", &r.committed_generation},
-                            std::pair{"aborted_generation", &r.aborted_generation}}) {
+                            std::pair{"aborted_generation", &r.aborted_generation},
+                            std::pair{"confirmed_generation", &r.confirmed_generation}}) {
       if (j.contains(key) && !u64(key, out))
         return Status::error(std::string("field \"") + key + "\" is not unsigned", EIO);
     }

@@ -92,6 +92,9 @@ struct MigrationRecord {
   uint64_t handover_generation = 0;
   uint64_t committed_generation = 0;
   uint64_t aborted_generation = 0;
+  // Destination: the committed generation the source confirmed it knows of
+  // (until then the destination does not end the migration on its own).
+  uint64_t confirmed_generation = 0;
   nlohmann::json extra = nlohmann::json::object();  // anything else, kept as is
 
   bool operator==(const MigrationRecord&) const = default;

@@ -113,9 +113,12 @@ void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLin
     }
     on_source_error(link, *err);
   } else if (auto* progress = std::get_if<ProgressPayload>(&frame.message)) {
+    json j = parse_json_object(progress->json);
+    if (j.is_discarded()) j = json();
+    if (j.is_object() && j.value("committed_generation", uint64_t{0}) != 0)
+      confirm(j.value("committed_generation", uint64_t{0}));
     std::lock_guard lock(mu_);
-    peer_progress_ = parse_json_object(progress->json);
-    if (peer_progress_.is_discarded()) peer_progress_ = json();
+    peer_progress_ = std::move(j);
   } else if (!std::holds_alternative<CancelPullPayload>(frame.message)) {
     link->refuse(h.request_id, protocol_error(ErrorCode::Protocol, fmt::format("unexpected {} frame at the destination",
                                                                             frame_type_name(h.type))));
@@ -633,6 +636,18 @@ void DestinationSession::persist_loop() {
   }
 }
 
+// The source knows of the commit (it said so, or answered our resume
+// START after it): from now on this side may end the migration on its own.
+// Until then it does not go Done: a source whose operator aborted the
+// handover must get the chance to tell it that it lost.
+void DestinationSession::confirm(uint64_t generation) {
+  if (generation != s_.machine.record().committed_generation || confirmed_) return;
+  Status s = s_.machine.update_record([generation](MigrationRecord& r) { r.confirmed_generation = generation; });
+  if (!s) return set_error(fmt::format("recording the source's confirmation: {}", s.message()));
+  confirmed_ = true;
+  pull_cv_.notify_all();
+}
+
 void DestinationSession::pull_loop() {
   const SegmentGeometry& g = s_.geometry();
   const uint64_t unit_blocks =
@@ -640,11 +655,13 @@ void DestinationSession::pull_loop() {
   const uint64_t window = kBackgroundWindowUnits * unit_blocks * g.block_size();
   const std::vector<uint64_t> order = fetch_order(segment_priority_);
   auto last_progress = Clock::now();
-  while (!stopping_ && presence_->missing() > 0) {
+  confirmed_ = s_.machine.record().confirmed_generation == s_.machine.record().committed_generation;
+  while (!stopping_ && (presence_->missing() > 0 || !confirmed_)) {
     EngineState st = s_.machine.state();
     if (st.role != Role::Destination || st.phase != Phase::PostCopy) return;  // lost, or released
     if (!current_link()) {
       if (Status s = reconnect_to_source(); !s) {
+        if (s_.machine.state().phase != Phase::PostCopy) return;  // told it lost
         set_error(fmt::format("reconnecting to the source: {}", s.message()));
         std::unique_lock lock(pull_mu_);
         pull_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_.load(); });
@@ -664,7 +681,7 @@ void DestinationSession::pull_loop() {
     std::unique_lock lock(pull_mu_);
     pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stopping_.load() || pulls_.empty(); });
   }
-  if (!stopping_ && presence_->missing() == 0) finish();
+  if (!stopping_ && presence_->missing() == 0 && confirmed_) finish();
 }
 
 // Pulls the missing blocks of one segment in the background, a window at a
@@ -707,6 +724,7 @@ Status DestinationSession::reconnect_to_source() {
   if (ok) {
     adopt_link(*link);
     s_.stats.reconnects++;
+    confirm(s_.machine.record().committed_generation);  // the source answered after the commit
     return Status::ok();
   }
   Status why = ok.status();

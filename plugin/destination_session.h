@@ -134,6 +134,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void send_progress();
   void finish();
   void lost(const Status& why);
+  void confirm(uint64_t generation);
 
   std::shared_ptr<PeerLink> current_link() const;
   void adopt_link(const std::shared_ptr<PeerLink>& link);
@@ -171,6 +172,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   std::vector<double> segment_priority_;
   std::thread puller_;
   std::thread persister_;
+  std::atomic<bool> confirmed_{false};  // the source confirmed the commit (record.confirmed_generation)
   RateLimiter limiter_;  // max_rate caps post-copy pulls too (puller only)
 
   std::mutex pull_mu_;

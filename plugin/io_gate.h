@@ -42,7 +42,7 @@ enum class IoMode : uint8_t {
   Fenced,          // an incomplete or stale image kept for a later migration:
                    // writes EROFS, reads local (nothing claims it is current)
   Stale,           // a destination whose committed handover the operator
-                   // aborted at the source: refuses reads and writes (ESTALE)
+                   // aborted at the source: refuses reads (EIO) and writes (EROFS)
 };
 
 const char* io_mode_name(IoMode m);

@@ -266,7 +266,8 @@ int MigrationEngine::read_as(IoMode mode, void* buf, uint32_t count, uint64_t of
     case IoMode::DestPost:
       return destination()->read(buf, count, offset);
     case IoMode::Stale:
-      errno = ESTALE;
+      // NBD has no ESTALE (nbdkit would send EINVAL): EIO, and status says why.
+      errno = EIO;
       return -1;
   }
   errno = EIO;
@@ -394,6 +395,14 @@ void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, uint64_t r
 
 void MigrationEngine::on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id,
                                       const StartPayload& p, const json& params) {
+  const SegmentGeometry& g = *ctx_.geometry;
+  if (p.image_size != g.image_size() || p.block_size != g.block_size())
+    return link->refuse(request_id,
+                        protocol_error(ErrorCode::SizeMismatch,
+                                       fmt::format("resume of migration {}: the peer's image is {} bytes in {}-byte "
+                                                   "blocks, this one {} bytes in {}-byte blocks",
+                                                   p.migration_id, p.image_size, p.block_size, g.image_size(),
+                                                   g.block_size())));
   Session s = current_session();
   if (auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s); dst && (*dst)->id() == p.migration_id)
     return (*dst)->on_resume_start(link, request_id);
@@ -474,8 +483,14 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
   auto params = destination_params(p);
   if (!params) return params.status();
   const SegmentGeometry& g = *ctx_.geometry;
-  MigrationRecord rec{p.migration_id, "destination", "PreCopy", params->from, mode_name(params->mode()),
-                      p.image_size,   g.block_size(), 0, 0, 0, json{{"params", params->to_json()}}};
+  MigrationRecord rec{.migration_id = p.migration_id,
+                      .role = "destination",
+                      .phase = "PreCopy",
+                      .peer = params->from,
+                      .mode = mode_name(params->mode()),
+                      .image_size = p.image_size,
+                      .block_size = g.block_size(),
+                      .extra = json{{"params", params->to_json()}}};
   auto file = StateFile::create(ctx_.state_path, rec);
   if (!file) return protocol_error(ErrorCode::Internal, file.status().message());
   retire_session();
@@ -536,8 +551,14 @@ json MigrationEngine::migrate(const json& req) {
   const bool resync = answer.is_object() && answer.value("resync", false);
   const bool monitoring = params->policy.mode == MigrationMode::Livefs && params->policy.monitor_period > 0;
   const Phase first = monitoring ? Phase::Monitoring : Phase::PreCopy;
-  MigrationRecord rec{id, "source", phase_name(first), params->to, mode_name(params->mode()), g.image_size(),
-                      g.block_size(), 0, 0, 0, json{{"params", params->to_json()}}};
+  MigrationRecord rec{.migration_id = id,
+                      .role = "source",
+                      .phase = phase_name(first),
+                      .peer = params->to,
+                      .mode = mode_name(params->mode()),
+                      .image_size = g.image_size(),
+                      .block_size = g.block_size(),
+                      .extra = json{{"params", params->to_json()}}};
   // A failure from here on tells the destination, which then drops the
   // migration (and is not left fenced).
   auto give_up = [&](const Status& why) {

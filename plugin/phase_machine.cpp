@@ -64,6 +64,8 @@ constexpr Edge kEdges[] = {
     {R::Destination, bit(P::PreCopy), M::DestProxy, {R::Destination, P::PostCopy, M::DestPost}, false,
      "handover committed"},
     {R::Destination, bit(P::PreCopy), M::DestProxy, {R::Destination, P::Cancelled, M::Fenced}, false, "cancelled"},
+    {R::Destination, bit(P::PreCopy), M::DestProxy, {R::None, P::Cancelled, M::Local}, false,
+     "cancelled before anything arrived"},
     {R::Destination, bit(P::PreCopy), M::DestProxy, {R::Destination, P::Failed, M::Fenced}, false, "failed"},
     {R::Destination, bit(P::PostCopy), M::DestPost, {R::Destination, P::Done, M::Local}, false, "done"},
     // The operator aborted the handover this side committed: it lost.

@@ -818,6 +818,9 @@ void SourceSession::committed(uint64_t generation) {
   }
   if (fence_started_at_ != Clock::time_point{})
     s_.stats.handover_pause_ms = EngineStats::ms_since(fence_started_at_);
+  // Tells the destination this side knows of the commit: it may end the
+  // migration on its own from now on (a resolve --abort is no longer possible).
+  if (auto link = current_link()) link->send(ProgressPayload{json{{"committed_generation", generation}}.dump()}, 0);
   {
     std::lock_guard lock(mu_);
     resolution_.clear();

@@ -38,12 +38,7 @@ def migrate_nbd(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+free_port = mig.free_port
 
 
 class Export:

@@ -272,9 +272,13 @@ class Server:
     background=True runs nbdkit the way a daemon is run: without -f, so it
     forks, the parent exits and the child changes directory to /. The child
     is still killed by PID (from --pidfile) and reaped here.
+
+    env: extra environment variables for nbdkit (the plugin's test hooks,
+    e.g. {"LIVEMIG_TEST_CRASH_AT": "destination-after-commit"}); a restart
+    with start() uses the current value of .env.
     """
 
-    def __init__(self, control=False, args=(), nbdkit_args=(), background=False, cwd=None, **keys):
+    def __init__(self, control=False, args=(), nbdkit_args=(), background=False, cwd=None, env=None, **keys):
         self.dir = tmp_dir("srv")
         self.cwd = cwd or self.dir
         self.background = background
@@ -292,6 +296,7 @@ class Server:
         mode = [] if background else ["-f", "--exit-with-parent"]
         self.argv = [NBDKIT, *mode, "-U", self.sock, "--pidfile", self.pidfile,
                      *nbdkit_args, plugin_path(), *_key_args(keys), *args]
+        self.env = dict(env or {})
         self.proc = None
         self.returncode = None
         self.needed_sigkill = False
@@ -317,7 +322,7 @@ class Server:
         if self.background:
             become_subreaper()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._err,
-                                     stderr=self._err, cwd=self.cwd)
+                                     stderr=self._err, cwd=self.cwd, env={**os.environ, **self.env})
         _live[self.proc.pid] = self.proc
         try:
             if self.background:
@@ -461,7 +466,21 @@ def _close_handle(h):
         del h._o
 
 
-class ControlClient:
+class SocketClient:
+    """A connection (self.sock) closed at the end of a `with` block."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        self.sock.close()
+
+
+class ControlClient(SocketClient):
     """One connection to a control socket; a request per line, a reply per line."""
 
     def __init__(self, path, timeout=10):
@@ -481,16 +500,6 @@ class ControlClient:
                     raise
                 time.sleep(0.01)
         self.buf = b""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def close(self):
-        self.sock.close()
 
     def send_raw(self, data):
         self.sock.sendall(data)

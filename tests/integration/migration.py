@@ -61,6 +61,29 @@ def migrate(src, dst, mode, **params):
     return reply
 
 
+def free_port():
+    """A TCP port on loopback that nothing listens on now (for a plugin that
+    must come back on the same address after a restart)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def restart(server, env=None):
+    """Starts a server again after it died (kill -9, a crash point): same
+    image, state file and keys; `env` replaces its test hooks."""
+    if server.alive():
+        server.kill(__import__("signal").SIGKILL)
+    lmtest._live.pop(server.proc.pid, None)
+    if os.path.exists(server.sock):
+        os.unlink(server.sock)  # nbdkit does not replace a stale socket
+    if env is not None:
+        server.env = dict(env)
+    server.start()
+    return server
+
+
 def status(server):
     return server.control({"op": "status"})
 

@@ -275,19 +275,12 @@ def the_handover_pause_does_not_grow_with_the_image():
     assert large <= 4 * max(small, 25), f"pause {large} ms for 256 MiB against {small} ms for 32 MiB"
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @test
 def a_source_killed_after_handover_serves_pulls_again_after_restart():
     src_image, data = mig.make_source_image(SIZE, DATA)
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
     # A fixed port: the destination reconnects to the address it was given.
-    src = lmtest.Server(control=True, image=src_image, listen=f"127.0.0.1:{free_port()}").start()
+    src = lmtest.Server(control=True, image=src_image, listen=f"127.0.0.1:{mig.free_port()}").start()
     dst = lmtest.Server(control=True, image=dst_image, listen="127.0.0.1:0").start()
     try:
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)

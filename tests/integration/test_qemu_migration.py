@@ -54,10 +54,7 @@ def migrate_nbd_path():
     return p
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = mig.free_port
 
 
 def _die_with_parent():
