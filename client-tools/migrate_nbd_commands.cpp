@@ -497,6 +497,24 @@ int run_cancel(const CommonOptions& o) {
   return kExitOk;
 }
 
+int run_resolve(const CommonOptions& o, bool abort) {
+  if (!abort)
+    return usage("resolve needs --abort: the only resolution an operator can make is that the destination is "
+                 "gone (see migrate-nbd resolve --help)");
+  Context ctx(o);
+  std::vector<Side> sides;
+  if (auto rc = open_sides(ctx, &sides)) return *rc;
+  auto reply = sides[0].client->call({{"op", "resolve"}, {"abort", true}}, ctx.long_timeout());
+  if (!reply) return failure(reply.status().message());
+  if (o.json)
+    print_json(*reply);
+  else
+    std::printf("handover %llu aborted; %s serves its image again\nwarning: %s\n",
+                static_cast<unsigned long long>(reply->value("aborted_generation", uint64_t{0})),
+                sides[0].client->target().label().c_str(), reply->value("warning", std::string()).c_str());
+  return kExitOk;
+}
+
 // ---------------------------------------------------------------- release
 
 int run_release(const CommonOptions& o) {

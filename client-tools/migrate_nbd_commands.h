@@ -87,6 +87,8 @@ int run_stats(const CommonOptions& o, size_t top);
 int run_watch(const WatchOptions& o);
 int run_handover(const CommonOptions& o);
 int run_cancel(const CommonOptions& o);
+// resolve --abort: unfences a source whose handover is unresolved.
+int run_resolve(const CommonOptions& o, bool abort);
 int run_release(const CommonOptions& o);
 int run_verify(const VerifyOptions& o);
 

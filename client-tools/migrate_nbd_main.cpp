@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
       {"watch", "migrate-nbd watch --from src:10809 --to dst:10809 --interval 1"},
       {"handover", "migrate-nbd handover --from src:10809"},
       {"cancel", "migrate-nbd cancel --from src:10809"},
+      {"resolve", "migrate-nbd resolve --abort --from src:10809"},
       {"release", "migrate-nbd release --from src:10809 --to dst:10809"},
       {"verify", "migrate-nbd verify --from src:10809 --to dst:10809 --range-size 64M"},
   };
@@ -96,6 +97,13 @@ int main(int argc, char** argv) {
        "cross the network. Images of different sizes are not hashed."},
       {"release",
        "A source that handed its image over stays fenced (read-only) after release."},
+      {"resolve",
+       "For a source whose handover is unresolved (status says \"needs resolution\"): the\n"
+       "destination did not answer whether it committed, and cannot be reached. The\n"
+       "source stays fenced until it can; --abort is your decision that it is gone for\n"
+       "good: the source serves its image again. If the destination did commit, what\n"
+       "its clients wrote since is lost (split brain); when it comes back it is told\n"
+       "it lost and refuses to serve until released. See docs/handover.md."},
   };
   app.formatter(help);  // subcommands inherit it
   app.require_subcommand(1);
@@ -142,6 +150,13 @@ int main(int argc, char** argv) {
                                "Cancels a migration before handover; the source keeps its image.");
   add_common(c, cancel, false, "the source plugin's peer port");
 
+  mig::CommonOptions resolve;
+  bool resolve_abort = false;
+  auto* rs = app.add_subcommand("resolve",
+                                "Ends an unresolved handover at the source (--abort: the destination is gone).");
+  add_common(rs, resolve, false, "the source plugin's peer port");
+  rs->add_flag("--abort", resolve_abort, "unfence the source; the destination's commit, if any, is lost (required)");
+
   mig::CommonOptions release;
   auto* r = app.add_subcommand("release",
 "Forgets a finished, failed or cancelled migration at the given side(s).");
@@ -186,6 +201,7 @@ int main(int argc, char** argv) {
   if (w->parsed()) return mig::run_watch(watch);
   if (h->parsed()) return mig::run_handover(handover);
   if (c->parsed()) return mig::run_cancel(cancel);
+  if (rs->parsed()) return mig::run_resolve(resolve, resolve_abort);
   if (r->parsed()) return mig::run_release(release);
   if (v->parsed()) return mig::run_verify(verify);
   if (qm->parsed()) return mig::run_qemu_migrate(qemu_migrate);

@@ -181,7 +181,17 @@ std::string render_status(const SideStatus& s) {
     sub("elapsed", format_seconds(num(m, "elapsed_seconds", -1)));
     sub("pulls", fmt::format("{} demand, {} background", count(m, "demand_pulls"), count(m, "background_pulls")));
     sub("read delay", read_delay_text(m));
+    if (count(m, "reconnects") > 0 || count(m, "pull_errors") > 0)
+      sub("reconnects", fmt::format("{} ({} pull errors)", count(m, "reconnects"), count(m, "pull_errors")));
+    if (count(m, "blocks_resynced") > 0)
+      sub("resynced", fmt::format("{} blocks equal at the destination (checksums)", count(m, "blocks_resynced")));
+    if (std::string ns = str(m, "no_space"); !ns.empty()) sub("disk full", ns);
   }
+  if (const json& r = object(st, "needs_resolution"); !r.empty()) {
+    line("NEEDS RESOLUTION", str(r, "why"));
+    line("", "run: " + str(r, "command"));
+  }
+  if (std::string e = str(st, "image_sync_error"); !e.empty()) line("IMAGE SYNC ERROR", e);
   if (std::string e = error_of(st, m); !e.empty()) line("last error", e);
   return out;
 }

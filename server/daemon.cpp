@@ -80,6 +80,10 @@ PluginView view_from_status(const json& st) {
     v.peer = m->value("peer", "");
     if (v.last_error.empty()) v.last_error = m->value("last_error", "");
   }
+  if (auto r = st.find("needs_resolution"); r != st.end() && r->is_object()) {
+    v.needs_resolution = r->value("why", "");
+    v.resolution_command = r->value("command", "");
+  }
   return v;
 }
 

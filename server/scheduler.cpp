@@ -77,7 +77,10 @@ Verdict judge(const TaskView& task, const PluginView& src, const PluginView& dst
   const bool src_handed_over = src_ours && (handed_over(src.phase) || (src.fenced && src.role == "source"));
   if (src_handed_over || (dst_ours && handed_over(dst.phase) && dst.role == "destination")) {
     Verdict v{Action::Wait, ""};
-    if (!dst.up)
+    if (src_ours && src.phase == "Handover" && !src.needs_resolution.empty())
+      v.note = fmt::format("NEEDS RESOLUTION: {}; the source stays fenced until the destination answers, or run: {}",
+                           src.needs_resolution, src.resolution_command);
+    else if (!dst.up)
       v.note = "after handover: destination down; it resumes pulling when it is back";
     else if (!src.up)
       v.note = "after handover: source down; the destination pulls again when it is back";
@@ -97,7 +100,7 @@ Verdict judge(const TaskView& task, const PluginView& src, const PluginView& dst
   }
   if (src_ours && active(src.phase)) {
     if (task.cancel_requested) return {Action::Cancel, ""};
-    if (!dst.up) return {Action::Wait, "destination down: the source fails the migration when its peer times out"};
+    if (!dst.up) return {Action::Wait, "destination down: the source resumes the migration when it is back"};
     return {Action::Wait, ""};
   }
   if (src_ours && src.phase == "Cancelled") return {Action::Cancelled, ""};

@@ -65,6 +65,10 @@ struct PluginView {
   std::string peer;             // its migration's peer address
   bool fenced = false;
   std::string last_error;
+  // A source whose handover is unresolved (docs/handover.md): why, and the
+  // command that ends it if the destination is gone for good.
+  std::string needs_resolution;
+  std::string resolution_command;
 };
 
 enum class Action {
@@ -96,11 +100,12 @@ struct TaskView {
 //  - after handover (either side reports our migration in Handover, PostCopy
 //    or Done) the destination owns the data: wait for Done, whoever is down
 //    (a restarted destination reloads its map and pulls again; a restarted
-//    source serves pulls);
+//    source serves pulls); a source whose handover is unresolved says
+//    "needs resolution" and the command to run, for as long as it is;
 //  - before handover, a source running our migration: wait (note a host
-//    that is down); a source that failed or forgot it (restarted, or its
-//    receiver failed): Start again from pre-copy once the destination is up
-//    and no longer busy with it;
+//    that is down: the source resumes when it is back); a source that failed
+//    or forgot it: Start again from pre-copy once the destination is up and
+//    no longer busy with it;
 //  - a cancel asked for before handover is carried out; after it, refused.
 Verdict judge(const TaskView& task, const PluginView& source, const PluginView& destination);
 

@@ -14,6 +14,23 @@ constexpr uint64_t M = 1u << 20;
 
 }  // namespace
 
+namespace {
+
+PluginView view(bool up, std::string phase, std::string role, std::string id, std::string peer, bool fenced,
+                std::string last_error) {
+  PluginView v;
+  v.up = up;
+  v.phase = std::move(phase);
+  v.role = std::move(role);
+  v.migration_id = std::move(id);
+  v.peer = std::move(peer);
+  v.fenced = fenced;
+  v.last_error = std::move(last_error);
+  return v;
+}
+
+}  // namespace
+
 TEST_CASE("scheduler: never more than max-concurrent run, and starts follow FIFO order") {
   std::vector<TaskSlot> queued = {slot(1, "a", "b"), slot(2, "c", "d"), slot(3, "e", "f")};
   auto plan = plan_starts({}, queued, {2, 0});
@@ -92,8 +109,8 @@ TEST_CASE("scheduler: a task waits when its host's bandwidth is taken, and so do
 }
 
 TEST_CASE("judge: before handover a source running our migration is left alone") {
-  PluginView src{true, "PreCopy", "source", "m1", "10.0.0.2:1", false, ""};
-  PluginView dst{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  PluginView src = view(true, "PreCopy", "source", "m1", "10.0.0.2:1", false, "");
+  PluginView dst = view(true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, "");
   auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
   CHECK(v.action == Action::Wait);
   CHECK(v.note.empty());
@@ -105,8 +122,8 @@ TEST_CASE("judge: before handover a source running our migration is left alone")
 
 TEST_CASE("judge: a failed receiver before handover restarts from pre-copy once it is back") {
   // The destination restarted: it abandoned the migration; the source failed it.
-  PluginView src{true, "Failed", "none", "m1", "10.0.0.2:1", false, "connection to the destination lost"};
-  PluginView dst{true, "Failed", "destination", "m1", "10.0.0.1:1", true, "restarted during PreCopy"};
+  PluginView src = view(true, "Failed", "none", "m1", "10.0.0.2:1", false, "connection to the destination lost");
+  PluginView dst = view(true, "Failed", "destination", "m1", "10.0.0.1:1", true, "restarted during PreCopy");
   auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
   CHECK(v.action == Action::Start);
   CHECK(v.note.find("pre-copy") != std::string::npos);
@@ -114,61 +131,74 @@ TEST_CASE("judge: a failed receiver before handover restarts from pre-copy once 
   dst.up = false;
   CHECK(judge({"m1", "10.0.0.2:1", false}, src, dst).action == Action::Wait);
   // The destination has not noticed yet: wait.
-  PluginView busy{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  PluginView busy = view(true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, src, busy).action == Action::Wait);
   // A restarted source (forgot the migration: Idle or Failed) restarts it too.
-  PluginView idle{true, "Idle", "none", "", "", false, ""};
-  PluginView dst_failed{true, "Failed", "destination", "m1", "10.0.0.1:1", true, ""};
+  PluginView idle = view(true, "Idle", "none", "", "", false, "");
+  PluginView dst_failed = view(true, "Failed", "destination", "m1", "10.0.0.1:1", true, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, idle, dst_failed).action == Action::Start);
 }
 
 TEST_CASE("judge: after handover the daemon waits for Done whoever is down") {
-  PluginView src{true, "PostCopy", "source", "m1", "10.0.0.2:1", true, ""};
-  PluginView dst{false, "", "", "", "", false, ""};
+  PluginView src = view(true, "PostCopy", "source", "m1", "10.0.0.2:1", true, "");
+  PluginView dst = view(false, "", "", "", "", false, "");
   auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
   CHECK(v.action == Action::Wait);
   CHECK(v.note.find("resumes pulling") != std::string::npos);
   // A source that failed after handover stays fenced: still not a restart.
-  PluginView failed_src{true, "Failed", "source", "m1", "10.0.0.2:1", true, "x"};
+  PluginView failed_src = view(true, "Failed", "source", "m1", "10.0.0.2:1", true, "x");
   CHECK(judge({"m1", "10.0.0.2:1", false}, failed_src, dst).action == Action::Wait);
   // Source down, destination pulling.
-  PluginView down{false, "", "", "", "", false, ""};
-  PluginView pulling{true, "PostCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  PluginView down = view(false, "", "", "", "", false, "");
+  PluginView pulling = view(true, "PostCopy", "destination", "m1", "10.0.0.1:1", false, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, down, pulling).action == Action::Wait);
   // Either side Done: done.
-  PluginView done{true, "Done", "destination", "m1", "10.0.0.1:1", false, ""};
+  PluginView done = view(true, "Done", "destination", "m1", "10.0.0.1:1", false, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, down, done).action == Action::Done);
-  PluginView src_done{true, "Done", "source", "m1", "10.0.0.2:1", true, ""};
+  PluginView src_done = view(true, "Done", "source", "m1", "10.0.0.2:1", true, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, src_done, down).action == Action::Done);
   // Cancel after handover is not carried out.
   CHECK(judge({"m1", "10.0.0.2:1", true}, src, pulling).action == Action::Wait);
 }
 
+TEST_CASE("judge: an unresolved handover is reported with the command that ends it, never a restart") {
+  PluginView src = view(true, "Handover", "source", "m1", "10.0.0.2:1", true, "");
+  src.needs_resolution = "handover 1 unanswered: link closed";
+  src.resolution_command = "migrate-nbd resolve --abort --from 10.0.0.1:1";
+  PluginView dst = view(false, "", "", "", "", false, "");
+  auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
+  CHECK(v.action == Action::Wait);
+  CHECK(v.note.find("NEEDS RESOLUTION: handover 1 unanswered") != std::string::npos);
+  CHECK(v.note.find("migrate-nbd resolve --abort --from 10.0.0.1:1") != std::string::npos);
+  // A cancel asked for meanwhile is not carried out (it may have committed).
+  CHECK(judge({"m1", "10.0.0.2:1", true}, src, dst).action == Action::Wait);
+}
+
 TEST_CASE("judge: a migrate whose answer was lost is adopted, not issued twice") {
-  PluginView src{true, "PreCopy", "source", "m7", "10.0.0.2:1", false, ""};
-  PluginView dst{true, "PreCopy", "destination", "m7", "10.0.0.1:1", false, ""};
+  PluginView src = view(true, "PreCopy", "source", "m7", "10.0.0.2:1", false, "");
+  PluginView dst = view(true, "PreCopy", "destination", "m7", "10.0.0.1:1", false, "");
   auto v = judge({"", "10.0.0.2:1", false}, src, dst);
   CHECK(v.action == Action::Adopt);
   CHECK(v.adopt_id == "m7");
   // Busy with someone else's migration: wait rather than start.
-  PluginView other{true, "PreCopy", "source", "m8", "10.0.0.5:1", false, ""};
+  PluginView other = view(true, "PreCopy", "source", "m8", "10.0.0.5:1", false, "");
   CHECK(judge({"", "10.0.0.2:1", false}, other, dst).action == Action::Wait);
   // Idle: start.
-  PluginView idle{true, "Idle", "none", "", "", false, ""};
+  PluginView idle = view(true, "Idle", "none", "", "", false, "");
   CHECK(judge({"", "10.0.0.2:1", false}, idle, dst).action == Action::Start);
 }
 
 TEST_CASE("judge: cancel before handover is carried out at the source") {
-  PluginView src{true, "Sync", "source", "m1", "10.0.0.2:1", false, ""};
-  PluginView dst{true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, ""};
+  PluginView src = view(true, "Sync", "source", "m1", "10.0.0.2:1", false, "");
+  PluginView dst = view(true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, "");
   CHECK(judge({"m1", "10.0.0.2:1", true}, src, dst).action == Action::Cancel);
-  PluginView cancelled{true, "Cancelled", "none", "m1", "10.0.0.2:1", false, ""};
+  PluginView cancelled = view(true, "Cancelled", "none", "m1", "10.0.0.2:1", false, "");
   CHECK(judge({"m1", "10.0.0.2:1", false}, cancelled, dst).action == Action::Cancelled);
 }
 
 TEST_CASE("judge: a source busy with another migration fails the task") {
-  PluginView src{true, "PreCopy", "source", "m9", "10.0.0.7:1", false, ""};
-  PluginView dst{true, "Idle", "none", "", "", false, ""};
+  PluginView src = view(true, "PreCopy", "source", "m9", "10.0.0.7:1", false, "");
+  PluginView dst = view(true, "Idle", "none", "", "", false, "");
   auto v = judge({"m1", "10.0.0.2:1", false}, src, dst);
   CHECK(v.action == Action::Failed);
   CHECK(v.note.find("another migration") != std::string::npos);

@@ -260,6 +260,69 @@ def run_migration(mode, **params):
         tb.down()
 
 
+def link(tb, state):
+    """Takes the source's end of the veth pair down or up: a cut cable."""
+    subprocess.run(["ip", "netns", "exec", tb.src_ns, "ip", "link", "set", "dev", tb.env["LM_TB_SRC_DEV"], state],
+                   check=True, timeout=10)
+
+
+def idle_migration(tb, secret, cut_seconds=0, cut_after=1.5):
+    """A precopy migration of make_source_image() with no writer, at 8 MiB/s
+    so that pre-copy lasts a few seconds; optionally the link cut for
+    `cut_seconds` after `cut_after` seconds. Returns the source's final
+    migration status."""
+    src_image, data = make_source_image()
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
+    src = dst = None
+    try:
+        # A short peer timeout: the cut kills the link, so the migration
+        # must resume over a new one (a cut shorter than the timeout is
+        # only a TCP stall).
+        src, dst = start_pair(tb, src_image, dst_image, secret, **{"peer-timeout": 2})
+        migrate(tb, src, "precopy", handover="auto", max_rate=8 * MiB)
+        if cut_seconds:
+            time.sleep(cut_after)
+            assert mig.status(src)["phase"] in ("PreCopy", "Sync"), "pre-copy ended before the cut"
+            link(tb, "down")
+            try:
+                time.sleep(cut_seconds)
+            finally:
+                link(tb, "up")
+        mig.wait_phase(dst, ["Done"], timeout=120)
+        st = mig.wait_phase(src, ["Done"], timeout=30)
+        src.stop()
+        dst.stop()
+        lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
+        return st["migration"]
+    finally:
+        for s in (src, dst):
+            if s is not None:
+                s.stop()
+
+
+@test
+def a_link_cut_in_precopy_resumes_and_moves_little_more_than_an_uncut_run():
+    tb = testbed()
+    try:
+        secret = write_secret()
+        uncut = idle_migration(tb, secret)
+        cut = idle_migration(tb, secret, cut_seconds=5)
+        ratio = cut["wire_bytes"] / uncut["wire_bytes"]
+        print(f"  wire bytes: uncut {uncut['wire_bytes']}, cut 5 s {cut['wire_bytes']} ({ratio:.3f}x), "
+              f"reconnects {cut['reconnects']}, time {uncut['total_time_ms']} / {cut['total_time_ms']} ms")
+        assert cut["reconnects"] >= 1, f"the link never dropped: {cut}"
+        # What was in flight when the cable was cut crosses again: at most
+        # the push window (8 MiB) and the pushes not yet synced and
+        # acknowledged (8 MiB), far less than the image (a restart would
+        # copy all of it again). The 1 GiB figure of issue #12 (<= 1.1x) is
+        # measured by tests/faults/run --link-cut.
+        allowance = 16 * MiB
+        assert cut["wire_bytes"] <= uncut["wire_bytes"] + allowance, \
+            f"a cut link copied {ratio:.2f}x the bytes of an uncut run: restarted, not resumed"
+    finally:
+        tb.down()
+
+
 # --------------------------------------------------------------------------
 
 @test
