@@ -64,7 +64,15 @@ void DestinationSession::stop() {
 
 void DestinationSession::tick() {
   if (s_.machine.state().phase != Phase::PreCopy) return;
-  if (auto link = current_link()) maybe_sync_pushes(link, true);
+  if (auto link = current_link()) return maybe_sync_pushes(link, true);
+  // The source resumes a lost link within resume_timeout or gives up; past
+  // that (and a margin) it gave up: end here too, keeping the partial copy
+  // for the next migration to compare with.
+  double down = std::chrono::duration<double>(Clock::now() - link_.down_since()).count();
+  if (down <= params_.resume_timeout + 2 * std::chrono::duration<double>(s_.ctx.peer_timeout).count()) return;
+  set_error(fmt::format("the source did not resume the migration within {:.0f} s", down));
+  if (Status st = s_.machine.transition({Role::Destination, Phase::Failed, IoMode::Fenced}); !st)
+    s_.log(fmt::format("migration {}: {}", id_, st.message()));
 }
 
 // ------------------------------------------------------------ links

@@ -10,16 +10,12 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/temp_dir.h"
+
 using namespace livemig;
 using namespace std::chrono_literals;
 
 namespace {
-
-std::string temp_path(const char* name) {
-  char dir[] = "/tmp/livemig-pm-XXXXXX";
-  REQUIRE(mkdtemp(dir));
-  return std::string(dir) + "/" + name;
-}
 
 std::unique_ptr<StateFile> source_file(const std::string& path) {
   MigrationRecord rec{"m1", "source", "PreCopy", "dst:1", "precopy", 1 << 20, 4096};
@@ -62,7 +58,8 @@ TEST_CASE("phase machine: no edge lets two sides be writable or leaves a fenced 
 }
 
 TEST_CASE("phase machine: a transition writes role and phase to the state file before requests see it") {
-  std::string path = temp_path("state");
+  TempDir dir;
+  std::string path = dir / "state";
   IoGate gate;
   PhaseMachine m(gate);
   m.restore({Role::None, Phase::Idle, IoMode::Local}, nullptr);
@@ -94,7 +91,8 @@ TEST_CASE("phase machine: the fence waits for the writes in flight") {
 }
 
 TEST_CASE("phase machine: Persist::Remove deletes the state file") {
-  std::string path = temp_path("state");
+  TempDir dir;
+  std::string path = dir / "state";
   IoGate gate;
   PhaseMachine m(gate);
   m.restore({Role::None, Phase::Idle, IoMode::Local}, nullptr);

@@ -11,27 +11,26 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/temp_dir.h"
+
 using namespace livemig;
 using namespace std::chrono_literals;
 
 namespace {
 
 struct Fixture {
-  std::string dir;
+  TempDir dir;
   std::optional<ImageFile> image;
   std::unique_ptr<StateFile> file;
-  Fixture(uint64_t blocks) {
-    char d[] = "/tmp/livemig-pj-XXXXXX";
-    REQUIRE(mkdtemp(d));
-    dir = d;
-    int fd = ::open((dir + "/img").c_str(), O_CREAT | O_RDWR, 0600);
+  explicit Fixture(uint64_t blocks) {
+    int fd = ::open((dir / "img").c_str(), O_CREAT | O_RDWR, 0600);
     REQUIRE(fd >= 0);
     REQUIRE(ftruncate(fd, blocks * 4096) == 0);
     ::close(fd);
-    auto img = ImageFile::open(dir + "/img", false);
+    auto img = ImageFile::open(dir / "img", false);
     REQUIRE(img);
     image.emplace(std::move(*img));
-    auto f = StateFile::create(dir + "/state",
+    auto f = StateFile::create(dir / "state",
                                MigrationRecord{"m", "destination", "PostCopy", "src:1", "postcopy", blocks * 4096, 4096});
     REQUIRE(f);
     file = std::move(*f);

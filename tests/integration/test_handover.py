@@ -217,6 +217,27 @@ def resolve_abort_unfences_the_source_and_a_returning_destination_is_told_it_los
         expect_image(src_image, data, [(0, b"A" * BLOCK)], what="source image")
 
 
+@test
+def a_destination_whose_source_never_comes_back_gives_up_and_keeps_its_copy_for_the_next_migration():
+    with plugins() as (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "precopy", handover="explicit", max_rate=4 * MiB, resume_timeout=1)
+        time.sleep(1.0)
+        src.kill(signal.SIGKILL)  # and it stays away
+        # resume_timeout (1 s) plus two peer timeouts (3 s each) later:
+        st = mig.wait_phase(dst, ["Failed"], timeout=30)
+        assert st["io_mode"] == "fenced" and "did not resume" in st["last_error"], st
+        # A new migration (from the restarted source, a new id) takes the
+        # partial copy and compares instead of copying it again.
+        os.unlink(src_image + ".livemig-state")  # the source's own record: start afresh
+        mig.restart(src)
+        reply = mig.migrate(src, dst, "precopy", handover="auto")
+        assert reply["resync"], reply
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        st = mig.wait_phase(src, ["Done"], timeout=10)
+        assert st["migration"]["blocks_resynced"] > 0, st["migration"]
+        expect_image(dst_image, data)
+
+
 # ---------------------------------------------------------------------------
 # Reads of any size, durability, exclusion
 

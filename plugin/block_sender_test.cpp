@@ -1,0 +1,134 @@
+#include "plugin/block_sender.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include <catch2/catch.hpp>
+
+#include "tests/support/link_pair.h"
+#include "tests/support/temp_dir.h"
+
+using namespace livemig;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr uint64_t kBlock = 4096;
+
+// An image of `blocks` blocks: data where `pattern(b)` is nonzero, a hole
+// or written zeros elsewhere, as `layout` says ('d' data, 'h' hole, 'z' zeros).
+struct Image {
+  TempDir dir;
+  std::string path;
+  std::optional<ImageFile> file;
+  explicit Image(const std::string& layout) {
+    path = dir / "img";
+    int fd = ::open(path.c_str(), O_CREAT | O_RDWR, 0600);
+    REQUIRE(fd >= 0);
+    REQUIRE(ftruncate(fd, layout.size() * kBlock) == 0);
+    std::vector<char> buf(kBlock);
+    for (size_t b = 0; b < layout.size(); ++b) {
+      if (layout[b] == 'h') continue;
+      std::memset(buf.data(), layout[b] == 'd' ? int('A' + b % 26) : 0, kBlock);
+      REQUIRE(pwrite(fd, buf.data(), kBlock, b * kBlock) == static_cast<ssize_t>(kBlock));
+    }
+    ::close(fd);
+    auto f = ImageFile::open(path, false);
+    REQUIRE(f);
+    file.emplace(std::move(*f));
+  }
+};
+
+struct Received {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<DataPayload> frames;
+  std::vector<std::vector<uint8_t>> bytes;
+  void add(const DataPayload& d) {
+    std::lock_guard lock(mu);
+    frames.push_back(d);
+    bytes.emplace_back(d.bytes.begin(), d.bytes.end());
+    frames.back().bytes = {};
+    cv.notify_all();
+  }
+  bool wait_for(size_t n) {
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, 5s, [&] { return frames.size() >= n; });
+  }
+};
+
+Secret key() { return Secret::from_bytes("0123456789abcdef-sender").value(); }
+
+}  // namespace
+
+TEST_CASE("block sender: holes and zero blocks cross as zero notes, data as frames of at most 256 KiB") {
+  // 2 data blocks, a hole of 3, 2 written-zero blocks, then 80 data blocks (320 KiB).
+  std::string layout = "ddhhhzz" + std::string(80, 'd');
+  Image img(layout);
+  auto g = SegmentGeometry::make(layout.size() * kBlock, kBlock, 64 * kBlock).value();
+  EngineStats stats;
+  BlockSender sender(*img.file, g, stats);
+  LinkPair pair(key(), key());
+  Received got;
+  pair.server->start([&](auto&, PeerLink::Frame& f) {
+    if (auto* d = std::get_if<DataPayload>(&f.message)) got.add(*d);
+  }, [](auto&, auto&) {});
+  auto sent = sender.send_blocks(*pair.client, {0, layout.size()}, 0, false);
+  REQUIRE(sent);
+  CHECK(sent->data_blocks == 82);
+  REQUIRE(got.wait_for(sent->frames));
+  uint64_t data_bytes = 0, zero_blocks = 0, covered = 0;
+  for (size_t i = 0; i < got.frames.size(); ++i) {
+    const DataPayload& d = got.frames[i];
+    CHECK(d.offset == covered);  // in order, no gap, no overlap
+    covered += d.length;
+    CHECK(d.length <= kMaxFrameData);
+    if (d.flags & kFlagZero) {
+      zero_blocks += d.length / kBlock;
+      for (uint64_t o = d.offset; o < d.offset + d.length; o += kBlock) CHECK(layout[o / kBlock] != 'd');
+    } else {
+      data_bytes += d.length;
+      for (uint64_t o = 0; o < d.length; o += kBlock) CHECK(got.bytes[i][o] == char('A' + (d.offset + o) / kBlock % 26));
+    }
+  }
+  CHECK(covered == layout.size() * kBlock);
+  CHECK(zero_blocks == 5);
+  CHECK(data_bytes == 82 * kBlock);
+  CHECK(stats.zero_blocks_sent == 5);
+}
+
+TEST_CASE("block sender: a pull outside the image or over the frame limit is a BadFrame, not a read") {
+  Image img("dddd");
+  auto g = SegmentGeometry::make(4 * kBlock, kBlock, 4 * kBlock).value();
+  EngineStats stats;
+  BlockSender sender(*img.file, g, stats);
+  LinkPair pair(key(), key());
+  Status past = sender.answer_pull(*pair.client, 1, PullPayload{3 * kBlock, 2 * kBlock, 1});
+  CHECK(error_code_of(past) == ErrorCode::BadFrame);
+  Status huge = sender.answer_pull(*pair.client, 2, PullPayload{0, kMaxDataLength + 1, 1});
+  CHECK(error_code_of(huge) == ErrorCode::BadFrame);
+  Status empty = sender.answer_pull(*pair.client, 3, PullPayload{0, 0, 1});
+  CHECK(error_code_of(empty) == ErrorCode::BadFrame);
+  CHECK(stats.payload_bytes_sent == 0);
+}
+
+TEST_CASE("block sender: checksums per unit match a hash of the same bytes, the last unit cut at the end") {
+  Image img("ddhdd");  // 5 blocks: units of 2 blocks -> 3 units, the last one block
+  auto g = SegmentGeometry::make(5 * kBlock, kBlock, 8 * kBlock).value();
+  EngineStats stats;
+  BlockSender sender(*img.file, g, stats);
+  auto reply = sender.sums(SumsPayload{0, 2 * kBlock, 10});
+  REQUIRE(reply);
+  REQUIRE(reply->hashes.size() == 3);
+  CHECK(reply->hashes[0] == sender.hash_range(0, 2 * kBlock).value());
+  CHECK(reply->hashes[2] == sender.hash_range(4 * kBlock, kBlock).value());
+  CHECK(reply->hashes[0] != reply->hashes[1]);
+  CHECK_FALSE(sender.sums(SumsPayload{6 * kBlock, kBlock, 1}));  // beyond the image
+}
