@@ -43,17 +43,12 @@ void write(ByteWriter& w, const HelloPayload& p) {
   w.array(p.nonce);
   w.string(p.peer_name);
   w.string(p.purpose);
-  w.u8(p.mac ? 1 : 0);
-  if (p.mac) w.array(*p.mac);
 }
 void read(ByteReader& r, HelloPayload& p) {
   p.protocol_version = r.u16("protocol_version");
   p.nonce = r.array<kNonceSize>("nonce");
   p.peer_name = r.string(kMaxStringLength, "peer_name");
   p.purpose = r.string(kMaxStringLength, "purpose");
-  uint8_t has_mac = r.u8("has_mac");
-  if (has_mac > 1) r.fail(ErrorCode::BadFrame, fmt::format("has_mac is {}, not 0 or 1", has_mac));
-  if (has_mac == 1) p.mac = r.array<kMacSize>("mac");
 }
 Status check(const HelloPayload& p) {
   Checks c(p.kType);
@@ -70,8 +65,8 @@ void write(ByteWriter& w, const AuthPayload& p) { w.array(p.mac); }
 void read(ByteReader& r, AuthPayload& p) { p.mac = r.array<kMacSize>("mac"); }
 Status check(const AuthPayload&) { return Status::ok(); }
 
-void write(ByteWriter&, const AuthOkPayload&) {}
-void read(ByteReader&, AuthOkPayload&) {}
+void write(ByteWriter& w, const AuthOkPayload& p) { w.array(p.mac); }
+void read(ByteReader& r, AuthOkPayload& p) { p.mac = r.array<kMacSize>("mac"); }
 Status check(const AuthOkPayload&) { return Status::ok(); }
 
 void write(ByteWriter& w, const HandoverAckPayload& p) { w.u64(p.generation); }

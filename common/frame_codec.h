@@ -74,7 +74,6 @@ struct HelloPayload {
   NonceBytes nonce{};
   std::string peer_name;              // <= kMaxStringLength
   std::string purpose{kPurposePeer};  // kPurposePeer or kPurposeControl
-  std::optional<MacBytes> mac;        // the server's reply only; u8 0/1 + 32 bytes
   bool operator==(const HelloPayload&) const = default;
 };
 
@@ -84,8 +83,10 @@ struct AuthPayload {
   bool operator==(const AuthPayload&) const = default;
 };
 
+// The server's proof, sent once the client proved itself.
 struct AuthOkPayload {
   static constexpr FrameType kType = FrameType::AuthOk;
+  MacBytes mac{};
   bool operator==(const AuthOkPayload&) const = default;
 };
 

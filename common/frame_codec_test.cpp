@@ -50,10 +50,10 @@ NonceBytes counting_array(uint8_t first) {
 // One or more valid payloads of every frame type, with non-default fields.
 std::vector<AnyPayload> samples() {
   std::vector<AnyPayload> v;
-  v.push_back(HelloPayload{1, counting_array(1), "source-host", "peer", std::nullopt});
-  v.push_back(HelloPayload{1, counting_array(50), "dest", "control", counting_array(100)});
+  v.push_back(HelloPayload{1, counting_array(1), "source-host", "peer"});
+  v.push_back(HelloPayload{2, counting_array(50), "dest", "control"});
   v.push_back(AuthPayload{counting_array(200)});
-  v.push_back(AuthOkPayload{});
+  v.push_back(AuthOkPayload{counting_array(100)});
   v.push_back(StartPayload{"pre-copy", R"({"rate":"100M"})", 1ull << 40, 65536, 1 << 20, "mig-42"});
   auto& b = block_bytes();
   v.push_back(DataPayload{1ull << 33, static_cast<uint32_t>(b.size()), 0, {b.data(), b.size()}});
@@ -325,7 +325,7 @@ TEST_CASE("before authentication a frame larger than a HELLO is rejected", "[fra
   REQUIRE_FALSE(r.is_ok());
   CHECK(code_of(r) == "TooLarge");
   CHECK(decode_header(h, kMaxFramePayload).is_ok());
-  HelloPayload biggest{1, {}, std::string(kMaxStringLength, 'n'), "control", MacBytes{}};
+  HelloPayload biggest{1, {}, std::string(kMaxStringLength, 'n'), "control"};
   biggest.purpose = "peer";
   std::string frame = *encode_message(biggest, 1);
   CHECK(decode_frame(frame, kMaxPreAuthPayload).is_ok());
@@ -445,8 +445,8 @@ TEST_CASE("a decoded DATA payload points into the received buffer without copyin
         reinterpret_cast<const uint8_t*>(frame.data()) + kFrameHeaderSize + kDataHeaderSize);
 }
 
-TEST_CASE("a HELLO with an unknown purpose or a bad mac marker is rejected", "[frame]") {
-  HelloPayload p{1, {}, "host", "admin", std::nullopt};
+TEST_CASE("a HELLO with an unknown purpose or trailing bytes (a version 1 MAC) is rejected", "[frame]") {
+  HelloPayload p{1, {}, "host", "admin"};
   CHECK(code_of(validate_payload(p)) == "BadFrame");
   CHECK(code_of(encode_message(p, 1)) == "BadFrame");
   std::string bytes = encode_payload(p);
@@ -454,8 +454,9 @@ TEST_CASE("a HELLO with an unknown purpose or a bad mac marker is rejected", "[f
   CHECK(code_of(r) == "BadFrame");
   CHECK(contains(r.status().message(), "purpose \"admin\""));
 
-  std::string m = encode_payload(HelloPayload{1, {}, "host", "peer", std::nullopt});
-  m.back() = 2;  // has_mac
+  std::string m = encode_payload(HelloPayload{1, {}, "host", "peer"});
+  m.push_back(1);  // version 1's has_mac, and its MAC
+  m.append(32, 'm');
   CHECK(code_of(decode_payload<HelloPayload>(bytes_of(m))) == "BadFrame");
 }
 
@@ -551,7 +552,7 @@ TEST_CASE("random garbage never crashes the decoder", "[frame]") {
 
 TEST_CASE("each frame type's payload limit is the one docs/protocol.md lists", "[frame]") {
   const uint32_t documented[kMaxFrameType + 1] = {
-      0,  8267,    32, 0,    1056800, 16777232, 20,      83886100, 13,
+      0,  8234,    32, 32,   1056800, 16777232, 20,      83886100, 13,
       12, 1048580, 16, 4104, 16,      1048580,  1048580, 8,  8, 1048580, 16, 524304};
   for (uint16_t t = kMinFrameType; t <= kMaxFrameType; ++t) {
     INFO(frame_type_name(static_cast<FrameType>(t)));
@@ -567,6 +568,7 @@ TEST_CASE("each frame type's payload limit is the one docs/protocol.md lists", "
 
 TEST_CASE("the largest payload of each fixed-size type is exactly its encoding", "[frame]") {
   CHECK(encode_payload(AuthPayload{}).size() == max_payload_length(FrameType::Auth));
+  CHECK(encode_payload(AuthOkPayload{}).size() == max_payload_length(FrameType::AuthOk));
   CHECK(encode_payload(AckPayload{}).size() == max_payload_length(FrameType::Ack));
   CHECK(encode_payload(PullPayload{}).size() == max_payload_length(FrameType::Pull));
   CHECK(encode_payload(CancelPullPayload{}).size() == max_payload_length(FrameType::CancelPull));
@@ -577,7 +579,7 @@ TEST_CASE("the largest payload of each fixed-size type is exactly its encoding",
   CHECK(encode_payload(SumsPayload{}).size() == max_payload_length(FrameType::Sums));
   CHECK(encode_payload(SumsReplyPayload{0, 1, std::vector<uint64_t>(kMaxSumsCount)}).size() ==
         max_payload_length(FrameType::SumsReply));
-  HelloPayload hello{1, {}, std::string(kMaxStringLength, 'n'), "peer", MacBytes{}};
+  HelloPayload hello{1, {}, std::string(kMaxStringLength, 'n'), "peer"};
   hello.purpose.resize(0);
   std::string big = encode_payload(hello);
   // A HELLO with both strings at their limit (purpose padded here) fills the limit.

@@ -18,8 +18,8 @@ namespace livemig {
 
 namespace {
 
-constexpr std::string_view kServerLabel = "livemig-v1 server";
-constexpr std::string_view kClientLabel = "livemig-v1 client";
+constexpr std::string_view kServerLabel = "livemig-v2 server";
+constexpr std::string_view kClientLabel = "livemig-v2 client";
 
 // HMAC-SHA256(key, label || a || b).
 Mac labelled_mac(const Secret& key, std::string_view label, const Nonce& a, const Nonce& b) {
@@ -182,15 +182,15 @@ Mac client_mac(const Secret& key, const Nonce& client, const Nonce& server) {
 
 AuthServer::AuthServer(const Secret& key) : key_(key) {}
 
-Result<ServerHello> AuthServer::on_hello(const Nonce& client_nonce) {
+Result<Nonce> AuthServer::on_hello(const Nonce& client_nonce) {
   if (state_ != State::kStart) return out_of_order("HELLO received twice");
   client_nonce_ = client_nonce;
   server_nonce_ = random_nonce();
   state_ = State::kHelloSent;
-  return ServerHello{server_nonce_, server_mac(key_, client_nonce_, server_nonce_)};
+  return server_nonce_;
 }
 
-Status AuthServer::on_auth(const Mac& mac) {
+Result<Mac> AuthServer::on_auth(const Mac& mac) {
   switch (state_) {
     case State::kStart:
       return out_of_order("AUTH received before HELLO");
@@ -205,7 +205,7 @@ Status AuthServer::on_auth(const Mac& mac) {
     return Status::error("authentication failed: wrong secret", EACCES);
   }
   state_ = State::kAuthenticated;
-  return Status::ok();
+  return server_mac(key_, client_nonce_, server_nonce_);
 }
 
 // ---- AuthClient ----
@@ -219,42 +219,45 @@ Result<Nonce> AuthClient::hello() {
   return client_nonce_;
 }
 
-Status AuthClient::on_server_hello(const Nonce& server_nonce, const Mac& mac) {
+Result<Mac> AuthClient::on_server_hello(const Nonce& server_nonce) {
   switch (state_) {
     case State::kStart:
       return out_of_order("server HELLO received before the client HELLO was sent");
-    case State::kServerVerified:
     case State::kAuthSent:
+    case State::kServerVerified:
     case State::kFailed:
       return out_of_order("server HELLO received twice");
     case State::kHelloSent:
       break;
   }
-  // A server that echoes our nonce is a mirror, not a peer.
-  bool echoed = CRYPTO_memcmp(server_nonce.data(), client_nonce_.data(), server_nonce.size()) == 0;
-  if (echoed || !mac_equal(mac, server_mac(key_, client_nonce_, server_nonce))) {
+  // A server that echoes our nonce is a mirror, not a peer: it would have us
+  // compute the MAC it needs for another session.
+  if (CRYPTO_memcmp(server_nonce.data(), client_nonce_.data(), server_nonce.size()) == 0) {
     state_ = State::kFailed;
-    return Status::error("server failed authentication (wrong secret or not a livemig peer)", EACCES);
+    return Status::error("server failed authentication (it echoed our nonce: not a livemig peer)", EACCES);
   }
   server_nonce_ = server_nonce;
-  state_ = State::kServerVerified;
-  return Status::ok();
+  state_ = State::kAuthSent;
+  return client_mac(key_, client_nonce_, server_nonce_);
 }
 
-Result<Mac> AuthClient::auth() {
+Status AuthClient::on_auth_ok(const Mac& mac) {
   switch (state_) {
     case State::kStart:
     case State::kHelloSent:
-      return out_of_order("AUTH requested before the server was verified");
-    case State::kFailed:
-      return out_of_order("AUTH requested after the server failed authentication");
-    case State::kAuthSent:
-      return out_of_order("AUTH already sent");
+      return out_of_order("AUTH_OK received before AUTH was sent");
     case State::kServerVerified:
+    case State::kFailed:
+      return out_of_order("AUTH_OK received twice");
+    case State::kAuthSent:
       break;
   }
-  state_ = State::kAuthSent;
-  return client_mac(key_, client_nonce_, server_nonce_);
+  if (!mac_equal(mac, server_mac(key_, client_nonce_, server_nonce_))) {
+    state_ = State::kFailed;
+    return Status::error("server failed authentication (wrong secret or not a livemig peer)", EACCES);
+  }
+  state_ = State::kServerVerified;
+  return Status::ok();
 }
 
 }  // namespace livemig

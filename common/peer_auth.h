@@ -3,19 +3,26 @@
 // docs/protocol.md. Pure logic: no sockets, no threads; the connection code
 // moves the values below in and out of frames.
 //
-//   client -> server  HELLO { nonce_c }
-//   server -> client  HELLO { nonce_s, mac_s = HMAC-SHA256(K, "livemig-v1 server" || nonce_c || nonce_s) }
-//   client            verifies mac_s (the server knows K and answered *this* nonce_c)
-//   client -> server  AUTH  { mac_c = HMAC-SHA256(K, "livemig-v1 client" || nonce_s || nonce_c) }
+//   client -> server  HELLO   { nonce_c }
+//   server -> client  HELLO   { nonce_s }
+//   client -> server  AUTH    { mac_c = HMAC-SHA256(K, "livemig-v2 client" || nonce_s || nonce_c) }
 //   server            verifies mac_c (the client knows K and answered *this* nonce_s)
+//   server -> client  AUTH_OK { mac_s = HMAC-SHA256(K, "livemig-v2 server" || nonce_c || nonce_s) }
+//   client            verifies mac_s (the server knows K and answered *this* nonce_c)
 //
 // The labels are the ASCII bytes shown, without a terminating NUL; the nonces
 // are 32 random bytes each. Why this is safe against the obvious attacks:
+//   - offline guessing: the server sends nothing that depends on K before the
+//     client has proven it holds K, so a stranger who connects learns
+//     nothing to test guesses of a weak passphrase against;
 //   - replay: every session has a fresh server nonce, so an AUTH recorded from
 //     an earlier session does not verify;
 //   - reflection: the two MACs use different labels and nonce orders, so a
 //     peer's own MAC sent back to it never verifies as the other side's;
 //   - timing: MACs are compared with CRYPTO_memcmp (constant time).
+// (A client that connects to a rogue server does reveal mac_c to it: point
+// clients at the right address, or use TLS, which authenticates the server
+// first.)
 // The key never crosses the wire. Without TLS the session after the handshake
 // is not encrypted or integrity-protected: authentication only keeps
 // strangers from driving or feeding a migration.
@@ -89,12 +96,6 @@ Mac hmac_sha256(const uint8_t* key, size_t key_len, const uint8_t* data, size_t 
 // Constant-time equality of two MACs.
 bool mac_equal(const Mac& a, const Mac& b);
 
-// What the server sends in its HELLO.
-struct ServerHello {
-  Nonce nonce;
-  Mac mac;
-};
-
 // The server's side of one handshake (one per connection). Steps in order:
 // on_hello, then on_auth once. A step out of order returns an error and
 // changes nothing; after a failed on_auth the session stays unauthenticated
@@ -104,13 +105,14 @@ class AuthServer {
   // Keeps its own copy of the key.
   explicit AuthServer(const Secret& key);
 
-  // Takes the client's HELLO; returns the server HELLO to send (a fresh nonce
-  // and the server's MAC). An error if called twice.
-  Result<ServerHello> on_hello(const Nonce& client_nonce);
-  // Checks the client's AUTH. Ok: the client holds the key. Error
-  // "authentication failed: wrong secret" (EACCES) otherwise, or an error if
-  // on_hello has not run or on_auth already ran.
-  Status on_auth(const Mac& client_mac);
+  // Takes the client's HELLO; returns the nonce of the server HELLO to send.
+  // An error if called twice.
+  Result<Nonce> on_hello(const Nonce& client_nonce);
+  // Checks the client's AUTH. Ok: the client holds the key, and the result
+  // is the server's MAC for AUTH_OK. Error "authentication failed: wrong
+  // secret" (EACCES) otherwise, or an error if on_hello has not run or
+  // on_auth already ran.
+  Result<Mac> on_auth(const Mac& client_mac);
   // True once on_auth has succeeded.
   bool authenticated() const { return state_ == State::kAuthenticated; }
 
@@ -122,9 +124,9 @@ class AuthServer {
   Nonce server_nonce_{};
 };
 
-// The client's side of one handshake. Steps in order: hello, on_server_hello,
-// auth. A step out of order returns an error and changes nothing; after a
-// failed on_server_hello every later step fails.
+// The client's side of one handshake. Steps in order: hello,
+// on_server_hello, on_auth_ok. A step out of order returns an error and
+// changes nothing; after a failed step every later step fails.
 class AuthClient {
  public:
   // Keeps its own copy of the key.
@@ -132,18 +134,20 @@ class AuthClient {
 
   // The client HELLO to send (a fresh nonce). An error if called twice.
   Result<Nonce> hello();
-  // Checks the server's HELLO. Error "server failed authentication (wrong
-  // secret or not a livemig peer)" (EACCES) if its MAC does not verify (or it
-  // echoed our own nonce), or an error if hello() has not run / this already ran.
-  Status on_server_hello(const Nonce& server_nonce, const Mac& server_mac);
-  // The client AUTH to send. An error unless on_server_hello succeeded, or if
-  // called twice.
-  Result<Mac> auth();
-  // True once on_server_hello has succeeded (the server proved it holds the key).
-  bool server_authenticated() const { return state_ == State::kServerVerified || state_ == State::kAuthSent; }
+  // Takes the server's HELLO; returns the client's MAC for AUTH. Error
+  // (EACCES) if the server echoed our own nonce (a mirror, not a peer), or
+  // an error if hello() has not run or this already ran.
+  Result<Mac> on_server_hello(const Nonce& server_nonce);
+  // Checks the server's MAC from AUTH_OK. Error "server failed
+  // authentication (wrong secret or not a livemig peer)" (EACCES) if it
+  // does not verify, or an error if on_server_hello has not succeeded or
+  // this already ran.
+  Status on_auth_ok(const Mac& server_mac);
+  // True once on_auth_ok has succeeded (the server proved it holds the key).
+  bool server_authenticated() const { return state_ == State::kServerVerified; }
 
  private:
-  enum class State { kStart, kHelloSent, kServerVerified, kAuthSent, kFailed };
+  enum class State { kStart, kHelloSent, kAuthSent, kServerVerified, kFailed };
   Secret key_;
   State state_ = State::kStart;
   Nonce client_nonce_{};

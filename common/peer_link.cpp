@@ -162,32 +162,32 @@ awaitable<Status> PeerLink::client_handshake(const Secret& secret, std::string_v
   if (!reply) co_return reply.status();
   if (auto* err = std::get_if<ErrorPayload>(&reply->message)) co_return status_from_error(*err);
   auto* server_hello = std::get_if<HelloPayload>(&reply->message);
-  if (!server_hello || !server_hello->mac)
-    co_return protocol_error(ErrorCode::Protocol, "expected the server's HELLO with its MAC");
-  if (Status s = auth.on_server_hello(server_hello->nonce, *server_hello->mac); !s) co_return s;
-  co_await send_now(encode_message(AuthPayload{auth.auth().value()}, 0).value());
+  if (!server_hello) co_return protocol_error(ErrorCode::Protocol, "expected the server's HELLO");
+  auto mac = auth.on_server_hello(server_hello->nonce);
+  if (!mac) co_return mac.status();
+  co_await send_now(encode_message(AuthPayload{*mac}, 0).value());
   auto ok = co_await read_frame(kMaxPreAuthPayload);
   if (!ok) co_return ok.status();
   if (auto* err = std::get_if<ErrorPayload>(&ok->message)) co_return status_from_error(*err);
-  if (!std::holds_alternative<AuthOkPayload>(ok->message))
-    co_return protocol_error(ErrorCode::Protocol, "expected AUTH_OK");
-  co_return Status::ok();
+  auto* auth_ok = std::get_if<AuthOkPayload>(&ok->message);
+  if (!auth_ok) co_return protocol_error(ErrorCode::Protocol, "expected AUTH_OK");
+  co_return auth.on_auth_ok(auth_ok->mac);
 }
 
+// The server proves itself only to a client that proved itself first: a
+// stranger learns nothing to test guesses of the key against.
 awaitable<Status> PeerLink::server_handshake(const Secret& secret) {
   AuthServer auth(secret);
   Status failure;
   auto hello = co_await read_frame(kMaxPreAuthPayload);
   if (!hello) {
     failure = hello.status();
-  } else if (auto* h = std::get_if<HelloPayload>(&hello->message); !h || h->mac) {
+  } else if (auto* h = std::get_if<HelloPayload>(&hello->message); !h) {
     failure = protocol_error(ErrorCode::Protocol, "expected a client HELLO first");
   } else {
     purpose_ = h->purpose;
-    auto reply = auth.on_hello(h->nonce).value();
     HelloPayload out;
-    out.nonce = reply.nonce;
-    out.mac = reply.mac;
+    out.nonce = auth.on_hello(h->nonce).value();
     out.peer_name = options_.local_name;
     out.purpose = h->purpose;
     co_await send_now(encode_message(out, 0).value());
@@ -196,10 +196,10 @@ awaitable<Status> PeerLink::server_handshake(const Secret& secret) {
       failure = client_auth.status();
     } else if (auto* a = std::get_if<AuthPayload>(&client_auth->message); !a) {
       failure = protocol_error(ErrorCode::Protocol, "expected AUTH after HELLO");
-    } else if (Status s = auth.on_auth(a->mac); !s) {
-      failure = protocol_error(ErrorCode::AuthFailed, s.message());
+    } else if (auto mac = auth.on_auth(a->mac); !mac) {
+      failure = protocol_error(ErrorCode::AuthFailed, mac.status().message());
     } else {
-      co_await send_now(encode_message(AuthOkPayload{}, 0).value());
+      co_await send_now(encode_message(AuthOkPayload{*mac}, 0).value());
       co_return Status::ok();
     }
   }

@@ -68,7 +68,7 @@ uint32_t max_payload_length(FrameType type) {
   switch (type) {
     case FrameType::Hello: return kMaxPreAuthPayload;
     case FrameType::Auth: return kMacSize;
-    case FrameType::AuthOk: return 0;
+    case FrameType::AuthOk: return kMacSize;
     case FrameType::Start:
       return string_field(kMaxStringLength) + string_field(kMaxControlJson) + 8 + 4 + 8 +
              string_field(kMaxStringLength);

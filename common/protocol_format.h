@@ -113,8 +113,7 @@ uint32_t max_payload_length(FrameType type);
 inline constexpr uint32_t kMaxFramePayload = std::max(kMaxPayload, kMaxHandoverPayload);
 // The largest payload of the frames allowed before authentication (HELLO,
 // AUTH, AUTH_OK, ERROR): the limit for a peer that has not authenticated.
-inline constexpr uint32_t kMaxPreAuthPayload =
-    2 + kNonceSize + 2 * (kStringPrefixSize + kMaxStringLength) + 1 + kMacSize;
+inline constexpr uint32_t kMaxPreAuthPayload = 2 + kNonceSize + 2 * (kStringPrefixSize + kMaxStringLength);
 
 // HELLO purposes.
 inline constexpr std::string_view kPurposePeer = "peer";

@@ -171,9 +171,20 @@ void SourceSession::on_peer_error(const std::shared_ptr<PeerLink>& link, uint64_
   // destination retries); it never ends the post-copy.
 }
 
+// The handover pause: from the fence until this side knew the destination
+// is authoritative (its ACK, or a DONE that overtook it). The first wins.
+void SourceSession::record_pause() {
+  int64_t start = fence_started_ns_.load();
+  if (start == 0) return;  // fenced by an earlier process
+  int64_t expected = -1;
+  int64_t ms = (Clock::now().time_since_epoch().count() - start) / 1'000'000;
+  s_.stats.handover_pause_ms.compare_exchange_strong(expected, ms);
+}
+
 void SourceSession::on_done() {
   EngineState st = s_.machine.state();
   if (st.role != Role::Source || (st.phase != Phase::PostCopy && st.phase != Phase::Handover)) return;
+  if (st.phase == Phase::Handover) record_pause();  // DONE implies the commit
   s_.stats.total_time_ms = EngineStats::ms_since(s_.stats.started_at);
   if (Status s = s_.machine.transition({Role::Source, Phase::Done, IoMode::SourceForward}); !s)
     s_.log(fmt::format("migration {}: recording Done: {}", id_, s.message()));
@@ -757,7 +768,7 @@ void SourceSession::do_handover() {
     std::lock_guard lock(mu_);
     attempt_.number++;
   }
-  fence_started_at_ = Clock::now();
+  fence_started_ns_ = Clock::now().time_since_epoch().count();
   crash_point("source-before-fence");
   // Durable before the fence: a source restarted from here on knows it may
   // no longer be authoritative. The transition drains in-flight writes.
@@ -816,8 +827,7 @@ void SourceSession::committed(uint64_t generation) {
                                      Persist::TryWrite);
     if (!s) s_.log(fmt::format("migration {}: {}", id_, s.message()));
   }
-  if (fence_started_at_ != Clock::time_point{})
-    s_.stats.handover_pause_ms = EngineStats::ms_since(fence_started_at_);
+  record_pause();
   // Tells the destination this side knows of the commit: it may end the
   // migration on its own from now on (a resolve --abort is no longer possible).
   if (auto link = current_link()) link->send(ProgressPayload{json{{"committed_generation", generation}}.dump()}, 0);

@@ -138,6 +138,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void committed(uint64_t generation);
   void refused(const Status& why);
   void end_before_handover(Phase end, const std::string& why);
+  void record_pause();
   bool handover_due();
   void set_ready(bool converged, std::string why);
   void finish_attempt(std::string outcome);
@@ -190,7 +191,8 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::vector<HeatCounts> heat_at_start_;
   std::vector<HeatCounts> history_at_start_;
   std::chrono::steady_clock::time_point precopy_started_at_{};
-  std::chrono::steady_clock::time_point fence_started_at_{};  // worker only
+  // When the last fence began (steady clock, ns; 0: none in this process).
+  std::atomic<int64_t> fence_started_ns_{0};
 
   std::mutex push_mu_;
   std::deque<Push> unacked_;    // guarded by push_mu_

@@ -283,24 +283,21 @@ def truncated_frames_then_client_close_do_not_crash():
 # Tests: authentication
 
 @test
-def wrong_secret_gets_auth_failed_and_the_server_mac_does_not_verify():
+def wrong_secret_gets_auth_failed_and_no_server_mac():
+    """Issue #13: the server's MAC is sent only to a client that proved it
+    holds the key (an offline guessing oracle otherwise)."""
     key_path, key = make_secret()
     wrong = bytes(b ^ 0x5A for b in key)
     with peer_server(key_path) as s:
         port = peer_port(s)
         for purpose in ("control", "peer"):
-            c, nonce_c, sh = start_handshake(port, purpose)
+            c, nonce_c, sh = start_handshake(port, purpose)  # ServerHello checks: no MAC in it
             with c:
-                # The client-side check: a client holding the wrong key sees
-                # that this server does not hold its key...
-                assert not hmac.compare_digest(sh.mac, server_mac(wrong, nonce_c, sh.nonce)), \
-                    "the server's HELLO MAC verifies under a wrong key"
-                # ...while the MAC is the one docs/protocol.md defines.
-                assert hmac.compare_digest(sh.mac, server_mac(key, nonce_c, sh.nonce)), \
-                    "the server's HELLO MAC is not HMAC-SHA256(K, label || nonce_c || nonce_s)"
-                # A client that sends its AUTH anyway is refused.
                 c.send(frame(AUTH, client_mac(wrong, sh.nonce, nonce_c)))
                 c.expect_error(AUTH_FAILED, request_id=0, what=f"AUTH under a wrong key ({purpose})")
+            # The right key gets the server's MAC in AUTH_OK, as documented.
+            c, _ = handshake(port, key, purpose)
+            c.close()
         # Wrong MACs of other shapes: all zero, the right key with the nonces
         # swapped, the server label, and the right MAC with one bit flipped.
         shapes = {
@@ -349,20 +346,19 @@ def reflected_server_mac_gets_auth_failed():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
-        c, nonce_c, sh = start_handshake(port)
-        with c:
-            c.send(frame(AUTH, sh.mac))
-            c.expect_error(AUTH_FAILED, what="the server's own MAC sent back as AUTH")
-        # Reflection through a second session: open session A, then start
-        # session B with A's server nonce as the "client" nonce, hoping the
-        # server computes something usable for A. Its MAC (server label) must
-        # still not pass as A's client AUTH.
+        # Session A: a real client's AUTH_OK gives away the server MAC for
+        # (nonce_a, sha.nonce). Reflected as the client AUTH of a session B
+        # whose nonces are the same ones swapped, it must not verify.
         a, nonce_a, sha = start_handshake(port)
         with a:
-            b, _, shb = start_handshake(port, nonce_c=sha.nonce)
-            with b:
-                a.send(frame(AUTH, shb.mac))
-                a.expect_error(AUTH_FAILED, what="a MAC from a parallel session reflected as AUTH")
+            a.send(frame(AUTH, client_mac(key, sha.nonce, nonce_a)))
+            f = a.read_frame()
+            assert f is not None and f.type == AUTH_OK, f
+            server_mac_a = f.payload
+        b, _, shb = start_handshake(port, nonce_c=sha.nonce)
+        with b:
+            b.send(frame(AUTH, server_mac_a))
+            b.expect_error(AUTH_FAILED, what="a server MAC reflected as a client AUTH")
         assert_still_serving(s, key)
 
 
@@ -392,7 +388,7 @@ def frames_other_than_hello_before_authentication_are_refused_and_not_executed()
             # matters; the plugin must refuse them before it parses further).
             firsts = [
                 (AUTH, os.urandom(32), 0),
-                (AUTH_OK, b"", 0),
+                (AUTH_OK, os.urandom(32), 0),
                 (HEARTBEAT, struct.pack(">QQ", 1, 2), 0),
                 (PULL, struct.pack(">QIB", 0, 4096, 1), FLAG_PRIORITY),
                 (DATA, struct.pack(">QII", 0, 4096, FLAG_ZERO), FLAG_ZERO),
@@ -409,11 +405,11 @@ def frames_other_than_hello_before_authentication_are_refused_and_not_executed()
             h = s.connect()
             assert h.pread(4096, 0) == bytes(4096)
             s.disconnect(h)
-            # A client HELLO that carries a MAC, a second HELLO in place of
-            # AUTH, and an unknown purpose.
+            # A version-1 client HELLO (a MAC marker after the purpose), a
+            # second HELLO in place of AUTH, and an unknown purpose.
             with PeerClient(port) as c:
-                c.send(frame(HELLO, hello_payload(os.urandom(32), mac=os.urandom(32))))
-                c.expect_error(PROTOCOL, what="client HELLO with a MAC")
+                c.send(frame(HELLO, hello_payload(os.urandom(32)) + b"\x01" + os.urandom(32)))
+                c.expect_error(BAD_FRAME, what="client HELLO with trailing bytes")
             c, _, _ = start_handshake(port)
             with c:
                 c.send(frame(HELLO, hello_payload(os.urandom(32))))

@@ -46,12 +46,12 @@ CODE_NAMES = {1: "BadFrame", 2: "BadMagic", 3: "BadVersion", 4: "UnknownType", 5
               17: "UnknownMigration"}
 
 # Limits.
-MAX_PRE_AUTH_PAYLOAD = 8267
+MAX_PRE_AUTH_PAYLOAD = 8234
 MAX_CONTROL_PAYLOAD = 1048580  # 4 + 1 MiB
 MAX_HANDOVER_PAYLOAD = 20 + 20 * 4 * MiB
 
-SERVER_LABEL = b"livemig-v1 server"
-CLIENT_LABEL = b"livemig-v1 client"
+SERVER_LABEL = b"livemig-v2 server"
+CLIENT_LABEL = b"livemig-v2 client"
 
 
 def _crc32c_table():
@@ -97,9 +97,8 @@ def string(s):
     return struct.pack(">I", len(s)) + s
 
 
-def hello_payload(nonce, purpose="control", name="lmtest-attacker", mac=None, version=VERSION):
-    p = struct.pack(">H", version) + nonce + string(name) + string(purpose)
-    return p + (b"\x01" + mac if mac is not None else b"\x00")
+def hello_payload(nonce, purpose="control", name="lmtest-attacker", version=VERSION):
+    return struct.pack(">H", version) + nonce + string(name) + string(purpose)
 
 
 def control_payload(obj_or_text):
@@ -150,10 +149,9 @@ class ServerHello:
         self.nonce = p[2:34]
         self.name, off = read_string(p, 34)
         self.purpose, off = read_string(p, off)
-        has_mac = p[off]
-        assert has_mac == 1, f"server HELLO has has_mac={has_mac}"
-        self.mac = p[off + 1:off + 33]
-        assert len(self.mac) == 32 and off + 33 == len(p), f"server HELLO payload is malformed: {p!r}"
+        # Nothing that depends on the key: the server proves itself only in
+        # AUTH_OK, to a client that proved itself first.
+        assert off == len(p), f"server HELLO has {len(p) - off} bytes after its purpose: {p!r}"
         assert self.version == VERSION
 
 
@@ -244,12 +242,12 @@ def start_handshake(port, purpose="control", nonce_c=None):
 def handshake(port, key, purpose="control"):
     """A correct client: a full handshake; returns (client, auth frame bytes)."""
     c, nonce_c, sh = start_handshake(port, purpose)
-    assert hmac.compare_digest(sh.mac, server_mac(key, nonce_c, sh.nonce)), \
-        "the server's HELLO MAC does not verify under the right key"
     auth = frame(AUTH, client_mac(key, sh.nonce, nonce_c))
     c.send(auth)
     f = c.read_frame()
-    assert f is not None and f.type == AUTH_OK and f.payload == b"", f"expected AUTH_OK, got {f}"
+    assert f is not None and f.type == AUTH_OK and len(f.payload) == 32, f"expected AUTH_OK, got {f}"
+    assert hmac.compare_digest(f.payload, server_mac(key, nonce_c, sh.nonce)), \
+        "the server's AUTH_OK MAC does not verify under the right key"
     return c, auth
 
 
@@ -327,12 +325,11 @@ class FakeDestination:
         assert f is not None and f.type == HELLO, f"expected the source's HELLO, got {f}"
         nonce_c = f.payload[2:34]
         nonce_s = os.urandom(32)
-        c.send(frame(HELLO, hello_payload(nonce_s, "peer", "fake-destination",
-                                          mac=server_mac(self.key, nonce_c, nonce_s))))
+        c.send(frame(HELLO, hello_payload(nonce_s, "peer", "fake-destination")))
         f = c.read_frame()
         assert f is not None and f.type == AUTH, f"expected AUTH, got {f}"
         assert hmac.compare_digest(f.payload, client_mac(self.key, nonce_s, nonce_c)), "the source's AUTH MAC"
-        c.send(frame(AUTH_OK))
+        c.send(frame(AUTH_OK, server_mac(self.key, nonce_c, nonce_s)))
 
     def close(self):
         self.thread.join(10)
