@@ -59,16 +59,12 @@ Result<SecretChoice> choose_secret(const std::string& secret_file, std::string* 
     }
   }
   SecretChoice choice;
-  if (path.empty()) {
-    choice.secret = Secret::from_bytes(kLoopbackSecret).value();
-    choice.source = "the built-in loopback key (no --secret or LIVEMIG_SECRET_FILE)";
-    choice.loopback = true;
-    return choice;
-  }
+  if (path.empty()) return choice;  // no key: only a local --socket can be used
   auto secret = load_secret(path, warning);
   if (!secret) return Status::error(fmt::format("{}: {}", via, secret.status().message()), secret.status().errno_value());
   choice.secret = std::move(*secret);
   choice.source = "the key in " + path;
+  choice.present = true;
   return choice;
 }
 
@@ -113,6 +109,12 @@ class RemoteChannel final : public ControlClient::Channel {
   }
 
   Status connect(const HostPort& where, const SecretChoice& secret, milliseconds timeout) {
+    if (!secret.present)
+      return Status::error(fmt::format("no key to authenticate to {}: give --secret FILE or set LIVEMIG_SECRET_FILE "
+                                       "(a plugin started without secret= keeps a random key in IMAGE.livemig-key; "
+                                       "its status shows the path as secret_file)",
+                                       where.str()),
+                           EACCES);
     PeerLink::Options opts;
     opts.local_name = "migrate-nbd";
     // Long requests (handover, verify) are answered late; heartbeats keep

@@ -42,13 +42,13 @@ struct Target {
 // The pre-shared key for remote targets and where it came from.
 struct SecretChoice {
   Secret secret;
-  std::string source;      // the file, or "the built-in loopback key"
-  bool loopback = false;   // no file: kLoopbackSecret
+  std::string source;  // the file
+  bool present = false;  // a key file was given: remote targets can be reached
 };
 
-// --secret FILE if given, else $LIVEMIG_SECRET_FILE, else kLoopbackSecret
-// (what a plugin without secret= uses). A key file readable by others sets
-// *warning.
+// --secret FILE if given, else $LIVEMIG_SECRET_FILE, else none (a local
+// --socket needs no key; a peer port does: there is no built-in key). A key
+// file readable by others sets *warning.
 Result<SecretChoice> choose_secret(const std::string& secret_file, std::string* warning);
 
 struct Timeouts {

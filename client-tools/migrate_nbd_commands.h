@@ -30,7 +30,7 @@ struct CommonOptions {
   std::string from;         // HOST:PORT of the source's peer port
   std::string to;           // HOST:PORT of the destination's peer port
   std::string socket;       // the plugin's local control socket, instead of from
-  std::string secret_file;  // else $LIVEMIG_SECRET_FILE, else the loopback key
+  std::string secret_file;  // else $LIVEMIG_SECRET_FILE; a peer port needs one
   double timeout = 0;       // seconds; 0: the defaults of each request
   bool json = false;
 };

@@ -25,9 +25,9 @@ namespace {
 
 constexpr const char* kFooter =
     "HOST:PORT is a plugin's peer port (its listen= key); --socket PATH talks to the\n"
-    "plugin's local control socket (control=) instead of --from. The secret is\n"
-    "--secret FILE, else $LIVEMIG_SECRET_FILE, else the fixed key of plugins\n"
-    "started without secret= (loopback only).\n"
+    "plugin's local control socket (control=) instead of --from. A peer port needs\n"
+    "the plugin's key: --secret FILE, else $LIVEMIG_SECRET_FILE (a plugin started\n"
+    "without secret= made a random one: IMAGE.livemig-key, mode 0600).\n"
     "Exit status: 0 success, 1 failure (refused, unreachable, images differ,\n"
     "migration not Done), 2 bad command line, 130 interrupted.";
 

@@ -145,6 +145,33 @@ Result<Secret> load_secret(const std::string& path, std::string* warning) {
   return secret;
 }
 
+Result<Secret> load_or_create_secret(const std::string& path, bool* created, std::string* warning) {
+  *created = false;
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0 && errno != EEXIST)
+    return Status::error("key file " + path + ": cannot create it: " + std::strerror(errno), errno);
+  if (fd >= 0) {
+    Nonce bytes = random_nonce();
+    static const char* digits = "0123456789abcdef";
+    std::string text;
+    for (uint8_t b : bytes) {
+      text += digits[b >> 4];
+      text += digits[b & 15];
+    }
+    text += '\n';
+    bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+    int e = errno;
+    ::close(fd);
+    cleanse(text);
+    if (!ok) {
+      ::unlink(path.c_str());
+      return Status::error("key file " + path + ": writing it: " + std::strerror(e), e);
+    }
+    *created = true;
+  }
+  return load_secret(path, warning);
+}
+
 // ---- primitives ----
 
 Nonce random_nonce() {

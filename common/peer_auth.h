@@ -68,11 +68,6 @@ class Secret {
   std::vector<uint8_t> bytes_;
 };
 
-// The key both ends use when no secret file is given (a plugin without
-// secret=, which only listens on loopback, and migrate-nbd without --secret):
-// it keeps the handshake the same everywhere and protects nothing.
-inline constexpr std::string_view kLoopbackSecret = "livemig-loopback-without-secret";
-
 // Reads the key file at `path`. One trailing newline ("\n" or "\r\n") is
 // trimmed; every other byte is key. Errors name the path: missing or
 // unreadable file, not a regular file, empty key, key shorter than 16 bytes,
@@ -80,6 +75,13 @@ inline constexpr std::string_view kLoopbackSecret = "livemig-loopback-without-se
 // secret is still returned and, when `warning` is not null, *warning is set to
 // a message for the log (otherwise it is cleared).
 Result<Secret> load_secret(const std::string& path, std::string* warning = nullptr);
+
+// The key in `path`, made first if the file does not exist: 32 random
+// bytes written as 64 hex digits and a newline, in a new file of mode 0600
+// (O_EXCL: an existing file is never replaced). *created tells which.
+// Who can read the file can control the plugin that uses it; nobody else.
+// Errors name the path.
+Result<Secret> load_or_create_secret(const std::string& path, bool* created, std::string* warning = nullptr);
 
 // 32 bytes from OpenSSL's CSPRNG. Aborts the process if the CSPRNG fails: a
 // predictable nonce would defeat the handshake, and there is no safe fallback.

@@ -64,11 +64,15 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The key both plugins share (there is no built-in key).
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/psk"
+chmod 600 "$work/psk"
+
 # Starts a plugin: $1 name, $2 image. Sets ${name}_port.
 start_plugin() {
   local name=$1 image=$2 i
   nbdkit -f --exit-with-parent -U "$work/$name.sock" -P "$work/$name.pid" "$plugin" \
-    "image=$image" "listen=127.0.0.1:0" "control=$work/$name.ctl" >"$work/$name.log" 2>&1 &
+    "image=$image" "listen=127.0.0.1:0" "secret=$work/psk" "control=$work/$name.ctl" >"$work/$name.log" 2>&1 &
   pids+=($!)
   for ((i = 0; i < 100; i++)); do
     [[ -s $work/$name.pid ]] && break

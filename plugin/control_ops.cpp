@@ -37,6 +37,7 @@ json status(PluginState& st, const json&) {
           {"segments", g.segment_count()},
           {"readonly", st.config.readonly},
           {"listen", st.config.listen},
+          {"secret_file", st.config.secret_path},
           {"peer_port", st.peer ? st.peer->port() : 0},
           {"connections", st.connections.load(std::memory_order_relaxed)},
           {"uptime_seconds", st.uptime_seconds()}});

@@ -91,17 +91,24 @@ Status make_engine(PluginState& st) {
   ctx.resize_image = resize_image;
   ctx.tick = [] { g_state->heat->decay_tick(g_state->uptime_seconds()); };
   ctx.log = [](const std::string& m) { nbdkit_debug("%s", m.c_str()); };
+  std::string warning;
   if (!st.config.secret_path.empty()) {
-    std::string warning;
     auto secret = load_secret(st.config.secret_path, &warning);
     if (!secret) return secret.status();
-    if (!warning.empty()) nbdkit_debug("%s", warning.c_str());
     ctx.secret = std::move(*secret);
-  } else {
-    // Loopback only (checked in config_complete): a fixed key keeps the
-    // handshake the same; it protects nothing, and says so.
-    ctx.secret = Secret::from_bytes(kLoopbackSecret).value();
+  } else if (!st.config.listen.empty()) {
+    // No key is fixed or shared by default: a random one, in a 0600 file
+    // beside the state (loopback only, checked in config_complete). Who can
+    // read that file can control this plugin; nobody else. (Without
+    // listen= and secret= there is no key: such a plugin cannot migrate.)
+    st.config.secret_path = generated_key_path(st.config, ctx.state_path);
+    bool created = false;
+    auto secret = load_or_create_secret(st.config.secret_path, &created, &warning);
+    if (!secret) return secret.status();
+    if (created) nbdkit_debug("made a random key in %s (mode 0600)", st.config.secret_path.c_str());
+    ctx.secret = std::move(*secret);
   }
+  if (!warning.empty()) nbdkit_error("warning: %s", warning.c_str());
   st.engine = std::make_unique<MigrationEngine>(std::move(ctx));
   return st.engine->recover();
 }

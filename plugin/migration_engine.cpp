@@ -513,6 +513,9 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
 json MigrationEngine::migrate(const json& req) {
   auto params = MigrationParams::from_json(req, ctx_.handover_policy);
   if (!params) return error_reply(params.status().message());
+  if (ctx_.secret.empty())
+    return error_reply("this plugin has no key to authenticate to the destination: start it with secret=FILE (the "
+                       "destination's key) or listen=");
   std::unique_lock ops(ops_mu_);
   EngineState st = machine_.state();
   if (migrating_ || is_active(st.phase))

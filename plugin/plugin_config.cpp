@@ -104,6 +104,14 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
   return Status::ok();
 }
 
+std::string generated_key_path(const PluginConfig& config, const std::string& state_path) {
+  const std::string suffix = ".livemig-state";
+  if (config.state_file.empty() && state_path.size() > suffix.size() &&
+      state_path.compare(state_path.size() - suffix.size(), suffix.size(), suffix) == 0)
+    return state_path.substr(0, state_path.size() - suffix.size()) + ".livemig-key";
+  return state_path + ".key";
+}
+
 Status PluginConfig::complete() const {
   if (image.empty()) return Status::error("the image=<FILE> key is required");
   // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.

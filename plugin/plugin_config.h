@@ -29,6 +29,8 @@ inline constexpr const char* kConfigHelp =
     "                       image: it takes its size from the source.\n"
     "secret=<FILE>          Pre-shared key (>= 16 bytes) authenticating peers;\n"
     "                       required when listen= is not a loopback address.\n"
+    "                       Without it a random key is made in a 0600 file\n"
+    "                       beside the state file (IMAGE.livemig-key).\n"
     "handover=explicit|auto|on-disconnect\n"
     "                       Default handover trigger of migrations started\n"
     "                       here (default explicit).\n"
@@ -58,6 +60,10 @@ struct PluginConfig {
   // Checks the keys against each other once all are set.
   Status complete() const;
 };
+
+// Where a plugin without secret= keeps its random key: beside the state
+// file (IMAGE.livemig-key for the default state file IMAGE.livemig-state).
+std::string generated_key_path(const PluginConfig& config, const std::string& state_path);
 
 // Parses sizes like "4096", "4K", "1M", "2G" (binary units). Error names `key`.
 Result<uint64_t> parse_size(std::string_view key, std::string_view value);

@@ -178,6 +178,9 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   std::string warning;
   auto secret = mig::choose_secret(config.secret_file, &warning);
   if (!secret) return secret.status();
+  if (!secret->present)
+    return Status::error("livemigd needs the plugins' key: secret = FILE in the configuration, --secret FILE, or "
+                         "LIVEMIG_SECRET_FILE (there is no built-in key)");
   auto store = TaskStore::open(config.database);
   if (!store) return store.status();
   std::unique_ptr<Daemon> d(new Daemon(config, std::move(*store),

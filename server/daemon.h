@@ -43,7 +43,7 @@ struct DaemonConfig {
   uint64_t host_bandwidth = 0;     // bytes/s per host, 0 = no limit
   double heartbeat_interval = 1;   // seconds between status polls of a plugin
   double heartbeat_timeout = 5;    // a plugin silent this long is down
-  std::string secret_file;         // else $LIVEMIG_SECRET_FILE, else the loopback key
+  std::string secret_file;         // else $LIVEMIG_SECRET_FILE; required
   unsigned max_attempts = 5;       // migrate requests per task before it fails
   double retry_delay = 2;          // seconds between two restarts of a task
 };

@@ -56,8 +56,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--secret", c.secret_file,
-                 "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE, else the loopback key of plugins "
-                 "started without secret=)")
+                 "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE; required)")
       ->type_name("FILE");
   app.add_option("--max-attempts", c.max_attempts,
                  "migrate requests per task (the first start and restarts after failures) before it fails")

@@ -17,6 +17,10 @@ MB=$((1024 * 1024))
 SIZE_MB=32
 
 T=$(mktemp -d /tmp/migrate-nbd-test.XXXXXX)
+# The key of the plugins started below (there is no built-in key).
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$T/psk"
+chmod 600 "$T/psk"
+export LIVEMIG_SECRET_FILE=$T/psk
 PIDS=()
 
 cleanup() {
@@ -64,14 +68,15 @@ expect_lines() {
 }
 
 # start_plugin NAME IMAGE [KEY=VALUE...]: nbdkit with the plugin, peer port
-# in PORT_NAME, control socket $T/NAME.ctl. Waits until the port answers.
+# in PORT_NAME, control socket $T/NAME.ctl, key $T/psk unless a secret= is
+# given. Waits until the port answers.
 start_plugin() {
   local name=$1 image=$2; shift 2
   local port
   port=$(free_port)
   eval "PORT_$name=$port"
   nbdkit -f -U "$T/$name.nbd" -P "$T/$name.pid" "$PLUGIN" image="$image" \
-    listen="127.0.0.1:$port" control="$T/$name.ctl" "$@" >"$T/nbdkit-$name.log" 2>&1 &
+    listen="127.0.0.1:$port" control="$T/$name.ctl" secret="$T/psk" "$@" >"$T/nbdkit-$name.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 100); do
     if [ -S "$T/$name.ctl" ] && python3 -c 'import socket,sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' "$port" 2>/dev/null; then
@@ -321,12 +326,31 @@ run wrong status --from "$FROM" --secret "$T/key2"
 expect_rc 1
 expect_in wrong.err "authentication failed at $FROM: wrong secret"
 expect_lines wrong.err 1
-run nokey start --from "$FROM" --to "$TO" --mode precopy
+LIVEMIG_SECRET_FILE= run nokey start --from "$FROM" --to "$TO" --mode precopy
 expect_rc 1
-expect_in nokey.err "authentication failed at $FROM: wrong secret (this side used the built-in loopback key"
+expect_in nokey.err "no key to authenticate to $FROM: give --secret FILE or set LIVEMIG_SECRET_FILE"
 run nofile status --from "$FROM" --secret "$T/missing-key"
 expect_rc 1
 expect_in nofile.err "$T/missing-key"
+ok
+
+check "a plugin without secret= makes its own random key, mode 0600, and only it works"
+: >"$T/k.img"
+nbdkit -f -U "$T/K.nbd" "$PLUGIN" image="$T/k.img" listen="127.0.0.1:$(free_port)" control="$T/K.ctl" \
+  >"$T/nbdkit-K.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -S "$T/K.ctl" ] && break; sleep 0.1; done
+run kstatus status --socket "$T/K.ctl" --json
+expect_rc 0
+KEYFILE=$(jq -r .from.secret_file "$T/kstatus.out")
+[ "$KEYFILE" = "$T/k.img.livemig-key" ] || fail "secret_file is '$KEYFILE'"
+[ "$(stat -c %a "$KEYFILE")" = 600 ] || fail "$KEYFILE has mode $(stat -c %a "$KEYFILE")"
+KPORT=$(jq -r .from.peer_port "$T/kstatus.out")
+run kown status --from "127.0.0.1:$KPORT" --secret "$KEYFILE"
+expect_rc 0
+run kother status --from "127.0.0.1:$KPORT" --secret "$T/psk"
+expect_rc 1
+expect_in kother.err "wrong secret"
 ok
 
 check "the right secret, from --secret or LIVEMIG_SECRET_FILE, migrates"

@@ -89,6 +89,25 @@ def make_image(size, name="disk.img", dir=None, data=None):
     return path
 
 
+_test_secret = None
+
+
+def test_secret():
+    """The key file every plugin of this test script listens with (a Server
+    with listen= and no secret= gets it), created once (mode 0600, 64 hex
+    digits). $LIVEMIG_SECRET_FILE points at it, so migrate-nbd and livemigd
+    started by the tests find it: there is no built-in key."""
+    global _test_secret
+    if _test_secret is None:
+        path = os.path.join(tmp_root(), "test-psk")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex() + "\n")
+        _test_secret = path
+        os.environ["LIVEMIG_SECRET_FILE"] = path
+    return _test_secret
+
+
 def read_file(path, offset=0, length=None):
     """The bytes of a file as they are now, read with plain file I/O."""
     with open(path, "rb") as f:
@@ -285,6 +304,11 @@ class Server:
         self.sock = os.path.join(self.dir, "nbd.sock")
         self.pidfile = os.path.join(self.dir, "nbdkit.pid")
         self.stderr_path = os.path.join(self.dir, "nbdkit.stderr")
+        # A listening plugin gets the test's shared key unless the test
+        # names one (secret=PATH) or wants none (secret=None: the plugin
+        # then makes its own random key file).
+        if keys.get("listen") and "secret" not in keys:
+            keys["secret"] = test_secret()
         if control is True:
             self.control_path = os.path.join(self.dir, "control.sock")
         else:

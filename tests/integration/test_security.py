@@ -1,0 +1,77 @@
+"""Who may control a plugin (issue #13): there is no fixed or shared key.
+A plugin listening on loopback without secret= makes a random key in a 0600
+file beside its state; whoever cannot read that file cannot authenticate,
+so cannot steer the plugin or receive its disk.
+
+    LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
+        /usr/bin/python3 tests/integration/test_security.py [TEST_NAME...]
+"""
+
+import os
+import stat
+import subprocess
+
+import lmtest
+import migration as mig
+from lmtest import MiB, Server, make_image, test
+from wire import AUTH, AUTH_FAILED, client_mac, frame, start_handshake
+
+# The key every plugin without secret= used before issue #13: public knowledge.
+OLD_FIXED_KEY = b"livemig-loopback-without-secret"
+
+
+def migrate_nbd():
+    return os.path.join(os.environ.get("LIVEMIG_BUILD_DIR", "build"), "client-tools", "migrate-nbd")
+
+
+@test
+def a_plugin_without_secret_makes_a_private_random_key_and_the_old_fixed_key_is_refused():
+    image = make_image(4 * MiB)
+    with Server(control=True, image=image, listen="127.0.0.1:0", secret=None) as s:
+        st = s.control({"op": "status"})
+        key_path = st["secret_file"]
+        assert key_path == image + ".livemig-key", st
+        mode = stat.S_IMODE(os.stat(key_path).st_mode)
+        assert mode == 0o600, f"{key_path} has mode {mode:o}"
+        key = open(key_path, "rb").read().rstrip(b"\n")
+        assert len(key) == 64 and key != OLD_FIXED_KEY, key
+        port = st["peer_port"]
+        # Anyone who knew the old built-in key could control the plugin.
+        c, nonce_c, sh = start_handshake(port, "control")
+        with c:
+            c.send(frame(AUTH, client_mac(OLD_FIXED_KEY, sh.nonce, nonce_c)))
+            c.expect_error(AUTH_FAILED, what="the old fixed loopback key")
+        # The file's key works (for whoever can read it: root, here).
+        p = subprocess.run([migrate_nbd(), "status", "--from", f"127.0.0.1:{port}", "--secret", key_path, "--json"],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+    # The same key after a restart: the file is kept, not replaced.
+    with Server(control=True, image=image, listen="127.0.0.1:0", secret=None) as s:
+        assert open(s.control({"op": "status"})["secret_file"], "rb").read().rstrip(b"\n") == key
+
+
+@test
+def a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
+    victim = mig.make_source_image(4 * MiB, 1 * MiB)[0]
+    with Server(control=True, image=victim, listen="127.0.0.1:0", secret=None) as s:
+        st = s.control({"op": "status"})
+        port, key_path = st["peer_port"], st["secret_file"]
+        as_nobody = ["runuser", "-u", "nobody", "--"]
+        env = {k: v for k, v in os.environ.items() if k != "LIVEMIG_SECRET_FILE"}
+        # Pointing at the plugin's key file does not help: it is 0600 root.
+        p = subprocess.run([*as_nobody, migrate_nbd(), "status", "--from", f"127.0.0.1:{port}", "--secret", key_path],
+                           capture_output=True, text=True, timeout=30, env=env)
+        assert p.returncode == 1, p
+        assert "Permission denied" in p.stderr or "cannot" in p.stderr, p.stderr
+        # Nor does starting a migration of the victim's disk to a listener of
+        # one's own: without a key, nothing is sent.
+        p = subprocess.run([*as_nobody, migrate_nbd(), "start", "--from", f"127.0.0.1:{port}",
+                            "--to", "127.0.0.1:9", "--mode", "precopy"],
+                           capture_output=True, text=True, timeout=30, env=env)
+        assert p.returncode == 1 and "no key" in p.stderr, p
+        st = s.control({"op": "status"})
+        assert st["phase"] == "Idle" and st["authoritative"] and not st["fenced"], st
+
+
+if __name__ == "__main__":
+    lmtest.main()
