@@ -1,5 +1,7 @@
 #include "common/control_server.h"
 
+#include "common/connection_limit.h"
+
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -106,7 +108,10 @@ awaitable<void> accept_loop(stream_protocol::acceptor& acceptor, ControlServer::
     boost::system::error_code ec;
     stream_protocol::socket sock = co_await acceptor.async_accept(asio::redirect_error(use_awaitable, ec));
     if (ec == asio::error::operation_aborted || !acceptor.is_open()) co_return;
-    if (ec) continue;  // e.g. EMFILE: keep serving the connections we have
+    if (ec) {  // e.g. EMFILE: keep serving the connections we have, without spinning
+      co_await pause_after_accept_error();
+      continue;
+    }
     asio::co_spawn(acceptor.get_executor(), serve(std::move(sock), handler), asio::detached);
   }
 }

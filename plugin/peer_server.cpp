@@ -15,6 +15,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include "common/connection_limit.h"
 #include "plugin/work_pool.h"
 
 namespace livemig {
@@ -30,6 +31,8 @@ struct PeerServer::Impl {
   PeerHandler on_peer;
   ControlHandler on_control;
   WorkPool* control_pool = nullptr;
+  // Connections still in their handshake: 64 in all, 8 from one address.
+  ConnectionLimit unauthenticated{64, 8};
 };
 
 namespace {
@@ -67,11 +70,22 @@ asio::awaitable<void> accept_loop(std::shared_ptr<PeerServer::Impl> impl) {
     boost::system::error_code ec;
     tcp::socket sock = co_await impl->acceptor.async_accept(asio::redirect_error(asio::use_awaitable, ec));
     if (ec == asio::error::operation_aborted || !impl->acceptor.is_open()) co_return;
-    if (ec) continue;
+    if (ec) {  // e.g. EMFILE: pause rather than spin on the same error
+      co_await pause_after_accept_error();
+      continue;
+    }
+    boost::system::error_code ignored;
+    auto remote = sock.remote_endpoint(ignored);
+    auto slot = impl->unauthenticated.acquire(ignored ? std::string("?") : remote.address().to_string());
+    if (!slot) {
+      sock.close(ignored);  // too many handshakes open: this one is dropped at once
+      continue;
+    }
     asio::co_spawn(
         impl->acceptor.get_executor(),
-        [impl, sock = std::move(sock)]() mutable -> asio::awaitable<void> {
+        [impl, slot, sock = std::move(sock)]() mutable -> asio::awaitable<void> {
           auto link = co_await PeerLink::accept(std::move(sock), impl->secret, impl->options);
+          slot.reset();  // authenticated or not, the handshake is over
           if (!link) co_return;  // the peer got an ERROR frame; nothing else to do
           if ((*link)->purpose() == kPurposeControl)
             serve_control(*link, impl->on_control, impl->control_pool);

@@ -8,8 +8,11 @@ so cannot steer the plugin or receive its disk.
 """
 
 import os
+import resource
+import socket
 import stat
 import subprocess
+import time
 
 import lmtest
 import migration as mig
@@ -71,6 +74,57 @@ def a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
         assert p.returncode == 1 and "no key" in p.stderr, p
         st = s.control({"op": "status"})
         assert st["phase"] == "Idle" and st["authoritative"] and not st["fenced"], st
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@test
+def eleven_hundred_idle_connections_neither_exhaust_nor_spin_the_plugin():
+    """Issue #13: ~1,000 idle TCP connections exhausted the plugin's 1,024
+    descriptors, and its accept loops then spun on EMFILE: status and NBD
+    reads got no answer, nbdkit used 199% CPU."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))  # the attacker holds more
+    s = Server(control=True, image=make_image(4 * MiB), listen="127.0.0.1:0").start()
+    # The default limit of 1,024 descriptors (nbdkit raises its soft limit
+    # to the hard one at start-up, so both are set, after that).
+    resource.prlimit(s.pid, resource.RLIMIT_NOFILE, (1024, 1024))
+    idle = []
+    try:
+        port = s.control({"op": "status"})["peer_port"]
+        h = s.connect()
+        for _ in range(1100):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                break  # the listen backlog is full: the attacker cannot even queue more
+        assert len(idle) >= 200, f"only {len(idle)} connections could be opened"
+        time.sleep(1)
+        cpu0 = cpu_seconds(s.pid)
+        t0 = time.monotonic()
+        st = s.control({"op": "status"})
+        assert st["ok"] and time.monotonic() - t0 < 1.0, f"status took {time.monotonic() - t0:.2f} s"
+        assert h.pread(4096, 0) == bytes(4096)
+        time.sleep(2)
+        used = (cpu_seconds(s.pid) - cpu0) / (time.monotonic() - t0)
+        assert used < 0.05, f"nbdkit used {used:.0%} of a CPU with {len(idle)} idle connections"
+        # And a real peer still gets through once strangers give up.
+        for c in idle:
+            c.close()
+        idle.clear()
+        p = subprocess.run([migrate_nbd(), "status", "--from", f"127.0.0.1:{port}", "--json"],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, p.stderr
+        s.disconnect(h)
+    finally:
+        for c in idle:
+            c.close()
+        s.stop()
 
 
 if __name__ == "__main__":
