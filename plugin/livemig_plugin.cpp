@@ -14,6 +14,8 @@
 #include <string>
 #include <string_view>
 
+#include <fmt/format.h>
+
 #include "common/peer_auth.h"
 #include "plugin/control_ops.h"
 #include "common/control_server.h"
@@ -62,14 +64,23 @@ int guarded(const char* what, Fn&& fn) {
 // Grows an empty destination image to the source's size: the file, the
 // geometry (rebuilt in place, so pointers to it stay valid) and the heat map.
 // Only ever called while the image is empty, so no request can be using them.
+// Everything that can fail (the heat map's allocation for a size the peer
+// chose, the file's resize) happens before anything is replaced: a failure
+// leaves the old geometry and heat map together.
 Status resize_image(uint64_t size) {
   PluginState& st = state();
   auto geometry = SegmentGeometry::make(size, st.config.block_size, st.config.segment_size);
   if (!geometry) return geometry.status();
+  std::unique_ptr<HeatMap> heat;
+  try {
+    heat = std::make_unique<HeatMap>(*geometry, st.config.heat_half_life);
+  } catch (const std::bad_alloc&) {
+    return Status::error(fmt::format("cannot track an image of {} bytes: out of memory", size), ENOMEM);
+  }
   if (st.image->resize(size) < 0)
     return Status::error(std::string("resizing the image: ") + std::strerror(errno), errno);
   st.geometry.emplace(*geometry);
-  st.heat = std::make_unique<HeatMap>(*st.geometry, st.config.heat_half_life);
+  st.heat = std::move(heat);
   return Status::ok();
 }
 

@@ -384,7 +384,13 @@ void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, uint64_t r
   if (params.is_discarded()) params = json::object();
   if (params.value("resume", false)) return on_resume_start(link, request_id, p, params);
   bool had_copy = false;
-  Status s = accept_start(link, p, &had_copy);
+  Status s;
+  try {
+    s = accept_start(link, p, &had_copy);
+  } catch (const std::bad_alloc&) {  // bitmaps for a size the peer chose
+    s = protocol_error(ErrorCode::Internal,
+                       fmt::format("cannot migrate an image of {} bytes here: out of memory", p.image_size));
+  }
   if (!s) {
     ctx_.log(fmt::format("START refused: {}", s.message()));
     link->refuse(request_id, s);
@@ -480,6 +486,17 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
   if (migrating_) return protocol_error(ErrorCode::Busy, "busy: this side is starting a migration of its own");
   EngineState st = machine_.state();
   if (Status s = check_incoming(st, had_copy); !s) return s;
+  // An empty image grows to the source's size below; if the migration then
+  // cannot start (no memory for a huge size, no state file), it shrinks
+  // back, so that a later START with a sane size is not refused.
+  const bool was_empty = ctx_.image->size() == 0;
+  struct Shrink {
+    MigrationEngine* e;
+    bool armed;
+    ~Shrink() {
+      if (armed && e->ctx_.resize_image && e->ctx_.image->size() != 0) e->ctx_.resize_image(0);
+    }
+  } shrink{this, was_empty};
   auto params = destination_params(p);
   if (!params) return params.status();
   const SegmentGeometry& g = *ctx_.geometry;
@@ -493,6 +510,7 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
                       .extra = json{{"params", params->to_json()}}};
   auto file = StateFile::create(ctx_.state_path, rec);
   if (!file) return protocol_error(ErrorCode::Internal, file.status().message());
+  shrink.armed = false;
   retire_session();
   received_migration_ = true;
   auto session = std::make_shared<DestinationSession>(services_, p.migration_id, *params);

@@ -17,7 +17,7 @@ import time
 import lmtest
 import migration as mig
 from lmtest import MiB, Server, make_image, test
-from wire import AUTH, AUTH_FAILED, client_mac, frame, start_handshake
+from wire import AUTH, AUTH_FAILED, INTERNAL, START, client_mac, frame, handshake, start_handshake, start_payload
 
 # The key every plugin without secret= used before issue #13: public knowledge.
 OLD_FIXED_KEY = b"livemig-loopback-without-secret"
@@ -74,6 +74,33 @@ def a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
         assert p.returncode == 1 and "no key" in p.stderr, p
         st = s.control({"op": "status"})
         assert st["phase"] == "Idle" and st["authoritative"] and not st["fenced"], st
+
+
+@test
+def a_start_for_an_impossible_size_is_refused_and_leaves_the_destination_as_it_was():
+    """Issue #13: a resize to a peer-chosen size whose heat-map allocation
+    threw left the old geometry's counters indexed out of bounds."""
+    key_path = lmtest.test_secret()
+    key = open(key_path, "rb").read().rstrip(b"\n")
+    dst_image = os.path.join(lmtest.tmp_dir("dst"), "d.img")  # missing: any size is taken
+    src_image, data = mig.make_source_image(8 * MiB, 4 * MiB)
+    with Server(control=True, image=dst_image, listen="127.0.0.1:0") as dst, \
+            Server(control=True, image=src_image, listen="127.0.0.1:0") as src:
+        port = mig.peer_port(dst)
+        c, _ = handshake(port, key, purpose="peer")
+        with c:
+            params = {"to": f"127.0.0.1:{port}", "from": "127.0.0.1:9"}
+            c.send(frame(START, start_payload(1 << 60, params=params, migration_id="huge"), request_id=7))
+            msg = c.expect_error(INTERNAL, request_id=7, what="START for a 1 EiB image")
+            assert "out of memory" in msg, msg
+        st = dst.control({"op": "status"})
+        assert st["size"] == 0 and st["phase"] == "Idle" and st["authoritative"], st
+        h = dst.connect()
+        assert h.get_size() == 0
+        dst.disconnect(h)
+        mig.migrate(src, dst, "precopy", handover="auto")  # a sane START still works
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
 
 
 def cpu_seconds(pid):
