@@ -16,6 +16,9 @@ PACKAGES=(
   procps util-linux socat
   # faultfs (tests/faults): the FUSE file system that fails on command
   fuse3
+  # fuzzing (tests/fuzz/run): clang and its runtime, which has libFuzzer.
+  # (The sanitizer builds use g++'s libasan, libubsan, libtsan: build-essential.)
+  clang-14 libclang-rt-14-dev
   # QEMU contenders and the hypervisor end-to-end test; charts
   qemu-system-x86 qemu-system-common gnuplot-nox
 )
