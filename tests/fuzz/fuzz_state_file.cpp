@@ -88,9 +88,11 @@ void check_opened(const std::string& path, StateFile& sf, uint64_t file_size) {
              static_cast<unsigned long long>(sf.block_count()), static_cast<unsigned long long>(r.image_size),
              static_cast<unsigned long long>(r.block_size));
   // An image of no blocks has no bitmap, and a file cut short in slot B
-  // (never written since create) still has a valid slot A.
+  // (never written since create) still has a valid slot A. (Counted in 128
+  // bits: the bitmap of 2^64 - 1 blocks is no 0 bytes.)
+  const unsigned __int128 bitmap_bytes = (static_cast<unsigned __int128>(blocks) + 63) / 64 * 8;
   FUZZ_CHECK(blocks == 0 ? file_size <= StateFile::kBitmapOffset
-                         : file_size == StateFile::kBitmapOffset + (blocks + 63) / 64 * 8,
+                         : file_size == StateFile::kBitmapOffset + bitmap_bytes,
              "a %llu-byte file opened for %llu blocks", static_cast<unsigned long long>(file_size),
              static_cast<unsigned long long>(blocks));
 
