@@ -19,6 +19,9 @@ Result<NbdConnection> nbd_connect(const std::string& uri) {
   c.handle.reset(nbd_create());
   if (!c.handle) return Status::error(fmt::format("nbd_create: {}", nbd_last_error()), ENOMEM);
   nbd_handle* h = c.handle.get();
+  // The URI is the operator's (a command-line argument): let it name a TLS
+  // key file (nbds://...?tls-psk-file=) or a certificate directory.
+  nbd_set_uri_allow_local_file(h, true);
   if (nbd_connect_uri(h, uri.c_str()) == -1)
     return Status::error(fmt::format("cannot connect to {}: {}", uri, nbd_last_error()),
                          nbd_get_errno() ? nbd_get_errno() : ECONNREFUSED);

@@ -48,7 +48,7 @@ std::string Target::peer_address() const { return kind == Kind::Remote ? address
 
 // ---------------------------------------------------------------- secret
 
-Result<SecretChoice> choose_secret(const std::string& secret_file, std::string* warning) {
+Result<SecretChoice> choose_secret(const std::string& secret_file, const TlsSettings& tls, std::string* warning) {
   if (warning) warning->clear();
   std::string path = secret_file;
   std::string via = "--secret";
@@ -59,6 +59,13 @@ Result<SecretChoice> choose_secret(const std::string& secret_file, std::string* 
     }
   }
   SecretChoice choice;
+  auto use_tls = tls.enabled();
+  if (!use_tls) return Status::error("--tls: " + use_tls.status().message());
+  if (*use_tls) {
+    auto ctx = TlsContext::make(tls);
+    if (!ctx) return ctx.status();
+    choice.tls = std::move(*ctx);
+  }
   if (path.empty()) return choice;  // no key: only a local --socket can be used
   auto secret = load_secret(path, warning);
   if (!secret) return Status::error(fmt::format("{}: {}", via, secret.status().message()), secret.status().errno_value());
@@ -117,6 +124,7 @@ class RemoteChannel final : public ControlClient::Channel {
                            EACCES);
     PeerLink::Options opts;
     opts.local_name = "migrate-nbd";
+    opts.tls = secret.tls;
     // Long requests (handover, verify) are answered late; heartbeats keep
     // the link alive meanwhile, so a silent peer is still a dead peer.
     auto link = PeerLink::connect(io_, where, secret.secret, kPurposeControl, opts, timeout);
@@ -124,6 +132,8 @@ class RemoteChannel final : public ControlClient::Channel {
     if (!link) {
       const Status& s = link.status();
       std::string why = strip_address(s.message(), addr);
+      if (s.errno_value() == EKEYREJECTED)
+        return Status::error(fmt::format("TLS with {} failed: {}", addr, why), EKEYREJECTED);
       if (s.errno_value() == EACCES)
         return Status::error(fmt::format("authentication failed at {}: wrong secret (this side used {}; the "
                                          "plugin uses its secret= file)",

@@ -20,6 +20,7 @@
 
 #include "common/peer_auth.h"
 #include "common/peer_link.h"
+#include "common/tls_context.h"
 #include "common/status.h"
 
 namespace livemig::mig {
@@ -39,17 +40,19 @@ struct Target {
   std::string peer_address() const;
 };
 
-// The pre-shared key for remote targets and where it came from.
+// The credentials for remote targets: the pre-shared key and where it came
+// from, and TLS (null: plaintext).
 struct SecretChoice {
   Secret secret;
   std::string source;  // the file
   bool present = false;  // a key file was given: remote targets can be reached
+  std::shared_ptr<TlsContext> tls;
 };
 
 // --secret FILE if given, else $LIVEMIG_SECRET_FILE, else none (a local
-// --socket needs no key; a peer port does: there is no built-in key). A key
-// file readable by others sets *warning.
-Result<SecretChoice> choose_secret(const std::string& secret_file, std::string* warning);
+// --socket needs no key; a peer port does: there is no built-in key); TLS
+// as `tls` says. A key file readable by others sets *warning.
+Result<SecretChoice> choose_secret(const std::string& secret_file, const TlsSettings& tls, std::string* warning);
 
 struct Timeouts {
   std::chrono::milliseconds connect{10'000};

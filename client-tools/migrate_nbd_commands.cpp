@@ -78,7 +78,7 @@ class Context {
   Result<std::unique_ptr<ControlClient>> client(const Target& t) {
     if (t.kind == Target::Kind::Remote && !secret_) {
       std::string warning;
-      auto s = choose_secret(o_.secret_file, &warning);
+      auto s = choose_secret(o_.secret_file, o_.tls, &warning);
       if (!s) return s.status();
       if (!warning.empty()) print_error("warning: " + warning);
       secret_ = std::make_shared<const SecretChoice>(std::move(*s));

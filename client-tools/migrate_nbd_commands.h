@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
+#include "common/tls_context.h"
 
 namespace livemig::mig {
 
@@ -31,6 +32,7 @@ struct CommonOptions {
   std::string to;           // HOST:PORT of the destination's peer port
   std::string socket;       // the plugin's local control socket, instead of from
   std::string secret_file;  // else $LIVEMIG_SECRET_FILE; a peer port needs one
+  TlsSettings tls;          // TLS to peer ports
   double timeout = 0;       // seconds; 0: the defaults of each request
   bool json = false;
 };

@@ -58,6 +58,7 @@ void add_common(CLI::App* sub, mig::CommonOptions& o, bool with_to, const char* 
                   "30 for a reply, 300 for migrate, handover and verify)")
       ->type_name("SECONDS");
   sub->add_flag("--json", o.json, "print JSON for scripts instead of text for people");
+  mig::add_tls_options(sub, o.tls);
   sub->footer(kFooter);
 }
 

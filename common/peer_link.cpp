@@ -12,7 +12,10 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/asio/write.hpp>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <fmt/format.h>
 
 namespace livemig {
@@ -120,13 +123,13 @@ awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
   bad_frame_request_id_ = 0;
   try {
     uint8_t header_bytes[kFrameHeaderSize];
-    co_await asio::async_read(socket_, asio::buffer(header_bytes), use_awaitable);
+    co_await read_exact(asio::buffer(header_bytes));
     auto header = decode_header(header_bytes, max_payload);
     if (!header) co_return header.status();
     Frame f;
     f.header = *header;
     f.payload.resize(header->payload_length);
-    if (!f.payload.empty()) co_await asio::async_read(socket_, asio::buffer(f.payload), use_awaitable);
+    if (!f.payload.empty()) co_await read_exact(asio::buffer(f.payload));
     bytes_received_.fetch_add(kFrameHeaderSize + f.payload.size(), std::memory_order_relaxed);
     last_read_ns_ = now_ns();
     auto message = decode_message(f.header, f.payload);
@@ -143,9 +146,93 @@ awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
   }
 }
 
+awaitable<void> PeerLink::read_exact(asio::mutable_buffer b) {
+  if (tls_) co_await asio::async_read(*tls_, b, use_awaitable);
+  else co_await asio::async_read(socket_, b, use_awaitable);
+}
+
+awaitable<void> PeerLink::write_all(asio::const_buffer b) {
+  if (tls_) co_await asio::async_write(*tls_, b, use_awaitable);
+  else co_await asio::async_write(socket_, b, use_awaitable);
+}
+
+namespace {
+
+// The first bytes a client sends, without consuming them: a livemig frame
+// starts with "LMIG", a TLS record with 0x16 0x03.
+awaitable<std::string> peek(tcp::socket& socket, size_t n) {
+  std::string got(n, '\0');
+  boost::system::error_code ec;
+  size_t have = 0;
+  for (int tries = 0; tries < 100 && have < n; ++tries) {
+    have = co_await socket.async_receive(asio::buffer(got), tcp::socket::message_peek,
+                                         asio::redirect_error(use_awaitable, ec));
+    if (ec || have == 0) break;
+    if (have < n) {  // a partial first segment: wait a little for the rest
+      asio::steady_timer t(socket.get_executor(), std::chrono::milliseconds(10));
+      co_await t.async_wait(asio::redirect_error(use_awaitable, ec));
+    }
+  }
+  got.resize(have);
+  co_return got;
+}
+
+bool looks_like_tls(const std::string& first) {
+  return first.size() >= 2 && static_cast<uint8_t>(first[0]) == 0x16 && static_cast<uint8_t>(first[1]) == 0x03;
+}
+
+}  // namespace
+
+awaitable<Status> PeerLink::client_tls(const HostPort& where) {
+  tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, options_.tls->client());
+  SSL* ssl = tls_->native_handle();
+  if (options_.tls->x509()) {
+    // The certificate must name what we dialled: its IP, or its host name.
+    boost::system::error_code ec;
+    asio::ip::make_address(where.host, ec);
+    if (!ec) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), where.host.c_str());
+    else {
+      SSL_set1_host(ssl, where.host.c_str());
+      SSL_set_tlsext_host_name(ssl, where.host.c_str());
+    }
+  }
+  boost::system::error_code ec;
+  co_await tls_->async_handshake(asio::ssl::stream_base::client, asio::redirect_error(use_awaitable, ec));
+  if (!ec) co_return Status::ok();
+  co_return Status::error(describe_tls_failure(ec, SSL_get_verify_result(ssl)), EKEYREJECTED);
+}
+
+awaitable<Status> PeerLink::server_tls() {
+  std::string first = co_await peek(socket_, 4);
+  // Closed before a byte: say so now. (Reading on would also wait forever:
+  // after a read that finds EOF, Asio waits for the next epoll edge before
+  // it reads again, and a closed socket gives no further edge.)
+  if (first.empty()) co_return protocol_error(ErrorCode::Protocol, "peer closed the connection");
+  if (!options_.tls) {
+    if (!looks_like_tls(first)) co_return Status::ok();
+    Status s = protocol_error(ErrorCode::Protocol, "the client started TLS, but this plugin runs with tls=off");
+    co_await send_now(encode_message(make_error_payload(s), 0).value());
+    co_return s;
+  }
+  if (first == "LMIG") {
+    Status s = protocol_error(ErrorCode::TlsRequired,
+                              "this plugin requires TLS; the client spoke plaintext (give it the TLS options: "
+                              "--tls-certificates or --tls-psk)");
+    co_await send_now(encode_message(make_error_payload(s), 0).value());
+    co_return s;
+  }
+  tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, options_.tls->server());
+  boost::system::error_code ec;
+  co_await tls_->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(use_awaitable, ec));
+  if (!ec) co_return Status::ok();
+  Status s = Status::error(describe_tls_failure(ec, SSL_get_verify_result(tls_->native_handle())), EKEYREJECTED);
+  tls_.reset();
+  co_return s;
+}
+
 awaitable<void> PeerLink::send_now(std::string frame) {
   try {
-    co_await asio::async_write(socket_, asio::buffer(frame), use_awaitable);
+    co_await write_all(asio::buffer(frame));
     bytes_sent_.fetch_add(frame.size(), std::memory_order_relaxed);
   } catch (const boost::system::system_error&) {
   }
@@ -235,7 +322,8 @@ Result<std::shared_ptr<PeerLink>> PeerLink::connect(asio::io_context& io, const 
           tune_socket(link->socket_);
           auto ep = link->socket_.remote_endpoint(ec);
           if (!ec) link->remote_ = fmt::format("{}:{}", ep.address().to_string(), ep.port());
-          status = co_await link->client_handshake(secret, purpose_copy);
+          if (options.tls) status = co_await link->client_tls(where);
+          if (status) status = co_await link->client_handshake(secret, purpose_copy);
         } catch (const boost::system::system_error& e) {
           status = Status::error(e.code().message(), e.code().value() ? e.code().value() : EIO);
         }
@@ -263,7 +351,8 @@ awaitable<Result<std::shared_ptr<PeerLink>>> PeerLink::accept(tcp::socket socket
     boost::system::error_code ignored;
     link->socket_.close(ignored);
   });
-  Status s = co_await link->server_handshake(secret);
+  Status s = co_await link->server_tls();
+  if (s) s = co_await link->server_handshake(secret);
   deadline.cancel();
   if (!s) {
     boost::system::error_code ignored;
@@ -385,7 +474,7 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
       q.pop_front();
     }
     try {
-      co_await asio::async_write(socket_, asio::buffer(frame), use_awaitable);
+      co_await write_all(asio::buffer(frame));
       bytes_sent_.fetch_add(frame.size(), std::memory_order_relaxed);
     } catch (const boost::system::system_error& e) {
       queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);

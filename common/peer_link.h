@@ -29,10 +29,12 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/stream.hpp>
 
 #include "common/frame_codec.h"
 #include "common/peer_auth.h"
 #include "common/status.h"
+#include "common/tls_context.h"
 
 namespace livemig {
 
@@ -60,6 +62,10 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
     std::string local_name = "livemig";
     std::chrono::milliseconds read_timeout{15000};  // no frame for this long: dead peer
     std::chrono::milliseconds heartbeat{1000};
+    // TLS 1.3 before the livemig handshake (common/tls_context.h); null:
+    // plaintext. Both ends must agree; a mismatch is refused with a message
+    // that names it on both sides.
+    std::shared_ptr<TlsContext> tls;
   };
 
   // Connects to `where`, authenticates with `secret` and says `purpose`
@@ -81,6 +87,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
 
   // What the client said it connects for (kPurposePeer / kPurposeControl).
   const std::string& purpose() const { return purpose_; }
+  // Whether the link runs over TLS.
+  bool tls() const { return tls_ != nullptr; }
   const std::string& remote() const { return remote_; }
 
   // Starts reading frames (and heartbeats). Handlers run on the io thread.
@@ -150,12 +158,19 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   boost::asio::awaitable<Status> client_handshake(const Secret& secret, std::string_view purpose);
   boost::asio::awaitable<Status> server_handshake(const Secret& secret);
   boost::asio::awaitable<void> send_now(std::string frame);
+  // Exactly these bytes in or out, over TLS when the link has it.
+  boost::asio::awaitable<void> read_exact(boost::asio::mutable_buffer b);
+  boost::asio::awaitable<void> write_all(boost::asio::const_buffer b);
+  // TLS before the livemig handshake; the Status names what went wrong.
+  boost::asio::awaitable<Status> client_tls(const HostPort& where);
+  boost::asio::awaitable<Status> server_tls();
   // Shuts down and closes the socket; on the io thread.
   void shut_socket();
   bool deliver_reply(Frame& frame);
   void fail_waiters(const Status& why);
 
   boost::asio::ip::tcp::socket socket_;
+  std::unique_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket&>> tls_;
   Options options_;
   std::string purpose_;
   std::string remote_;

@@ -92,6 +92,41 @@ TEST_CASE("a wrong secret fails the connection on the client side", "[peer_link]
   CHECK(st.message().find("authentication") != std::string::npos);
 }
 
+// Issue #13: a connection that closed before its first byte held its
+// handshake slot until the deadline (the server never saw the EOF), so
+// a stranger's burst of closed connections locked real peers out.
+TEST_CASE("a client that closes before its first byte ends the server's handshake at once", "[peer_link]") {
+  asio::io_context io;
+  tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  PeerLink::Options options;
+  options.read_timeout = std::chrono::seconds(30);  // the deadline must not be what ends it
+  std::promise<Status> ended;
+  asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto sock = co_await acceptor.async_accept(asio::use_awaitable);
+        auto link = co_await PeerLink::accept(std::move(sock), secret("0123456789abcdef-key"), options);
+        ended.set_value(link ? Status::ok() : link.status());
+      },
+      asio::detached);
+  std::thread io_thread([&] { io.run(); });
+  {
+    asio::io_context client_io;
+    tcp::socket client(client_io);
+    client.connect(acceptor.local_endpoint());
+    // Let the server start waiting for the first bytes before the close.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  auto result = ended.get_future();
+  bool done = result.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  if (!done) io.stop();  // let the thread end: the test has failed
+  io_thread.join();
+  REQUIRE(done);
+  Status s = result.get();
+  CHECK_FALSE(s.is_ok());
+  CHECK(s.message().find("closed") != std::string::npos);
+}
+
 TEST_CASE("host:port parsing names what is wrong", "[peer_link]") {
   CHECK(parse_host_port("10.0.0.1:10809").value().port == 10809);
   CHECK(parse_host_port("[::1]:7").value().host == "::1");

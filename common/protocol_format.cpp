@@ -33,6 +33,7 @@ constexpr ErrorCodeInfo kErrorCodes[] = {
     {"NotEmpty", ENOTEMPTY},
     {"NoSpace", ENOSPC},
     {"UnknownMigration", ESRCH},
+    {"TlsRequired", EKEYREJECTED},
 };
 static_assert(std::size(kErrorCodes) == kMaxErrorCode + 1);
 

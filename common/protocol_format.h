@@ -138,8 +138,9 @@ enum class ErrorCode : uint32_t {
   NotEmpty = 15,          // the destination image holds data it will not overwrite
   NoSpace = 16,           // the destination's disk is full
   UnknownMigration = 17,  // no such migration here (to resume or resolve)
+  TlsRequired = 18,       // a plaintext client at a plugin that requires TLS
 };
-inline constexpr uint32_t kMaxErrorCode = 17;
+inline constexpr uint32_t kMaxErrorCode = 18;
 
 // The name ("BadCrc"), "Unknown" for a value outside the enum.
 const char* error_code_name(uint32_t code);
@@ -150,7 +151,8 @@ const char* error_code_name(uint32_t code);
 //   UnknownType EBADRQC, TooLarge EMSGSIZE, BadCrc EBADMSG, AuthFailed EACCES,
 //   Busy EBUSY, SizeMismatch ERANGE, NotAuthoritative ESTALE, Protocol ENOMSG,
 //   Internal EIO, Cancelled ECANCELED, HandoverLost ENOTRECOVERABLE,
-//   NotEmpty ENOTEMPTY, NoSpace ENOSPC, UnknownMigration ESRCH.
+//   NotEmpty ENOTEMPTY, NoSpace ENOSPC, UnknownMigration ESRCH,
+//   TlsRequired EKEYREJECTED (the errno of every TLS failure).
 int error_code_errno(ErrorCode code);
 // A Status for `code`; the message says what is wrong.
 Status protocol_error(ErrorCode code, std::string message);

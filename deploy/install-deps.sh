@@ -12,8 +12,10 @@ PACKAGES=(
   libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
   catch2 libfuse3-dev
   # tests and benchmarks
-  libnbd-bin python3-libnbd nbdfuse fio qemu-utils iproute2 jq
+  libnbd-bin python3-libnbd fio qemu-utils iproute2 jq   # libnbd-bin has nbdfuse
   procps util-linux socat
+  # TLS test credentials (x509 certificates, good and bad)
+  python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command
   fuse3
   # fuzzing (tests/fuzz/run): clang and its runtime, which has libFuzzer.

@@ -38,6 +38,7 @@ json status(PluginState& st, const json&) {
           {"readonly", st.config.readonly},
           {"listen", st.config.listen},
           {"secret_file", st.config.secret_path},
+          {"tls", st.engine->tls() ? st.engine->tls()->describe() : std::string("off")},
           {"peer_port", st.peer ? st.peer->port() : 0},
           {"connections", st.connections.load(std::memory_order_relaxed)},
           {"uptime_seconds", st.uptime_seconds()}});

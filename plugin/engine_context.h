@@ -18,6 +18,7 @@
 #include "common/peer_link.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
+#include "common/tls_context.h"
 #include "plugin/block_sender.h"
 #include "plugin/engine_stats.h"
 #include "plugin/image_file.h"
@@ -43,6 +44,7 @@ struct EngineContext {
   const SegmentGeometry* geometry = nullptr;
   std::unique_ptr<HeatMap>* heat_slot = nullptr;  // the plugin's, replaced by resize_image
   Secret secret;
+  std::shared_ptr<TlsContext> tls;  // null: plaintext peer links
   std::string state_path;
   std::string listen;  // our peer address as configured (may be empty)
   HandoverPolicy handover_policy = HandoverPolicy::Explicit;

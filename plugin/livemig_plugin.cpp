@@ -120,6 +120,14 @@ Status make_engine(PluginState& st) {
     ctx.secret = std::move(*secret);
   }
   if (!warning.empty()) nbdkit_error("warning: %s", warning.c_str());
+  if (st.config.tls.enabled().value()) {
+    auto tls = TlsContext::make(st.config.tls);
+    if (!tls) return tls.status();
+    ctx.tls = std::move(*tls);
+  } else if (!st.config.listen.empty() && st.config.tls.mode == TlsMode::Off &&
+             !is_loopback_host(parse_host_port(st.config.listen, true).value().host)) {
+    nbdkit_error("warning: tls=off on listen=%s: the disk crosses the network in clear text", st.config.listen.c_str());
+  }
   st.engine = std::make_unique<MigrationEngine>(std::move(ctx));
   return st.engine->recover();
 }
@@ -146,7 +154,9 @@ int livemig_config(const char* key, const char* value) {
     // secret are used after that.
     std::string absolute;
     std::string_view k(key);
-    if ((k == "image" || k == "control" || k == "secret" || k == "state-file") && *value) {
+    if ((k == "image" || k == "control" || k == "secret" || k == "state-file" || k == "tls-certificates" ||
+         k == "tls-psk") &&
+        *value) {
       char* p = nbdkit_absolute_path(value);
       if (!p) return -1;  // nbdkit_absolute_path reported it
       absolute = p;
@@ -208,10 +218,12 @@ int livemig_after_fork() {
     if (st.peer) {
       PeerLink::Options opts;
       opts.read_timeout = std::chrono::milliseconds(static_cast<int64_t>(st.config.peer_timeout * 1000));
+      opts.tls = st.engine->tls();
       auto secret = st.engine->secret();
       st.peer->start(
           st.engine->io(), secret, opts, [](const std::shared_ptr<PeerLink>& link) { g_state->engine->on_peer_link(link); },
-          [](std::string_view line) { return handle_control_request(*g_state, line); }, &st.engine->control_pool());
+          [](std::string_view line) { return handle_control_request(*g_state, line); }, &st.engine->control_pool(),
+          [](const std::string& m) { nbdkit_error("%s", m.c_str()); });
     }
     if (st.control) {
       st.control->start(nullptr,

@@ -330,6 +330,7 @@ Result<std::shared_ptr<PeerLink>> MigrationEngine::connect(const std::string& ad
   PeerLink::Options opts;
   opts.local_name = ctx_.node_name;
   opts.read_timeout = ctx_.peer_timeout;
+  opts.tls = ctx_.tls;
   auto link = PeerLink::connect(io_, *where, ctx_.secret, kPurposePeer, opts, kConnectTimeout);
   if (!link) return link.status();
   start_link(*link);

@@ -60,6 +60,7 @@ class MigrationEngine {
   void stop();
   boost::asio::io_context& io() { return io_; }
   const Secret& secret() const { return ctx_.secret; }
+  const std::shared_ptr<TlsContext>& tls() const { return ctx_.tls; }
   WorkPool& control_pool() { return control_pool_; }
   // The peer address as bound (listen= with port 0 gets its real port here).
   // Call before start().

@@ -31,8 +31,16 @@ struct PeerServer::Impl {
   PeerHandler on_peer;
   ControlHandler on_control;
   WorkPool* control_pool = nullptr;
-  // Connections still in their handshake: 64 in all, 8 from one address.
-  ConnectionLimit unauthenticated{64, 8};
+  PeerServer::Logger log;
+  // Refused handshakes are logged, but at most 20 per 10 s (a stranger
+  // knocking must not flood the log); the rest are counted.
+  std::chrono::steady_clock::time_point log_window{};
+  int logged_in_window = 0;
+  int suppressed = 0;
+  // Connections still in their handshake: 256 in all, 64 from one address
+  // (the default limit of 1,024 descriptors keeps room for the image, the
+  // links and the NBD clients).
+  ConnectionLimit unauthenticated{256, 64};
 };
 
 namespace {
@@ -65,6 +73,27 @@ void serve_control(const std::shared_ptr<PeerLink>& link, PeerServer::ControlHan
       [](const std::shared_ptr<PeerLink>&, const Status&) {});
 }
 
+std::string remote_of(const tcp::socket& sock) {
+  boost::system::error_code ec;
+  auto ep = sock.remote_endpoint(ec);
+  return ec ? "?" : fmt::format("{}:{}", ep.address().to_string(), ep.port());
+}
+
+void log_refusal(PeerServer::Impl& impl, const std::string& who, const Status& why) {
+  if (!impl.log) return;
+  auto now = std::chrono::steady_clock::now();
+  if (now - impl.log_window > std::chrono::seconds(10)) {
+    if (impl.suppressed > 0) impl.log(fmt::format("peer port: {} more refused connections not logged", impl.suppressed));
+    impl.log_window = now;
+    impl.logged_in_window = impl.suppressed = 0;
+  }
+  if (++impl.logged_in_window > 20) {
+    ++impl.suppressed;
+    return;
+  }
+  impl.log(fmt::format("peer port: refused {}: {}", who, why.message()));
+}
+
 asio::awaitable<void> accept_loop(std::shared_ptr<PeerServer::Impl> impl) {
   for (;;) {
     boost::system::error_code ec;
@@ -84,9 +113,13 @@ asio::awaitable<void> accept_loop(std::shared_ptr<PeerServer::Impl> impl) {
     asio::co_spawn(
         impl->acceptor.get_executor(),
         [impl, slot, sock = std::move(sock)]() mutable -> asio::awaitable<void> {
+          std::string who = sock.is_open() ? remote_of(sock) : "?";
           auto link = co_await PeerLink::accept(std::move(sock), impl->secret, impl->options);
           slot.reset();  // authenticated or not, the handshake is over
-          if (!link) co_return;  // the peer got an ERROR frame; nothing else to do
+          if (!link) {  // the peer got an ERROR frame (or a TLS alert); tell the operator
+            log_refusal(*impl, who, link.status());
+            co_return;
+          }
           if ((*link)->purpose() == kPurposeControl)
             serve_control(*link, impl->on_control, impl->control_pool);
           else
@@ -144,7 +177,7 @@ PeerServer::~PeerServer() {
 }
 
 void PeerServer::start(asio::io_context& io, Secret secret, PeerLink::Options options, PeerHandler on_peer,
-                       ControlHandler on_control, WorkPool* control_pool) {
+                       ControlHandler on_control, WorkPool* control_pool, Logger log) {
   impl_ = std::make_shared<Impl>(io);
   sockaddr_storage ss{};
   socklen_t len = sizeof ss;
@@ -155,6 +188,7 @@ void PeerServer::start(asio::io_context& io, Secret secret, PeerLink::Options op
   impl_->on_peer = std::move(on_peer);
   impl_->on_control = std::move(on_control);
   impl_->control_pool = control_pool;
+  impl_->log = std::move(log);
   asio::co_spawn(io, accept_loop(impl_), asio::detached);
 }
 

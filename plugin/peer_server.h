@@ -28,6 +28,9 @@ class PeerServer {
  public:
   using ControlHandler = std::function<std::string(std::string_view request)>;
   using PeerHandler = std::function<void(const std::shared_ptr<PeerLink>&)>;
+  // Where refused connections are reported (a wrong key, TLS that does not
+  // match): a line for the operator's log.
+  using Logger = std::function<void(const std::string&)>;
 
   // Binds and listens on `where`. Errors name the address.
   static Result<std::unique_ptr<PeerServer>> bind(const HostPort& where);
@@ -40,7 +43,7 @@ class PeerServer {
   // may wait for the peer, whose frames arrive on io's thread); when it is
   // full the request gets ERROR(Busy).
   void start(boost::asio::io_context& io, Secret secret, PeerLink::Options options, PeerHandler on_peer,
-             ControlHandler on_control, WorkPool* control_pool);
+             ControlHandler on_control, WorkPool* control_pool, Logger log);
 
   struct Impl;  // the acceptor and handlers, shared with the accept loop
 

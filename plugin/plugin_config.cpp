@@ -92,6 +92,18 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     auto a = parse_accept_incoming(std::string(value));
     if (!a) return a.status();
     accept_incoming = *a;
+  } else if (key == "tls") {
+    auto m = parse_tls_mode(std::string(value));
+    if (!m) return m.status();
+    tls.mode = *m;
+  } else if (key == "tls-certificates") {
+    if (value.empty()) return Status::error("tls-certificates=: the directory is empty");
+    tls.certificates = value;
+  } else if (key == "tls-psk") {
+    if (value.empty()) return Status::error("tls-psk=: the path is empty");
+    tls.psk_file = value;
+  } else if (key == "tls-psk-identity") {
+    tls.psk_identity = value;
   } else if (key == "state-file") {
     if (value.empty()) return Status::error("state-file=: the path is empty");
     state_file = value;
@@ -117,9 +129,16 @@ Status PluginConfig::complete() const {
   // sockaddr_un::sun_path holds 108 bytes including the terminating NUL.
   if (control_path.size() > 107)
     return Status::error(fmt::format("control={}: a Unix socket path may be at most 107 bytes long", control_path));
-  if (!listen.empty() && secret_path.empty() && !is_loopback_host(parse_host_port(listen, true).value().host))
+  const bool remote = !listen.empty() && !is_loopback_host(parse_host_port(listen, true).value().host);
+  if (remote && secret_path.empty())
     return Status::error(fmt::format(
         "listen={} is not a loopback address: peers must authenticate, so secret=<FILE> is required", listen));
+  auto use_tls = tls.enabled();
+  if (!use_tls) return use_tls.status();
+  if (remote && !*use_tls && tls.mode != TlsMode::Off)
+    return Status::error(fmt::format("listen={} is not a loopback address: the disk would cross the network in clear "
+                                     "text; give tls-certificates=DIR or tls-psk=FILE (or say tls=off)",
+                                     listen));
   return SegmentGeometry::check_sizes(block_size, segment_size);
 }
 

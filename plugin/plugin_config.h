@@ -10,6 +10,7 @@
 #include "common/migration_params.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
+#include "common/tls_context.h"
 #include "plugin/engine_context.h"
 
 namespace livemig {
@@ -34,6 +35,14 @@ inline constexpr const char* kConfigHelp =
     "handover=explicit|auto|on-disconnect\n"
     "                       Default handover trigger of migrations started\n"
     "                       here (default explicit).\n"
+    "tls=auto|on|off        TLS 1.3 on the peer link (default auto: on when\n"
+    "                       credentials are given; required on a non-loopback\n"
+    "                       listen=, where tls=off must be said explicitly).\n"
+    "tls-certificates=<DIR> x509 credentials in QEMU's tls-creds-x509 layout\n"
+    "                       (ca-cert.pem, server-cert.pem, server-key.pem,\n"
+    "                       client-cert.pem, client-key.pem).\n"
+    "tls-psk=<FILE>         TLS pre-shared keys, nbdkit --tls-psk format.\n"
+    "tls-psk-identity=<ID>  The identity used when connecting (default: first).\n"
     "accept-incoming=empty|always|never\n"
     "                       When this plugin may become a migration destination\n"
     "                       (default empty: only onto an image without data\n"
@@ -50,6 +59,7 @@ struct PluginConfig {
   std::string control_path;
   std::string listen;        // HOST:PORT, empty = no peer port
   std::string secret_path;
+  TlsSettings tls;
   HandoverPolicy handover = HandoverPolicy::Explicit;
   AcceptIncoming accept_incoming = AcceptIncoming::Empty;
   double peer_timeout = 15.0;

@@ -60,6 +60,7 @@ Result<std::string> resolve(const std::string& what, const std::string& address)
 bool is_protocol_errno(int e) {
   switch (e) {
     case EPROTO: case EILSEQ: case EPROTONOSUPPORT: case EBADRQC: case EMSGSIZE: case EBADMSG: case ENOMSG: case EACCES:
+    case EKEYREJECTED:  // TLS refused or required: something answers, not as we can talk to
       return true;
     default:
       return false;
@@ -176,7 +177,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   if (!(config.heartbeat_interval > 0) || !(config.heartbeat_timeout > 0))
     return Status::error("heartbeat-interval and heartbeat-timeout must be more than 0 seconds");
   std::string warning;
-  auto secret = mig::choose_secret(config.secret_file, &warning);
+  auto secret = mig::choose_secret(config.secret_file, config.tls, &warning);
   if (!secret) return secret.status();
   if (!secret->present)
     return Status::error("livemigd needs the plugins' key: secret = FILE in the configuration, --secret FILE, or "

@@ -44,6 +44,7 @@ struct DaemonConfig {
   double heartbeat_interval = 1;   // seconds between status polls of a plugin
   double heartbeat_timeout = 5;    // a plugin silent this long is down
   std::string secret_file;         // else $LIVEMIG_SECRET_FILE; required
+  TlsSettings tls;                 // TLS to the plugins' peer ports
   unsigned max_attempts = 5;       // migrate requests per task before it fails
   double retry_delay = 2;          // seconds between two restarts of a task
 };

@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
 #include "server/daemon.h"
 
@@ -58,6 +59,7 @@ int main(int argc, char** argv) {
   app.add_option("--secret", c.secret_file,
                  "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE; required)")
       ->type_name("FILE");
+  livemig::mig::add_tls_options(&app, c.tls);
   app.add_option("--max-attempts", c.max_attempts,
                  "migrate requests per task (the first start and restarts after failures) before it fails")
       ->type_name("N")

@@ -173,7 +173,7 @@ class Plugin:
         self.image = image
         argv = ["ip", "netns", "exec", ns, "nbdkit", "-f", "--exit-with-parent", "-U", self.sock,
                 "--pidfile", self.pidfile, args.plugin, f"image={image}", f"control={self.ctl}",
-                f"listen={addr}:{PEER_PORT}", f"secret={secret}", *extra]
+                f"listen={addr}:{PEER_PORT}", f"secret={secret}", *tls_keys(args), *extra]
         self.proc = spawn(argv, self.log)
         deadline = time.monotonic() + 20
         while True:
@@ -215,6 +215,20 @@ def make_work_dir(args, parent, name, longest_tag):
         die(f"path too long for Unix socket names: {parent}")
     args.secret = os.path.join(args.work, "psk")
     write_secret(args.secret)
+
+
+def tls_keys(args):
+    """The plugin keys for TLS on the peer link: a pre-shared TLS key (made
+    once in args.work), unless args.tls is "off" (TLS is required on the
+    namespaces' addresses, so plaintext must be said)."""
+    if getattr(args, "tls", "psk") == "off":
+        return ["tls=off"]
+    if not getattr(args, "tls_psk", None):
+        args.tls_psk = os.path.join(args.work, "tls.psk")
+        fd = os.open(args.tls_psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("bench:" + os.urandom(32).hex() + "\n")
+    return [f"tls-psk={args.tls_psk}"]
 
 
 def write_secret(path):
@@ -651,6 +665,16 @@ class NbdkitFile:
             os.unlink(self.pidfile)
         except FileNotFoundError:
             pass
+
+
+def cpu_seconds(pid):
+    """utime + stime of a live process in seconds, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss(pid):

@@ -108,6 +108,23 @@ def test_secret():
     return _test_secret
 
 
+_test_tls_psk = None
+
+
+def test_tls_psk():
+    """A TLS pre-shared key file in nbdkit's --tls-psk format (one
+    "lmtest:HEX" line, mode 0600), made once: plugins listening on a
+    non-loopback address (TLS is required there) use it."""
+    global _test_tls_psk
+    if _test_tls_psk is None:
+        path = os.path.join(tmp_root(), "test-tls.psk")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("lmtest:" + os.urandom(32).hex() + "\n")
+        _test_tls_psk = path
+    return _test_tls_psk
+
+
 def read_file(path, offset=0, length=None):
     """The bytes of a file as they are now, read with plain file I/O."""
     with open(path, "rb") as f:

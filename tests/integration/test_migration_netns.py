@@ -111,6 +111,10 @@ class NsServer(lmtest.Server):
     --pidfile, and a_server_in_a_namespace_is_nbdkit_itself checks it)."""
 
     def __init__(self, ns, **keys):
+        # A namespace address is not loopback: TLS is required (the test's
+        # PSK unless the test names its own TLS keys, or tls=off).
+        if not any(k.startswith("tls") for k in keys):
+            keys["tls-psk"] = lmtest.test_tls_psk()
         super().__init__(**keys)
         self.ns = ns
         self.argv = ["ip", "netns", "exec", ns, *self.argv]
