@@ -34,6 +34,7 @@ constexpr ErrorCodeInfo kErrorCodes[] = {
     {"NoSpace", ENOSPC},
     {"UnknownMigration", ESRCH},
     {"TlsRequired", EKEYREJECTED},
+    {"NotCommitted", ECONNABORTED},
 };
 static_assert(std::size(kErrorCodes) == kMaxErrorCode + 1);
 

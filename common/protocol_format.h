@@ -139,8 +139,9 @@ enum class ErrorCode : uint32_t {
   NoSpace = 16,           // the destination's disk is full
   UnknownMigration = 17,  // no such migration here (to resume or resolve)
   TlsRequired = 18,       // a plaintext client at a plugin that requires TLS
+  NotCommitted = 19,      // the destination ended the migration before any commit: the source may unfence
 };
-inline constexpr uint32_t kMaxErrorCode = 18;
+inline constexpr uint32_t kMaxErrorCode = 19;
 
 // The name ("BadCrc"), "Unknown" for a value outside the enum.
 const char* error_code_name(uint32_t code);
@@ -152,7 +153,8 @@ const char* error_code_name(uint32_t code);
 //   Busy EBUSY, SizeMismatch ERANGE, NotAuthoritative ESTALE, Protocol ENOMSG,
 //   Internal EIO, Cancelled ECANCELED, HandoverLost ENOTRECOVERABLE,
 //   NotEmpty ENOTEMPTY, NoSpace ENOSPC, UnknownMigration ESRCH,
-//   TlsRequired EKEYREJECTED (the errno of every TLS failure).
+//   TlsRequired EKEYREJECTED (the errno of every TLS failure), NotCommitted
+//   ECONNABORTED.
 int error_code_errno(ErrorCode code);
 // A Status for `code`; the message says what is wrong.
 Status protocol_error(ErrorCode code, std::string message);

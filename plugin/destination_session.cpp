@@ -154,11 +154,19 @@ void DestinationSession::on_link_closed(const std::shared_ptr<PeerLink>& link, c
   pull_cv_.notify_all();
 }
 
+Status ended_before_commit(const std::string& id, const std::string& phase) {
+  return protocol_error(ErrorCode::NotCommitted,
+                        fmt::format("migration {} ended here ({}) before any handover was committed", id, phase));
+}
+
 void DestinationSession::on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id) {
   std::lock_guard commit(commit_mu_);
   EngineState st = s_.machine.state();
   const bool before = st.phase == Phase::PreCopy;
   const bool after = st.phase == Phase::PostCopy || st.phase == Phase::Done;
+  if (st.role == Role::Destination && (st.phase == Phase::Failed || st.phase == Phase::Cancelled) &&
+      s_.machine.record().committed_generation == 0)
+    return link->refuse(request_id, ended_before_commit(id_, phase_name(st.phase)));
   if (st.role != Role::Destination || !(before || after)) {
     Status s = protocol_error(ErrorCode::UnknownMigration,
                               fmt::format("migration {} ended here ({}): nothing to resume", id_, describe(st)));

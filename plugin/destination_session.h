@@ -60,6 +60,12 @@
 
 namespace livemig {
 
+// The answer of a destination whose record of migration `id` says it ended
+// in `phase` (Failed or Cancelled: reached only from PreCopy, so before any
+// commit) to a source asking about a handover: NotCommitted, so that the
+// source may unfence.
+Status ended_before_commit(const std::string& id, const std::string& phase);
+
 class DestinationSession : public std::enable_shared_from_this<DestinationSession> {
  public:
   DestinationSession(EngineServices& s, std::string migration_id, MigrationParams params);

@@ -417,13 +417,18 @@ void MigrationEngine::on_resume_start(const std::shared_ptr<PeerLink>& link, uin
   if (auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s); src && (*src)->id() == p.migration_id)
     return (*src)->on_resume_start(link, request_id, committed);
   MigrationRecord rec = machine_.record();
-  Status refusal =
-      rec.migration_id == p.migration_id && committed != 0 && rec.aborted_generation == committed
-          ? protocol_error(ErrorCode::HandoverLost,
-                           fmt::format("migration {}: the operator aborted handover {} at the source; its copy "
-                                       "there is the one that counts",
-                                       p.migration_id, committed))
-          : protocol_error(ErrorCode::UnknownMigration, fmt::format("no migration {} to resume here", p.migration_id));
+  const bool mine = rec.migration_id == p.migration_id;
+  Status refusal;
+  if (mine && committed != 0 && rec.aborted_generation == committed)
+    refusal = protocol_error(ErrorCode::HandoverLost,
+                             fmt::format("migration {}: the operator aborted handover {} at the source; its copy "
+                                         "there is the one that counts",
+                                         p.migration_id, committed));
+  else if (mine && rec.role == "destination" && (rec.phase == "Failed" || rec.phase == "Cancelled") &&
+           rec.committed_generation == 0)
+    refusal = ended_before_commit(p.migration_id, rec.phase);  // e.g. after a restart of the destination
+  else
+    refusal = protocol_error(ErrorCode::UnknownMigration, fmt::format("no migration {} to resume here", p.migration_id));
   link->refuse(request_id, refusal);
 }
 

@@ -671,7 +671,8 @@ bool SourceSession::reconnect_before_handover() {
       }
       Status why = ok.status();
       (*link)->close(why);
-      if (error_code_of(why) == ErrorCode::UnknownMigration || error_code_of(why) == ErrorCode::Busy) {
+      if (error_code_of(why) == ErrorCode::UnknownMigration || error_code_of(why) == ErrorCode::Busy ||
+          error_code_of(why) == ErrorCode::NotCommitted) {
         end_before_handover(Phase::Failed, fmt::format("the destination cannot resume: {}", why.message()));
         return false;
       }
@@ -923,6 +924,12 @@ void SourceSession::resolve_handover() {
       } else {
         Status why = ok.status();
         link->close(why);
+        if (error_code_of(why) == ErrorCode::NotCommitted) {
+          // The destination ended the migration before any commit: handover
+          // gen never will be. This side holds the truth; unfence.
+          refused(why);
+          return;
+        }
         std::lock_guard lock(mu_);
         resolution_ = fmt::format("asking the destination about handover {}: {}", gen, why.message());
       }

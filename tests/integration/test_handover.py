@@ -149,6 +149,46 @@ def a_destination_killed_before_it_committed_lets_the_source_resume():
         expect_image(dst_image, data, [(3 * BLOCK, b"S" * BLOCK)])
 
 
+def set_listen(server, listen):
+    """Makes the server's next start listen on `listen` (HOST:PORT)."""
+    server.argv = [f"listen={listen}" if a.startswith("listen=") else a for a in server.argv]
+
+
+@test
+def a_destination_that_failed_before_committing_lets_an_unresolved_source_unfence():
+    """Found by the fault matrix (fsync-eio-handover): the destination's
+    fsync failed on a push while HANDOVER was on its way; it failed the
+    migration and dropped the link, and the source stayed fenced, asking it
+    for ever. A destination that ended the migration before any commit says
+    so (NotCommitted), and the source serves its image again."""
+    with plugins(dst_env={"LIVEMIG_TEST_CRASH_AT": "destination-before-commit"}) as (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "precopy", handover="explicit", resume_timeout=1)
+        mig.wait_ready(src)
+        assert not src.control({"op": "handover"})["ok"]
+        wait_dead(dst)
+        st = mig.status(src)
+        assert st["phase"] == "Handover" and st["fenced"], st
+        # The destination comes back where the source cannot reach it, and
+        # gives up waiting (resume_timeout + two peer timeouts): it ends the
+        # migration Failed, before any commit.
+        address = dst.keys["listen"]
+        set_listen(dst, f"127.0.0.1:{mig.free_port()}")
+        mig.restart(dst, env={})
+        st = mig.wait_phase(dst, ["Failed"], timeout=30)
+        assert st["io_mode"] == "fenced", st
+        # Back at its address: the source asks, hears NotCommitted, unfences.
+        set_listen(dst, address)
+        mig.restart(dst)
+        st = mig.wait_phase(src, ["Failed"], timeout=30)
+        assert st["authoritative"] and not st["fenced"] and "NotCommitted" in st["last_error"], st
+        h = src.connect()
+        h.pwrite(b"U" * BLOCK, 5 * BLOCK)
+        h.flush()
+        assert h.pread(BLOCK, 5 * BLOCK) == b"U" * BLOCK
+        src.disconnect(h)
+        assert mig.status(dst)["phase"] == "Failed"
+
+
 @test
 def a_source_killed_after_the_commit_comes_back_forwarding_reads_to_the_destination():
     with plugins(src_env={"LIVEMIG_TEST_CRASH_AT": "source-after-handover-reply"}) as (src, dst, src_image, dst_image, data):
