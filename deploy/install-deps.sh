@@ -14,6 +14,7 @@ PACKAGES=(
   # tests and benchmarks
   libnbd-bin python3-libnbd fio qemu-utils iproute2 jq   # libnbd-bin has nbdfuse
   procps util-linux socat
+  systemd            # systemd-analyze: the units' hardening test (test_units)
   # TLS test credentials (x509 certificates, good and bad)
   python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command
