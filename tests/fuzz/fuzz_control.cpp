@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -49,6 +50,15 @@ namespace {
 constexpr std::string_view kNetworkOps[] = {"migrate", "handover", "cancel", "resolve"};
 // Ops that only read state or hash the local image.
 constexpr std::string_view kLocalOps[] = {"status", "stats", "release", "verify"};
+
+// Open findings (tests/fuzz/open/fuzz_control/) step aside when
+// $LIVEMIG_FUZZ_SKIP_KNOWN is set (tests/fuzz/run --skip-known), so that a
+// long run looks for new bugs instead of finding these again. Replays and
+// regression tests never set it. Delete each skip with the fix.
+bool skip_known() {
+  static const bool skip = std::getenv("LIVEMIG_FUZZ_SKIP_KNOWN") != nullptr;
+  return skip;
+}
 
 bool listed(std::string_view op, std::span<const std::string_view> ops) {
   return std::ranges::find(ops, op) != ops.end();
@@ -119,18 +129,21 @@ void check_json_limits(std::string_view text) {
                  "json_depth_within(limit %d) is %d for valid JSON of depth %d", limit,
                  json_depth_within(upto_nul, limit), d);
   }
-  // parse_json_object (with comments): what it returns is an object within the limit.
+  // parse_json_object (strict JSON, the limit kept by the parser): what it returns is an object within the limit.
   json obj = parse_json_object(text);
   if (obj.is_discarded()) return;
   FUZZ_CHECK(obj.is_object(), "parse_json_object returned a %s", obj.type_name());
-  FUZZ_CHECK(depth_of(obj) <= kMaxJsonDepth, "parse_json_object accepted nesting %d > %d", depth_of(obj),
-             kMaxJsonDepth);
+  // open/fuzz_control/json-comment-hides-nesting
+  FUZZ_CHECK(skip_known() || depth_of(obj) <= kMaxJsonDepth, "parse_json_object accepted nesting %d > %d",
+             depth_of(obj), kMaxJsonDepth);
 
   Result<MigrationParams> p = Status::error("unset");
   try {
     p = MigrationParams::from_json(obj, HandoverPolicy::Explicit);
   } catch (const std::exception& e) {
-    FUZZ_CHECK(false, "MigrationParams::from_json threw instead of returning an error: %s", e.what());
+    // open/fuzz_control/migrate-params-string-weight-throws
+    FUZZ_CHECK(skip_known(), "MigrationParams::from_json threw instead of returning an error: %s", e.what());
+    return;
   }
   if (!p) {
     FUZZ_CHECK(p.status().message().starts_with("migrate: "), "from_json error does not name the op: %s",
@@ -155,6 +168,11 @@ bool safe_for_plugin(std::string_view text, std::string* op_name) {
   auto op = req.find("op");
   if (op == req.end() || !op->is_string()) return true;
   *op_name = op->get<std::string>();
+  if (skip_known() && *op_name == "verify") {
+    // open/fuzz_control/verify-float-offset: a number that is no u64 is UB.
+    for (const char* key : {"offset", "length", "range_size"})
+      if (req.contains(key) && req[key].is_number_float()) return false;
+  }
   return !listed(*op_name, kNetworkOps);
 }
 

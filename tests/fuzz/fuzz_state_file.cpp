@@ -151,6 +151,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                sf.status().message().c_str());
     return 0;
   }
+  // open/fuzz_state_file/bitmap-size-overflows-to-zero steps aside for a
+  // run with $LIVEMIG_FUZZ_SKIP_KNOWN (tests/fuzz/run --skip-known).
+  if (std::getenv("LIVEMIG_FUZZ_SKIP_KNOWN") && (*sf)->block_count() > (uint64_t{1} << 60)) return 0;
   check_opened(path, **sf, file.size());
   check_update(path, std::move(*sf));
   return 0;
