@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 
 #include "common/frame_codec.h"
+#include "common/json_limits.h"
 #include "common/protocol_format.h"
 
 namespace livemig::mig {
@@ -269,9 +270,11 @@ Result<json> ControlClient::call_raw(const json& request, std::optional<millisec
     channel_.reset();  // the next call starts on a fresh connection
     return Status::error(fmt::format("{}: {}", target_.label(), text.status().message()), text.status().errno_value());
   }
-  json reply = json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (reply.is_discarded() || !reply.is_object())
-    return Status::error(fmt::format("{}: the reply is not a JSON object: {:.120}", target_.label(), *text), EPROTO);
+  json reply = parse_json_object(*text);
+  if (reply.is_discarded())
+    return Status::error(fmt::format("{}: the reply is not a JSON object (of at most {} levels): {:.120}",
+                                     target_.label(), kMaxJsonDepth, *text),
+                         EPROTO);
   return reply;
 }
 

@@ -11,6 +11,8 @@
 
 #include <fmt/format.h>
 
+#include "common/json_limits.h"
+
 namespace livemig::qmp {
 
 using nlohmann::json;
@@ -20,6 +22,7 @@ namespace {
 
 // A QMP line longer than this is not from QEMU (query replies are a few KiB).
 constexpr size_t kMaxLineBytes = 16u << 20;
+constexpr int kMaxQmpJsonDepth = 256;
 
 std::string errno_text(int e) { return std::strerror(e); }
 
@@ -27,8 +30,10 @@ std::string errno_text(int e) { return std::strerror(e); }
 
 Message parse_message(const std::string& line) {
   Message m;
-  json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
+  // QEMU's replies nest deeper than a peer's requests may (a backing chain
+  // nests an image per level), so a looser limit, still far from the stack's.
+  json j = parse_json_object(line, kMaxQmpJsonDepth);
+  if (j.is_discarded()) {
     m.error = fmt::format("not a JSON object: {:.120}", line);
     return m;
   }

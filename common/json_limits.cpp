@@ -19,9 +19,28 @@ bool json_depth_within(std::string_view text, int max_depth) {
   return true;
 }
 
+nlohmann::json parse_json(std::string_view text, int max_depth) {
+  using nlohmann::json;
+  // The parser tells the depth of every value it starts; past the limit it
+  // drops the value (its callback says so) and the whole text is refused.
+  // nlohmann's parser keeps its own stack on the heap, so a deep text costs
+  // memory, not stack.
+  bool too_deep = false;
+  json::parser_callback_t limit = [&](int depth, json::parse_event_t event, json&) {
+    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
+        depth >= max_depth)
+      too_deep = true;
+    return !too_deep;
+  };
+  // Strict JSON: no comments (a comment could hide brackets from a scan of
+  // the text; found by fuzz_control).
+  json j = json::parse(text, limit, /*allow_exceptions=*/false, /*ignore_comments=*/false);
+  if (too_deep) return json(json::value_t::discarded);
+  return j;
+}
+
 nlohmann::json parse_json_object(std::string_view text, int max_depth) {
-  if (!json_depth_within(text, max_depth)) return nlohmann::json(nlohmann::json::value_t::discarded);
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/true);
+  nlohmann::json j = parse_json(text, max_depth);
   if (!j.is_object()) return nlohmann::json(nlohmann::json::value_t::discarded);
   return j;
 }

@@ -13,11 +13,16 @@ namespace livemig {
 inline constexpr int kMaxJsonDepth = 32;
 
 // True if `text` nests arrays and objects at most max_depth deep (a scan
-// that skips strings; it does not check the rest of the syntax).
+// that skips strings; it does not check the rest of the syntax). A quick
+// check for a clear message; parse_json enforces the limit itself.
 bool json_depth_within(std::string_view text, int max_depth = kMaxJsonDepth);
 
-// The JSON object in `text`, or a discarded value if the text is not a JSON
-// object or nests deeper than max_depth.
+// The JSON value in `text` (strict JSON: no comments), or a discarded value
+// if the text is not JSON or nests arrays and objects deeper than max_depth.
+// Every JSON text from outside the process goes through this.
+nlohmann::json parse_json(std::string_view text, int max_depth = kMaxJsonDepth);
+
+// parse_json, and a discarded value unless the text is a JSON object.
 nlohmann::json parse_json_object(std::string_view text, int max_depth = kMaxJsonDepth);
 
 }  // namespace livemig

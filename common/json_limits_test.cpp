@@ -27,3 +27,17 @@ TEST_CASE("json limits: only objects are taken") {
   CHECK(parse_json_object("not json").is_discarded());
   CHECK(parse_json_object("{\"phase\":\"PreCopy\"}").value("phase", "") == "PreCopy");
 }
+
+// fuzz_control: with comments allowed, `/*"*/` hid forty brackets from the
+// depth scan (it took the quote for a string's start) while the parser
+// skipped the comment and built the deep value.
+TEST_CASE("json limits: a comment cannot hide nesting; the parser itself enforces the depth") {
+  const std::string hidden = R"({"a":/*"*/)" + std::string(40, '[') + std::string(40, ']') + R"(/*"*/})";
+  CHECK(parse_json_object(hidden).is_discarded());
+  // The limit holds whatever the scan says: exactly max_depth levels pass, one more does not.
+  auto nested = [](int levels) { return "{\"a\":" + std::string(levels - 1, '[') + std::string(levels - 1, ']') + "}"; };
+  CHECK(parse_json_object(nested(5), 5).is_object());
+  CHECK(parse_json_object(nested(6), 5).is_discarded());
+  CHECK(livemig::parse_json("[[1]]", 2).is_array());
+  CHECK(livemig::parse_json("[[[1]]]", 2).is_discarded());
+}

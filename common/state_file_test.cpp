@@ -313,6 +313,13 @@ TEST_CASE("state file misuse and I/O errors name the path", "[state]") {
     REQUIRE_FALSE(sf.is_ok());
     CHECK(contains(sf.status().message(), "power of two"));
     CHECK_FALSE(std::filesystem::exists(path));
+    // fuzz_state_file: 2^64 - 1 one-byte blocks made the bitmap 0 bytes.
+    r.block_size = 1;
+    r.image_size = UINT64_MAX;
+    sf = StateFile::create(path, r);
+    REQUIRE_FALSE(sf.is_ok());
+    CHECK(contains(sf.status().message(), "image_size"));
+    CHECK_FALSE(std::filesystem::exists(path));
   }
   SECTION("a record too large for a slot") {
     auto sf = must_create(path, sample_record());

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "common/migration_params.h"
+#include "common/json_limits.h"
 #include "common/peer_link.h"
 
 namespace livemig::daemon {
@@ -511,9 +512,10 @@ void Daemon::start_queued() {
 std::string Daemon::handle(std::string_view line) {
   json reply;
   try {
-    json req = json::parse(line, nullptr, false);
-    if (req.is_discarded() || !req.is_object()) {
-      reply = error_reply("request must be a JSON object such as {\"op\":\"list\"}");
+    json req = parse_json_object(line);
+    if (req.is_discarded()) {
+      reply = error_reply(fmt::format("request must be a JSON object (of at most {} levels) such as {{\"op\":\"list\"}}",
+                                      kMaxJsonDepth));
     } else {
       std::string op = req.value("op", "");
       if (op == "submit") reply = op_submit(req);

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include "common/json_limits.h"
 #include "common/peer_link.h"
 
 namespace livemig::daemon {
@@ -56,7 +57,7 @@ Result<Task> read_row(const SqliteStmt& s) {
   t.source = s.column_text(2);
   t.destination = s.column_text(3);
   t.mode = s.column_text(4);
-  t.request = json::parse(s.column_text(5), nullptr, false);
+  t.request = parse_json(s.column_text(5));
   if (!t.request.is_object()) return Status::error(fmt::format("task {}: its request is not a JSON object", t.id), EIO);
   auto st = parse_state(s.column_text(6));
   if (!st) return Status::error(fmt::format("task {}: {}", t.id, st.status().message()), EIO);
