@@ -840,6 +840,15 @@ class Run:
             except AssertionError:
                 pass  # reported below
         self.wait_switched(side)
+        # Invariant 1 the other way: the side that is not authoritative
+        # refuses writes (a destination that never got data, none/local, is
+        # a separate empty disk and may take them).
+        other, name = (self.src, "source") if side == "destination" else (self.dst, "destination")
+        st = side_status(other)
+        if st is not None and (other is self.src or st.get("role") == "destination") \
+                and probe_write(other.uri, self.probe_payload, self.probe_offset):
+            self.fail("1 outcome", f"the {name} ({brief(st)}) accepted a write although the {side} is "
+                      "authoritative")
         time.sleep(1.5)  # writes refused before the outcome are retried (backoff <= 1 s) and land
         if self.ttw is None:
             self.fail("4 time to writable", f"no probe write accepted at the {side} within "
