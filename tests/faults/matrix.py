@@ -16,11 +16,11 @@ Each run (Run.execute):
   - migrate with a random mode and handover policy; with handover=explicit
     the runner calls handover once the source is ready (for post-copy after
     a random delay), again after a handover that did not commit;
-  - one fault (CASES), then the checks (Run.check_*):
+  - one fault (CASES), then the checks (Run.settle, Run.teardown):
       1 outcome: within Timing.settle of the fault's end (120 s; --quick 60 s),
-        Done at both sides,
-        or the source authoritative and writable (none/Failed|Cancelled|Idle/
-        local) with the destination not authoritative. Never both
+        Done at both sides, or the source authoritative and writable
+        (none/Failed|Cancelled|Idle/local) with the destination not
+        authoritative; then the other side refuses a probe write. Never both
         authoritative (watched all along), never neither;
       2 durable writes: lm-workload verify --durable-only of the journal
         through the authoritative plugin, then on the final image file served
