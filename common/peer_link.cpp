@@ -12,7 +12,6 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <boost/asio/ssl.hpp>
 #include <boost/asio/write.hpp>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -147,12 +146,12 @@ awaitable<Result<PeerLink::Frame>> PeerLink::read_frame(uint32_t max_payload) {
 }
 
 awaitable<void> PeerLink::read_exact(asio::mutable_buffer b) {
-  if (tls_) co_await asio::async_read(*tls_, b, use_awaitable);
+  if (tls_) co_await tls_->read_exact(b);
   else co_await asio::async_read(socket_, b, use_awaitable);
 }
 
 awaitable<void> PeerLink::write_all(asio::const_buffer b) {
-  if (tls_) co_await asio::async_write(*tls_, b, use_awaitable);
+  if (tls_) co_await tls_->write_all(b);
   else co_await asio::async_write(socket_, b, use_awaitable);
 }
 
@@ -184,7 +183,7 @@ bool looks_like_tls(const std::string& first) {
 }  // namespace
 
 awaitable<Status> PeerLink::client_tls(const HostPort& where) {
-  tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, options_.tls->client());
+  tls_ = std::make_unique<TlsStream>(socket_, options_.tls->client().native_handle());
   SSL* ssl = tls_->native_handle();
   if (options_.tls->x509()) {
     // The certificate must name what we dialled: its IP, or its host name.
@@ -196,8 +195,7 @@ awaitable<Status> PeerLink::client_tls(const HostPort& where) {
       SSL_set_tlsext_host_name(ssl, where.host.c_str());
     }
   }
-  boost::system::error_code ec;
-  co_await tls_->async_handshake(asio::ssl::stream_base::client, asio::redirect_error(use_awaitable, ec));
+  boost::system::error_code ec = co_await tls_->handshake(/*server=*/false);
   if (!ec) co_return Status::ok();
   co_return Status::error(describe_tls_failure(ec, SSL_get_verify_result(ssl)), EKEYREJECTED);
 }
@@ -221,9 +219,8 @@ awaitable<Status> PeerLink::server_tls() {
     co_await send_now(encode_message(make_error_payload(s), 0).value());
     co_return s;
   }
-  tls_ = std::make_unique<asio::ssl::stream<tcp::socket&>>(socket_, options_.tls->server());
-  boost::system::error_code ec;
-  co_await tls_->async_handshake(asio::ssl::stream_base::server, asio::redirect_error(use_awaitable, ec));
+  tls_ = std::make_unique<TlsStream>(socket_, options_.tls->server().native_handle());
+  boost::system::error_code ec = co_await tls_->handshake(/*server=*/true);
   if (!ec) co_return Status::ok();
   Status s = Status::error(describe_tls_failure(ec, SSL_get_verify_result(tls_->native_handle())), EKEYREJECTED);
   tls_.reset();

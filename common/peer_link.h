@@ -29,12 +29,12 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/ssl/stream.hpp>
 
 #include "common/frame_codec.h"
 #include "common/peer_auth.h"
 #include "common/status.h"
 #include "common/tls_context.h"
+#include "common/tls_stream.h"
 
 namespace livemig {
 
@@ -170,7 +170,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   void fail_waiters(const Status& why);
 
   boost::asio::ip::tcp::socket socket_;
-  std::unique_ptr<boost::asio::ssl::stream<boost::asio::ip::tcp::socket&>> tls_;
+  std::unique_ptr<TlsStream> tls_;
   Options options_;
   std::string purpose_;
   std::string remote_;

@@ -25,7 +25,10 @@ struct LinkPair {
   PeerLink::Options options;  // outlives the accept coroutine, which holds a reference
   std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor;
 
-  explicit LinkPair(const Secret& server_secret, const Secret& client_secret, Status* connect_status = nullptr) {
+  // `link_options` for both ends (e.g. with TLS).
+  explicit LinkPair(const Secret& server_secret, const Secret& client_secret, Status* connect_status = nullptr,
+                    PeerLink::Options link_options = {})
+      : options(std::move(link_options)) {
     work =
         std::make_unique<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>>(io.get_executor());
     thread = std::thread([this] { io.run(); });
@@ -41,7 +44,7 @@ struct LinkPair {
           accepted.set_value(link ? *link : nullptr);
         },
         boost::asio::detached);
-    auto c = PeerLink::connect(io, HostPort{"127.0.0.1", port}, client_secret, kPurposePeer, PeerLink::Options{},
+    auto c = PeerLink::connect(io, HostPort{"127.0.0.1", port}, client_secret, kPurposePeer, options,
                                std::chrono::seconds(5));
     if (connect_status) *connect_status = c ? Status::ok() : c.status();
     client = c ? *c : nullptr;
