@@ -20,7 +20,8 @@ Each run (Run.execute):
       1 outcome: within Timing.settle of the fault's end (120 s; --quick 60 s),
         Done at both sides, or the source authoritative and writable
         (none/Failed|Cancelled|Idle/local) with the destination not
-        authoritative; then the other side refuses a probe write. Never both
+        authoritative; then a probe write at the other side is refused or
+        lands at the authoritative side (forwarded). Never both
         authoritative (watched all along), never neither;
       2 durable writes: lm-workload verify --durable-only of the journal
         through the authoritative plugin, then on the final image file served
@@ -44,10 +45,12 @@ off, so they are shared rather than copied.
 import contextlib
 import ctypes
 import fnmatch
+import json
 import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -228,18 +231,29 @@ def _aio_wait(h, done, deadline):
 def probe_write(uri, payload, offset, timeout=1.0):
     """A write + flush of `payload` at `offset` through a fresh NBD
     connection, within `timeout`; True if both succeeded."""
+    return _probe(uri, offset, payload, timeout) is not None
+
+
+def probe_read(uri, offset, length, timeout=5.0):
+    """`length` bytes at `offset` through a fresh NBD connection, or None."""
+    return _probe(uri, offset, bytes(length), timeout, write=False)
+
+
+def _probe(uri, offset, payload, timeout, write=True):
     h = nbd.NBD()
     try:
         deadline = time.monotonic() + timeout
         h.aio_connect_uri(uri)
         _aio_wait(h, h.aio_is_ready, deadline)
-        c = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(payload)), offset)
+        buf = nbd.Buffer.from_bytearray(bytearray(payload))
+        c = h.aio_pwrite(buf, offset) if write else h.aio_pread(buf, offset)
         _aio_wait(h, lambda: h.aio_command_completed(c), deadline)
-        c = h.aio_flush()
-        _aio_wait(h, lambda: h.aio_command_completed(c), deadline)
-        return True
+        if write:
+            c = h.aio_flush()
+            _aio_wait(h, lambda: h.aio_command_completed(c), deadline)
+        return bytes(buf.to_bytearray())
     except (nbd.Error, TimeoutError):
-        return False
+        return None
     finally:
         if hasattr(h, "_o"):
             nbd.libnbdmod.close(h._o)
@@ -359,6 +373,16 @@ def untouched_errors(path, original, region_off, region_len, skip):
         return []
     return [f"{len(bad)} untouched blocks differ from the original, first at offsets "
             + ", ".join(str(o) for o in bad[:8])]
+
+
+def save_backtraces(server):
+    """Every thread's stack of a live nbdkit (gdb, if installed), into
+    nbdkit.backtrace in its directory: what a stuck plugin waits for."""
+    if server is None or not server.alive() or not shutil.which("gdb"):
+        return
+    with open(os.path.join(server.dir, "nbdkit.backtrace"), "wb") as f:
+        subprocess.run(["gdb", "-p", str(server.pid), "-batch", "-ex", "thread apply all bt"],
+                       stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, timeout=120, check=False)
 
 
 def live_pids(pids):
@@ -824,6 +848,10 @@ class Run:
                 break
             time.sleep(0.1)
         if not self.outcome:
+            for name, st in (("source", ss), ("destination", sd)):
+                self.event(f"{name} status: {json.dumps(st)}")
+            for server in (self.src, self.dst):
+                save_backtraces(server)
             neither = not is_src_authoritative(ss) and not is_dst_authoritative(sd)
             self.fail("1 outcome", ("NO WRITABLE SIDE" if neither else "no outcome")
                       + f" {self.timing.settle:.0f} s after the fault: source {brief(ss)}, "
@@ -840,21 +868,35 @@ class Run:
             except AssertionError:
                 pass  # reported below
         self.wait_switched(side)
-        # Invariant 1 the other way: the side that is not authoritative
-        # refuses writes (a destination that never got data, none/local, is
-        # a separate empty disk and may take them).
-        other, name = (self.src, "source") if side == "destination" else (self.dst, "destination")
-        st = side_status(other)
-        if st is not None and (other is self.src or st.get("role") == "destination") \
-                and probe_write(other.uri, self.probe_payload, self.probe_offset):
-            self.fail("1 outcome", f"the {name} ({brief(st)}) accepted a write although the {side} is "
-                      "authoritative")
+        self.check_other_side(side)
         time.sleep(1.5)  # writes refused before the outcome are retried (backoff <= 1 s) and land
         if self.ttw is None:
             self.fail("4 time to writable", f"no probe write accepted at the {side} within "
                       f"{time.monotonic() - self.fault_end:.1f} s of the fault's end")
         elif self.ttw > TTW_BOUND:
             self.fail("4 time to writable", f"{self.ttw:.2f} s > {TTW_BOUND:.0f} s")
+
+    def check_other_side(self, side):
+        """Invariant 1 the other way: the side that is not authoritative
+        refuses a write, or (a plugin that forwards writes to the
+        authoritative side) the write is there, read through the
+        authoritative side. A destination that never got data (none/local)
+        is a separate empty disk and is not asked."""
+        auth, other, name = ((self.dst, self.src, "source") if side == "destination"
+                             else (self.src, self.dst, "destination"))
+        st = side_status(other)
+        if st is None or (other is self.dst and st.get("role") != "destination"):
+            return
+        payload = (b"LMFAULTOTHER %d\n" % self.seed).ljust(BLOCK, b",")
+        if not probe_write(other.uri, payload, self.probe_offset):
+            self.event(f"the {name} ({brief(st)}) refused a write, as it should")
+            return
+        got = probe_read(auth.uri, self.probe_offset, BLOCK)
+        if got != payload:
+            self.fail("1 outcome", f"SPLIT BRAIN: the {name} ({brief(st)}) accepted a write that the {side} "
+                      f"(authoritative) does not hold: it reads {got[:24] if got else got!r}")
+        else:
+            self.event(f"the {name} ({brief(st)}) forwarded a write to the {side}")
 
     def wait_switched(self, side):
         """Until the writer is connected to `side` (its switch file's .done)."""
