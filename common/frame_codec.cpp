@@ -118,6 +118,44 @@ Status check(const SumsReplyPayload& p) {
   return c.status();
 }
 
+// ---- FORWARD, FORWARD_REPLY
+void write(ByteWriter& w, const ForwardPayload& p) {
+  w.u32(static_cast<uint32_t>(p.op));
+  w.u32(p.flags);
+  w.u64(p.offset);
+  w.u32(p.length);
+  w.bytes(p.bytes);
+}
+void read(ByteReader& r, ForwardPayload& p) {
+  p.op = static_cast<ForwardOp>(r.u32("op"));
+  p.flags = r.u32("flags");
+  p.offset = r.u64("offset");
+  p.length = r.u32("length");
+  p.bytes = r.rest();
+}
+Status check(const ForwardPayload& p) {
+  Checks c(p.kType);
+  const auto op = static_cast<uint32_t>(p.op);
+  c.require(op >= 1 && op <= kMaxForwardOp, ErrorCode::BadFrame, "unknown op {}", op);
+  c.require((p.flags & ~(kForwardFua | kForwardMayTrim)) == 0, ErrorCode::BadFrame, "unknown flags {:#x}", p.flags);
+  c.require(p.length <= kMaxDataLength, ErrorCode::TooLarge, "length {} exceeds the limit {}", p.length,
+            kMaxDataLength);
+  c.no_overflow("offset + length", p.offset, p.length);
+  if (p.op == ForwardOp::Write)
+    c.require(p.bytes.size() == p.length, ErrorCode::BadFrame, "length {} but {} data bytes", p.length,
+              p.bytes.size());
+  else
+    c.require(p.bytes.empty(), ErrorCode::BadFrame, "{} data bytes after an op that takes none", p.bytes.size());
+  if (p.op == ForwardOp::Flush)
+    c.require(p.offset == 0 && p.length == 0, ErrorCode::BadFrame, "a flush with offset {} length {}", p.offset,
+              p.length);
+  return c.status();
+}
+
+void write(ByteWriter& w, const ForwardReplyPayload& p) { w.u32(p.error); }
+void read(ByteReader& r, ForwardReplyPayload& p) { p.error = r.u32("error"); }
+Status check(const ForwardReplyPayload&) { return Status::ok(); }
+
 // ---- START
 void write(ByteWriter& w, const StartPayload& p) {
   w.string(p.mode);
@@ -365,6 +403,10 @@ Result<AnyPayload> decode_as(FrameType type, std::span<const uint8_t> payload) {
 
 }  // namespace
 
+bool ForwardPayload::operator==(const ForwardPayload& o) const {
+  return op == o.op && flags == o.flags && offset == o.offset && length == o.length && std::ranges::equal(bytes, o.bytes);
+}
+
 bool DataPayload::operator==(const DataPayload& o) const {
   return offset == o.offset && length == o.length && flags == o.flags &&
          std::ranges::equal(bytes, o.bytes);
@@ -503,6 +545,8 @@ LIVEMIG_INSTANTIATE_PAYLOAD(PushAckPayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(StartOkPayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(SumsPayload)
 LIVEMIG_INSTANTIATE_PAYLOAD(SumsReplyPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(ForwardPayload)
+LIVEMIG_INSTANTIATE_PAYLOAD(ForwardReplyPayload)
 #undef LIVEMIG_INSTANTIATE_PAYLOAD
 
 Result<AnyPayload> decode_message(const FrameHeader& h, std::span<const uint8_t> payload) {

@@ -234,12 +234,37 @@ struct SumsReplyPayload {
   bool operator==(const SumsReplyPayload&) const = default;
 };
 
+// A client's write, trim, zero or flush that reached the side that is not
+// authoritative (issue #17): the authoritative side applies it as its own
+// client's and answers FORWARD_REPLY with the same request id. `bytes` is a
+// view, as in DataPayload: `length` bytes for Write, none otherwise; a Flush
+// has offset and length 0.
+struct ForwardPayload {
+  static constexpr FrameType kType = FrameType::Forward;
+  ForwardOp op = ForwardOp::Write;
+  uint32_t flags = 0;  // kForwardFua, kForwardMayTrim
+  uint64_t offset = 0;
+  uint32_t length = 0;  // <= kMaxDataLength
+  std::span<const uint8_t> bytes;
+  bool operator==(const ForwardPayload& o) const;
+};
+
+// The outcome of a FORWARD: 0, or the errno the client gets (Linux numbers).
+// ESTALE: the receiver is not authoritative either (the sender looks again
+// at where authority is, and retries).
+struct ForwardReplyPayload {
+  static constexpr FrameType kType = FrameType::ForwardReply;
+  uint32_t error = 0;
+  bool operator==(const ForwardReplyPayload&) const = default;
+};
+
 // Any payload; alternative i is the payload of FrameType i + 1.
 using AnyPayload = std::variant<HelloPayload, AuthPayload, AuthOkPayload, StartPayload, DataPayload,
                                 AckPayload, HandoverPayload, PullPayload, CancelPullPayload,
                                 ProgressPayload, HeartbeatPayload, ErrorPayload, DonePayload,
                                 ControlPayload, ControlReplyPayload, HandoverAckPayload, PushAckPayload,
-                                StartOkPayload, SumsPayload, SumsReplyPayload>;
+                                StartOkPayload, SumsPayload, SumsReplyPayload, ForwardPayload,
+                                ForwardReplyPayload>;
 static_assert(std::variant_size_v<AnyPayload> == kMaxFrameType);
 
 namespace detail {

@@ -77,6 +77,13 @@ std::vector<AnyPayload> samples() {
   v.push_back(SumsPayload{1ull << 30, 1 << 20, 1024});
   v.push_back(SumsReplyPayload{1ull << 30, 1 << 20, {1, 2, 0xFFFFFFFFFFFFFFFFull}});
   v.push_back(SumsReplyPayload{0, 4096, {}});
+  v.push_back(ForwardPayload{ForwardOp::Write, kForwardFua, 1ull << 33, static_cast<uint32_t>(b.size()),
+                             {b.data(), b.size()}});
+  v.push_back(ForwardPayload{ForwardOp::Zero, kForwardMayTrim, 4096, 1 << 20, {}});
+  v.push_back(ForwardPayload{ForwardOp::Trim, 0, 0, 512, {}});
+  v.push_back(ForwardPayload{ForwardOp::Flush, 0, 0, 0, {}});
+  v.push_back(ForwardReplyPayload{0});
+  v.push_back(ForwardReplyPayload{28});  // ENOSPC
   return v;
 }
 
@@ -195,7 +202,8 @@ TEST_CASE("a payload with a byte too many is rejected as a bad frame", "[frame]"
     std::string bytes = payload_bytes(p) + "x";
     Status s = decode_like(p, bytes_of(bytes));
     CHECK(code_of(s) == "BadFrame");
-    CHECK(contains(s.message(), "trailing"));
+    // FORWARD's tail is its data too: a byte more no longer matches its length.
+    CHECK(contains(s.message(), frame_type_of(p) == FrameType::Forward ? "bytes" : "trailing"));
   }
 }
 
@@ -419,6 +427,25 @@ TEST_CASE("DATA bytes must match its length and flags", "[frame]") {
   CHECK(code(DataPayload{0, 10, 0, ten}) == "ok");
 }
 
+TEST_CASE("a FORWARD with an unknown op or flag, bytes that do not match, or a flush with a range is refused",
+          "[frame]") {
+  auto& b = block_bytes();
+  std::span<const uint8_t> ten{b.data(), 10};
+  auto code = [](const ForwardPayload& p) {
+    std::string bytes = encode_payload(p);
+    return code_of(decode_payload<ForwardPayload>(bytes_of(bytes)));
+  };
+  CHECK(code(ForwardPayload{ForwardOp::Write, 0, 0, 10, ten}) == "ok");
+  CHECK(code(ForwardPayload{ForwardOp::Write, 0, 0, 11, ten}) == "BadFrame");
+  CHECK(code(ForwardPayload{ForwardOp::Zero, 0, 0, 10, ten}) == "BadFrame");
+  CHECK(code(ForwardPayload{static_cast<ForwardOp>(0), 0, 0, 0, {}}) == "BadFrame");
+  CHECK(code(ForwardPayload{static_cast<ForwardOp>(5), 0, 0, 0, {}}) == "BadFrame");
+  CHECK(code(ForwardPayload{ForwardOp::Trim, 4, 0, 10, {}}) == "BadFrame");
+  CHECK(code(ForwardPayload{ForwardOp::Flush, 0, 4096, 0, {}}) == "BadFrame");
+  CHECK(code(ForwardPayload{ForwardOp::Trim, 0, UINT64_MAX - 5, 10, {}}) == "BadFrame");
+  CHECK(code(ForwardPayload{ForwardOp::Zero, 0, 0, kMaxDataLength + 1, {}}) == "TooLarge");
+}
+
 TEST_CASE("a DATA prefix followed by the bytes is the same frame as encode_message", "[frame]") {
   auto& b = block_bytes();
   for (const DataPayload& p :
@@ -553,7 +580,7 @@ TEST_CASE("random garbage never crashes the decoder", "[frame]") {
 TEST_CASE("each frame type's payload limit is the one docs/protocol.md lists", "[frame]") {
   const uint32_t documented[kMaxFrameType + 1] = {
       0,  8234,    32, 32,   1056800, 16777232, 20,      83886100, 13,
-      12, 1048580, 16, 4104, 16,      1048580,  1048580, 8,  8, 1048580, 16, 524304};
+      12, 1048580, 16, 4104, 16,      1048580,  1048580, 8,  8, 1048580, 16, 524304, 16777236, 4};
   for (uint16_t t = kMinFrameType; t <= kMaxFrameType; ++t) {
     INFO(frame_type_name(static_cast<FrameType>(t)));
     CHECK(max_payload_length(static_cast<FrameType>(t)) == documented[t]);
@@ -577,6 +604,9 @@ TEST_CASE("the largest payload of each fixed-size type is exactly its encoding",
   CHECK(encode_payload(HandoverAckPayload{}).size() == max_payload_length(FrameType::HandoverAck));
   CHECK(encode_payload(PushAckPayload{}).size() == max_payload_length(FrameType::PushAck));
   CHECK(encode_payload(SumsPayload{}).size() == max_payload_length(FrameType::Sums));
+  CHECK(encode_payload(ForwardReplyPayload{}).size() == max_payload_length(FrameType::ForwardReply));
+  CHECK(encode_payload(ForwardPayload{ForwardOp::Zero, 0, 0, kMaxDataLength, {}}).size() + kMaxDataLength ==
+        max_payload_length(FrameType::Forward));
   CHECK(encode_payload(SumsReplyPayload{0, 1, std::vector<uint64_t>(kMaxSumsCount)}).size() ==
         max_payload_length(FrameType::SumsReply));
   HelloPayload hello{1, {}, std::string(kMaxStringLength, 'n'), "peer"};

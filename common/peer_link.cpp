@@ -47,7 +47,7 @@ bool is_error_frame(const std::string& frame) {
 bool is_reply_type(FrameType t) {
   return t == FrameType::Ack || t == FrameType::Error || t == FrameType::ControlReply ||
          t == FrameType::HandoverAck || t == FrameType::AuthOk || t == FrameType::StartOk ||
-         t == FrameType::SumsReply;
+         t == FrameType::SumsReply || t == FrameType::ForwardReply;
 }
 
 }  // namespace

@@ -62,6 +62,8 @@ const char* frame_type_name(FrameType type) {
     case FrameType::StartOk: return "START_OK";
     case FrameType::Sums: return "SUMS";
     case FrameType::SumsReply: return "SUMS_REPLY";
+    case FrameType::Forward: return "FORWARD";
+    case FrameType::ForwardReply: return "FORWARD_REPLY";
   }
   return "UNKNOWN";
 }
@@ -90,6 +92,8 @@ uint32_t max_payload_length(FrameType type) {
     case FrameType::StartOk: return string_field(kMaxControlJson);
     case FrameType::Sums: return kSumsFixedSize;
     case FrameType::SumsReply: return kSumsFixedSize + 8 * kMaxSumsCount;
+    case FrameType::Forward: return kForwardHeaderSize + kMaxDataLength;
+    case FrameType::ForwardReply: return 4;
   }
   return 0;
 }

@@ -59,9 +59,11 @@ enum class FrameType : uint16_t {
   StartOk = 18,
   Sums = 19,
   SumsReply = 20,
+  Forward = 21,
+  ForwardReply = 22,
 };
 inline constexpr uint16_t kMinFrameType = 1;
-inline constexpr uint16_t kMaxFrameType = 20;
+inline constexpr uint16_t kMaxFrameType = 22;
 
 // True if `type` is one of FrameType's values.
 inline constexpr bool is_known_frame_type(uint16_t type) {
@@ -101,6 +103,14 @@ inline constexpr uint32_t kDataHeaderSize = 16;   // offset u64, length u32, fla
 inline constexpr uint32_t kHandoverRangeSize = 20;
 inline constexpr uint32_t kHandoverFixedSize = 20;  // generation u64, remaining_blocks u64, count u32
 inline constexpr uint32_t kSumsFixedSize = 16;      // offset u64, unit u32, count u32
+inline constexpr uint32_t kForwardHeaderSize = 20;  // op u32, flags u32, offset u64, length u32
+
+// FORWARD: what a client asked of the side that is not authoritative
+// (issue #17), applied by the one that is.
+enum class ForwardOp : uint32_t { Write = 1, Trim = 2, Zero = 3, Flush = 4 };
+inline constexpr uint32_t kMaxForwardOp = 4;
+inline constexpr uint32_t kForwardFua = 1;      // the result must be durable on reply
+inline constexpr uint32_t kForwardMayTrim = 2;  // Zero: a hole is fine
 // HANDOVER is the one frame that may exceed kMaxPayload (about 80 MiB).
 inline constexpr uint32_t kMaxHandoverPayload =
     kHandoverFixedSize + kMaxHandoverRanges * kHandoverRangeSize;

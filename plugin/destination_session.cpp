@@ -8,6 +8,7 @@
 #include "common/json_limits.h"
 #include "common/transfer_planner.h"
 #include "plugin/test_hooks.h"
+#include "plugin/write_forward.h"
 
 namespace livemig {
 
@@ -419,6 +420,15 @@ int DestinationSession::proxy_read(void* buf, uint32_t count, uint64_t offset) {
     return -1;
   }
   return proxy_.read(*link, buf, count, offset);
+}
+
+int DestinationSession::forward(const ForwardPayload& request) {
+  std::shared_ptr<PeerLink> link = link_.wait_up(s_.ctx.peer_timeout, stopping_);
+  if (!link) {
+    errno = ESTALE;  // the engine retries until its deadline
+    return -1;
+  }
+  return forward_request(*link, request, forward_timeout(s_.ctx.peer_timeout), s_.stats);
 }
 
 int DestinationSession::read(void* buf, uint32_t count, uint64_t offset) {

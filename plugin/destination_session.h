@@ -88,6 +88,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
 
   // ---- data path (any thread, inside the gate)
   int proxy_read(void* buf, uint32_t count, uint64_t offset);  // DestProxy
+  int forward(const ForwardPayload& request);                  // DestProxy: to the source
   int read(void* buf, uint32_t count, uint64_t offset);        // DestPost
   // DestPost writes: begin (may pull a partly written edge block, may lock
   // segments into *locked), the write, end (marks the blocks present).

@@ -60,6 +60,12 @@ struct EngineStats {
   std::atomic<uint64_t> link_bytes_before{0};  // wire bytes of links that closed
   std::atomic<uint64_t> reconnects{0};
   LatencyHistogram read_delay;
+  // Client requests this side sent to the authoritative side (write_forward.h),
+  // and the ones it applied for the other side's clients.
+  std::atomic<uint64_t> forwarded_requests{0};
+  std::atomic<uint64_t> forwarded_bytes{0};
+  std::atomic<uint64_t> requests_applied_for_peer{0};
+  LatencyHistogram forward_delay;
 
   // Rates over the time since the previous sample (at most every 0.5 s).
   struct Rates {

@@ -33,10 +33,11 @@ namespace livemig {
 enum class IoMode : uint8_t {
   Local,           // no migration, or a destination that is done: plain pass-through
   SourceTracking,  // source before handover: a write marks its blocks owed
-  SourceHandover,  // source inside the handover window: writes EROFS, reads
-                   // wait (bounded) until the commit is resolved
-  SourceForward,   // source after the commit: writes EROFS, reads through the destination
-  DestProxy,       // destination before handover: writes EROFS, reads through the source
+  SourceHandover,  // source inside the handover window (the fence): reads and
+                   // writes wait (bounded) until the commit is resolved
+  SourceForward,   // source after the commit: reads and writes answered by the
+                   // destination (write_forward.h)
+  DestProxy,       // destination before handover: reads and writes answered by the source
   DestPost,        // destination after the commit: authoritative; a read of a
                    // missing block pulls it first
   Fenced,          // an incomplete or stale image kept for a later migration:

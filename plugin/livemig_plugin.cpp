@@ -278,9 +278,9 @@ int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t fl
 
 int livemig_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  const bool fua = flags & NBDKIT_FLAG_FUA;
-  if (st.engine->write(offset, count, fua, [&] { return st.image->pwrite(buf, count, offset, fua); }) < 0)
-    return fail("pwrite", count, offset);
+  const uint32_t fua = flags & NBDKIT_FLAG_FUA ? kForwardFua : 0;
+  ForwardPayload request{ForwardOp::Write, fua, offset, count, {static_cast<const uint8_t*>(buf), count}};
+  if (st.engine->change(request) < 0) return fail("pwrite", count, offset);
   st.counters.pwrite.add(count);
   st.heat->record_write(offset, count);
   return 0;
@@ -295,9 +295,8 @@ int livemig_flush(void*, uint32_t flags) {
 
 int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  const bool fua = flags & NBDKIT_FLAG_FUA;
-  if (st.engine->write(offset, count, fua, [&] { return st.image->trim(count, offset, fua); }) < 0)
-    return fail("trim", count, offset);
+  const uint32_t fua = flags & NBDKIT_FLAG_FUA ? kForwardFua : 0;
+  if (st.engine->change(ForwardPayload{ForwardOp::Trim, fua, offset, count, {}}) < 0) return fail("trim", count, offset);
   st.counters.trim.add(count);
   st.heat->record_write(offset, count);
   return 0;
@@ -305,10 +304,10 @@ int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 
 int livemig_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
-  const bool fast = flags & NBDKIT_FLAG_FAST_ZERO, fua = flags & NBDKIT_FLAG_FUA;
-  if (st.engine->write(offset, count, fua, [&] {
-        return st.image->zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM, fast, fua);
-      }) < 0) {
+  const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
+  const uint32_t request_flags =
+      (flags & NBDKIT_FLAG_FUA ? kForwardFua : 0) | (flags & NBDKIT_FLAG_MAY_TRIM ? kForwardMayTrim : 0);
+  if (st.engine->change(ForwardPayload{ForwardOp::Zero, request_flags, offset, count, {}}, fast) < 0) {
     if (fast && errno == ENOTSUP) {  // expected answer to a fast-zero probe, not a failure
       nbdkit_set_error(ENOTSUP);
       return -1;

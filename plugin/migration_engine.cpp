@@ -168,6 +168,7 @@ void MigrationEngine::start() {
   io_thread_ = std::thread([this] { io_.run(); });
   disk_pool_.start();
   control_pool_.start();
+  forward_pool_.start();
   if (auto* s = source()) s->start(nullptr, false);
   if (auto* d = destination(); d && gate_.mode() == IoMode::DestPost) d->start_pulling();
 }
@@ -193,6 +194,7 @@ void MigrationEngine::stop() {
       s);
   machine_.notify_all();
   control_pool_.stop();
+  forward_pool_.stop();
   disk_pool_.stop();
   work_.reset();
   io_.stop();
@@ -274,6 +276,76 @@ int MigrationEngine::read_as(IoMode mode, void* buf, uint32_t count, uint64_t of
   return -1;
 }
 
+namespace {
+
+// The modes of a side that is not authoritative but knows which side is.
+bool forwards(IoMode m) { return m == IoMode::DestProxy || m == IoMode::SourceForward; }
+
+}  // namespace
+
+int MigrationEngine::change(const ForwardPayload& request, bool fast_zero) {
+  return apply(request, fast_zero, /*forwarded=*/false);
+}
+
+int MigrationEngine::flush() { return apply(ForwardPayload{ForwardOp::Flush, 0, 0, 0, {}}, false, false); }
+
+int MigrationEngine::apply(const ForwardPayload& request, bool fast_zero, bool forwarded) {
+  const auto deadline = std::chrono::steady_clock::now() + 2 * ctx_.peer_timeout;
+  for (;;) {
+    IoMode mode;
+    {
+      GatePass pass(gate_);
+      mode = pass.mode();
+      if (mode != IoMode::SourceHandover && !forwards(mode)) return apply_as(mode, request, fast_zero);
+      if (forwards(mode) && !forwarded) {
+        if (fast_zero) {  // a zero that crosses the network is not fast
+          errno = ENOTSUP;
+          return -1;
+        }
+        int rc = forward(mode, request);
+        if (rc == 0 || errno != ESTALE) return rc;
+      }
+    }
+    if (forwarded && forwards(mode)) {  // never sent on: the sender looks again
+      errno = ESTALE;
+      return -1;
+    }
+    // Inside the handover window, or authority moved while the request
+    // travelled: wait (bounded) outside the gate, which the fence drains,
+    // until the io mode changes; then look again.
+    if (std::chrono::steady_clock::now() > deadline) {
+      errno = EIO;  // the handover stays unresolved; status says so
+      return -1;
+    }
+    machine_.wait_for([mode](const EngineState& s) { return s.io != mode; }, std::chrono::milliseconds(200));
+  }
+}
+
+int MigrationEngine::apply_as(IoMode mode, const ForwardPayload& r, bool fast_zero) {
+  const bool fua = r.flags & kForwardFua;
+  if (r.op == ForwardOp::Flush) {
+    if (mode != IoMode::DestPost) return ctx_.image->flush();
+    if (Status s = destination()->persist(); !s) {
+      errno = s.errno_value();
+      return -1;
+    }
+    return 0;
+  }
+  IndexRange locked{0, 0};
+  if (write_begin(r.offset, r.length, mode, &locked) < 0) return -1;
+  int rc;
+  switch (r.op) {
+    case ForwardOp::Write: rc = ctx_.image->pwrite(r.bytes.data(), r.length, r.offset, fua); break;
+    case ForwardOp::Trim: rc = ctx_.image->trim(r.length, r.offset, fua); break;
+    default: rc = ctx_.image->zero(r.length, r.offset, r.flags & kForwardMayTrim, fast_zero, fua); break;
+  }
+  return write_end(r.offset, r.length, rc == 0, fua, mode, locked) < 0 ? -1 : rc;
+}
+
+int MigrationEngine::forward(IoMode mode, const ForwardPayload& request) {
+  return mode == IoMode::DestProxy ? destination()->forward(request) : source()->forward(request);
+}
+
 int MigrationEngine::write_begin(uint64_t offset, uint64_t length, IoMode mode, IndexRange* locked) {
   switch (mode) {
     case IoMode::Local:
@@ -303,18 +375,6 @@ int MigrationEngine::write_end(uint64_t offset, uint64_t length, bool ok, bool f
   }
   errno = saved;
   return rc;
-}
-
-int MigrationEngine::flush() {
-  GatePass pass(gate_);
-  if (pass.mode() == IoMode::DestPost) {
-    if (Status s = destination()->persist(); !s) {
-      errno = s.errno_value();
-      return -1;
-    }
-    return 0;
-  }
-  return ctx_.image->flush();
 }
 
 void MigrationEngine::on_last_client_closed() {
@@ -357,10 +417,12 @@ void MigrationEngine::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::
     return;
   }
   Session s = current_session();
-  if (auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s); src && (*src)->owns(link.get()))
-    return (*src)->on_frame(link, frame);
-  if (auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s); dst && (*dst)->owns(link.get()))
-    return (*dst)->on_frame(link, frame);
+  auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s);
+  auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s);
+  const bool own_link = (src && (*src)->owns(link.get())) || (dst && (*dst)->owns(link.get()));
+  if (own_link && std::holds_alternative<ForwardPayload>(frame.message)) return on_forward(link, std::move(frame));
+  if (src && own_link) return (*src)->on_frame(link, frame);
+  if (dst && own_link) return (*dst)->on_frame(link, frame);
   if (std::holds_alternative<ErrorPayload>(frame.message)) {
     link->close(status_from_error(std::get<ErrorPayload>(frame.message)));
     return;
@@ -369,6 +431,24 @@ void MigrationEngine::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::
                                                               "link",
                                                               frame_type_name(frame.header.type)));
   link->refuse(id, s2);
+}
+
+// On the io thread: the request runs on the forward pool (it may wait for
+// the disk, a pull, or the handover's resolution). The frame moves along:
+// the request's bytes point into its payload.
+void MigrationEngine::on_forward(const std::shared_ptr<PeerLink>& link, PeerLink::Frame frame) {
+  const uint64_t id = frame.header.request_id;
+  bool queued = forward_pool_.try_post([this, link, id, f = std::make_shared<PeerLink::Frame>(std::move(frame))] {
+    const auto& request = std::get<ForwardPayload>(f->message);
+    int rc = apply(request, /*fast_zero=*/false, /*forwarded=*/true);
+    uint32_t error = rc == 0 ? 0 : static_cast<uint32_t>(errno ? errno : EIO);
+    if (rc == 0) {
+      stats_.requests_applied_for_peer.fetch_add(1, std::memory_order_relaxed);
+      if (request.op != ForwardOp::Flush) (*ctx_.heat_slot)->record_write(request.offset, request.length);
+    }
+    link->send(ForwardReplyPayload{error}, id);
+  });
+  if (!queued) link->send(ForwardReplyPayload{static_cast<uint32_t>(EBUSY)}, id);
 }
 
 void MigrationEngine::on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why) {
@@ -738,8 +818,12 @@ json MigrationEngine::progress_json() {
                 {"demand_pulls", stats_.demand_pulls.load()},
                 {"background_pulls", stats_.background_pulls.load()},
                 {"pull_errors", stats_.pull_errors.load()},
-                {"reconnects", stats_.reconnects.load()}});
+                {"reconnects", stats_.reconnects.load()},
+                {"forwarded_requests", stats_.forwarded_requests.load()},
+                {"forwarded_bytes", stats_.forwarded_bytes.load()},
+                {"requests_applied_for_peer", stats_.requests_applied_for_peer.load()}});
   if (json delay = stats_.read_delay.summary(); !delay.is_null()) j["read_delay_ms"] = delay;
+  if (json delay = stats_.forward_delay.summary(); !delay.is_null()) j["forward_delay_ms"] = delay;
   return j;
 }
 
@@ -749,7 +833,10 @@ json MigrationEngine::status_json() {
             {"phase", phase_name(st.phase)},
             {"io_mode", io_mode_name(st.io)},
             {"authoritative", io_mode_authoritative(st.io)},
-            {"fenced", st.io == IoMode::Fenced || st.io == IoMode::SourceHandover || st.io == IoMode::SourceForward}};
+            // Whether this side's image takes no writes, its clients' or
+            // forwarded ones (forwarded writes are not refused: issue #17).
+            {"fenced", st.io == IoMode::Fenced || st.io == IoMode::SourceHandover || st.io == IoMode::SourceForward ||
+                           st.io == IoMode::Stale}};
   if (json m = progress_json(); !m.is_null()) {
     j["migration"] = m;
     if (m.contains("last_error")) j["last_error"] = m["last_error"];

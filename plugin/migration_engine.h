@@ -69,10 +69,11 @@ class MigrationEngine {
   // ---- data path (nbdkit callbacks, any thread)
   IoMode io_mode() const { return gate_.mode(); }
   int read(void* buf, uint32_t count, uint64_t offset);
-  // Runs do_write (0, or -1 with errno) under the rules of the current io
-  // mode. fua: the write must be durable on return.
-  template <typename Fn>
-  int write(uint64_t offset, uint64_t length, bool fua, Fn&& do_write);
+  // A client's write, trim or zero (request.op is not Flush) under the rules
+  // of the current io mode: applied here where this side is authoritative,
+  // forwarded to the side that is otherwise (write_forward.h), refused
+  // (EROFS) on a fenced or stale image. 0, or -1 with errno.
+  int change(const ForwardPayload& request, bool fast_zero = false);
   int flush();
   // The last NBD client of this side disconnected.
   void on_last_client_closed();
@@ -94,6 +95,16 @@ class MigrationEngine {
  private:
   using Session = std::variant<std::monostate, std::shared_ptr<SourceSession>, std::shared_ptr<DestinationSession>>;
 
+  // change() and flush(), for this side's clients or (forwarded) the
+  // other side's: a forwarded request is never sent on again (ESTALE where
+  // this side is not authoritative either).
+  int apply(const ForwardPayload& request, bool fast_zero, bool forwarded);
+  // A request applied to the local image under `mode`, inside the gate.
+  int apply_as(IoMode mode, const ForwardPayload& request, bool fast_zero);
+  // A request sent to the authoritative side, inside the gate.
+  int forward(IoMode mode, const ForwardPayload& request);
+  // A FORWARD from the migration's link: applied on the forward pool.
+  void on_forward(const std::shared_ptr<PeerLink>& link, PeerLink::Frame frame);
   int write_begin(uint64_t offset, uint64_t length, IoMode mode, IndexRange* locked);
   int write_end(uint64_t offset, uint64_t length, bool ok, bool fua, IoMode mode, IndexRange locked);
   // A read under `mode`, inside the gate.
@@ -131,6 +142,9 @@ class MigrationEngine {
   EngineStats stats_;
   WorkPool disk_pool_{"livemig-disk", 4, 256};
   WorkPool control_pool_{"livemig-control", 4, 64};
+  // The other side's clients' requests (FORWARD): as many as its nbdkit
+  // threads send at once, each waiting for this disk.
+  WorkPool forward_pool_{"livemig-forward", 8, 256};
   BlockSender sender_;
   EngineServices services_;
 
@@ -144,16 +158,5 @@ class MigrationEngine {
   std::atomic<bool> migrating_{false};  // a migrate request is between its checks and its start
   bool received_migration_ = false;     // guarded by ops_mu_: this process accepted a START
 };
-
-// ---- inline data path
-
-template <typename Fn>
-int MigrationEngine::write(uint64_t offset, uint64_t length, bool fua, Fn&& do_write) {
-  GatePass pass(gate_);
-  IndexRange locked{0, 0};
-  if (write_begin(offset, length, pass.mode(), &locked) < 0) return -1;
-  int rc = do_write();
-  return write_end(offset, length, rc == 0, fua, pass.mode(), locked) < 0 ? -1 : rc;
-}
 
 }  // namespace livemig

@@ -9,6 +9,7 @@
 #include "common/json_limits.h"
 #include "common/transfer_planner.h"
 #include "plugin/test_hooks.h"
+#include "plugin/write_forward.h"
 
 namespace livemig {
 
@@ -87,13 +88,56 @@ void SourceSession::on_guest_write(IndexRange blocks) {
 }
 
 int SourceSession::forward_read(void* buf, uint32_t count, uint64_t offset) {
-  // After the commit the destination reconnects to us: wait for it a while.
-  std::shared_ptr<PeerLink> link = link_.wait_up(s_.ctx.peer_timeout, stopping_);
+  std::shared_ptr<PeerLink> link = forwarding_link();
   if (!link) {
     errno = EIO;
     return -1;
   }
   return forward_.read(*link, buf, count, offset);
+}
+
+// After the commit the destination reconnects to us while it pulls; once it
+// is done it does not, and a link lost then (or both sides' reconnects
+// replacing each other's links) would leave this side's clients with
+// nothing to forward to: dial the destination (one dialer at a time), and
+// wait for a link a while.
+std::shared_ptr<PeerLink> SourceSession::forwarding_link() {
+  if (auto link = link_.get()) return link;
+  {
+    std::lock_guard dial(dial_mu_);
+    if (auto link = link_.get()) return link;
+    uint64_t gen;
+    {
+      std::lock_guard lock(mu_);
+      gen = generation_;
+    }
+    auto connected = s_.connect(params_.to);
+    if (connected) {
+      auto ok = expect_reply<StartOkPayload>(
+          (*connected)->call_for_reply(resume_start(s_.geometry(), id_, params_, gen), kReplyTimeout));
+      if (ok) {
+        adopt_link(*connected);
+        s_.stats.reconnects++;
+        // The destination adopted this link before it answered; tell it
+        // again that this side knows of the commit (a confirmation sent on
+        // a link it had replaced was refused, and without one it never ends
+        // the migration). A link the destination dials gets it in START_OK.
+        confirm_commit(*connected);
+        return *connected;
+      }
+      (*connected)->close(ok.status());
+    }
+  }
+  return link_.wait_up(s_.ctx.peer_timeout, stopping_);
+}
+
+int SourceSession::forward(const ForwardPayload& request) {
+  std::shared_ptr<PeerLink> link = forwarding_link();
+  if (!link) {
+    errno = ESTALE;  // the engine retries until its deadline
+    return -1;
+  }
+  return forward_request(*link, request, forward_timeout(s_.ctx.peer_timeout), s_.stats);
 }
 
 // ------------------------------------------------------------ links
@@ -109,6 +153,15 @@ void SourceSession::adopt_link(const std::shared_ptr<PeerLink>& link) {
   }
   link_.adopt(link);
   cv_.notify_all();
+}
+
+void SourceSession::confirm_commit(const std::shared_ptr<PeerLink>& link) {
+  uint64_t gen = s_.machine.record().committed_generation;
+  if (gen == 0) {
+    std::lock_guard lock(mu_);
+    gen = generation_;
+  }
+  link->send(ProgressPayload{json{{"committed_generation", gen}}.dump()}, 0);
 }
 
 void SourceSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame) {
@@ -831,7 +884,7 @@ void SourceSession::committed(uint64_t generation) {
   record_pause();
   // Tells the destination this side knows of the commit: it may end the
   // migration on its own from now on (a resolve --abort is no longer possible).
-  if (auto link = current_link()) link->send(ProgressPayload{json{{"committed_generation", generation}}.dump()}, 0);
+  if (auto link = current_link()) confirm_commit(link);
   {
     std::lock_guard lock(mu_);
     resolution_.clear();

@@ -92,6 +92,8 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void on_guest_write(IndexRange blocks);
   // SourceForward: a read answered by the destination.
   int forward_read(void* buf, uint32_t count, uint64_t offset);
+  // SourceForward: a client's write, trim, zero or flush, applied by the destination.
+  int forward(const ForwardPayload& request);
 
   // ---- peer (io thread)
   bool owns(const PeerLink* link) const;
@@ -146,6 +148,10 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
 
   // helpers
   std::shared_ptr<PeerLink> current_link() const;
+  // SourceForward: the link to the destination, dialled if there is none.
+  std::shared_ptr<PeerLink> forwarding_link();
+  // Tells the destination on `link` that this side knows of the commit.
+  void confirm_commit(const std::shared_ptr<PeerLink>& link);
   void adopt_link(const std::shared_ptr<PeerLink>& link);
   bool pushes_measured() const;
   double push_throughput() const;
@@ -193,6 +199,9 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::chrono::steady_clock::time_point precopy_started_at_{};
   // When the last fence began (steady clock, ns; 0: none in this process).
   std::atomic<int64_t> fence_started_ns_{0};
+
+  // One thread at a time dials the destination for forwarding (forwarding_link).
+  std::mutex dial_mu_;
 
   std::mutex push_mu_;
   std::deque<Push> unacked_;    // guarded by push_mu_

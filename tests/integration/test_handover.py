@@ -21,7 +21,8 @@ import time
 import lmtest
 import migration as mig
 from lmtest import MiB, Server, test
-from wire import ERROR, INTERNAL, START, START_OK, HANDOVER, DATA, FakeDestination, frame, handshake, make_secret, \
+from wire import ERROR, INTERNAL, START, START_OK, HANDOVER, DATA, FORWARD, FORWARD_REPLY, FakeDestination, frame, \
+    handshake, make_secret, \
     start_payload, string, BAD_FRAME, PROTOCOL, SIZE_MISMATCH
 
 SIZE = 32 * MiB
@@ -118,12 +119,34 @@ def a_destination_killed_after_it_committed_makes_the_handover_count_once_it_is_
         st = mig.status(src)
         assert st["phase"] == "Handover" and st["fenced"] and not st["authoritative"], st
         assert "migrate-nbd resolve --abort" in st["needs_resolution"]["command"], st
-        expect_write_refused(src, "a write at the source while the commit is unresolved")
+        # A write at the source while the commit is unresolved waits (the
+        # fence holds it), and goes on to the destination once it is back:
+        # authority moved, the connection did not have to (issue #17).
+        hs = src.connect()
+        outcome = []
+
+        def write_held():
+            t0 = time.monotonic()
+            try:
+                hs.pwrite(b"H" * BLOCK, 2 * BLOCK)
+                outcome.append("ok")
+            except Exception as e:  # noqa: BLE001 -- reported below
+                outcome.append(e)
+            outcome.append(time.monotonic() - t0)
+
+        held = threading.Thread(target=write_held, daemon=True)
+        held.start()
+        time.sleep(0.5)
+        assert held.is_alive(), f"a write in the handover window did not wait for the resolution: {outcome}"
         mig.restart(dst, env={})  # it committed: it comes back authoritative
+        held.join(20)
+        assert outcome[0] == "ok", f"the held write: {outcome}\nSRC:{src.stderr()[-3000:]}\nDST:{dst.stderr()[-3000:]}"
         mig.wait_phase(src, ["PostCopy", "Done"], timeout=30)
+        hs.pwrite(b"A" * BLOCK, 4 * BLOCK)  # after the commit: forwarded to the destination
+        hs.flush()
+        src.disconnect(hs)
         mig.wait_phase(dst, ["Done"], timeout=60)
-        expect_image(dst_image, data)
-        expect_write_refused(src, "a write at the source after the commit")
+        expect_image(dst_image, data, [(2 * BLOCK, b"H" * BLOCK), (4 * BLOCK, b"A" * BLOCK)])
 
 
 @test
@@ -453,6 +476,23 @@ def bad_handover_ranges_and_foreign_links_are_refused_with_the_image_untouched()
         with c:
             c.send(frame(DATA, struct.pack(">QII", 0, BLOCK, 0) + b"Z" * BLOCK, request_id=0))
             c.expect_error(PROTOCOL, what="DATA on a link that is not the migration's")
+        # A client's write (FORWARD) on a link that is not the migration's own.
+        forward_write = struct.pack(">IIQI", 1, 0, 0, BLOCK) + b"F" * BLOCK
+        c, _ = handshake(port, key, purpose="peer")
+        with c:
+            c.send(frame(FORWARD, forward_write, request_id=7))
+            c.expect_error(PROTOCOL, what="FORWARD on a link that is not the migration's")
+        # On the migration's own link, at a destination before the commit: it
+        # is not authoritative either, so it answers ESTALE and writes nothing.
+        c, _ = handshake(port, key, purpose="peer")
+        with c:
+            c.send(frame(START, start_payload(SIZE, params={**params, "resume": True}, migration_id="m-bad"),
+                         request_id=8))
+            assert c.read_frame().type == START_OK
+            c.send(frame(FORWARD, forward_write, request_id=9))
+            f = c.read_frame()
+            assert f.type == FORWARD_REPLY and f.request_id == 9, f
+            assert struct.unpack(">I", f.payload) == (errno.ESTALE,), f
         assert lmtest.read_file(dst_image) == bytes(SIZE), "the destination image was written"
         assert mig.status(dst)["phase"] == "PreCopy"
 

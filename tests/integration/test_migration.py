@@ -97,23 +97,32 @@ def an_idle_precopy_migration_copies_the_image_exactly():
 
 
 @test
-def writes_are_refused_on_the_side_that_is_not_authoritative():
+def writes_on_the_side_that_is_not_authoritative_are_applied_by_the_side_that_is():
+    """Issue #17: authority moves, connections do not have to. Before
+    handover a write at the destination is the source's; after it a write at
+    the source is the destination's. Reads on either side see them."""
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit")
         hd = dst.connect()
-        # NBD carries EROFS as EPERM.
-        lmtest.expect_nbd_error(lambda: hd.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
-                                "write at the destination before handover")
+        hd.pwrite(b"x" * BLOCK, 0)
+        hd.flush()
         assert mig.status(dst)["authoritative"] is False
+        assert lmtest.read_file(src_image, 0, BLOCK) == b"x" * BLOCK, "the forwarded write is not on the source's disk"
+        assert hd.pread(BLOCK, 0) == b"x" * BLOCK
         assert src.control({"op": "handover"})["ok"]
         hs = src.connect()
-        lmtest.expect_nbd_error(lambda: hs.pwrite(b"y" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
-                                "write at the source after handover")
-        hd2 = dst.connect()
-        hd2.pwrite(b"z" * BLOCK, 0)
+        hs.pwrite(b"y" * BLOCK, BLOCK)
+        hs.flush()
+        assert hs.pread(BLOCK, BLOCK) == b"y" * BLOCK
+        hd.pwrite(b"z" * BLOCK, 0)
         # The old source answers reads through the destination: no stale block.
         lmtest.assert_same(hs.pread(BLOCK, 0), b"z" * BLOCK, "read at the old source after handover")
         mig.wait_phase(dst, ["Done"])
+        st = mig.status(src)["migration"]
+        assert st["forwarded_requests"] >= 2, st  # the write and its flush
+        expect = bytearray(data)
+        expect[0:2 * BLOCK] = b"z" * BLOCK + b"y" * BLOCK
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination image")
 
 
 @test
@@ -302,9 +311,12 @@ def a_source_killed_after_handover_serves_pulls_again_after_restart():
         expect = bytearray(data)
         expect[0:BLOCK] = b"W" * BLOCK
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination after the restart")
+        # A write at the restarted source goes to the destination, which
+        # holds the truth (issue #17).
         hs = src.connect()
-        lmtest.expect_nbd_error(lambda: hs.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
-                                "write at the restarted source")
+        hs.pwrite(b"x" * BLOCK, 0)
+        hs.flush()
+        assert lmtest.read_file(dst_image, 0, BLOCK) == b"x" * BLOCK, "the write at the restarted source was lost"
     finally:
         src.stop()
         dst.stop()

@@ -19,8 +19,9 @@ What QEMU does here (7.2), and what the test relies on:
   writer must stop before migrate-continue: migrate-nbd talks to the source
   QEMU through a small QMP proxy here that holds `migrate-continue` until the
   writer thread has finished its last command.
-- Between the storage handover and migrate-continue the source plugin is
-  fenced: a qemu-io write there fails with EPERM and is not counted.
+- Between the storage handover and migrate-continue the source plugin sends
+  a qemu-io write there on to the destination (issue #17): it counts like
+  any other. (A write refused with EPERM, as by a fenced plugin, would not.)
 """
 
 import json
