@@ -723,10 +723,18 @@ class Run:
         except AssertionError as e:
             # A source that hands over at once (post-copy, auto) may reach
             # its crash point before it answers.
-            if not (c.kind == "crash" and c.side == "source" and not self.src.alive()):
+            if not (c.kind == "crash" and c.side == "source" and self.dies(self.src)):
                 raise
             reply = f"no reply, the source crashed ({e})"
         self.event(f"migrate: {reply}")
+
+    def dies(self, server, timeout=5.0):
+        """True if `server` is dead or dies within `timeout`."""
+        try:
+            lmtest.wait_until(lambda: not server.alive(), timeout=timeout, what="nbdkit to die")
+        except AssertionError:
+            return False
+        return True
 
     def start_fake(self):
         with open(self.secret, "rb") as f:
