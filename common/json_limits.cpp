@@ -1,5 +1,7 @@
 #include "common/json_limits.h"
 
+#include <fmt/format.h>
+
 namespace livemig {
 
 bool json_depth_within(std::string_view text, int max_depth) {
@@ -37,6 +39,20 @@ nlohmann::json parse_json(std::string_view text, int max_depth) {
   json j = json::parse(text, limit, /*allow_exceptions=*/false, /*ignore_comments=*/false);
   if (too_deep) return json(json::value_t::discarded);
   return j;
+}
+
+Result<uint64_t> json_uint(const nlohmann::json& j, const char* key, uint64_t dflt, std::string_view op) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return dflt;
+  if (!it->is_number_unsigned()) return Status::error(fmt::format("{}: \"{}\" must be a non-negative integer", op, key));
+  return it->get<uint64_t>();
+}
+
+Result<double> json_number(const nlohmann::json& j, const char* key, double dflt, std::string_view op) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return dflt;
+  if (!it->is_number()) return Status::error(fmt::format("{}: \"{}\" must be a number", op, key));
+  return it->get<double>();
 }
 
 nlohmann::json parse_json_object(std::string_view text, int max_depth) {

@@ -41,3 +41,21 @@ TEST_CASE("json limits: a comment cannot hide nesting; the parser itself enforce
   CHECK(livemig::parse_json("[[1]]", 2).is_array());
   CHECK(livemig::parse_json("[[[1]]]", 2).is_discarded());
 }
+
+// fuzz_control: verify's "offset" was read with value<uint64_t>(), which
+// converts a float such as 2.2e104 to an integer: undefined behaviour.
+TEST_CASE("json limits: json_uint takes a non-negative integer only, json_number any number") {
+  const auto req = nlohmann::json::parse(R"({"big":2.2e104,"neg":-1,"str":"7","ok":42,"null":null,"w":0.25})");
+  CHECK_FALSE(livemig::json_uint(req, "big", 0, "verify"));
+  CHECK_FALSE(livemig::json_uint(req, "neg", 0, "verify"));
+  auto str = livemig::json_uint(req, "str", 0, "verify");
+  REQUIRE_FALSE(str);
+  CHECK(str.status().message().find("\"str\"") != std::string::npos);
+  CHECK(str.status().message().find("verify") != std::string::npos);
+  CHECK(*livemig::json_uint(req, "ok", 0, "verify") == 42);
+  CHECK(*livemig::json_uint(req, "null", 9, "verify") == 9);
+  CHECK(*livemig::json_uint(req, "missing", 9, "verify") == 9);
+  CHECK(*livemig::json_number(req, "w", 0.5, "migrate") == 0.25);
+  CHECK(*livemig::json_number(req, "ok", 0.5, "migrate") == 42.0);
+  CHECK_FALSE(livemig::json_number(req, "str", 0.5, "migrate"));
+}

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "common/enum_names.h"
+#include "common/json_limits.h"
 #include "common/peer_link.h"
 #include "common/protocol_format.h"
 
@@ -15,12 +16,7 @@ using nlohmann::json;
 
 namespace {
 
-Result<uint64_t> json_size(const json& j, const char* key, uint64_t dflt) {
-  auto it = j.find(key);
-  if (it == j.end() || it->is_null()) return dflt;
-  if (!it->is_number_unsigned()) return Status::error(fmt::format("migrate: \"{}\" must be a non-negative integer", key));
-  return it->get<uint64_t>();
-}
+Result<uint64_t> json_size(const json& j, const char* key, uint64_t dflt) { return json_uint(j, key, dflt, "migrate"); }
 
 Result<std::string> json_string(const json& j, const char* key, const std::string& dflt) {
   auto it = j.find(key);
@@ -41,7 +37,11 @@ Status parse_policy(const json& j, PolicyParams& p) {
     else
       return Status::error("migrate: \"threshold\" must be a non-negative number or \"max\"");
   }
-  double wr = j.value("w_read", 0.5), ww = j.value("w_write", 0.5);
+  auto read_weight = json_number(j, "w_read", 0.5, "migrate");
+  auto write_weight = json_number(j, "w_write", 0.5, "migrate");
+  if (!read_weight) return read_weight.status();
+  if (!write_weight) return write_weight.status();
+  double wr = *read_weight, ww = *write_weight;
   if (j.contains("w_read") && !j.contains("w_write")) ww = 1 - wr;
   if (j.contains("w_write") && !j.contains("w_read")) wr = 1 - ww;
   auto w = HeatWeights::make(wr, ww);

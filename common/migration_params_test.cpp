@@ -26,3 +26,13 @@ TEST_CASE("migration params: a bad mode or parameter is refused by name") {
   REQUIRE_FALSE(to);
   CHECK(to.status().message().find("\"to\"") != std::string::npos);
 }
+
+// fuzz_control: {"w_read":"x"} threw nlohmann's type_error out of from_json
+// (value() on a string), which ended the control request's thread.
+TEST_CASE("migration params: a weight that is not a number is refused by name") {
+  auto weight = MigrationParams::from_json({{"to", "h:1"}, {"w_read", "x"}}, livemig::HandoverPolicy::Explicit);
+  REQUIRE_FALSE(weight);
+  CHECK(weight.status().message().find("w_read") != std::string::npos);
+  auto negative = MigrationParams::from_json({{"to", "h:1"}, {"max_rate", -5}}, livemig::HandoverPolicy::Explicit);
+  CHECK_FALSE(negative);
+}

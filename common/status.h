@@ -47,6 +47,8 @@ class Result {
   const T& operator*() const { return value(); }
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
+  // The value, or `fallback` when there is none.
+  T value_or(T fallback) const { return is_ok() ? value() : std::move(fallback); }
   // REQUIRES: !is_ok()
   const Status& status() const { return std::get<Status>(v_); }
 

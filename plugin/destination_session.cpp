@@ -124,8 +124,7 @@ void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLin
   } else if (auto* progress = std::get_if<ProgressPayload>(&frame.message)) {
     json j = parse_json_object(progress->json);
     if (j.is_discarded()) j = json();
-    if (j.is_object() && j.value("committed_generation", uint64_t{0}) != 0)
-      confirm(j.value("committed_generation", uint64_t{0}));
+    if (uint64_t gen = json_uint(j, "committed_generation", 0, "PROGRESS").value_or(0); gen != 0) confirm(gen);
     std::lock_guard lock(mu_);
     peer_progress_ = std::move(j);
   } else if (!std::holds_alternative<CancelPullPayload>(frame.message)) {

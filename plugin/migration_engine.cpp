@@ -493,7 +493,7 @@ void MigrationEngine::on_resume_start(const std::shared_ptr<PeerLink>& link, uin
   Session s = current_session();
   if (auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s); dst && (*dst)->id() == p.migration_id)
     return (*dst)->on_resume_start(link, request_id);
-  uint64_t committed = params.value("committed_generation", uint64_t{0});
+  uint64_t committed = json_uint(params, "committed_generation", 0, "START").value_or(0);
   if (auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s); src && (*src)->id() == p.migration_id)
     return (*src)->on_resume_start(link, request_id, committed);
   MigrationRecord rec = machine_.record();
@@ -758,9 +758,14 @@ json MigrationEngine::verify(const json& req) {
     return error_reply(fmt::format("this destination still misses blocks; verify once the migration is Done"));
   if (mode == IoMode::Stale) return error_reply("this destination lost its handover: its image is not the migration's");
   const uint64_t size = ctx_.image->size();
-  uint64_t offset = req.value("offset", uint64_t{0});
-  uint64_t length = req.value("length", size - std::min(offset, size));
-  uint64_t range = req.value("range_size", uint64_t{64} << 20);
+  auto offset_field = json_uint(req, "offset", 0, "verify");
+  if (!offset_field) return error_reply(offset_field.status().message());
+  const uint64_t offset = *offset_field;
+  auto length_field = json_uint(req, "length", size - std::min(offset, size), "verify");
+  auto range_field = json_uint(req, "range_size", uint64_t{64} << 20, "verify");
+  if (!length_field) return error_reply(length_field.status().message());
+  if (!range_field) return error_reply(range_field.status().message());
+  const uint64_t length = *length_field, range = *range_field;
   if (offset > size || length > size - offset) return error_reply("verify: range beyond the image's end");
   if (range == 0 || range > (uint64_t{1} << 30)) return error_reply("verify: range_size must be from 1 to 1G");
   if (length / range > 1'000'000) return error_reply("verify: too many ranges; raise range_size");

@@ -953,7 +953,7 @@ void SourceSession::resolve_handover() {
           link->call_for_reply(resume_start(s_.geometry(), id_, params_, gen), kReplyTimeout));
       if (ok) {
         json answer = parse_json_object(ok->json);
-        uint64_t committed_gen = answer.is_object() ? answer.value("committed_generation", uint64_t{0}) : 0;
+        uint64_t committed_gen = json_uint(answer, "committed_generation", 0, "START_OK").value_or(0);
         std::string phase = answer.is_object() ? answer.value("phase", "") : "";
         adopt_link(link);
         if (committed_gen == gen) {
