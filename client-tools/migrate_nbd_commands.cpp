@@ -18,6 +18,7 @@
 #include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_output.h"
 #include "client-tools/migrate_nbd_units.h"
+#include "common/migration_params.h"
 
 namespace livemig::mig {
 
@@ -312,8 +313,9 @@ Result<json> migrate_request(const StartOptions& o) {
   static const std::set<std::string> kModes = {"precopy", "postcopy", "livefs", "hybrid", "auto"};
   if (!kModes.count(o.mode))
     return Status::error(fmt::format("--mode '{}': must be precopy, postcopy, livefs, hybrid or auto", o.mode));
-  if (!o.handover.empty() && o.handover != "explicit" && o.handover != "auto" && o.handover != "on-disconnect")
-    return Status::error(fmt::format("--handover '{}': must be explicit, auto or on-disconnect", o.handover));
+  if (!o.handover.empty())
+    if (auto policy = parse_handover_policy(o.handover); !policy)
+      return Status::error(fmt::format("--handover: {}", policy.status().message()));
   if (o.to.empty()) return Status::error("--to HOST:PORT (the destination's peer port) is required");
   json req = {{"op", "migrate"}, {"to", o.to}, {"mode", o.mode}};
   if (!o.from.empty()) req["from"] = o.from;

@@ -18,8 +18,9 @@ void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
       ->type_name("N");
   if (with_handover)
     app->add_option("--handover", o.handover,
-                    "explicit (migrate-nbd handover), auto (once converged) or on-disconnect (when the last "
-                    "client of the source disconnects); default: the source plugin's handover= key")
+                    "explicit (migrate-nbd handover), auto (once converged), on-disconnect (when the last "
+                    "client of the source disconnects) or on-destination-io (when the destination's clients "
+                    "write and the source's have been quiet for 1 s); default: the source plugin's handover= key")
         ->type_name("WHEN");
   app->add_option("--handover-size", o.handover_size, "hand over once at most this much is left (default 64M)")
       ->type_name("SIZE");

@@ -76,14 +76,16 @@ const char* handover_policy_name(HandoverPolicy p) {
     case HandoverPolicy::Explicit: return "explicit";
     case HandoverPolicy::Auto: return "auto";
     case HandoverPolicy::OnDisconnect: return "on-disconnect";
+    case HandoverPolicy::OnDestinationIo: return "on-destination-io";
   }
   return "?";
 }
 
 Result<HandoverPolicy> parse_handover_policy(const std::string& s) {
-  constexpr HandoverPolicy kAll[] = {HandoverPolicy::Explicit, HandoverPolicy::Auto, HandoverPolicy::OnDisconnect};
+  constexpr HandoverPolicy kAll[] = {HandoverPolicy::Explicit, HandoverPolicy::Auto, HandoverPolicy::OnDisconnect,
+                                     HandoverPolicy::OnDestinationIo};
   if (auto p = enum_by_name(s, kAll, handover_policy_name)) return *p;
-  return Status::error(fmt::format("handover \"{}\" must be explicit, auto or on-disconnect", s));
+  return Status::error(fmt::format("handover \"{}\" must be explicit, auto, on-disconnect or on-destination-io", s));
 }
 
 Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy default_handover) {

@@ -18,10 +18,12 @@ namespace livemig {
 enum class HandoverPolicy {
   Explicit,      // a `handover` control request
   Auto,          // as soon as ready
-  OnDisconnect,  // when the last NBD client of the source disconnects
+  OnDisconnect,     // when the last NBD client of the source disconnects
+  OnDestinationIo,  // when the destination's clients write and the source's are quiet
 };
 const char* handover_policy_name(HandoverPolicy p);
-// "explicit", "auto" or "on-disconnect"; the error names the three.
+// "explicit", "auto", "on-disconnect" or "on-destination-io"; the error
+// names them all.
 Result<HandoverPolicy> parse_handover_policy(const std::string& s);
 
 struct MigrationParams {

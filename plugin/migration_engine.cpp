@@ -296,7 +296,11 @@ int MigrationEngine::apply(const ForwardPayload& request, bool fast_zero, bool f
     {
       GatePass pass(gate_);
       mode = pass.mode();
-      if (mode != IoMode::SourceHandover && !forwards(mode)) return apply_as(mode, request, fast_zero);
+      if (mode != IoMode::SourceHandover && !forwards(mode)) {
+        int rc = apply_as(mode, request, fast_zero);
+        if (rc == 0 && mode == IoMode::SourceTracking) source()->on_client_write(forwarded);
+        return rc;
+      }
       if (forwards(mode) && !forwarded) {
         if (fast_zero) {  // a zero that crosses the network is not fast
           errno = ENOTSUP;

@@ -86,7 +86,7 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     secret_path = value;
   } else if (key == "handover") {
     auto policy = parse_handover_policy(std::string(value));
-    if (!policy) return Status::error(fmt::format("handover={}: expected explicit, auto or on-disconnect", value));
+    if (!policy) return Status::error(fmt::format("handover={}: {}", value, policy.status().message()));
     handover = *policy;
   } else if (key == "accept-incoming") {
     auto a = parse_accept_incoming(std::string(value));

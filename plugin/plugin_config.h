@@ -32,7 +32,7 @@ inline constexpr const char* kConfigHelp =
     "                       required when listen= is not a loopback address.\n"
     "                       Without it a random key is made in a 0600 file\n"
     "                       beside the state file (IMAGE.livemig-key).\n"
-    "handover=explicit|auto|on-disconnect\n"
+    "handover=explicit|auto|on-disconnect|on-destination-io\n"
     "                       Default handover trigger of migrations started\n"
     "                       here (default explicit).\n"
     "tls=auto|on|off        TLS 1.3 on the peer link (default auto: on when\n"

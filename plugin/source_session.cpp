@@ -56,7 +56,8 @@ SourceSession::SourceSession(EngineServices& s, std::string migration_id, Migrat
       owed_(s.geometry().block_count()),
       forward_(s.ctx.peer_timeout * 2),
       generation_(handover_generation),
-      limiter_(params_.max_rate) {
+      limiter_(params_.max_rate),
+      destination_io_(std::chrono::steady_clock::now()) {
   owed_.set_range({0, owed_.size()});
 }
 
@@ -85,6 +86,14 @@ void SourceSession::stop() {
 void SourceSession::on_guest_write(IndexRange blocks) {
   owed_.set_range(blocks);
   s_.stats.blocks_dirtied.fetch_add(blocks.count(), std::memory_order_relaxed);
+}
+
+void SourceSession::on_client_write(bool forwarded) {
+  const auto now = std::chrono::steady_clock::now();
+  if (!forwarded) return destination_io_.note_local(now);
+  destination_io_.note_forwarded(now);
+  // Wakes a worker waiting out the monitoring period or for a trigger.
+  if (params_.handover == HandoverPolicy::OnDestinationIo) cv_.notify_all();
 }
 
 int SourceSession::forward_read(void* buf, uint32_t count, uint64_t offset) {
@@ -448,7 +457,10 @@ bool SourceSession::monitor() {
     {
       std::unique_lock lock(mu_);
       cv_.wait_for(lock, std::chrono::duration<double>(pol.monitor_period),
-                   [&] { return cancel_requested_ || handover_requested_ || stopping_.load(); });
+                   [&] {
+                     return cancel_requested_ || destination_io_fired_locked() || handover_requested_ ||
+                            stopping_.load();
+                   });
       if (cancel_requested_ || stopping_) return false;
     }
     window = s_.heat().cumulative_snapshot();
@@ -477,7 +489,18 @@ bool SourceSession::monitor() {
 
 bool SourceSession::handover_due() {
   std::lock_guard lock(mu_);
-  return handover_requested_ || (ready_ && params_.handover == HandoverPolicy::Auto);
+  return destination_io_fired_locked() || handover_requested_ || (ready_ && params_.handover == HandoverPolicy::Auto);
+}
+
+bool SourceSession::destination_io_fired_locked() {
+  if (params_.handover != HandoverPolicy::OnDestinationIo || handover_requested_) return false;
+  const auto now = std::chrono::steady_clock::now();
+  if (!destination_io_.due(now)) return false;
+  handover_requested_ = true;
+  s_.log(fmt::format("migration {}: handover=on-destination-io: {} requests forwarded from the destination's "
+                     "clients, this side's quiet for {} ms: handing over",
+                     id_, destination_io_.forwarded_requests(), destination_io_.local_quiet(now).count()));
+  return true;
 }
 
 void SourceSession::set_ready(bool converged, std::string why) {
@@ -562,7 +585,7 @@ bool SourceSession::push_pass(bool* interrupted) {
          unit = next_transfer_unit_in(owed_, g, blocks, unit.last, unit_blocks)) {
       {
         std::lock_guard lock(mu_);
-        if (cancel_requested_ || handover_requested_ || stopping_) {
+        if (cancel_requested_ || destination_io_fired_locked() || handover_requested_ || stopping_) {
           *interrupted = true;
           return true;
         }
@@ -1032,6 +1055,9 @@ nlohmann::json SourceSession::progress_json() {
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;
   if (!attempt_.outcome.empty()) j["handover_outcome"] = attempt_.outcome;
+  if (params_.handover == HandoverPolicy::OnDestinationIo)
+    j["destination_io"] = {{"forwarded_requests", destination_io_.forwarded_requests()},
+                           {"local_quiet_ms", destination_io_.local_quiet(std::chrono::steady_clock::now()).count()}};
   if (st.phase == Phase::Handover && !resolution_.empty())
     j["needs_resolution"] = {
         {"why", resolution_},

@@ -57,6 +57,7 @@
 #include "common/migration_params.h"
 #include "common/migration_policy.h"
 #include "common/peer_link.h"
+#include "plugin/destination_io_trigger.h"
 #include "plugin/engine_context.h"
 #include "plugin/proxy_reader.h"
 #include "plugin/rate_limiter.h"
@@ -90,6 +91,10 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
 
   // ---- data path (any thread, inside the gate)
   void on_guest_write(IndexRange blocks);
+  // A write, trim, zero or flush applied here (SourceTracking): from one of
+  // this side's clients, or forwarded from the destination's
+  // (handover=on-destination-io watches both).
+  void on_client_write(bool forwarded);
   // SourceForward: a read answered by the destination.
   int forward_read(void* buf, uint32_t count, uint64_t offset);
   // SourceForward: a client's write, trim, zero or flush, applied by the destination.
@@ -142,6 +147,8 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void end_before_handover(Phase end, const std::string& why);
   void record_pause();
   bool handover_due();
+  // handover=on-destination-io and its rule holds (sets handover_requested_).
+  bool destination_io_fired_locked();
   void set_ready(bool converged, std::string why);
   void finish_attempt(std::string outcome);
   bool wait_worker(std::chrono::milliseconds d);
@@ -208,6 +215,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   uint64_t pushed_frames_ = 0;  // guarded by push_mu_: on the current link
 
   RateLimiter limiter_;  // max_rate (worker only)
+  DestinationIoTrigger destination_io_;
 };
 
 }  // namespace livemig

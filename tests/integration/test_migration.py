@@ -126,6 +126,41 @@ def writes_on_the_side_that_is_not_authoritative_are_applied_by_the_side_that_is
 
 
 @test
+def a_vm_started_on_the_destination_takes_the_disk_without_a_handover_command():
+    """handover=on-destination-io (issue #17): a probe write at the destination
+    while the source still writes hands nothing over; once the destination's
+    clients write and the source's have been quiet for 1 s, the source hands
+    over by itself. Every write, on either side, is in the final image."""
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "hybrid", handover="on-destination-io")
+        hs, hd = src.connect(), dst.connect()
+        expect = bytearray(data)
+        hd.pwrite(b"p" * BLOCK, 0)       # a probe at the destination...
+        expect[0:BLOCK] = b"p" * BLOCK
+        for i in range(20):              # ...while the VM still writes at the source
+            hs.pwrite(bytes([i + 1]) * BLOCK, (i + 1) * BLOCK)
+            expect[(i + 1) * BLOCK:(i + 2) * BLOCK] = bytes([i + 1]) * BLOCK
+            time.sleep(0.1)
+        time.sleep(2)                    # the source is quiet, the destination wrote before it
+        st = mig.status(src)
+        assert st["phase"] in ("PreCopy", "Sync"), f"handed over on a probe older than the source's writes: {st}"
+        assert st["migration"]["destination_io"]["forwarded_requests"] == 1, st
+        hd.pwrite(b"d" * BLOCK, 30 * BLOCK)   # the VM now runs on the destination
+        hd.flush()
+        expect[30 * BLOCK:31 * BLOCK] = b"d" * BLOCK
+        deadline = time.time() + 20
+        while not mig.status(dst)["authoritative"]:
+            assert time.time() < deadline, f"no handover: {mig.status(src)}"
+            time.sleep(0.1)
+        hd.pwrite(b"e" * BLOCK, 31 * BLOCK)
+        hd.flush()
+        expect[31 * BLOCK:32 * BLOCK] = b"e" * BLOCK
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        assert mig.status(src)["migration"]["handover_outcome"] == "committed"
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination image")
+
+
+@test
 def a_destination_read_before_handover_returns_the_sources_current_data():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=1 * MiB)
