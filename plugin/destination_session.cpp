@@ -732,10 +732,26 @@ bool DestinationSession::pull_segment(uint64_t seg, uint64_t unit_blocks, uint64
     while (end < segment.last && end - b < unit_blocks && !presence_->test(end) && !pulling_->test(end)) ++end;
     if (!issue_pull({b, end}, true)) return false;
     lock.unlock();
-    limiter_.take(g.range_length({b, end}));
+    if (auto link = current_link()) pay_for_received(*link);
     b = end;
   }
   return true;
+}
+
+// max_rate caps what crosses the wire, as the source's pushes do: the
+// puller pays for the bytes that arrived since it last paid, so a hole
+// costs its zero note, not its length (charging each pull's range made a
+// post-copy of a sparse image take image size / max_rate).
+void DestinationSession::pay_for_received(const PeerLink& link) {
+  const uint64_t received = link.bytes_received();
+  if (&link != paid_link_ || received < paid_received_) {
+    // A link seen for the first time: pay from now on (it may have carried
+    // all of pre-copy before).
+    paid_link_ = &link;
+    paid_received_ = received;
+  }
+  limiter_.take(received - paid_received_);
+  paid_received_ = received;
 }
 
 Status DestinationSession::reconnect_to_source() {

@@ -136,6 +136,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p);
   void pull_loop();
   bool pull_segment(uint64_t seg, uint64_t unit_blocks, uint64_t window);
+  void pay_for_received(const PeerLink& link);
   void persist_loop();
   Status reconnect_to_source();
   void send_progress();
@@ -181,6 +182,9 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   std::thread persister_;
   std::atomic<bool> confirmed_{false};  // the source confirmed the commit (record.confirmed_generation)
   RateLimiter limiter_;  // max_rate caps post-copy pulls too (puller only)
+  // What the puller has paid the limiter for: bytes received on this link.
+  const PeerLink* paid_link_ = nullptr;  // puller only
+  uint64_t paid_received_ = 0;           // puller only
 
   std::mutex pull_mu_;
   std::condition_variable pull_cv_;

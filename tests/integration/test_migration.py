@@ -160,6 +160,31 @@ def a_vm_started_on_the_destination_takes_the_disk_without_a_handover_command():
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination image")
 
 
+def capped_idle_migration_seconds(mode, size, data_len, rate):
+    with mig.Pair(size, data_len) as (src, dst, src_image, dst_image, data):
+        t0 = time.monotonic()
+        mig.migrate(src, dst, mode, handover="auto", max_rate=rate)
+        st = mig.wait_phase(dst, ["Done"], timeout=60)
+        lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(src_image), "destination image")
+        return time.monotonic() - t0, st["migration"]["wire_bytes"]
+
+
+@test
+def max_rate_caps_what_crosses_the_wire_in_postcopy_as_in_precopy():
+    """Found with issue #17's tests: post-copy's background pulls charged
+    max_rate the length of every range they pulled, holes included, so a
+    sparse 64 MiB image with 1 MiB of data took 16 s at 4 MiB/s (pre-copy:
+    0.3 s). Holes cost their zero notes; data still obeys the cap."""
+    rate = 4 * MiB
+    pre, pre_wire = capped_idle_migration_seconds("precopy", 64 * MiB, 1 * MiB, rate)
+    post, post_wire = capped_idle_migration_seconds("postcopy", 64 * MiB, 1 * MiB, rate)
+    bound = 4 * MiB / rate + 2   # about 1 MiB crosses either way: 0.25 s at the cap
+    assert pre < bound, f"precopy took {pre:.1f} s ({pre_wire} wire bytes)"
+    assert post < bound, f"postcopy took {post:.1f} s for {post_wire} wire bytes (precopy: {pre:.1f} s): holes charged"
+    dense, dense_wire = capped_idle_migration_seconds("postcopy", 16 * MiB, 12 * MiB, rate)
+    assert dense >= 0.7 * 12 * MiB / rate, f"12 MiB of data in {dense:.1f} s at {rate // MiB} MiB/s: the cap leaks"
+
+
 @test
 def a_destination_read_before_handover_returns_the_sources_current_data():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
