@@ -12,9 +12,11 @@ handover, none of them ever switching server:
 
 each side with the verifying writer (lm-workload: 8 writes in flight, FUA
 and flushes, every acknowledged write journalled) and a read-back checker
-(libnbd, one request at a time: partial-block writes into the source's data,
-each read back at once, and reads of the source's data that nobody writes),
-so reads, which take another path than writes, are checked as they happen.
+(libnbd, one request at a time: partial-block writes, zeroes and trims into
+the source's data, each read back at once, and reads of the source's data
+that nobody writes), so reads, which take another path than writes, are
+checked as they happen. Another test sends requests longer than a FORWARD
+frame from the wrong side.
 
 At the end: no client saw an error (no EROFS/EPERM, no EIO, no retry), no
 read returned a byte other than the last acknowledged one, the
@@ -106,9 +108,20 @@ class Checker(threading.Thread):
         r = self.rnd
         sectors = r.randint(1, 16)
         rel = r.randrange(0, (self.len - sectors * 512) // 512) * 512
-        blob = r.randbytes(sectors * 512)
-        fua = r.random() < 0.1
-        _, ok = self.guard("write", self.h.pwrite, blob, self.off + rel, nbd.CMD_FLAG_FUA if fua else 0)
+        length = sectors * 512
+        flags = nbd.CMD_FLAG_FUA if r.random() < 0.1 else 0
+        op = r.random()
+        if op < 0.8:
+            blob = r.randbytes(length)
+            _, ok = self.guard("write", self.h.pwrite, blob, self.off + rel, flags)
+        elif op < 0.9:   # write zeroes: must read as zeros, with or without a hole
+            blob = bytes(length)
+            if r.random() < 0.5:
+                flags |= nbd.CMD_FLAG_NO_HOLE
+            _, ok = self.guard("zero", self.h.zero, length, self.off + rel, flags)
+        else:            # trim: livemig punches a hole, which reads as zeros
+            blob = bytes(length)
+            _, ok = self.guard("trim", self.h.trim, length, self.off + rel, flags)
         self.writes += 1
         if ok:
             self.model[rel:rel + len(blob)] = blob
@@ -243,6 +256,40 @@ def wrong_side_through_handover(mode, **params):
               f"{fwd_src} from the old source after; writers acked "
               f"{totals['dst']['writes_acked']} (dst) + {totals['src']['writes_acked']} (src); checkers "
               f"{checkers['dst'].summary()} (dst), {checkers['src'].summary()} (src)")
+
+
+@test
+def wrong_side_requests_longer_than_a_frame_are_applied_whole():
+    """A write or zero of more than 16 MiB travels as several FORWARD frames;
+    the client sees one request, applied whole. A fast zero is not
+    forwarded (a zero that crosses the network is not fast): ENOTSUP."""
+    big = 20 * MiB
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=MAX_RATE)
+        hd = dst.connect()
+        blob_d = random.Random(1).randbytes(big)
+        hd.pwrite(blob_d, 4 * MiB)
+        hd.flush()
+        lmtest.assert_same(hd.pread(big, 4 * MiB), blob_d, "a long write read back at the destination")
+        lmtest.expect_nbd_error(lambda: hd.zero(BLOCK, 0, nbd.CMD_FLAG_FAST_ZERO), {errno.ENOTSUP, errno.EOPNOTSUPP},
+                                "a fast zero at the destination before handover")
+        assert mig.status(dst)["migration"]["forwarded_requests"] >= 2
+        assert src.control({"op": "handover"})["ok"]
+        hs = src.connect()
+        blob_s = random.Random(2).randbytes(big)
+        hs.pwrite(blob_s, 40 * MiB, nbd.CMD_FLAG_FUA)
+        hs.zero(big, 12 * MiB)          # over part of both long writes and the data
+        lmtest.assert_same(hs.pread(big, 40 * MiB), blob_s, "a long write read back at the old source")
+        lmtest.assert_same(hs.pread(big, 12 * MiB), bytes(big), "a long zero read back at the old source")
+        lmtest.expect_nbd_error(lambda: hs.zero(BLOCK, 0, nbd.CMD_FLAG_FAST_ZERO), {errno.ENOTSUP, errno.EOPNOTSUPP},
+                                "a fast zero at the old source after handover")
+        hs.flush()
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        expect = bytearray(data) + bytearray(SIZE - DATA)
+        expect[4 * MiB:4 * MiB + big] = blob_d
+        expect[40 * MiB:40 * MiB + big] = blob_s
+        expect[12 * MiB:12 * MiB + big] = bytes(big)
+        lmtest.assert_same(lmtest.read_file(dst_image), bytes(expect), "the destination's image")
 
 
 def mode_test(mode, params):
