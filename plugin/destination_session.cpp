@@ -626,7 +626,10 @@ Status DestinationSession::ensure_present(IndexRange blocks) {
 }
 
 void DestinationSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p) {
-  if (!presence_ || s_.machine.state().phase == Phase::PreCopy) {
+  // A destination restarted in Done has no presence map: it holds every
+  // block, and the old source's clients still read through it.
+  const Phase phase = s_.machine.state().phase;
+  if (phase == Phase::PreCopy || (!presence_ && phase != Phase::Done)) {
     Status s = protocol_error(ErrorCode::NotAuthoritative, "PULL sent to a destination before the commit");
     link->send(make_error_payload(s), id);
     return;

@@ -408,8 +408,9 @@ void MigrationEngine::start_link(const std::shared_ptr<PeerLink>& link) {
 }
 
 // Frames of a migration's link go to its session; START (which makes a
-// link a migration's) to the control pool; anything else is refused: DATA,
-// PULL, HANDOVER, DONE are accepted only on the migration's own link.
+// link a migration's) to the control pool; a FORWARD on another link gets
+// ESTALE (not applied); anything else is refused: DATA, PULL, HANDOVER,
+// DONE are accepted only on the migration's own link.
 void MigrationEngine::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame) {
   const uint64_t id = frame.header.request_id;
   if (auto* start = std::get_if<StartPayload>(&frame.message)) {
@@ -429,6 +430,13 @@ void MigrationEngine::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::
   if (dst && own_link) return (*dst)->on_frame(link, frame);
   if (std::holds_alternative<ErrorPayload>(frame.message)) {
     link->close(status_from_error(std::get<ErrorPayload>(frame.message)));
+    return;
+  }
+  if (std::holds_alternative<ForwardPayload>(frame.message)) {
+    // Not applied here. Most likely the peer adopted this link (a resume
+    // START it answered) before this side read the answer and adopted it
+    // too: ESTALE makes the peer send it again, and the link stays.
+    link->send(ForwardReplyPayload{static_cast<uint32_t>(ESTALE)}, id);
     return;
   }
   Status s2 = protocol_error(ErrorCode::Protocol, fmt::format("{} frame on a link that is not this side's migration "

@@ -146,7 +146,21 @@ int SourceSession::forward(const ForwardPayload& request) {
     errno = ESTALE;  // the engine retries until its deadline
     return -1;
   }
-  return forward_request(*link, request, forward_timeout(s_.ctx.peer_timeout), s_.stats);
+  const bool flush = request.op == ForwardOp::Flush;
+  uint64_t mark = 0;
+  const bool was_failing = forwarded_writes_.failing();
+  if (flush && !forwarded_writes_.flush_may_cover(link, &mark)) {
+    if (!was_failing)
+      s_.log(fmt::format("migration {}: a flush fails: writes forwarded before the link to the destination was "
+                         "replaced may be lost with it (flushes fail until this side's clients disconnect)",
+                         id_));
+    errno = EIO;
+    return -1;
+  }
+  int rc = forward_request(*link, request, forward_timeout(s_.ctx.peer_timeout), s_.stats);
+  if (rc == 0 && flush) forwarded_writes_.flushed(mark);
+  if (rc == 0 && !flush) forwarded_writes_.acknowledged(link, request.flags & kForwardFua);
+  return rc;
 }
 
 // ------------------------------------------------------------ links
@@ -365,6 +379,7 @@ nlohmann::json SourceSession::resolve_abort() {
 }
 
 void SourceSession::on_last_client_closed() {
+  forwarded_writes_.clients_gone();
   if (params_.handover != HandoverPolicy::OnDisconnect) return;
   EngineState st = s_.machine.state();
   if (st.role != Role::Source || !(st.phase == Phase::Monitoring || st.phase == Phase::PreCopy ||
@@ -1055,6 +1070,7 @@ nlohmann::json SourceSession::progress_json() {
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;
   if (!attempt_.outcome.empty()) j["handover_outcome"] = attempt_.outcome;
+  if (forwarded_writes_.failing()) j["forwarded_flushes_fail"] = true;
   if (params_.handover == HandoverPolicy::OnDestinationIo)
     j["destination_io"] = {{"forwarded_requests", destination_io_.forwarded_requests()},
                            {"local_quiet_ms", destination_io_.local_quiet(std::chrono::steady_clock::now()).count()}};

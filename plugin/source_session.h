@@ -59,6 +59,7 @@
 #include "common/peer_link.h"
 #include "plugin/destination_io_trigger.h"
 #include "plugin/engine_context.h"
+#include "plugin/write_forward.h"
 #include "plugin/proxy_reader.h"
 #include "plugin/rate_limiter.h"
 #include "plugin/session_link.h"
@@ -178,6 +179,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   const Begin begin_;
   BlockBitmap owed_;
   ProxyReader forward_;
+  ForwardedWrites forwarded_writes_;  // what a forwarded flush covers
   SessionLink link_;
   std::thread worker_;
   std::atomic<bool> stopping_{false};

@@ -54,4 +54,43 @@ int forward_request(PeerLink& link, const ForwardPayload& request, std::chrono::
   return 0;
 }
 
+void ForwardedWrites::acknowledged(const std::shared_ptr<PeerLink>& link, bool fua) {
+  if (fua) return;
+  std::lock_guard lock(mu_);
+  if (acknowledged_ == flushed_) {
+    on_ = link;
+  } else if (on_.lock() != link) {
+    crossed_links_ = true;
+  }
+  ++acknowledged_;
+}
+
+bool ForwardedWrites::flush_may_cover(const std::shared_ptr<PeerLink>& link, uint64_t* mark) {
+  std::lock_guard lock(mu_);
+  *mark = acknowledged_;
+  if (failing_) return false;
+  if (acknowledged_ == flushed_) return true;
+  if (!crossed_links_ && on_.lock() == link) return true;
+  failing_ = true;
+  return false;
+}
+
+void ForwardedWrites::clients_gone() {
+  std::lock_guard lock(mu_);
+  failing_ = false;
+  crossed_links_ = false;
+  flushed_ = acknowledged_;
+}
+
+bool ForwardedWrites::failing() const {
+  std::lock_guard lock(mu_);
+  return failing_;
+}
+
+void ForwardedWrites::flushed(uint64_t mark) {
+  std::lock_guard lock(mu_);
+  flushed_ = std::max(flushed_, mark);
+  if (flushed_ == acknowledged_) crossed_links_ = false;
+}
+
 }  // namespace livemig

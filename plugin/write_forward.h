@@ -25,6 +25,9 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
 
 #include "common/frame_codec.h"
 #include "common/peer_link.h"
@@ -43,5 +46,44 @@ inline std::chrono::milliseconds forward_timeout(std::chrono::milliseconds peer_
 // refused the frame, or no answer came in `timeout`).
 int forward_request(PeerLink& link, const ForwardPayload& request, std::chrono::milliseconds timeout,
                     EngineStats& stats);
+
+// What a forwarded flush covers. The receiver keeps a forwarded write's
+// blocks marked in memory until its next flush or FUA (like a disk's
+// volatile cache); a receiver killed meanwhile forgets them, and a
+// destination pulls those blocks again over the client's data. A local
+// client of that receiver loses its connection and knows; a client whose
+// requests are forwarded keeps its connection to this side, so this side
+// must tell it: a flush fails with EIO when a write acknowledged since the
+// last good flush went over a link that is no longer the one the flush goes
+// over (the receiver may have restarted). And every flush after it, until
+// this side's clients have all disconnected: a later flush that succeeded
+// would say the lost writes are durable (NBD: a flush covers every write
+// completed before it), so the error is sticky, as a failed fdatasync is
+// (PresenceJournal); a client that reconnects starts afresh, as a local
+// client of the restarted receiver does. A FUA write is durable on its own
+// and not counted. Conservative: a link replaced without a restart (a
+// network blip) counts as a restart.
+class ForwardedWrites {
+ public:
+  // A write, trim or zero acknowledged over `link`.
+  void acknowledged(const std::shared_ptr<PeerLink>& link, bool fua);
+  // Before a flush goes over `link`: false if it cannot cover every
+  // acknowledged write (the caller answers EIO); the writes count as
+  // reported then. *mark: what the flush covers, for flushed().
+  bool flush_may_cover(const std::shared_ptr<PeerLink>& link, uint64_t* mark);
+  // The flush that started at `mark` succeeded.
+  void flushed(uint64_t mark);
+  // This side's last NBD client disconnected: no one is owed the error now.
+  void clients_gone();
+  bool failing() const;
+
+ private:
+  mutable std::mutex mu_;
+  uint64_t acknowledged_ = 0;        // writes acknowledged so far
+  uint64_t flushed_ = 0;             // of which covered by a good flush
+  std::weak_ptr<PeerLink> on_;       // the link of the unflushed ones
+  bool crossed_links_ = false;       // unflushed writes on two links
+  bool failing_ = false;             // writes were lost: flushes fail
+};
 
 }  // namespace livemig

@@ -28,19 +28,26 @@ class Pair:
     and a destination plugin on a missing image, both stopped on exit:
 
         with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
-    """
 
-    def __init__(self, size, data_len, **keys):
+    fixed_ports=True: each listens on a port chosen now rather than by the
+    kernel, so a plugin restarted with restart() comes back on the address
+    its peer knows."""
+
+    def __init__(self, size, data_len, fixed_ports=False, **keys):
         self.size, self.data_len, self.keys = size, data_len, keys
+        self.fixed_ports = fixed_ports
         self.servers = []
+
+    def listen(self):
+        return f"127.0.0.1:{free_port() if self.fixed_ports else 0}"
 
     def __enter__(self):
         src_image, data = make_source_image(self.size, self.data_len)
         dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")  # missing: takes the source's size
-        src = Server(control=True, image=src_image, listen="127.0.0.1:0", **self.keys)
+        src = Server(control=True, image=src_image, listen=self.listen(), **self.keys)
         self.servers.append(src)
         src.start()
-        dst = Server(control=True, image=dst_image, listen="127.0.0.1:0", **self.keys)
+        dst = Server(control=True, image=dst_image, listen=self.listen(), **self.keys)
         self.servers.append(dst)
         dst.start()
         return src, dst, src_image, dst_image, data
