@@ -860,6 +860,10 @@ void SourceSession::do_handover() {
     std::lock_guard lock(mu_);
     attempt_.number++;
   }
+  // Writes most of the guest's dirty pages out while it still runs, so the
+  // sync inside the fence below has little left (an error here is sticky:
+  // that sync reports it).
+  (void)s_.image().flush();
   fence_started_ns_ = Clock::now().time_since_epoch().count();
   crash_point("source-before-fence");
   // Durable before the fence: a source restarted from here on knows it may
@@ -876,9 +880,16 @@ void SourceSession::do_handover() {
     resolution_.clear();
   }
   crash_point("source-after-fence");
-  // No fdatasync here: the remaining blocks are read from this image (its
-  // page cache survives a kill -9 of this process), and syncing what the
-  // guest wrote without a flush would make the pause grow with it.
+  // Every write acknowledged here is on disk before the destination may
+  // commit: from the commit on, a flush at the destination (or forwarded to
+  // it) answers for all completed writes, and the blocks it has not pulled
+  // yet exist only in this image. Without this sync a power loss at this
+  // host during post-copy would lose writes a flush had covered.
+  if (s_.image().flush() < 0) {
+    const std::string why = fmt::format("syncing the source image before the handover: {}", std::strerror(errno));
+    link->refuse(0, protocol_error(ErrorCode::Internal, "migration failed at the source: " + why));
+    return unfence_failed(why, Status::error(why, EIO));
+  }
   std::vector<HandoverRange> ranges = remaining_ranges();
   const uint64_t remaining = owed_.count();
   size_t sent = 0;
@@ -927,15 +938,18 @@ void SourceSession::committed(uint64_t generation) {
     std::lock_guard lock(mu_);
     resolution_.clear();
   }
-  if (s_.image().flush() < 0)
-    s_.log(fmt::format("migration {}: syncing the image after handover: {}", id_, std::strerror(errno)));
   finish_attempt("committed");
 }
 
 // The destination refused the handover: it did not commit, so this side is
 // still the one that holds the truth. Unfence at once.
 void SourceSession::refused(const Status& why) {
-  std::string message = fmt::format("the destination refused the handover: {}", why.message());
+  unfence_failed(fmt::format("the destination refused the handover: {}", why.message()), why);
+}
+
+// The handover did not happen and never will in this attempt: the
+// migration fails, this side serves its image again, the link closes.
+void SourceSession::unfence_failed(const std::string& message, const Status& why) {
   {
     std::lock_guard lock(mu_);
     last_error_ = message;

@@ -145,6 +145,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void resolve_handover();
   void committed(uint64_t generation);
   void refused(const Status& why);
+  void unfence_failed(const std::string& message, const Status& why);
   void end_before_handover(Phase end, const std::string& why);
   void record_pause();
   bool handover_due();

@@ -169,10 +169,10 @@ def verify_journal(uri, journal, *extra):
     return p.returncode, p.stdout.decode(errors="replace")
 
 
-def make_source_image(size, data_len, seed=7):
+def make_source_image(size, data_len, seed=7, dir=None):
     """An image whose first data_len bytes are pseudo-random data and the rest
-    a hole. Returns (path, the data)."""
+    a hole (in a new temporary directory, or in dir). Returns (path, the data)."""
     rnd = __import__("random").Random(seed)
     data = rnd.randbytes(data_len)
-    path = lmtest.make_image(size, name="src.img", dir=lmtest.tmp_dir("src"), data=data)
+    path = lmtest.make_image(size, name="src.img", dir=dir or lmtest.tmp_dir("src"), data=data)
     return path, data

@@ -66,6 +66,36 @@ def a_destination_whose_handover_sync_fails_refuses_and_the_source_writes_at_onc
 
 
 @test
+def a_source_whose_image_sync_fails_at_the_handover_keeps_the_disk_and_says_why():
+    """Found reviewing issue #17: the source synced its image only after the
+    commit, so a flush at the destination (or forwarded to it) could answer
+    for writes that were still only in the source's page cache. Now the
+    source syncs inside the fence, before HANDOVER; if that fails the
+    handover does not happen, and the source is the authoritative side."""
+    with faultfs.FaultFS() as fs:
+        src_image, data = mig.make_source_image(SIZE, DATA_LEN, dir=fs.mountpoint)
+        with Server(control=True, image=src_image, listen="127.0.0.1:0") as src, \
+                Server(control=True, image=os.path.join(lmtest.tmp_dir("dst"), "dst.img"), listen="127.0.0.1:0") as dst:
+            mig.migrate(src, dst, "precopy", handover="explicit")
+            mig.wait_ready(src)
+            h = src.connect()
+            h.pwrite(b"U" * BLOCK, 0)          # acknowledged, not flushed by the client
+            fs.set_faults("fsync eio path=" + os.path.basename(src_image) + "\n")
+            reply = src.control({"op": "handover"})
+            assert not reply["ok"] and "syncing the source image" in reply["error"], reply
+            assert fs.stats().get("fsync-eio", 0) >= 1, fs.stats()
+            st = mig.status(src)
+            assert st["phase"] == "Failed" and st["authoritative"] and not st["fenced"], st
+            h.pwrite(b"W" * BLOCK, BLOCK)      # the guest writes on at the source
+            assert h.pread(2 * BLOCK, 0) == b"U" * BLOCK + b"W" * BLOCK
+            deadline = time.time() + 10
+            while mig.status(dst)["phase"] not in ("Failed", "Cancelled"):
+                assert time.time() < deadline, f"the destination was not told: {mig.status(dst)}"
+                time.sleep(0.1)
+            assert not mig.status(dst)["authoritative"]
+
+
+@test
 def a_full_destination_disk_after_the_commit_stalls_postcopy_until_space_returns():
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
     with faultfs.FaultFS() as fs, Server(control=True, image=src_image, listen="127.0.0.1:0") as src, \
