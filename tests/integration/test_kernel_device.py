@@ -60,9 +60,7 @@ import migration as mig
 from lmtest import MiB, test
 
 SIZE = 64 * MiB
-# The migration lasts a few seconds. (Post-copy's background pulls count
-# holes against max_rate too: it takes SIZE / MAX_RATE at least.)
-MAX_RATE = 8 * MiB
+MAX_RATE = 8 * MiB       # the migration lasts a few seconds
 BEFORE_HANDOVER = 3.0    # seconds of file system work before handover, at least
 AFTER_HANDOVER = 3.0     # and after it
 MODE_PARAMS = {"livefs": {"monitor_period": 1, "threshold": 1}}
@@ -252,8 +250,8 @@ def _detach_all():   # runs before lmtest's own exit handler removes the temp di
 
 
 def loop_image(path):
-    """A read-only loop device on an image file, and a read-only mount of
-    it: (Attachment-like object to detach, mount point)."""
+    """A read-only loop device on an image file, its ext4 mounted read-only
+    at .mountpoint; detach() undoes both."""
     a = ImageMount(path)
     _attached.append(a)
     try:
