@@ -105,13 +105,15 @@ int SourceSession::forward_read(void* buf, uint32_t count, uint64_t offset) {
   return forward_.read(*link, buf, count, offset);
 }
 
-// After the commit the destination reconnects to us while it pulls; once it
-// is done it does not, and a link lost then (or both sides' reconnects
-// replacing each other's links) would leave this side's clients with
-// nothing to forward to: dial the destination (one dialer at a time), and
-// wait for a link a while.
+// After the commit the destination reconnects to us while it pulls: wait
+// for its link. Once it is done it does not, and a link lost then would
+// leave this side's clients with nothing to forward to: dial the
+// destination (one dialer at a time), and wait for a link a while. (Dialling
+// in post-copy too raced the destination's own reconnect: each side adopted
+// the link it made, closing the other's, and post-copy could stall.)
 std::shared_ptr<PeerLink> SourceSession::forwarding_link() {
   if (auto link = link_.get()) return link;
+  if (s_.machine.state().phase != Phase::Done) return link_.wait_up(s_.ctx.peer_timeout, stopping_);
   {
     std::lock_guard dial(dial_mu_);
     if (auto link = link_.get()) return link;
