@@ -278,6 +278,10 @@ int MigrationEngine::read_as(IoMode mode, void* buf, uint32_t count, uint64_t of
 
 namespace {
 
+// Memory the tracking of a destination image may take (bitmaps and heat
+// counters): 4 GiB covers 64 TiB of 4 KiB blocks.
+constexpr uint64_t kMaxTrackingBytes = uint64_t{4} << 30;
+
 // The modes of a side that is not authoritative but knows which side is.
 bool forwards(IoMode m) { return m == IoMode::DestProxy || m == IoMode::SourceForward; }
 
@@ -569,6 +573,18 @@ Result<MigrationParams> MigrationEngine::destination_params(const StartPayload& 
     return protocol_error(ErrorCode::SizeMismatch,
                           fmt::format("size mismatch: source image is {} bytes, destination image {} is {} bytes",
                                       p.image_size, ctx_.image->path(), ctx_.image->size()));
+  if (resize) {
+    // A size the peer chose: bounded here, not by an allocation failing
+    // (which an allocator may not report, e.g. under overcommit or ASan).
+    const uint64_t blocks = p.image_size / g.block_size() + 1;
+    const uint64_t segments = p.image_size / g.segment_size() + 1;
+    const uint64_t tracking = 3 * (blocks / 8 + 1) + 64 * segments;  // bitmaps, heat counters
+    if (p.image_size > (uint64_t{1} << 62) || tracking > kMaxTrackingBytes)
+      return protocol_error(ErrorCode::Internal,
+                            fmt::format("cannot migrate an image of {} bytes here: tracking it needs about {} MiB of "
+                                        "memory, more than the {} MiB allowed (out of memory)",
+                                        p.image_size, tracking >> 20, kMaxTrackingBytes >> 20));
+  }
   json request = parse_json_object(p.params_json);
   if (request.is_discarded())
     return protocol_error(ErrorCode::BadFrame, "START parameters are not a JSON object (or nest too deep)");

@@ -160,6 +160,7 @@ def the_export_units_command_starts_the_plugin_without_privileges_and_tls_reache
     argv = expand(unit["ExecStart"][0], env, {"%d": creds, "%i": "vm1"})
     assert argv[0] == "/usr/bin/nbdkit" and "livemig" in argv, argv
     argv[argv.index("livemig")] = lmtest.plugin_path()
+    argv[0] = lmtest.NBDKIT   # the sanitizer wrapper when tests/sanitize/run sets $NBDKIT
     proc = subprocess.Popen(unprivileged(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.umask(0o077))
     try:
