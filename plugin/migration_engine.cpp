@@ -279,7 +279,8 @@ int MigrationEngine::read_as(IoMode mode, void* buf, uint32_t count, uint64_t of
 namespace {
 
 // Memory the tracking of a destination image may take (bitmaps and heat
-// counters): 4 GiB covers 64 TiB of 4 KiB blocks.
+// counters): with 4 KiB blocks and 1 MiB segments (about 1/6500 of the image)
+// 4 GiB covers some 26 TiB.
 constexpr uint64_t kMaxTrackingBytes = uint64_t{4} << 30;
 
 // The modes of a side that is not authoritative but knows which side is.
