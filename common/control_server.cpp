@@ -1,6 +1,7 @@
 #include "common/control_server.h"
 
 #include "common/connection_limit.h"
+#include "common/thread_name.h"
 
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -166,6 +167,7 @@ void ControlServer::start(std::function<void()> tick, std::chrono::milliseconds 
   asio::co_spawn(*io_, accept_loop(impl_->acceptor, handler_), asio::detached);
   schedule_tick();
   thread_ = std::thread([this] { io_->run(); });
+  name_thread(thread_, "livemig-ctl-io");
 }
 
 void ControlServer::schedule_tick() {

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "common/json_limits.h"
+#include "common/thread_name.h"
 #include "common/transfer_planner.h"
 #include "plugin/test_hooks.h"
 #include "plugin/write_forward.h"
@@ -52,6 +53,8 @@ void DestinationSession::start_pulling() {
   if (puller_.joinable()) return;
   puller_ = std::thread([this] { pull_loop(); });
   persister_ = std::thread([this] { persist_loop(); });
+  name_thread(puller_, "livemig-pull");
+  name_thread(persister_, "livemig-persist");
 }
 
 void DestinationSession::stop() {

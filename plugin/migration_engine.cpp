@@ -11,6 +11,7 @@
 
 #include "common/enum_names.h"
 #include "common/json_limits.h"
+#include "common/thread_name.h"
 #include "common/transfer_planner.h"
 
 namespace livemig {
@@ -166,6 +167,7 @@ void MigrationEngine::start() {
   tick_timer_ = std::make_unique<boost::asio::steady_timer>(io_);
   schedule_tick();
   io_thread_ = std::thread([this] { io_.run(); });
+  name_thread(io_thread_, "livemig-io");
   disk_pool_.start();
   control_pool_.start();
   forward_pool_.start();

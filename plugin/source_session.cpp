@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "common/json_limits.h"
+#include "common/thread_name.h"
 #include "common/transfer_planner.h"
 #include "plugin/test_hooks.h"
 #include "plugin/write_forward.h"
@@ -69,7 +70,10 @@ void SourceSession::start(std::shared_ptr<PeerLink> link, bool resync) {
     std::lock_guard lock(mu_);
     needs_resync_ = resync || begin_ == Begin::Restarted || begin_ == Begin::InWindow;
   }
-  if (begin_ != Begin::Committed) worker_ = std::thread([this] { run(); });
+  if (begin_ != Begin::Committed) {
+    worker_ = std::thread([this] { run(); });
+    name_thread(worker_, "livemig-push");
+  }
 }
 
 void SourceSession::stop() {

@@ -1,6 +1,6 @@
 #include "plugin/work_pool.h"
 
-#include <pthread.h>
+#include "common/thread_name.h"
 
 namespace livemig {
 
@@ -12,7 +12,7 @@ void WorkPool::start() {
   if (!threads_.empty() || stopping_) return;
   for (size_t i = 0; i < thread_count_; ++i) {
     threads_.emplace_back([this] { run(); });
-    pthread_setname_np(threads_.back().native_handle(), name_.substr(0, 15).c_str());
+    name_thread(threads_.back(), name_);
   }
 }
 
