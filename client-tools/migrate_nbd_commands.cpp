@@ -328,6 +328,7 @@ Result<json> migrate_request(const StartOptions& o) {
   };
   for (const SizeField& f : {SizeField{o.handover_size, "--handover-size", "handover_size", false},
                              SizeField{o.max_rate, "--max-rate", "max_rate", true},
+                             SizeField{o.min_rate, "--min-rate", "min_rate", true},
                              SizeField{o.transfer_unit, "--transfer-unit", "transfer_unit", false}}) {
     if (f.text.empty()) continue;
     auto v = f.rate ? parse_rate(f.text, f.flag) : parse_size(f.text, f.flag);
@@ -337,6 +338,12 @@ Result<json> migrate_request(const StartOptions& o) {
   if (o.max_rounds) {
     if (*o.max_rounds < 1 || *o.max_rounds > 10000) return Status::error("--max-rounds must be from 1 to 10000");
     req["max_rounds"] = *o.max_rounds;
+  }
+  if (o.guest_latency_bound) {
+    const double b = *o.guest_latency_bound;
+    if (b != 0 && !(b >= 1 && b <= 1000))
+      return Status::error(fmt::format("--guest-latency-bound {}: must be 0 (off) or a factor from 1 to 1000", b));
+    req["guest_latency_bound"] = b;
   }
   if (o.interval <= 0) return Status::error("--interval must be more than 0 seconds");
   if (Status s = add_policy(o, req); !s) return s;

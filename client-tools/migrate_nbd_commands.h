@@ -42,7 +42,9 @@ struct StartOptions : CommonOptions {
   std::string handover;       // empty: the source plugin's handover= default
   std::string handover_size;  // SIZE strings, empty: the plugin's default
   std::string max_rate;
+  std::string min_rate;  // guest-first pacing's floor
   std::string transfer_unit;
+  std::optional<double> guest_latency_bound;  // unset: the mode's default
   std::optional<unsigned> max_rounds;
   // Heat-driven modes (livefs, hybrid, auto); empty/unset: the mode's default.
   std::string threshold;  // a number, or "max"

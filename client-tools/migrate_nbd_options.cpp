@@ -25,6 +25,12 @@ void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
   app->add_option("--handover-size", o.handover_size, "hand over once at most this much is left (default 64M)")
       ->type_name("SIZE");
   app->add_option("--max-rate", o.max_rate, "cap the migration's bandwidth (default: no cap)")->type_name("RATE");
+  app->add_option("--guest-latency-bound", o.guest_latency_bound,
+                  "guest first: slow the migration while the guest's p99 request latency is above FACTOR times "
+                  "its p99 before the migration (0: off; default 1.2 for auto, off for the other modes)")
+      ->type_name("FACTOR");
+  app->add_option("--min-rate", o.min_rate, "the slowest that --guest-latency-bound makes the migration (default 16M)")
+      ->type_name("RATE");
   app->add_option("--max-rounds", o.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
       ->type_name("N");
   app->add_option("--transfer-unit", o.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");

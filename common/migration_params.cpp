@@ -69,6 +69,28 @@ json policy_json(const PolicyParams& p) {
   j["monitor_period"] = p.monitor_period < 0 ? json("history") : json(p.monitor_period);
   return j;
 }
+// Guest-first pacing: the bound (auto paces by default), its floor, and the
+// baseline the source measured (or the operator gave).
+Status parse_pacing(const json& j, MigrationParams& p) {
+  const double dflt = p.mode() == MigrationMode::Auto ? kDefaultGuestLatencyBound : 0;
+  auto bound = json_number(j, "guest_latency_bound", dflt, "migrate");
+  if (!bound) return bound.status();
+  if (*bound != 0 && !(*bound >= 1 && *bound <= 1000))
+    return Status::error("migrate: \"guest_latency_bound\" must be 0 (no pacing) or a factor from 1 to 1000");
+  p.guest_latency_bound = *bound;
+  auto min_rate = json_size(j, "min_rate", p.min_rate);
+  auto p99 = json_size(j, "guest_baseline_p99_ns", 0);
+  auto requests = json_size(j, "guest_baseline_requests", 0);
+  for (auto* r : {&min_rate, &p99, &requests})
+    if (!*r) return r->status();
+  if (*min_rate == 0) return Status::error("migrate: \"min_rate\" must be more than 0 bytes/s");
+  if (p.max_rate != 0 && *min_rate > p.max_rate)
+    return Status::error(fmt::format("migrate: min_rate {} is above max_rate {}", *min_rate, p.max_rate));
+  p.min_rate = *min_rate;
+  p.guest_baseline_p99_ns = *p99;
+  p.guest_baseline_requests = *requests;
+  return Status::ok();
+}
 }  // namespace
 
 const char* handover_policy_name(HandoverPolicy p) {
@@ -129,6 +151,7 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy
     return Status::error(fmt::format("migrate: transfer_unit {} must be a power of two from 4096 to {}", *unit,
                                      kMaxDataLength));
   p.transfer_unit = *unit;
+  if (Status s = parse_pacing(j, p); !s) return s;
   return p;
 }
 
@@ -138,7 +161,9 @@ json MigrationParams::to_json() const {
           {"from", from},           {"handover", handover_policy_name(handover)},
           {"resume_timeout", resume_timeout},
           {"handover_size", handover_size}, {"max_rate", max_rate},
-          {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit}});
+          {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit},
+          {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate},
+          {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests}});
   return j;
 }
 }  // namespace livemig

@@ -26,6 +26,9 @@ const char* handover_policy_name(HandoverPolicy p);
 // names them all.
 Result<HandoverPolicy> parse_handover_policy(const std::string& s);
 
+inline constexpr double kDefaultGuestLatencyBound = 1.2;
+inline constexpr uint64_t kDefaultMinRate = 16ull << 20;
+
 struct MigrationParams {
   std::string to;                   // destination HOST:PORT
   std::string from;                 // how the destination reaches the source
@@ -37,6 +40,15 @@ struct MigrationParams {
   // Seconds the source keeps trying to reach a lost destination before
   // handover (resuming where it was) before the migration fails.
   double resume_timeout = 300;
+  // Guest first: the background transfer slows down while the guest's p99
+  // request latency is above this many times its p99 before the migration
+  // (0: no pacing; auto's default is kDefaultGuestLatencyBound), never
+  // below min_rate. The baseline is measured by the source when the
+  // migration starts (or given), and travels in START to the destination.
+  double guest_latency_bound = 0;
+  uint64_t min_rate = kDefaultMinRate;
+  uint64_t guest_baseline_p99_ns = 0;
+  uint64_t guest_baseline_requests = 0;
   PolicyParams policy;                   // mode, threshold, weights, monitoring
 
   MigrationMode mode() const { return policy.mode; }

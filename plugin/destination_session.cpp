@@ -37,7 +37,7 @@ DestinationSession::DestinationSession(EngineServices& s, std::string migration_
       id_(std::move(migration_id)),
       params_(std::move(params)),
       proxy_(s.ctx.peer_timeout * 2),
-      limiter_(params_.max_rate) {}
+      pacer_(s.ctx.guest_latency, s.pacer_config(params_)) {}
 
 DestinationSession::~DestinationSession() { stop(); }
 
@@ -599,8 +599,9 @@ Status DestinationSession::ensure_present(IndexRange blocks) {
   auto deadline = Clock::now() + s_.ctx.peer_timeout * 4;
   std::vector<uint64_t> mine;
   std::unique_lock lock(pull_mu_);
-  for (;;) {
+  for (bool waited = false;; waited = true) {
     if (presence_->all_present(blocks)) return Status::ok();
+    if (!waited) GuestLatency::skip_current_request();  // a miss: not what pacing can lower
     if (stopping_) return Status::error("plugin is shutting down", ESHUTDOWN);
     for (uint64_t id : mine) {
       if (auto f = failed_pulls_.find(id); f != failed_pulls_.end()) {
@@ -756,7 +757,7 @@ void DestinationSession::pay_for_received(const PeerLink& link) {
     paid_link_ = &link;
     paid_received_ = received;
   }
-  limiter_.take(received - paid_received_);
+  pacer_.take(received - paid_received_);
   paid_received_ = received;
 }
 
@@ -821,7 +822,8 @@ nlohmann::json DestinationSession::progress_json() {
             {"peer", params_.from},
             {"params", params_.to_json()},
             {"blocks_left", left},
-            {"committed_generation", s_.machine.record().committed_generation}};
+            {"committed_generation", s_.machine.record().committed_generation},
+            {"pacing", pacer_.to_json()}};
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

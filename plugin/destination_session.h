@@ -53,9 +53,9 @@
 #include "common/migration_params.h"
 #include "common/peer_link.h"
 #include "plugin/engine_context.h"
+#include "plugin/latency_pacer.h"
 #include "plugin/presence_journal.h"
 #include "plugin/proxy_reader.h"
-#include "plugin/rate_limiter.h"
 #include "plugin/session_link.h"
 
 namespace livemig {
@@ -181,7 +181,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   std::thread puller_;
   std::thread persister_;
   std::atomic<bool> confirmed_{false};  // the source confirmed the commit (record.confirmed_generation)
-  RateLimiter limiter_;  // max_rate caps post-copy pulls too (puller only)
+  TransferPacer pacer_;  // max_rate and the guest-first bound cap background pulls too (puller only)
   // What the puller has paid the limiter for: bytes received on this link.
   const PeerLink* paid_link_ = nullptr;  // puller only
   uint64_t paid_received_ = 0;           // puller only

@@ -21,8 +21,10 @@
 #include "common/tls_context.h"
 #include "plugin/block_sender.h"
 #include "plugin/engine_stats.h"
+#include "plugin/guest_latency.h"
 #include "plugin/image_file.h"
 #include "plugin/io_gate.h"
+#include "plugin/latency_pacer.h"
 #include "plugin/phase_machine.h"
 #include "plugin/work_pool.h"
 
@@ -60,6 +62,8 @@ struct EngineContext {
   // (a destination refuses to overwrite an image a guest is using).
   std::function<int64_t()> connections = [] { return int64_t{0}; };
   std::function<uint64_t()> client_writes = [] { return uint64_t{0}; };
+  // The guest's request latency here (null: not measured, no pacing).
+  const GuestLatency* guest_latency = nullptr;
   // Where the engine reports what happens (nbdkit_debug in the plugin).
   std::function<void(const std::string&)> log = [](const std::string&) {};
 };
@@ -83,6 +87,11 @@ struct EngineServices {
   const SegmentGeometry& geometry() const { return *ctx.geometry; }
   ImageFile& image() const { return *ctx.image; }
   HeatMap& heat() const { return **ctx.heat_slot; }
+  // A migration's transfer pacing: max_rate, and the guest-first bound.
+  PacerConfig pacer_config(const MigrationParams& p) const {
+    return {.bound = p.guest_latency_bound, .min_rate = p.min_rate, .max_rate = p.max_rate,
+            .baseline_p99_ns = p.guest_baseline_p99_ns, .baseline_requests = p.guest_baseline_requests};
+  }
   void log(const std::string& m) const { ctx.log(m); }
 };
 

@@ -93,6 +93,7 @@ Status make_engine(PluginState& st) {
   ctx.listen = st.config.listen;
   ctx.handover_policy = st.config.handover;
   ctx.accept_incoming = st.config.accept_incoming;
+  ctx.guest_latency = &g_state->guest_latency;
   ctx.connections = [] { return g_state->connections.load(std::memory_order_relaxed); };
   ctx.client_writes = [] {
     const RequestCounters& c = g_state->counters;
@@ -270,6 +271,7 @@ int livemig_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* 
 
 int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
+  RequestTimer timer(st.guest_latency);
   if (st.engine->read(buf, count, offset) < 0) return fail("pread", count, offset);
   st.counters.pread.add(count);
   st.heat->record_read(offset, count);
@@ -278,6 +280,7 @@ int livemig_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t fl
 
 int livemig_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
+  RequestTimer timer(st.guest_latency);
   const uint32_t fua = flags & NBDKIT_FLAG_FUA ? kForwardFua : 0;
   ForwardPayload request{ForwardOp::Write, fua, offset, count, {static_cast<const uint8_t*>(buf), count}};
   if (st.engine->change(request) < 0) return fail("pwrite", count, offset);
@@ -295,6 +298,7 @@ int livemig_flush(void*, uint32_t flags) {
 
 int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
+  RequestTimer timer(st.guest_latency);
   const uint32_t fua = flags & NBDKIT_FLAG_FUA ? kForwardFua : 0;
   if (st.engine->change(ForwardPayload{ForwardOp::Trim, fua, offset, count, {}}) < 0) return fail("trim", count, offset);
   st.counters.trim.add(count);
@@ -304,6 +308,7 @@ int livemig_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 
 int livemig_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   PluginState& st = state();
+  RequestTimer timer(st.guest_latency);
   const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
   const uint32_t request_flags =
       (flags & NBDKIT_FLAG_FUA ? kForwardFua : 0) | (flags & NBDKIT_FLAG_MAY_TRIM ? kForwardMayTrim : 0);

@@ -645,6 +645,20 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
 
 // ---------------------------------------------------------------- control
 
+// Guest first: what the migration must not raise is the guest's latency over
+// the last 10-15 s (unless the operator gave a baseline: then it is trusted
+// as if measured over enough requests).
+void MigrationEngine::measure_guest_baseline(MigrationParams& p) const {
+  if (p.guest_latency_bound == 0 || !ctx_.guest_latency) return;
+  if (p.guest_baseline_p99_ns != 0) {
+    p.guest_baseline_requests = std::max(p.guest_baseline_requests, LatencyPacer::kMinBaselineRequests);
+    return;
+  }
+  const GuestLatency::Window w = ctx_.guest_latency->baseline();
+  p.guest_baseline_requests = CumulativeHistogram::count(w.now, w.since);
+  p.guest_baseline_p99_ns = CumulativeHistogram::percentile(w.now, w.since, 0.99);
+}
+
 json MigrationEngine::migrate(const json& req) {
   auto params = MigrationParams::from_json(req, ctx_.handover_policy);
   if (!params) return error_reply(params.status().message());
@@ -674,6 +688,7 @@ json MigrationEngine::migrate(const json& req) {
   if (params->from.empty()) params->from = ctx_.listen;
   const SegmentGeometry& g = *ctx_.geometry;
   if (params->transfer_unit < g.block_size()) params->transfer_unit = g.block_size();
+  measure_guest_baseline(*params);
   auto link = connect(params->to);
   if (!link) return error_reply(fmt::format("cannot reach destination {}", link.status().message()));
   std::string id = new_migration_id();

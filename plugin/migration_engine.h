@@ -123,6 +123,7 @@ class MigrationEngine {
                        const nlohmann::json& params);
   Status accept_start(const std::shared_ptr<PeerLink>& link, const StartPayload& p, bool* had_copy);
   Status check_incoming(const EngineState& st, bool* had_copy);
+  void measure_guest_baseline(MigrationParams& p) const;
   Result<MigrationParams> destination_params(const StartPayload& p);
   Result<std::shared_ptr<PeerLink>> connect(const std::string& address);
   Status recover_source(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);

@@ -1,6 +1,7 @@
 // A token bucket for max_rate: bytes per second on the wire, with at most
 // 50 ms of burst. take() sleeps the calling thread as long as needed. One
-// thread uses a limiter (the source's pusher, the destination's puller).
+// thread uses a limiter (the source's pusher, the destination's puller);
+// set_rate() is called by that thread too (TransferPacer).
 #pragma once
 
 #include <algorithm>
@@ -14,6 +15,13 @@ class RateLimiter {
  public:
   explicit RateLimiter(uint64_t bytes_per_second) : rate_(bytes_per_second) {}
 
+  // 0: no cap.
+  void set_rate(uint64_t bytes_per_second) {
+    if (double(bytes_per_second) == rate_) return;
+    rate_ = double(bytes_per_second);
+    tokens_ = std::min(tokens_, rate_ * 0.05);
+  }
+
   void take(uint64_t bytes) {
     if (rate_ == 0) return;
     auto now = std::chrono::steady_clock::now();
@@ -26,7 +34,7 @@ class RateLimiter {
   }
 
  private:
-  const double rate_;
+  double rate_;
   std::chrono::steady_clock::time_point last_{};
   double tokens_ = 0;
 };

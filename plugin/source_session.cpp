@@ -57,7 +57,7 @@ SourceSession::SourceSession(EngineServices& s, std::string migration_id, Migrat
       owed_(s.geometry().block_count()),
       forward_(s.ctx.peer_timeout * 2),
       generation_(handover_generation),
-      limiter_(params_.max_rate),
+      pacer_(s.ctx.guest_latency, s.pacer_config(params_)),
       destination_io_(std::chrono::steady_clock::now()) {
   owed_.set_range({0, owed_.size()});
 }
@@ -650,7 +650,7 @@ bool SourceSession::push_unit(IndexRange unit) {
   }
   s_.stats.data_blocks_pushed.fetch_add(sent->data_blocks, std::memory_order_relaxed);
   // max_rate caps what crosses the wire: a hole's zero note costs a header.
-  limiter_.take(link->bytes_enqueued() - before);
+  pacer_.take(link->bytes_enqueued() - before);
   while (!link->wait_queue_below(kPushWindowBytes, std::chrono::milliseconds(200))) {
     if (link->closed() || stopping_) return false;
   }
@@ -1085,7 +1085,8 @@ nlohmann::json SourceSession::progress_json() {
             {"ready", ready_},
             {"converged", converged_},
             {"ready_reason", ready_reason_},
-            {"handover_generation", generation_}};
+            {"handover_generation", generation_},
+            {"pacing", pacer_.to_json()}};
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

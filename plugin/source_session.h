@@ -59,10 +59,10 @@
 #include "common/peer_link.h"
 #include "plugin/destination_io_trigger.h"
 #include "plugin/engine_context.h"
-#include "plugin/write_forward.h"
+#include "plugin/latency_pacer.h"
 #include "plugin/proxy_reader.h"
-#include "plugin/rate_limiter.h"
 #include "plugin/session_link.h"
+#include "plugin/write_forward.h"
 
 namespace livemig {
 
@@ -217,7 +217,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::deque<Push> unacked_;    // guarded by push_mu_
   uint64_t pushed_frames_ = 0;  // guarded by push_mu_: on the current link
 
-  RateLimiter limiter_;  // max_rate (worker only)
+  TransferPacer pacer_;  // max_rate and the guest-first bound (worker only)
   DestinationIoTrigger destination_io_;
 };
 

@@ -1,0 +1,72 @@
+#include "plugin/latency_pacer.h"
+
+#include <algorithm>
+
+namespace livemig {
+
+LatencyPacer::LatencyPacer(PacerConfig config)
+    : config_(config),
+      active_(config.bound > 0 && config.baseline_p99_ns > 0 && config.baseline_requests >= kMinBaselineRequests),
+      rate_(config.max_rate) {}
+
+uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds) {
+  if (!active_ || seconds <= 0) return rate();
+  windows_.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t moved = static_cast<uint64_t>(double(bytes) / seconds);
+  uint64_t rate = rate_.load(std::memory_order_relaxed);
+  const bool capped_by_us = rate != 0 && rate != config_.max_rate;
+  if (!capped_by_us) fastest_unpaced_ = std::max(fastest_unpaced_, moved);
+  if (requests < kMinRequests) p99_ns = 0;  // an idle guest: nothing to protect
+  last_p99_ns_.store(p99_ns, std::memory_order_relaxed);
+  const bool over = p99_ns > config_.bound * double(config_.baseline_p99_ns);
+  if (over) {
+    windows_over_.fetch_add(1, std::memory_order_relaxed);
+    const uint64_t from = rate == 0 ? moved : std::min(rate, std::max(moved, config_.min_rate));
+    rate = std::max(config_.min_rate, from / 2);
+  } else if (capped_by_us) {
+    rate += std::max(config_.min_rate, fastest_unpaced_ / 16);
+    if (rate > 2 * fastest_unpaced_) rate = 0;  // lifted
+  }
+  if (config_.max_rate != 0 && (rate == 0 || rate > config_.max_rate)) rate = config_.max_rate;
+  if (rate != 0) rate = std::max(rate, config_.min_rate);
+  rate_.store(rate, std::memory_order_relaxed);
+  return rate;
+}
+
+TransferPacer::TransferPacer(const GuestLatency* guest, PacerConfig config)
+    : guest_(guest), pacer_(guest ? config : PacerConfig{.max_rate = config.max_rate}), limiter_(config.max_rate) {}
+
+void TransferPacer::take(uint64_t bytes) {
+  if (pacer_.active()) {
+    const auto now = std::chrono::steady_clock::now();
+    window_bytes_ += bytes;
+    if (window_start_ == std::chrono::steady_clock::time_point{}) {
+      window_start_ = now;
+      window_start_counts_ = guest_->snapshot();
+    } else if (now - window_start_ >= LatencyPacer::kWindow) {
+      const auto counts = guest_->snapshot();
+      const uint64_t requests = CumulativeHistogram::count(counts, window_start_counts_);
+      const uint64_t p99 = CumulativeHistogram::percentile(counts, window_start_counts_, 0.99);
+      const double seconds = std::chrono::duration<double>(now - window_start_).count();
+      limiter_.set_rate(pacer_.on_window(requests, p99, window_bytes_, seconds));
+      window_start_ = now;
+      window_start_counts_ = counts;
+      window_bytes_ = 0;
+    }
+  }
+  limiter_.take(bytes);
+}
+
+nlohmann::json LatencyPacer::to_json() const {
+  return {{"guest_latency_bound", config_.bound},
+          {"active", active_},
+          {"baseline_p99_ms", double(config_.baseline_p99_ns) / 1e6},
+          {"baseline_requests", config_.baseline_requests},
+          {"window_p99_ms", double(last_p99_ns_.load(std::memory_order_relaxed)) / 1e6},
+          {"rate", rate()},
+          {"min_rate", config_.min_rate},
+          {"windows", windows_.load(std::memory_order_relaxed)},
+          {"windows_over_bound", windows_over_.load(std::memory_order_relaxed)}};
+}
+
+}  // namespace livemig

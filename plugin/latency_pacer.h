@@ -1,0 +1,92 @@
+// Guest first (Yang 2016): paces a migration's background transfer so that
+// the guest's request latency stays within `bound` times what it was before
+// the migration started.
+//
+// Design notes
+// ------------
+// AIMD on the transfer's rate, one decision per window (kWindow):
+//  - the window's p99 above bound x the baseline's p99: the rate halves
+//    (from what the transfer actually moved, when it was not capped yet),
+//    never below `min_rate`, so the migration always makes progress and
+//    still ends;
+//  - otherwise it grows by a sixteenth of the fastest unpaced rate seen (at
+//    least min_rate); once above twice that, the cap is lifted.
+// A window with fewer than kMinRequests guest requests says nothing about
+// the guest (it is idle: nothing to protect), and neither does a baseline of
+// fewer than kMinBaselineRequests: the pacer then leaves the rate alone.
+// `max_rate`, when set, stays the ceiling.
+// Pure logic: the caller measures (GuestLatency) and applies the rate
+// (RateLimiter); unit tests drive it with made-up windows.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "plugin/guest_latency.h"
+#include "plugin/rate_limiter.h"
+
+namespace livemig {
+
+struct PacerConfig {
+  double bound = 0;               // 0: no pacing
+  uint64_t min_rate = 0;          // bytes/s the transfer keeps at least
+  uint64_t max_rate = 0;          // bytes/s at most, 0 = no cap
+  uint64_t baseline_p99_ns = 0;   // the guest's p99 before the migration
+  uint64_t baseline_requests = 0; // how many requests that p99 is of
+};
+
+class LatencyPacer {
+ public:
+  static constexpr auto kWindow = std::chrono::milliseconds(250);
+  static constexpr uint64_t kMinRequests = 20;
+  static constexpr uint64_t kMinBaselineRequests = 200;
+
+  explicit LatencyPacer(PacerConfig config);
+
+  // True when the guest's latency steers the rate (bound set, baseline
+  // meaningful).
+  bool active() const { return active_; }
+  // One window's observation: the guest's requests in it and their p99,
+  // and the bytes the transfer moved in `seconds`. Returns the rate to
+  // apply, bytes/s (0 = no cap).
+  uint64_t on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds);
+  uint64_t rate() const { return rate_.load(std::memory_order_relaxed); }
+
+  // For status (any thread).
+  nlohmann::json to_json() const;
+
+ private:
+  const PacerConfig config_;
+  const bool active_;
+  std::atomic<uint64_t> rate_;         // 0 = no cap
+  uint64_t fastest_unpaced_ = 0;       // bytes/s
+  std::atomic<uint64_t> last_p99_ns_{0};
+  std::atomic<uint64_t> windows_over_{0}, windows_{0};
+};
+
+// The rate of one background transfer (the source's pushes, the
+// destination's background pulls): max_rate, lowered while the guest
+// suffers. One thread calls take(); to_json() from any.
+class TransferPacer {
+ public:
+  // `guest` may be null (no measure: max_rate only).
+  TransferPacer(const GuestLatency* guest, PacerConfig config);
+  // The transfer moved `bytes` more: decides the rate again once a window,
+  // then sleeps as long as the rate requires.
+  void take(uint64_t bytes);
+  nlohmann::json to_json() const { return pacer_.to_json(); }
+
+ private:
+  const GuestLatency* const guest_;
+  LatencyPacer pacer_;
+  RateLimiter limiter_;
+  CumulativeHistogram::Counts window_start_counts_{};
+  std::chrono::steady_clock::time_point window_start_{};
+  uint64_t window_bytes_ = 0;
+};
+
+}  // namespace livemig

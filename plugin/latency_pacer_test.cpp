@@ -1,0 +1,126 @@
+#include "plugin/latency_pacer.h"
+
+#include <catch2/catch.hpp>
+
+#include "plugin/guest_latency.h"
+
+using livemig::CumulativeHistogram;
+using livemig::GuestLatency;
+using livemig::LatencyPacer;
+using livemig::PacerConfig;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr uint64_t MiB = 1 << 20;
+constexpr uint64_t kBaseline = 100'000;  // ns
+
+PacerConfig config(double bound = 1.2, uint64_t max_rate = 0) {
+  return {.bound = bound, .min_rate = 16 * MiB, .max_rate = max_rate, .baseline_p99_ns = kBaseline,
+          .baseline_requests = 10'000};
+}
+
+// A window of `seconds` in which the transfer moved `rate` bytes/s and the
+// guest's p99 was `p99` ns over 1000 requests.
+uint64_t window(LatencyPacer& p, uint64_t rate, uint64_t p99, double seconds = 0.25) {
+  return p.on_window(1000, p99, static_cast<uint64_t>(double(rate) * seconds), seconds);
+}
+
+}  // namespace
+
+TEST_CASE("histogram: buckets are within 1/8 of a power of two; percentiles come from the window only") {
+  for (uint64_t v : {0ull, 7ull, 8ull, 100ull, 4096ull, 123'456ull, 10'000'000'000ull}) {
+    uint64_t mid = CumulativeHistogram::bucket_middle(CumulativeHistogram::bucket_of(v));
+    CHECK(double(mid) >= double(v) * 0.93);
+    CHECK(double(mid) <= double(v) * 1.07 + 1);
+  }
+  CumulativeHistogram h;
+  for (int i = 0; i < 1000; ++i) h.add(1'000'000);  // before the window: 1 ms
+  auto before = h.snapshot();
+  for (int i = 0; i < 990; ++i) h.add(10'000);  // 10 us
+  for (int i = 0; i < 10; ++i) h.add(500'000);  // 500 us, the slowest 1%
+  auto after = h.snapshot();
+  CHECK(CumulativeHistogram::count(after, before) == 1000);
+  CHECK(CumulativeHistogram::percentile(after, before, 0.5) == Approx(10'000).epsilon(0.07));
+  CHECK(CumulativeHistogram::percentile(after, before, 0.99) == Approx(10'000).epsilon(0.07));
+  CHECK(CumulativeHistogram::percentile(after, before, 0.995) == Approx(500'000).epsilon(0.07));
+  CHECK(CumulativeHistogram::percentile(after, after, 0.99) == 0);
+}
+
+TEST_CASE("guest latency: a request that waited for the peer is left out; the next one counts") {
+  GuestLatency g;
+  auto t0 = GuestLatency::Clock::now();
+  GuestLatency::begin_request();
+  GuestLatency::skip_current_request();
+  g.record(t0, t0 + 5ms);
+  GuestLatency::begin_request();
+  g.record(t0, t0 + 20us);
+  auto b = g.baseline();
+  CHECK(CumulativeHistogram::count(b.now, b.since) == 1);
+  CHECK(CumulativeHistogram::percentile(b.now, b.since, 1.0) == Approx(20'000).epsilon(0.07));
+}
+
+TEST_CASE("guest latency: the baseline covers the last 10-15 s, not what came before") {
+  GuestLatency g;
+  auto t0 = GuestLatency::Clock::time_point{} + 1000s;
+  for (int i = 0; i < 100; ++i) g.record(t0, t0 + 1ms);  // slow, long ago
+  for (int s = 1; s <= 20; ++s)
+    for (int i = 0; i < 10; ++i) g.record(t0 + std::chrono::seconds(s), t0 + std::chrono::seconds(s) + 10us);
+  auto b = g.baseline();
+  uint64_t n = CumulativeHistogram::count(b.now, b.since);
+  CHECK(n >= 100);  // at least 10 s of 10 requests a second
+  CHECK(n <= 160);
+  CHECK(CumulativeHistogram::percentile(b.now, b.since, 0.99) == Approx(10'000).epsilon(0.07));
+}
+
+TEST_CASE("pacer: a guest within its bound leaves the transfer unpaced") {
+  LatencyPacer p(config());
+  REQUIRE(p.active());
+  for (int i = 0; i < 20; ++i) CHECK(window(p, 100 * MiB, kBaseline * 11 / 10) == 0);
+}
+
+TEST_CASE("pacer: a guest over its bound halves the rate down to min_rate, never below") {
+  LatencyPacer p(config());
+  CHECK(window(p, 100 * MiB, kBaseline * 2) == 50 * MiB);
+  CHECK(window(p, 50 * MiB, kBaseline * 2) == 25 * MiB);
+  CHECK(window(p, 25 * MiB, kBaseline * 2) == 16 * MiB);  // the floor: the migration still ends
+  CHECK(window(p, 16 * MiB, kBaseline * 5) == 16 * MiB);
+  CHECK(p.to_json()["windows_over_bound"] == 4);
+}
+
+TEST_CASE("pacer: once the guest recovers the rate climbs back and the cap is lifted") {
+  LatencyPacer p(config());
+  window(p, 100 * MiB, kBaseline);  // the fastest unpaced rate seen
+  uint64_t rate = window(p, 100 * MiB, kBaseline * 3);
+  REQUIRE(rate == 50 * MiB);
+  int windows = 0;
+  while (rate != 0 && windows < 100) {
+    uint64_t next = window(p, rate, kBaseline);
+    if (next != 0) CHECK(next > rate);
+    rate = next;
+    ++windows;
+  }
+  CHECK(rate == 0);
+  CHECK(windows <= 40);
+}
+
+TEST_CASE("pacer: max_rate stays the ceiling, paced or not") {
+  LatencyPacer p(config(1.2, 40 * MiB));
+  CHECK(window(p, 40 * MiB, kBaseline) == 40 * MiB);
+  CHECK(window(p, 40 * MiB, kBaseline * 2) == 20 * MiB);
+  for (int i = 0; i < 50; ++i) CHECK(window(p, 40 * MiB, kBaseline) <= 40 * MiB);
+  CHECK(p.rate() == 40 * MiB);
+}
+
+TEST_CASE("pacer: an idle guest, a thin baseline or no bound pace nothing") {
+  LatencyPacer idle(config());
+  CHECK(idle.on_window(5, kBaseline * 10, 25 * MiB, 0.25) == 0);  // 5 requests: not a signal
+  PacerConfig thin = config();
+  thin.baseline_requests = 50;
+  LatencyPacer p(thin);
+  CHECK_FALSE(p.active());
+  CHECK(window(p, 100 * MiB, kBaseline * 10) == 0);
+  LatencyPacer off(config(0));
+  CHECK_FALSE(off.active());
+  CHECK(window(off, 100 * MiB, kBaseline * 10) == 0);
+}

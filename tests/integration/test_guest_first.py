@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Guest first (issue #18): a migration slows its background transfer while
+the guest's request latency is above guest_latency_bound times its latency
+before the migration, never below min_rate, and still ends."""
+
+import os
+import time
+
+import lmtest
+import migration as mig
+from lmtest import MiB, test
+
+SIZE = 64 * MiB
+DATA = 24 * MiB
+REGION = f"{32 * MiB}:{8 * MiB}"  # the guest writes beside the data, not over it
+# max_rate keeps the transfer slow enough on loopback for the pacer to see
+# several 250 ms windows of the guest; min_rate is the pacing's floor.
+MAX_RATE, MIN_RATE = 16 * MiB, 4 * MiB
+
+
+def migrate_under_a_guest(mode, **params):
+    """Migrates SIZE with DATA while a guest writes 400 times a second at
+    the source, then at the destination; returns (seconds to Done, the
+    source's status at handover, the destination's status at Done). Every
+    byte the guest wrote is checked at the destination."""
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+        journal = os.path.join(lmtest.tmp_dir("journal"), "journal")
+        writer = mig.Writer(src.uri, REGION, journal, rate=400, duration=60)
+        time.sleep(1.0)  # the guest's latency before the migration
+        t0 = time.monotonic()
+        mig.migrate(src, dst, mode, handover="auto", **params)
+        st_src = mig.wait_phase(src, ["PostCopy", "Done"], timeout=90)
+        writer.switch(dst.uri)
+        st_dst = mig.wait_phase(dst, ["Done"], timeout=90)
+        seconds = time.monotonic() - t0
+        lmtest._kill(writer.proc)  # it would write for a minute: enough
+        rc, out = mig.verify_journal(dst.uri, journal, "--region", REGION, "--initial", "zero")
+        assert rc == 0, f"the destination lost the guest's writes:\n{out}"
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
+        return seconds, st_src, st_dst
+
+
+@test
+def a_guest_over_its_latency_bound_slows_precopy_to_min_rate_and_the_migration_still_ends():
+    # A 1 ns baseline: every window of the guest's requests is over the
+    # bound, so the pusher must fall to min_rate (and stay there).
+    paced, st_src, _ = migrate_under_a_guest("precopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
+                                             min_rate=MIN_RATE, max_rate=MAX_RATE)
+    pacing = st_src["migration"]["pacing"]
+    assert pacing["active"] and pacing["windows_over_bound"] >= 2, pacing
+    assert pacing["rate"] == MIN_RATE, pacing
+    assert paced >= 0.5 * DATA / MIN_RATE, f"{DATA // MiB} MiB in {paced:.1f} s: faster than min_rate allows"
+    unpaced, st_src, _ = migrate_under_a_guest("precopy", guest_latency_bound=0, max_rate=MAX_RATE)
+    pacing = st_src["migration"]["pacing"]
+    assert not pacing["active"] and pacing["windows"] == 0, pacing
+    assert unpaced < paced / 2, f"unpaced {unpaced:.1f} s, paced {paced:.1f} s: pacing made no difference"
+
+
+@test
+def a_guest_within_its_bound_is_not_slowed():
+    # A 10 s baseline: no window of this guest is over 1.2 x 10 s.
+    seconds, st_src, _ = migrate_under_a_guest("precopy", guest_latency_bound=1.2,
+                                               guest_baseline_p99_ns=10_000_000_000, min_rate=MIN_RATE,
+                                               max_rate=MAX_RATE)
+    pacing = st_src["migration"]["pacing"]
+    assert pacing["active"] and pacing["windows"] >= 2, pacing
+    assert pacing["windows_over_bound"] == 0 and pacing["rate"] == MAX_RATE, pacing
+    assert seconds < 0.5 * DATA / MIN_RATE, f"{seconds:.1f} s: as slow as min_rate"
+
+
+@test
+def the_destination_paces_background_pulls_with_the_baseline_the_source_measured():
+    _, st_src, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
+                                              min_rate=MIN_RATE, max_rate=MAX_RATE)
+    src_params, dst_params = st_src["migration"]["params"], st_dst["migration"]["params"]
+    assert dst_params["guest_baseline_p99_ns"] == src_params["guest_baseline_p99_ns"] == 1, (src_params, dst_params)
+    pacing = st_dst["migration"]["pacing"]
+    assert pacing["active"] and pacing["windows_over_bound"] >= 2 and pacing["rate"] == MIN_RATE, pacing
+
+
+@test
+def auto_measures_the_guests_baseline_when_the_migration_starts():
+    _, st_src, _ = migrate_under_a_guest("auto")
+    params, pacing = st_src["migration"]["params"], st_src["migration"]["pacing"]
+    assert params["guest_latency_bound"] == 1.2, params
+    # 400 writes a second for at least 1 s before the migrate request.
+    assert params["guest_baseline_requests"] >= 300 and params["guest_baseline_p99_ns"] > 0, params
+    assert pacing["baseline_requests"] == params["guest_baseline_requests"], pacing
+
+
+@test
+def bad_pacing_parameters_are_refused_with_the_field_named():
+    with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
+        for params, words in (({"guest_latency_bound": 0.5}, "guest_latency_bound"),
+                              ({"guest_latency_bound": "fast"}, "guest_latency_bound"),
+                              ({"min_rate": 0}, "min_rate"),
+                              ({"min_rate": 64 * MiB, "max_rate": 8 * MiB}, "min_rate")):
+            reply = src.control({"op": "migrate", "mode": "auto", "to": f"127.0.0.1:{mig.peer_port(dst)}",
+                                 **params})
+            assert not reply.get("ok") and words in reply.get("error", ""), (params, reply)
+        assert mig.status(src)["phase"] in ("Idle", "None", None) or not mig.status(src).get("migration"), \
+            mig.status(src)
+
+
+if __name__ == "__main__":
+    lmtest.main()
