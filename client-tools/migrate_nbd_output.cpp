@@ -119,6 +119,16 @@ std::string read_delay_text(const json& m) {
                      num(d, "p50"), num(d, "p99"), num(d, "max"), count(d, "count"));
 }
 
+// Guest-first pacing: the rate it holds the transfer to, and why.
+std::string pacing_text(const json& m) {
+  const json& pc = object(m, "pacing");
+  if (!flag(pc, "active")) return num(pc, "guest_latency_bound") > 0 ? "off (too few guest requests to measure)" : "off";
+  const std::string rate = num(pc, "rate") > 0 ? "held to " + format_rate(num(pc, "rate")) : "not slowed";
+  return fmt::format("{}: guest p99 {:.2f} ms, bound {}x its {:.2f} ms before ({} of {} windows over)", rate,
+                     num(pc, "window_p99_ms"), num(pc, "guest_latency_bound"), num(pc, "baseline_p99_ms"),
+                     count(pc, "windows_over_bound"), count(pc, "windows"));
+}
+
 std::string error_of(const json& st, const json& m) {
   std::string e = str(m, "last_error");
   return e.empty() ? str(st, "last_error") : e;
@@ -181,6 +191,7 @@ std::string render_status(const SideStatus& s) {
     sub("elapsed", format_seconds(num(m, "elapsed_seconds", -1)));
     sub("pulls", fmt::format("{} demand, {} background", count(m, "demand_pulls"), count(m, "background_pulls")));
     sub("read delay", read_delay_text(m));
+    if (m.contains("pacing")) sub("guest first", pacing_text(m));
     if (count(m, "reconnects") > 0 || count(m, "pull_errors") > 0)
       sub("reconnects", fmt::format("{} ({} pull errors)", count(m, "reconnects"), count(m, "pull_errors")));
     if (count(m, "blocks_resynced") > 0)

@@ -527,6 +527,11 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
     b = run.last;
   }
   unlock_segments(segs);
+  // Start the writeback now, as pushes do: left to the persister's
+  // fdatasync, a second of pulled data (100 MiB on a 1 Gbit/s link) was
+  // written back and block-allocated in one go, and the guest's writes
+  // queued behind it on the file's locks (dips to zero IOPS for 1-2 s).
+  if (status && !zero) s_.image().start_writeback(p.length, p.offset);
   {
     std::lock_guard lock(mu_);
     if (status.errno_value() == ENOSPC)

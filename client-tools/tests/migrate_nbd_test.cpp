@@ -125,6 +125,20 @@ TEST_CASE("status shows phase, progress and the migration's measures") {
   CHECK(line.find("Sync 75.0% 12288/16384 blocks") != std::string::npos);
 }
 
+TEST_CASE("status says how guest-first pacing holds the migration back, and when it cannot") {
+  json pacing = {{"active", true},           {"guest_latency_bound", 1.2}, {"baseline_p99_ms", 0.4},
+                 {"window_p99_ms", 0.9},     {"rate", 32 << 20},          {"windows", 40},
+                 {"windows_over_bound", 7}};
+  json st = {{"role", "source"}, {"phase", "PreCopy"}, {"block_size", 4096},
+             {"migration", {{"mode", "auto"}, {"blocks_total", 100}, {"blocks_left", 50}, {"pacing", pacing}}}};
+  std::string text = render_status(SideStatus{"from", "127.0.0.1:1", st});
+  CHECK(text.find("held to 32 MiB/s: guest p99 0.90 ms, bound 1.2x its 0.40 ms before (7 of 40 windows over)") !=
+        std::string::npos);
+  st["migration"]["pacing"] = {{"active", false}, {"guest_latency_bound", 1.2}};
+  CHECK(render_status(SideStatus{"from", "127.0.0.1:1", st}).find("off (too few guest requests to measure)") !=
+        std::string::npos);
+}
+
 TEST_CASE("a side that does not answer is shown with its error") {
   SideStatus s{"to", "127.0.0.1:2", livemig::Status::error("cannot reach 127.0.0.1:2: Connection refused")};
   CHECK(render_watch_line("t", {s}).find("unreachable: cannot reach") != std::string::npos);
