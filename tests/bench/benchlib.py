@@ -199,6 +199,16 @@ class Plugin:
     def status(self):
         return self.control({"op": "status"})
 
+    def guest_requests(self):
+        """The requests this server's NBD clients (the guest) made so far:
+        the plugin's request counters (stats), every operation summed."""
+        st = self.control({"op": "stats", "top": 0})
+        return sum(c.get("count", 0) for c in st.get("requests", {}).values() if isinstance(c, dict))
+
+    def cpu_seconds(self):
+        """utime + stime of nbdkit so far, all its threads (None once it is gone)."""
+        return cpu_seconds(self.proc.pid)
+
     def stop(self):
         stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -668,7 +678,8 @@ class NbdkitFile:
 
 
 def cpu_seconds(pid):
-    """utime + stime of a live process in seconds, or None."""
+    """utime + stime of a live process in seconds, or None: /proc/PID/stat
+    of the thread group, every thread's time (the exited ones' too)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
