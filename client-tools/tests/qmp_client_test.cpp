@@ -10,9 +10,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -25,6 +27,21 @@ namespace {
 
 const char* kGreeting = R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": []}})";
 
+// Catch2's assertions are not thread-safe: what the fake monitor's thread
+// finds wrong is recorded here, and ~FakeMonitor reports it on the test's
+// thread (TSan saw the races the direct CHECKs made).
+std::mutex script_failures_mu;
+std::vector<std::string> script_failures;  // guarded by script_failures_mu
+
+void script_check(bool ok, const char* what, int line) {
+  if (ok) return;
+  std::lock_guard lock(script_failures_mu);
+  script_failures.push_back("line " + std::to_string(line) + ": " + what);
+}
+
+#define SCRIPT_CHECK(cond) script_check(static_cast<bool>(cond), #cond, __LINE__)
+#define SCRIPT_CHECK_FALSE(cond) script_check(!(cond), "!(" #cond ")", __LINE__)
+
 // Reads one line (without '\n') from fd; empty at EOF.
 std::string read_line(int fd) {
   std::string line;
@@ -35,7 +52,7 @@ std::string read_line(int fd) {
 
 void write_line(int fd, const std::string& s) {
   std::string out = s + "\r\n";  // QEMU ends its lines so
-  REQUIRE(::write(fd, out.data(), out.size()) == static_cast<ssize_t>(out.size()));
+  SCRIPT_CHECK(::write(fd, out.data(), out.size()) == static_cast<ssize_t>(out.size()));
 }
 
 // The id of a command line the client sent.
@@ -70,6 +87,12 @@ class FakeMonitor {
     ::close(listener_);
     ::unlink(path_.c_str());
     ::rmdir(dir_.c_str());
+    std::vector<std::string> failures;
+    {
+      std::lock_guard lock(script_failures_mu);
+      failures.swap(script_failures);
+    }
+    for (const std::string& f : failures) FAIL_CHECK("the fake monitor's script: " << f);
   }
   const std::string& path() const { return path_; }
 
@@ -84,7 +107,7 @@ class FakeMonitor {
 void handshake(int fd) {
   write_line(fd, kGreeting);
   std::string caps = read_line(fd);
-  CHECK(json::parse(caps)["execute"] == "qmp_capabilities");
+  SCRIPT_CHECK(json::parse(caps)["execute"] == "qmp_capabilities");
   write_line(fd, reply(id_of(caps), json::object()));
 }
 
@@ -115,8 +138,8 @@ TEST_CASE("connecting negotiates capabilities and a command returns its reply") 
     handshake(fd);
     std::string cmd = read_line(fd);
     json j = json::parse(cmd);
-    CHECK(j["execute"] == "query-status");
-    CHECK_FALSE(j.contains("arguments"));
+    SCRIPT_CHECK(j["execute"] == "query-status");
+    SCRIPT_CHECK_FALSE(j.contains("arguments"));
     write_line(fd, reply(id_of(cmd), {{"status", "running"}, {"running", true}}));
     read_line(fd);  // until the client hangs up
   });
@@ -132,7 +155,7 @@ TEST_CASE("events between a command and its reply are queued, not taken for the 
   FakeMonitor mon([](int fd) {
     handshake(fd);
     std::string cmd = read_line(fd);
-    CHECK(json::parse(cmd)["arguments"]["uri"] == "tcp:127.0.0.1:4444");
+    SCRIPT_CHECK(json::parse(cmd)["arguments"]["uri"] == "tcp:127.0.0.1:4444");
     write_line(fd, R"({"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": {}})");
     write_line(fd, R"({"event": "MIGRATION_PASS", "data": {"pass": 1}, "timestamp": {}})");
     write_line(fd, reply(id_of(cmd), json::object()));
