@@ -27,6 +27,10 @@ constexpr uint64_t kPushSyncBytes = 8u << 20;
 constexpr size_t kServeWindowBytes = 16u << 20;
 // After a background pull failed (the source's read error, this disk full).
 constexpr auto kBackgroundPause = std::chrono::seconds(1);
+// Guest-first pacing of background pulls re-measures this side's own
+// baseline one window in 16 (every 4 s).
+constexpr unsigned kPacerProbeEvery = 16;
+
 // Demand pulls that failed, remembered for their readers at most.
 constexpr size_t kMaxFailedPulls = 4096;
 
@@ -37,7 +41,7 @@ DestinationSession::DestinationSession(EngineServices& s, std::string migration_
       id_(std::move(migration_id)),
       params_(std::move(params)),
       proxy_(s.ctx.peer_timeout * 2),
-      pacer_(s.ctx.guest_latency, s.pacer_config(params_)) {}
+      pacer_(s.ctx.guest_latency, s.pacer_config(params_, kPacerProbeEvery)) {}
 
 DestinationSession::~DestinationSession() { stop(); }
 

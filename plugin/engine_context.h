@@ -88,9 +88,12 @@ struct EngineServices {
   ImageFile& image() const { return *ctx.image; }
   HeatMap& heat() const { return **ctx.heat_slot; }
   // A migration's transfer pacing: max_rate, and the guest-first bound.
-  PacerConfig pacer_config(const MigrationParams& p) const {
+  // probe_every: see LatencyPacer (the destination probes; the source
+  // measured its baseline itself).
+  PacerConfig pacer_config(const MigrationParams& p, unsigned probe_every = 0) const {
     return {.bound = p.guest_latency_bound, .min_rate = p.min_rate, .max_rate = p.max_rate,
-            .baseline_p99_ns = p.guest_baseline_p99_ns, .baseline_requests = p.guest_baseline_requests};
+            .baseline_p99_ns = p.guest_baseline_p99_ns, .baseline_requests = p.guest_baseline_requests,
+            .probe_every = probe_every};
   }
   void log(const std::string& m) const { ctx.log(m); }
 };

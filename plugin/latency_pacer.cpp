@@ -11,14 +11,35 @@ LatencyPacer::LatencyPacer(PacerConfig config)
 
 uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds) {
   if (!active_ || seconds <= 0) return rate();
-  windows_.fetch_add(1, std::memory_order_relaxed);
-  const uint64_t moved = static_cast<uint64_t>(double(bytes) / seconds);
+  const uint64_t n = windows_.fetch_add(1, std::memory_order_relaxed) + 1;
+  if (requests < kMinRequests) p99_ns = 0;  // an idle guest: nothing to protect
+  last_p99_ns_.store(p99_ns, std::memory_order_relaxed);
+  uint64_t rate;
+  if (probing_) {
+    // The transfer was held to min_rate: the guest's latency here with
+    // (almost) no migration traffic.
+    if (p99_ns != 0) local_baseline_ns_.store(p99_ns, std::memory_order_relaxed);
+    probing_ = false;
+    rate = rate_before_probe_;
+  } else {
+    rate = next_rate(p99_ns, static_cast<uint64_t>(double(bytes) / seconds));
+  }
+  if (config_.probe_every != 0 && (n == 1 || n % config_.probe_every == 0)) {
+    probes_.fetch_add(1, std::memory_order_relaxed);
+    probing_ = true;
+    rate_before_probe_ = rate;
+    rate = config_.min_rate;
+  }
+  rate_.store(rate, std::memory_order_relaxed);
+  return rate;
+}
+
+uint64_t LatencyPacer::next_rate(uint64_t p99_ns, uint64_t moved) {
   uint64_t rate = rate_.load(std::memory_order_relaxed);
   const bool capped_by_us = rate != 0 && rate != config_.max_rate;
   if (!capped_by_us) fastest_unpaced_ = std::max(fastest_unpaced_, moved);
-  if (requests < kMinRequests) p99_ns = 0;  // an idle guest: nothing to protect
-  last_p99_ns_.store(p99_ns, std::memory_order_relaxed);
-  const bool over = p99_ns > config_.bound * double(config_.baseline_p99_ns);
+  const uint64_t baseline = std::max(config_.baseline_p99_ns, local_baseline_ns_.load(std::memory_order_relaxed));
+  const bool over = p99_ns > config_.bound * double(baseline);
   if (over) {
     windows_over_.fetch_add(1, std::memory_order_relaxed);
     const uint64_t from = rate == 0 ? moved : std::min(rate, std::max(moved, config_.min_rate));
@@ -29,7 +50,6 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
   }
   if (config_.max_rate != 0 && (rate == 0 || rate > config_.max_rate)) rate = config_.max_rate;
   if (rate != 0) rate = std::max(rate, config_.min_rate);
-  rate_.store(rate, std::memory_order_relaxed);
   return rate;
 }
 
@@ -62,6 +82,8 @@ nlohmann::json LatencyPacer::to_json() const {
           {"active", active_},
           {"baseline_p99_ms", double(config_.baseline_p99_ns) / 1e6},
           {"baseline_requests", config_.baseline_requests},
+          {"local_baseline_p99_ms", double(local_baseline_ns_.load(std::memory_order_relaxed)) / 1e6},
+          {"probes", probes_.load(std::memory_order_relaxed)},
           {"window_p99_ms", double(last_p99_ns_.load(std::memory_order_relaxed)) / 1e6},
           {"rate", rate()},
           {"min_rate", config_.min_rate},

@@ -15,6 +15,12 @@
 // the guest (it is idle: nothing to protect), and neither does a baseline of
 // fewer than kMinBaselineRequests: the pacer then leaves the rate alone.
 // `max_rate`, when set, stays the ceiling.
+// The destination's guest runs on another disk than the source's, often
+// slower while blocks are being allocated: judged against the source's
+// baseline alone it would hold post-copy at min_rate for nothing. So it
+// probes (probe_every): one window in 16 the transfer is held to min_rate
+// and the guest's p99 then becomes the local baseline (the bound applies to
+// the higher of the two).
 // Pure logic: the caller measures (GuestLatency) and applies the rate
 // (RateLimiter); unit tests drive it with made-up windows.
 #pragma once
@@ -37,6 +43,10 @@ struct PacerConfig {
   uint64_t max_rate = 0;          // bytes/s at most, 0 = no cap
   uint64_t baseline_p99_ns = 0;   // the guest's p99 before the migration
   uint64_t baseline_requests = 0; // how many requests that p99 is of
+  // Every this many windows (and after the first), hold the transfer to
+  // min_rate for one window and take the guest's p99 then as this side's
+  // own baseline, when higher (0: never).
+  unsigned probe_every = 0;
 };
 
 class LatencyPacer {
@@ -55,6 +65,7 @@ class LatencyPacer {
   // apply, bytes/s (0 = no cap).
   uint64_t on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds);
   uint64_t rate() const { return rate_.load(std::memory_order_relaxed); }
+  bool probing() const { return probing_; }
 
   // For status (any thread).
   nlohmann::json to_json() const;
@@ -64,6 +75,12 @@ class LatencyPacer {
   const bool active_;
   std::atomic<uint64_t> rate_;         // 0 = no cap
   uint64_t fastest_unpaced_ = 0;       // bytes/s
+  uint64_t next_rate(uint64_t p99_ns, uint64_t moved);
+
+  bool probing_ = false;
+  uint64_t rate_before_probe_ = 0;
+  std::atomic<uint64_t> local_baseline_ns_{0};
+  std::atomic<uint64_t> probes_{0};
   std::atomic<uint64_t> last_p99_ns_{0};
   std::atomic<uint64_t> windows_over_{0}, windows_{0};
 };

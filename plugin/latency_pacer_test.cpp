@@ -124,3 +124,26 @@ TEST_CASE("pacer: an idle guest, a thin baseline or no bound pace nothing") {
   CHECK_FALSE(off.active());
   CHECK(window(off, 100 * MiB, kBaseline * 10) == 0);
 }
+
+TEST_CASE("pacer: a probe window at min_rate sets this side's own baseline, so a slower disk is not a reason to crawl") {
+  PacerConfig c = config();
+  c.probe_every = 4;
+  LatencyPacer p(c);
+  const uint64_t local = kBaseline * 3;  // this side's guest is 3x slower, migration or not
+  CHECK(window(p, 100 * MiB, local) == 16 * MiB);  // over the source's baseline; and the first probe starts
+  CHECK(p.probing());
+  CHECK(window(p, 16 * MiB, local) == 50 * MiB);  // the probe ends: back to the rate before it
+  CHECK(p.to_json()["local_baseline_p99_ms"] == Approx(local / 1e6));
+  CHECK(window(p, 50 * MiB, local * 11 / 10) > 50 * MiB);  // within 1.2x of the local baseline: climbs
+  CHECK(window(p, 60 * MiB, local * 2) == 16 * MiB);  // 4th window: over, halved, then probing again
+  CHECK(p.probing());
+  CHECK(p.to_json()["probes"] == 2);
+}
+
+TEST_CASE("pacer: without probes the source's baseline alone judges the guest") {
+  LatencyPacer p(config());
+  CHECK(window(p, 100 * MiB, kBaseline * 3) == 50 * MiB);
+  CHECK(window(p, 50 * MiB, kBaseline * 3) == 25 * MiB);
+  CHECK_FALSE(p.probing());
+  CHECK(p.to_json()["probes"] == 0);
+}
