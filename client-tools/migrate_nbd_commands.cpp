@@ -345,6 +345,12 @@ Result<json> migrate_request(const StartOptions& o) {
       return Status::error(fmt::format("--guest-latency-bound {}: must be 0 (off) or a factor from 1 to 1000", b));
     req["guest_latency_bound"] = b;
   }
+  if (o.max_slowdown) {
+    const double f = *o.max_slowdown;
+    if (f != 0 && !(f >= 1 && f <= 1000))
+      return Status::error(fmt::format("--max-slowdown {}: must be 0 (no limit) or a factor from 1 to 1000", f));
+    req["max_slowdown"] = f;
+  }
   if (o.interval <= 0) return Status::error("--interval must be more than 0 seconds");
   if (Status s = add_policy(o, req); !s) return s;
   return req;

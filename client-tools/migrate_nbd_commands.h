@@ -45,6 +45,7 @@ struct StartOptions : CommonOptions {
   std::string min_rate;  // guest-first pacing's floor
   std::string transfer_unit;
   std::optional<double> guest_latency_bound;  // unset: the mode's default
+  std::optional<double> max_slowdown;         // unset: the mode's default
   std::optional<unsigned> max_rounds;
   // Heat-driven modes (livefs, hybrid, auto); empty/unset: the mode's default.
   std::string threshold;  // a number, or "max"

@@ -31,6 +31,10 @@ void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
       ->type_name("FACTOR");
   app->add_option("--min-rate", o.min_rate, "the slowest that --guest-latency-bound makes the migration (default 16M)")
       ->type_name("RATE");
+  app->add_option("--max-slowdown", o.max_slowdown,
+                  "the most --guest-latency-bound may slow the transfer, as a factor of its unpaced rate (0: no "
+                  "limit but --min-rate; default 1.3 for auto, 0 for the other modes)")
+      ->type_name("FACTOR");
   app->add_option("--max-rounds", o.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
       ->type_name("N");
   app->add_option("--transfer-unit", o.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");

@@ -78,6 +78,11 @@ Status parse_pacing(const json& j, MigrationParams& p) {
   if (*bound != 0 && !(*bound >= 1 && *bound <= 1000))
     return Status::error("migrate: \"guest_latency_bound\" must be 0 (no pacing) or a factor from 1 to 1000");
   p.guest_latency_bound = *bound;
+  auto slowdown = json_number(j, "max_slowdown", p.mode() == MigrationMode::Auto ? kDefaultMaxSlowdown : 0, "migrate");
+  if (!slowdown) return slowdown.status();
+  if (*slowdown != 0 && !(*slowdown >= 1 && *slowdown <= 1000))
+    return Status::error("migrate: \"max_slowdown\" must be 0 (no limit) or a factor from 1 to 1000");
+  p.max_slowdown = *slowdown;
   auto min_rate = json_size(j, "min_rate", p.min_rate);
   auto p99 = json_size(j, "guest_baseline_p99_ns", 0);
   auto requests = json_size(j, "guest_baseline_requests", 0);
@@ -162,7 +167,7 @@ json MigrationParams::to_json() const {
           {"resume_timeout", resume_timeout},
           {"handover_size", handover_size}, {"max_rate", max_rate},
           {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit},
-          {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate},
+          {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate}, {"max_slowdown", max_slowdown},
           {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests}});
   return j;
 }

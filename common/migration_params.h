@@ -28,6 +28,7 @@ Result<HandoverPolicy> parse_handover_policy(const std::string& s);
 
 inline constexpr double kDefaultGuestLatencyBound = 1.2;
 inline constexpr uint64_t kDefaultMinRate = 16ull << 20;
+inline constexpr double kDefaultMaxSlowdown = 1.3;  // auto's time budget for pacing
 
 struct MigrationParams {
   std::string to;                   // destination HOST:PORT
@@ -47,6 +48,7 @@ struct MigrationParams {
   // migration starts (or given), and travels in START to the destination.
   double guest_latency_bound = 0;
   uint64_t min_rate = kDefaultMinRate;
+  double max_slowdown = 0;  // pacing keeps the rate >= fastest unpaced / this (0: min_rate only)
   uint64_t guest_baseline_p99_ns = 0;
   uint64_t guest_baseline_requests = 0;
   PolicyParams policy;                   // mode, threshold, weights, monitoring

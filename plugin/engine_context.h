@@ -93,7 +93,7 @@ struct EngineServices {
   PacerConfig pacer_config(const MigrationParams& p, unsigned probe_every = 0) const {
     return {.bound = p.guest_latency_bound, .min_rate = p.min_rate, .max_rate = p.max_rate,
             .baseline_p99_ns = p.guest_baseline_p99_ns, .baseline_requests = p.guest_baseline_requests,
-            .probe_every = probe_every};
+            .probe_every = probe_every, .max_slowdown = p.max_slowdown};
   }
   void log(const std::string& m) const { ctx.log(m); }
 };

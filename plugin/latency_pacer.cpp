@@ -42,15 +42,20 @@ uint64_t LatencyPacer::next_rate(uint64_t p99_ns, uint64_t moved) {
   const bool over = p99_ns > config_.bound * double(baseline);
   if (over) {
     windows_over_.fetch_add(1, std::memory_order_relaxed);
-    const uint64_t from = rate == 0 ? moved : std::min(rate, std::max(moved, config_.min_rate));
-    rate = std::max(config_.min_rate, from / 2);
+    const uint64_t from = rate == 0 ? moved : std::min(rate, std::max(moved, floor()));
+    rate = std::max(floor(), from / 2);
   } else if (capped_by_us) {
     rate += std::max(config_.min_rate, fastest_unpaced_ / 16);
     if (rate > 2 * fastest_unpaced_) rate = 0;  // lifted
   }
   if (config_.max_rate != 0 && (rate == 0 || rate > config_.max_rate)) rate = config_.max_rate;
-  if (rate != 0) rate = std::max(rate, config_.min_rate);
+  if (rate != 0) rate = std::max(rate, floor());
   return rate;
+}
+
+uint64_t LatencyPacer::floor() const {
+  if (config_.max_slowdown < 1) return config_.min_rate;
+  return std::max(config_.min_rate, static_cast<uint64_t>(double(fastest_unpaced_) / config_.max_slowdown));
 }
 
 TransferPacer::TransferPacer(const GuestLatency* guest, PacerConfig config)
@@ -87,6 +92,7 @@ nlohmann::json LatencyPacer::to_json() const {
           {"window_p99_ms", double(last_p99_ns_.load(std::memory_order_relaxed)) / 1e6},
           {"rate", rate()},
           {"min_rate", config_.min_rate},
+          {"max_slowdown", config_.max_slowdown},
           {"windows", windows_.load(std::memory_order_relaxed)},
           {"windows_over_bound", windows_over_.load(std::memory_order_relaxed)}};
 }

@@ -8,7 +8,9 @@
 //  - the window's p99 above bound x the baseline's p99: the rate halves
 //    (from what the transfer actually moved, when it was not capped yet),
 //    never below `min_rate`, so the migration always makes progress and
-//    still ends;
+//    still ends, nor below the fastest unpaced rate / `max_slowdown` (a
+//    time budget: auto's default 1.3 keeps the transfer within 1.3x of its
+//    unpaced time, whatever the guest);
 //  - otherwise it grows by a sixteenth of the fastest unpaced rate seen (at
 //    least min_rate); once above twice that, the cap is lifted.
 // A window with fewer than kMinRequests guest requests says nothing about
@@ -47,6 +49,9 @@ struct PacerConfig {
   // min_rate for one window and take the guest's p99 then as this side's
   // own baseline, when higher (0: never).
   unsigned probe_every = 0;
+  // The rate never goes below the fastest unpaced rate seen / this (0:
+  // no such floor, min_rate only): a time budget for guest-first.
+  double max_slowdown = 0;
 };
 
 class LatencyPacer {
@@ -76,6 +81,7 @@ class LatencyPacer {
   std::atomic<uint64_t> rate_;         // 0 = no cap
   uint64_t fastest_unpaced_ = 0;       // bytes/s
   uint64_t next_rate(uint64_t p99_ns, uint64_t moved);
+  uint64_t floor() const;  // min_rate, or the max_slowdown budget's rate if higher
 
   bool probing_ = false;
   uint64_t rate_before_probe_ = 0;

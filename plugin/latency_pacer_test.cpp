@@ -147,3 +147,12 @@ TEST_CASE("pacer: without probes the source's baseline alone judges the guest") 
   CHECK_FALSE(p.probing());
   CHECK(p.to_json()["probes"] == 0);
 }
+
+TEST_CASE("pacer: max_slowdown keeps the rate at the fastest unpaced rate / max_slowdown at least") {
+  PacerConfig c = config();
+  c.max_slowdown = 1.25;
+  LatencyPacer p(c);
+  CHECK(window(p, 100 * MiB, kBaseline * 3) == 80 * MiB);  // halving would give 50: the budget says 80
+  CHECK(window(p, 80 * MiB, kBaseline * 3) == 80 * MiB);
+  CHECK(p.to_json()["windows_over_bound"] == 2);
+}

@@ -85,7 +85,7 @@ def the_destination_paces_background_pulls_with_the_baseline_the_source_measured
 def auto_measures_the_guests_baseline_when_the_migration_starts():
     _, st_src, _ = migrate_under_a_guest("auto")
     params, pacing = st_src["migration"]["params"], st_src["migration"]["pacing"]
-    assert params["guest_latency_bound"] == 1.2, params
+    assert params["guest_latency_bound"] == 1.2 and params["max_slowdown"] == 1.3, params
     # 400 writes a second for at least 1 s before the migrate request.
     assert params["guest_baseline_requests"] >= 300 and params["guest_baseline_p99_ns"] > 0, params
     assert pacing["baseline_requests"] == params["guest_baseline_requests"], pacing
@@ -97,6 +97,7 @@ def bad_pacing_parameters_are_refused_with_the_field_named():
         for params, words in (({"guest_latency_bound": 0.5}, "guest_latency_bound"),
                               ({"guest_latency_bound": "fast"}, "guest_latency_bound"),
                               ({"min_rate": 0}, "min_rate"),
+                              ({"max_slowdown": 0.9}, "max_slowdown"),
                               ({"min_rate": 64 * MiB, "max_rate": 8 * MiB}, "min_rate")):
             reply = src.control({"op": "migrate", "mode": "auto", "to": f"127.0.0.1:{mig.peer_port(dst)}",
                                  **params})
