@@ -1,5 +1,6 @@
 #include "common/migration_params.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -89,9 +90,11 @@ Status parse_pacing(const json& j, MigrationParams& p) {
   for (auto* r : {&min_rate, &p99, &requests})
     if (!*r) return r->status();
   if (*min_rate == 0) return Status::error("migrate: \"min_rate\" must be more than 0 bytes/s");
-  if (p.max_rate != 0 && *min_rate > p.max_rate)
+  const bool given = j.contains("min_rate") && !j["min_rate"].is_null();
+  if (given && p.max_rate != 0 && *min_rate > p.max_rate)
     return Status::error(fmt::format("migrate: min_rate {} is above max_rate {}", *min_rate, p.max_rate));
-  p.min_rate = *min_rate;
+  // The default floor yields to a lower max_rate.
+  p.min_rate = given || p.max_rate == 0 ? *min_rate : std::min(*min_rate, p.max_rate);
   p.guest_baseline_p99_ns = *p99;
   p.guest_baseline_requests = *requests;
   return Status::ok();

@@ -27,6 +27,9 @@ constexpr uint64_t kPushSyncBytes = 8u << 20;
 constexpr size_t kServeWindowBytes = 16u << 20;
 // After a background pull failed (the source's read error, this disk full).
 constexpr auto kBackgroundPause = std::chrono::seconds(1);
+// How often post-copy's presence reaches the state file without a flush:
+// what a restarted destination pulls again is at most this much of pulls.
+constexpr auto kPersistInterval = std::chrono::seconds(5);
 // Guest-first pacing of background pulls re-measures this side's own
 // baseline one window in 16 (every 4 s).
 constexpr unsigned kPacerProbeEvery = 16;
@@ -665,14 +668,21 @@ void DestinationSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint6
 }
 
 void DestinationSession::persist_loop() {
-  // Presence reaches the state file once a second on this thread of its
-  // own: its fdatasync must not stall the pulls.
+  // Presence reaches the state file every kPersistInterval on this thread of
+  // its own (its fdatasync must not stall the pulls), and only when blocks
+  // were marked since. Nothing depends on it but how much a restarted
+  // destination pulls again: a client's flush persists at once. Its cost
+  // is the guest's: each fdatasync also writes back every page the guest
+  // dirtied since; once a second it made the guest's requests in post-copy
+  // cost 1.7-2x the CPU they cost after Done, every 5 s 1.2-1.5x
+  // (issue #18, docs/bench/guest-first.md).
   while (!stopping_ && s_.machine.state().phase == Phase::PostCopy) {
     {
       std::unique_lock lock(pull_mu_);
-      pull_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_.load(); });
+      pull_cv_.wait_for(lock, kPersistInterval, [&] { return stopping_.load(); });
     }
     if (stopping_) return;
+    if (!presence_->has_unpersisted()) continue;
     if (Status s = persist(); !s) set_error(fmt::format("persisting presence: {}", s.message()));
   }
 }

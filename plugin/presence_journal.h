@@ -59,6 +59,11 @@ class PresenceJournal {
 
   // The blocks' data is in the image (not yet synced): claim them.
   void mark(IndexRange blocks);
+  // Blocks were marked since the last persist() took its batch.
+  bool has_unpersisted() {
+    std::lock_guard lock(batch_mu_);
+    return !batch_.empty();
+  }
   // Makes every mark() that returned before this call durable, with the data
   // it covers. Errors name the step (image sync, state file).
   Status persist();

@@ -92,6 +92,14 @@ def auto_measures_the_guests_baseline_when_the_migration_starts():
 
 
 @test
+def a_max_rate_below_the_default_min_rate_lowers_the_floor_instead_of_refusing():
+    with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
+        mig.migrate(src, dst, "auto", handover="auto", max_rate=2 * MiB)
+        params = mig.wait_phase(src, ["Done"])["migration"]["params"]
+        assert params["max_rate"] == params["min_rate"] == 2 * MiB, params
+
+
+@test
 def bad_pacing_parameters_are_refused_with_the_field_named():
     with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
         for params, words in (({"guest_latency_bound": 0.5}, "guest_latency_bound"),
