@@ -706,7 +706,12 @@ void DestinationSession::pull_loop() {
   const uint64_t window = kBackgroundWindowUnits * unit_blocks * g.block_size();
   const std::vector<uint64_t> order = fetch_order(segment_priority_);
   auto last_progress = Clock::now();
-  confirmed_ = s_.machine.record().confirmed_generation == s_.machine.record().committed_generation;
+  // Only ever set here, never cleared: confirm() (on the io thread, when the
+  // source's PROGRESS arrives) may run between this read and the store, and
+  // storing false over its true left the destination in PostCopy for ever.
+  const MigrationRecord rec = s_.machine.record();
+  test_delay("LIVEMIG_TEST_PULLER_START_DELAY_MS");
+  if (rec.confirmed_generation == rec.committed_generation) confirmed_ = true;
   while (!stopping_ && (presence_->missing() > 0 || !confirmed_)) {
     EngineState st = s_.machine.state();
     if (st.role != Role::Destination || st.phase != Phase::PostCopy) return;  // lost, or released

@@ -3,8 +3,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 namespace livemig {
 namespace {
@@ -25,6 +27,12 @@ void crash_point(const char* name) {
   if (points.empty() || points.find("," + std::string(name) + ",") == std::string::npos) return;
   ::kill(::getpid(), SIGKILL);
   ::_exit(137);  // not reached
+}
+
+void test_delay(const char* name) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return;
+  if (int ms = std::atoi(v); ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
 }
 
 }  // namespace livemig

@@ -9,4 +9,8 @@ namespace livemig {
 
 void crash_point(const char* name);
 
+// Sleeps as many milliseconds as the environment variable `name` says (read
+// each call; unset or 0: no sleep), to widen a race window in a test.
+void test_delay(const char* name);
+
 }  // namespace livemig

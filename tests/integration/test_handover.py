@@ -79,6 +79,21 @@ def expect_image(path, data, changes=(), what="destination image"):
 # The destination's answer decides
 
 @test
+def a_confirmation_that_arrives_while_the_puller_starts_is_not_lost():
+    """The puller read "not confirmed" from the record, the source's
+    confirmation landed, then the puller stored its stale false over it: the
+    destination stayed in PostCopy for ever. The hook holds the puller
+    between its read and its store for 1 s (the confirmation arrives within
+    milliseconds of the commit)."""
+    with plugins(dst_env={"LIVEMIG_TEST_PULLER_START_DELAY_MS": "1000"}) as (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "postcopy", handover="auto")
+        st = mig.wait_phase(dst, ["Done"], timeout=30)
+        assert st["migration"]["blocks_left"] == 0, st
+        mig.wait_phase(src, ["Done"], timeout=30)
+        expect_image(dst_image, data)
+
+
+@test
 def a_destination_that_refuses_the_handover_leaves_the_source_writable_at_once():
     key_path, key = make_secret()
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
