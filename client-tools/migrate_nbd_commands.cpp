@@ -339,17 +339,19 @@ Result<json> migrate_request(const StartOptions& o) {
     if (*o.max_rounds < 1 || *o.max_rounds > 10000) return Status::error("--max-rounds must be from 1 to 10000");
     req["max_rounds"] = *o.max_rounds;
   }
-  if (o.guest_latency_bound) {
-    const double b = *o.guest_latency_bound;
-    if (b != 0 && !(b >= 1 && b <= 1000))
-      return Status::error(fmt::format("--guest-latency-bound {}: must be 0 (off) or a factor from 1 to 1000", b));
-    req["guest_latency_bound"] = b;
-  }
-  if (o.max_slowdown) {
-    const double f = *o.max_slowdown;
-    if (f != 0 && !(f >= 1 && f <= 1000))
-      return Status::error(fmt::format("--max-slowdown {}: must be 0 (no limit) or a factor from 1 to 1000", f));
-    req["max_slowdown"] = f;
+  struct FactorField {
+    const std::optional<double>& value;
+    const char* flag;
+    const char* key;
+    const char* zero_means;
+  };
+  for (const FactorField& f : {FactorField{o.guest_latency_bound, "--guest-latency-bound", "guest_latency_bound", "off"},
+                               FactorField{o.max_slowdown, "--max-slowdown", "max_slowdown", "no limit"}}) {
+    if (!f.value) continue;
+    if (!is_pacing_factor(*f.value))
+      return Status::error(
+          fmt::format("{} {}: must be 0 ({}) or a factor from 1 to 1000", f.flag, *f.value, f.zero_means));
+    req[f.key] = *f.value;
   }
   if (o.interval <= 0) return Status::error("--interval must be more than 0 seconds");
   if (Status s = add_policy(o, req); !s) return s;

@@ -70,19 +70,24 @@ json policy_json(const PolicyParams& p) {
   j["monitor_period"] = p.monitor_period < 0 ? json("history") : json(p.monitor_period);
   return j;
 }
+// A pacing factor (is_pacing_factor); `zero_means` says what 0 does.
+Result<double> json_factor(const json& j, const char* key, double dflt, const char* zero_means) {
+  auto v = json_number(j, key, dflt, "migrate");
+  if (!v) return v.status();
+  if (!is_pacing_factor(*v))
+    return Status::error(fmt::format("migrate: \"{}\" must be 0 ({}) or a factor from 1 to 1000", key, zero_means));
+  return *v;
+}
+
 // Guest-first pacing: the bound (auto paces by default), its floor, and the
 // baseline the source measured (or the operator gave).
 Status parse_pacing(const json& j, MigrationParams& p) {
-  const double dflt = p.mode() == MigrationMode::Auto ? kDefaultGuestLatencyBound : 0;
-  auto bound = json_number(j, "guest_latency_bound", dflt, "migrate");
+  const bool automatic = p.mode() == MigrationMode::Auto;
+  auto bound = json_factor(j, "guest_latency_bound", automatic ? kDefaultGuestLatencyBound : 0, "no pacing");
   if (!bound) return bound.status();
-  if (*bound != 0 && !(*bound >= 1 && *bound <= 1000))
-    return Status::error("migrate: \"guest_latency_bound\" must be 0 (no pacing) or a factor from 1 to 1000");
   p.guest_latency_bound = *bound;
-  auto slowdown = json_number(j, "max_slowdown", p.mode() == MigrationMode::Auto ? kDefaultMaxSlowdown : 0, "migrate");
+  auto slowdown = json_factor(j, "max_slowdown", automatic ? kDefaultMaxSlowdown : 0, "no limit");
   if (!slowdown) return slowdown.status();
-  if (*slowdown != 0 && !(*slowdown >= 1 && *slowdown <= 1000))
-    return Status::error("migrate: \"max_slowdown\" must be 0 (no limit) or a factor from 1 to 1000");
   p.max_slowdown = *slowdown;
   auto min_rate = json_size(j, "min_rate", p.min_rate);
   auto p99 = json_size(j, "guest_baseline_p99_ns", 0);

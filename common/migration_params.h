@@ -30,6 +30,9 @@ inline constexpr double kDefaultGuestLatencyBound = 1.2;
 inline constexpr uint64_t kDefaultMinRate = 16ull << 20;
 inline constexpr double kDefaultMaxSlowdown = 1.3;  // auto's time budget for pacing
 
+// guest_latency_bound and max_slowdown: 0 (off), or a factor from 1 to 1000.
+inline bool is_pacing_factor(double v) { return v == 0 || (v >= 1 && v <= 1000); }
+
 struct MigrationParams {
   std::string to;                   // destination HOST:PORT
   std::string from;                 // how the destination reaches the source
