@@ -1,24 +1,17 @@
 #include "plugin/presence_journal.h"
 
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include <fmt/format.h>
 
+#include "plugin/test_hooks.h"
+
 namespace livemig {
-namespace {
-
-int env_ms(const char* name) {
-  const char* v = std::getenv(name);
-  return v ? std::atoi(v) : 0;
-}
-
-}  // namespace
 
 PresenceJournal::PresenceJournal(ImageFile& image, StateFile* file, BlockBitmap present)
-    : image_(image), file_(file), present_(std::move(present)), mark_delay_ms_(env_ms("LIVEMIG_TEST_MARK_DELAY_MS")) {}
+    : image_(image), file_(file), present_(std::move(present)), mark_delay_ms_(test_delay_ms("LIVEMIG_TEST_MARK_DELAY_MS")) {}
 
 void PresenceJournal::mark(IndexRange blocks) {
   if (blocks.empty()) return;

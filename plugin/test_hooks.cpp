@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <string>
@@ -29,10 +30,13 @@ void crash_point(const char* name) {
   ::_exit(137);  // not reached
 }
 
-void test_delay(const char* name) {
+int test_delay_ms(const char* name) {
   const char* v = std::getenv(name);
-  if (!v || !*v) return;
-  if (int ms = std::atoi(v); ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
+
+void test_delay(const char* name) {
+  if (int ms = test_delay_ms(name); ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
 }
 
 }  // namespace livemig

@@ -9,8 +9,11 @@ namespace livemig {
 
 void crash_point(const char* name);
 
-// Sleeps as many milliseconds as the environment variable `name` says (read
-// each call; unset or 0: no sleep), to widen a race window in a test.
+// The milliseconds the environment variable `name` says to sleep at a
+// point, to widen a race window in a test (unset or 0: 0). A point on a
+// hot path reads it once and keeps it.
+int test_delay_ms(const char* name);
+// Sleeps test_delay_ms(name) (read each call).
 void test_delay(const char* name);
 
 }  // namespace livemig
