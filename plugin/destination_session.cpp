@@ -714,10 +714,12 @@ void DestinationSession::pull_loop() {
   if (rec.confirmed_generation == rec.committed_generation) confirmed_ = true;
   while (!stopping_ && (presence_->missing() > 0 || !confirmed_)) {
     EngineState st = s_.machine.state();
-    if (st.role != Role::Destination || st.phase != Phase::PostCopy) return;  // lost, or released
+    if (st.role != Role::Destination || st.phase != Phase::PostCopy)
+      return s_.log(fmt::format("migration {}: background pulls end in {}", id_, describe(st)));  // lost, or released
     if (!current_link()) {
       if (Status s = reconnect_to_source(); !s) {
-        if (s_.machine.state().phase != Phase::PostCopy) return;  // told it lost
+        if (s_.machine.state().phase != Phase::PostCopy)  // told it lost
+          return s_.log(fmt::format("migration {}: background pulls end: {}", id_, s.message()));
         set_error(fmt::format("reconnecting to the source: {}", s.message()));
         std::unique_lock lock(pull_mu_);
         pull_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_.load(); });
@@ -737,7 +739,8 @@ void DestinationSession::pull_loop() {
     std::unique_lock lock(pull_mu_);
     pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stopping_.load() || pulls_.empty(); });
   }
-  if (!stopping_ && presence_->missing() == 0 && confirmed_) finish();
+  if (stopping_) return s_.log(fmt::format("migration {}: background pulls end: shutting down", id_));
+  finish();
 }
 
 // Pulls the missing blocks of one segment in the background, a window at a
