@@ -353,6 +353,11 @@ Result<json> migrate_request(const StartOptions& o) {
           fmt::format("{} {}: must be 0 ({}) or a factor from 1 to 1000", f.flag, *f.value, f.zero_means));
     req[f.key] = *f.value;
   }
+  if (!o.compression.empty()) {
+    if (auto c = parse_compression(o.compression); !c)
+      return Status::error(fmt::format("--compression: {}", c.status().message()));
+    req["compression"] = o.compression;
+  }
   if (o.interval <= 0) return Status::error("--interval must be more than 0 seconds");
   if (Status s = add_policy(o, req); !s) return s;
   return req;

@@ -44,6 +44,7 @@ struct StartOptions : CommonOptions {
   std::string max_rate;
   std::string min_rate;  // guest-first pacing's floor
   std::string transfer_unit;
+  std::string compression;  // empty: auto
   std::optional<double> guest_latency_bound;  // unset: the mode's default
   std::optional<double> max_slowdown;         // unset: the mode's default
   std::optional<unsigned> max_rounds;

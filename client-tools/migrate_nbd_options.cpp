@@ -38,6 +38,10 @@ void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
   app->add_option("--max-rounds", o.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
       ->type_name("N");
   app->add_option("--transfer-unit", o.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");
+  app->add_option("--compression", o.compression,
+                  "zstd on the link: auto (when the link, not the CPU, is the bottleneck and the data "
+                  "compresses; the default), off, zstd (level 1) or zstd:LEVEL (-7 to 19)")
+      ->type_name("HOW");
 }
 
 void add_tls_options(CLI::App* app, TlsSettings& o) {

@@ -129,6 +129,25 @@ std::string pacing_text(const json& m) {
                      count(pc, "windows_over_bound"), count(pc, "windows"));
 }
 
+// Compression on the link: what it saved, and (at the source) what auto
+// decided and why.
+std::string compression_text(const json& m) {
+  const json& c = object(m, "compression");
+  std::string out;
+  if (count(c, "frames") > 0) {
+    double plain = num(c, "plain_bytes"), wire = num(c, "wire_bytes");
+    out = fmt::format("{} of data crossed as {} ({:.1f}x, {} frames)", format_bytes(plain), format_bytes(wire),
+                      wire > 0 ? plain / wire : 0.0, count(c, "frames"));
+  }
+  std::string setting = str(c, "setting");
+  if (!setting.empty()) {
+    std::string now = flag(c, "active") ? fmt::format("compressing at level {}", signed_num(c, "level")) : "not compressing";
+    std::string reason = str(c, "reason");
+    out += fmt::format("{}{}: {}{}", out.empty() ? "" : "; ", setting, now, reason.empty() ? "" : " (" + reason + ")");
+  }
+  return out;
+}
+
 std::string error_of(const json& st, const json& m) {
   std::string e = str(m, "last_error");
   return e.empty() ? str(st, "last_error") : e;
@@ -192,6 +211,7 @@ std::string render_status(const SideStatus& s) {
     sub("pulls", fmt::format("{} demand, {} background", count(m, "demand_pulls"), count(m, "background_pulls")));
     sub("read delay", read_delay_text(m));
     if (m.contains("pacing")) sub("guest first", pacing_text(m));
+    if (m.contains("compression")) sub("compression", compression_text(m));
     if (count(m, "reconnects") > 0 || count(m, "pull_errors") > 0)
       sub("reconnects", fmt::format("{} ({} pull errors)", count(m, "reconnects"), count(m, "pull_errors")));
     if (count(m, "blocks_resynced") > 0)

@@ -1,6 +1,7 @@
 #include "common/migration_params.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
 
@@ -123,6 +124,32 @@ Result<HandoverPolicy> parse_handover_policy(const std::string& s) {
   return Status::error(fmt::format("handover \"{}\" must be explicit, auto, on-disconnect or on-destination-io", s));
 }
 
+std::string Compression::name() const {
+  switch (kind) {
+    case Kind::Auto: return "auto";
+    case Kind::Off: return "off";
+    case Kind::Zstd: return fmt::format("zstd:{}", level);
+  }
+  return "?";
+}
+
+Result<Compression> parse_compression(const std::string& s) {
+  if (s == "auto") return Compression{};
+  if (s == "off") return Compression{Compression::Kind::Off};
+  if (s == "zstd") return Compression{Compression::Kind::Zstd, 1};
+  int level = 0;
+  if (s.starts_with("zstd:")) {
+    const char* first = s.data() + 5;
+    const char* last = s.data() + s.size();
+    auto [end, ec] = std::from_chars(first, last, level);
+    if (ec == std::errc() && end == last && first != last && level >= kMinCompressionLevel &&
+        level <= kMaxCompressionLevel)
+      return Compression{Compression::Kind::Zstd, level};
+  }
+  return Status::error(fmt::format("compression \"{}\" must be auto, off, zstd or zstd:LEVEL (LEVEL from {} to {})",
+                                   s, kMinCompressionLevel, kMaxCompressionLevel));
+}
+
 Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy default_handover) {
   MigrationParams p;
   p.handover = default_handover;
@@ -165,6 +192,11 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy
                                      kMaxDataLength));
   p.transfer_unit = *unit;
   if (Status s = parse_pacing(j, p); !s) return s;
+  auto compression = json_string(j, "compression", "auto");
+  if (!compression) return compression.status();
+  auto c = parse_compression(*compression);
+  if (!c) return Status::error("migrate: " + c.status().message());
+  p.compression = *c;
   return p;
 }
 
@@ -176,7 +208,8 @@ json MigrationParams::to_json() const {
           {"handover_size", handover_size}, {"max_rate", max_rate},
           {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit},
           {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate}, {"max_slowdown", max_slowdown},
-          {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests}});
+          {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests},
+          {"compression", compression.name()}});
   return j;
 }
 }  // namespace livemig

@@ -33,6 +33,22 @@ inline constexpr double kDefaultMaxSlowdown = 1.3;  // auto's time budget for pa
 // guest_latency_bound and max_slowdown: 0 (off), or a factor from 1 to 1000.
 inline bool is_pacing_factor(double v) { return v == 0 || (v >= 1 && v <= 1000); }
 
+// Compression of the DATA the source sends (issue #14): "auto" compresses
+// when the link, not the CPU, is what holds the transfer back and the data
+// compresses (the level follows the link's rate); "off" never; "zstd[:N]"
+// always tries, at level N (default 1). Frames that do not shrink cross
+// plain in every case.
+struct Compression {
+  enum class Kind { Auto, Off, Zstd };
+  Kind kind = Kind::Auto;
+  int level = 1;  // Zstd's fixed level
+  std::string name() const;
+  bool operator==(const Compression&) const = default;
+};
+inline constexpr int kMinCompressionLevel = -7, kMaxCompressionLevel = 19;
+// "auto", "off", "zstd" or "zstd:N" (N from -7 to 19); the error says so.
+Result<Compression> parse_compression(const std::string& s);
+
 struct MigrationParams {
   std::string to;                   // destination HOST:PORT
   std::string from;                 // how the destination reaches the source
@@ -54,6 +70,7 @@ struct MigrationParams {
   double max_slowdown = 0;  // pacing keeps the rate >= fastest unpaced / this (0: min_rate only)
   uint64_t guest_baseline_p99_ns = 0;
   uint64_t guest_baseline_requests = 0;
+  Compression compression;
   PolicyParams policy;                   // mode, threshold, weights, monitoring
 
   MigrationMode mode() const { return policy.mode; }

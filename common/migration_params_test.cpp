@@ -36,3 +36,27 @@ TEST_CASE("migration params: a weight that is not a number is refused by name") 
   auto negative = MigrationParams::from_json({{"to", "h:1"}, {"max_rate", -5}}, livemig::HandoverPolicy::Explicit);
   CHECK_FALSE(negative);
 }
+
+TEST_CASE("migration params: compression is auto by default, and each setting round-trips") {
+  using livemig::Compression;
+  auto dflt = MigrationParams::from_json({{"to", "h:1"}}, livemig::HandoverPolicy::Explicit);
+  REQUIRE(dflt);
+  CHECK(dflt->compression.kind == Compression::Kind::Auto);
+  for (const char* s : {"auto", "off", "zstd:1", "zstd:-7", "zstd:19"}) {
+    auto p = MigrationParams::from_json({{"to", "h:1"}, {"compression", s}}, livemig::HandoverPolicy::Explicit);
+    REQUIRE(p);
+    CHECK(p->to_json()["compression"] == s);
+  }
+  auto plain = livemig::parse_compression("zstd");
+  REQUIRE(plain);
+  CHECK(*plain == Compression{Compression::Kind::Zstd, 1});
+}
+
+TEST_CASE("migration params: a compression setting that is not one names the choices") {
+  for (const char* s : {"gzip", "zstd:", "zstd:20", "zstd:-8", "zstd:1x", "zstd:+", "ZSTD", ""}) {
+    auto p = MigrationParams::from_json({{"to", "h:1"}, {"compression", s}}, livemig::HandoverPolicy::Explicit);
+    REQUIRE_FALSE(p);
+    CHECK(p.status().message().find("compression") != std::string::npos);
+    CHECK(p.status().message().find("zstd:LEVEL") != std::string::npos);
+  }
+}

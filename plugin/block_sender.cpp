@@ -44,8 +44,24 @@ Status read_error(uint64_t length, uint64_t offset) {
 
 }  // namespace
 
+void BlockSender::maybe_compress(CompressionGovernor& compression, const PeerLink& link, DataPayload& d,
+                                 std::string& buf) {
+  using Clock = CompressionGovernor::Clock;
+  const Clock::time_point start = Clock::now();
+  std::optional<int> level = compression.level_for_next(link.queued_bytes(), link.bytes_sent(), start);
+  if (!level) return;
+  const bool worth = compress_frame(d.bytes, *level, buf);
+  compression.record_try(*level, d.bytes.size(), worth ? buf.size() : 0, Clock::now() - start);
+  if (!worth) return;
+  d.flags = kFlagCompressed;
+  d.bytes = {reinterpret_cast<const uint8_t*>(buf.data()), buf.size()};
+  stats_.compressed_frames.fetch_add(1, std::memory_order_relaxed);
+  stats_.compressed_plain_bytes.fetch_add(d.length, std::memory_order_relaxed);
+  stats_.compressed_wire_bytes.fetch_add(buf.size(), std::memory_order_relaxed);
+}
+
 Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id,
-                                                   bool priority) {
+                                                   bool priority, CompressionGovernor* compression) {
   Sent sent;
   auto send = [&](const DataPayload& d) {
     link.send_data(d, request_id, priority);
@@ -55,7 +71,7 @@ Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange bl
     send(DataPayload{g_.range_offset(r), static_cast<uint32_t>(g_.range_length(r)), kFlagZero, {}});
     stats_.zero_blocks_sent.fetch_add(r.count(), std::memory_order_relaxed);
   };
-  std::string buf;
+  std::string buf, compressed;
   for (auto& [r, hole] : hole_runs(image_, g_, blocks)) {
     if (hole) {
       send_zero(r);
@@ -70,8 +86,10 @@ Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange bl
       }
       for (uint64_t off = g_.range_offset(z.blocks), end = off + g_.range_length(z.blocks); off < end;) {
         uint64_t n = std::min<uint64_t>(std::max(kMaxFrameData, g_.block_size()), end - off);
-        send(DataPayload{off, static_cast<uint32_t>(n), 0,
-                         {reinterpret_cast<const uint8_t*>(buf.data() + (off - g_.range_offset(r))), n}});
+        DataPayload d{off, static_cast<uint32_t>(n), 0,
+                      {reinterpret_cast<const uint8_t*>(buf.data() + (off - g_.range_offset(r))), n}};
+        if (compression && !priority) maybe_compress(*compression, link, d, compressed);
+        send(d);
         stats_.payload_bytes_sent.fetch_add(n, std::memory_order_relaxed);
         off += n;
       }
@@ -82,7 +100,8 @@ Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange bl
   return sent;
 }
 
-Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p) {
+Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p,
+                                CompressionGovernor* compression) {
   const uint64_t size = g_.image_size();
   if (p.length == 0 || p.length > kMaxDataLength || p.offset > size || p.length > size - p.offset)
     return protocol_error(ErrorCode::BadFrame, fmt::format("PULL of {} bytes at {}: not inside the {}-byte image "
@@ -92,7 +111,7 @@ Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullP
   const bool aligned =
       p.offset % g_.block_size() == 0 && (p.length % g_.block_size() == 0 || p.offset + p.length == size);
   if (aligned) {
-    auto sent = send_blocks(link, g_.blocks_touched(p.offset, p.length), request_id, priority);
+    auto sent = send_blocks(link, g_.blocks_touched(p.offset, p.length), request_id, priority, compression);
     return sent ? Status::ok() : sent.status();  // NOLINT: sent's value is not needed
   }
   // An unaligned proxied read: the exact bytes, in one frame.

@@ -16,6 +16,7 @@
 #include "common/status.h"
 #include "plugin/engine_stats.h"
 #include "plugin/image_file.h"
+#include "plugin/link_compression.h"
 
 namespace livemig {
 
@@ -31,20 +32,27 @@ class BlockSender {
     uint64_t data_blocks = 0;  // holes and zero blocks not counted
     uint64_t frames = 0;       // DATA frames queued
   };
-  // Sends `blocks` on `link` as DATA frames with `request_id` (0: pushed).
+  // Sends `blocks` on `link` as DATA frames with `request_id` (0: pushed),
+  // compressed where `compression` says so (never priority frames).
   // On a read error, the frames queued before it stay queued.
-  Result<Sent> send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority);
+  Result<Sent> send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id, bool priority,
+                           CompressionGovernor* compression = nullptr);
   // Answers a PULL from the local image: block-aligned ranges as blocks,
   // anything else as the exact bytes in one frame. A range outside the
   // image or over kMaxDataLength is a BadFrame error; a read error is
   // Internal. The caller sends the ERROR (for this request only).
-  Status answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p);
+  Status answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p,
+                     CompressionGovernor* compression = nullptr);
   // Answers a SUMS: xxh3-64 of each unit of the local image.
   Result<SumsReplyPayload> sums(const SumsPayload& p);
   // The xxh3-64 of [offset, offset + length) of the local image.
   Result<uint64_t> hash_range(uint64_t offset, uint64_t length);
 
  private:
+  // Makes `d` COMPRESSED (its bytes in `buf`) if the governor asks and the
+  // frame shrinks enough.
+  void maybe_compress(CompressionGovernor& compression, const PeerLink& link, DataPayload& d, std::string& buf);
+
   ImageFile& image_;
   const SegmentGeometry& g_;
   EngineStats& stats_;

@@ -132,3 +132,42 @@ TEST_CASE("block sender: checksums per unit match a hash of the same bytes, the 
   CHECK(reply->hashes[0] != reply->hashes[1]);
   CHECK_FALSE(sender.sums(SumsPayload{6 * kBlock, kBlock, 1}));  // beyond the image
 }
+
+TEST_CASE("block sender: with compression, background data crosses compressed and priority data plain") {
+  std::string layout(80, 'd');  // 320 KiB of blocks each one repeated byte: very compressible
+  Image img(layout);
+  auto g = SegmentGeometry::make(layout.size() * kBlock, kBlock, 64 * kBlock).value();
+  EngineStats stats;
+  BlockSender sender(*img.file, g, stats);
+  CompressionGovernor always(Compression{Compression::Kind::Zstd, 1}, 0);
+  LinkPair pair(key(), key());
+  Received got;
+  pair.server->start([&](auto&, PeerLink::Frame& f) {
+    if (auto* d = std::get_if<DataPayload>(&f.message)) got.add(*d);
+  }, [](auto&, auto&) {});
+  auto background = sender.send_blocks(*pair.client, {0, layout.size()}, 0, false, &always);
+  REQUIRE(background);
+  auto priority = sender.send_blocks(*pair.client, {0, layout.size()}, 7, true, &always);
+  REQUIRE(priority);
+  REQUIRE(got.wait_for(background->frames + priority->frames));
+  uint64_t compressed = 0;
+  for (size_t i = 0; i < got.frames.size(); ++i) {
+    DataPayload d = got.frames[i];
+    d.bytes = got.bytes[i];
+    const bool is_priority = i >= background->frames;
+    CHECK(bool(d.flags & kFlagCompressed) == !is_priority);
+    std::string plain;
+    if (d.flags & kFlagCompressed) {
+      REQUIRE(decompress_frame(d, plain));
+      compressed += d.bytes.size();
+    } else {
+      plain.assign(d.bytes.begin(), d.bytes.end());
+    }
+    REQUIRE(plain.size() == d.length);
+    for (uint64_t o = 0; o < d.length; o += kBlock) CHECK(plain[o] == char('A' + (d.offset + o) / kBlock % 26));
+  }
+  CHECK(stats.compressed_frames == background->frames);
+  CHECK(stats.compressed_plain_bytes == layout.size() * kBlock);
+  CHECK(stats.compressed_wire_bytes == compressed);
+  CHECK(compressed * 20 < layout.size() * kBlock);
+}

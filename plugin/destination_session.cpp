@@ -8,6 +8,7 @@
 #include "common/json_limits.h"
 #include "common/thread_name.h"
 #include "common/transfer_planner.h"
+#include "plugin/link_compression.h"
 #include "plugin/test_hooks.h"
 #include "plugin/write_forward.h"
 
@@ -115,6 +116,17 @@ void DestinationSession::set_error(std::string message) {
 void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame) {
   const FrameHeader& h = frame.header;
   if (auto* data = std::get_if<DataPayload>(&frame.message)) {
+    // Decompressed here, so that nothing after sees a COMPRESSED frame; a
+    // bad one ends the link (pushes are sent again, pulls asked again).
+    thread_local std::string plain;
+    if (data->flags & kFlagCompressed) {
+      if (Status s = decompress_frame(*data, plain); !s) return link->refuse(h.request_id, s);
+      s_.stats.compressed_frames.fetch_add(1, std::memory_order_relaxed);
+      s_.stats.compressed_plain_bytes.fetch_add(data->length, std::memory_order_relaxed);
+      s_.stats.compressed_wire_bytes.fetch_add(data->bytes.size(), std::memory_order_relaxed);
+      data->flags = 0;
+      data->bytes = {reinterpret_cast<const uint8_t*>(plain.data()), plain.size()};
+    }
     if (h.request_id == 0) on_push(link, *data);
     else if (!proxy_.on_data(h.request_id, *data)) on_pulled(h.request_id, *data);
   } else if (auto* hp = std::get_if<HandoverPayload>(&frame.message)) {
@@ -231,8 +243,6 @@ void DestinationSession::on_push(const std::shared_ptr<PeerLink>& link, const Da
     status = protocol_error(ErrorCode::BadFrame, fmt::format("DATA offset {} length {} is not a block range of the "
                                                           "{}-byte image",
                                                           p.offset, p.length, size));
-  else if (p.flags & kFlagCompressed)
-    status = protocol_error(ErrorCode::BadFrame, "compressed DATA is not supported");
   if (status.is_ok()) {
     const bool zero = p.flags & kFlagZero;
     int rc = zero ? s_.image().zero(p.length, p.offset, true, false, false)

@@ -55,7 +55,8 @@ void EngineStats::reset() {
   total_time_ms = handover_pause_ms = -1;
   for (auto* c : {&rounds, &data_blocks_sent, &data_blocks_pushed, &zero_blocks_sent, &payload_bytes_sent,
                   &blocks_dirtied, &blocks_resynced, &demand_pulls, &background_pulls, &pull_errors,
-                  &blocks_received, &reconnects, &forwarded_requests, &forwarded_bytes, &requests_applied_for_peer})
+                  &blocks_received, &reconnects, &compressed_frames, &compressed_plain_bytes, &compressed_wire_bytes,
+                  &forwarded_requests, &forwarded_bytes, &requests_applied_for_peer})
     c->store(0);
   read_delay.reset();
   forward_delay.reset();

@@ -59,6 +59,11 @@ struct EngineStats {
   std::atomic<uint64_t> blocks_received{0};
   std::atomic<uint64_t> link_bytes_before{0};  // wire bytes of links that closed
   std::atomic<uint64_t> reconnects{0};
+  // DATA frames this side compressed (source) or decompressed (destination):
+  // their plain bytes and the bytes that crossed instead.
+  std::atomic<uint64_t> compressed_frames{0};
+  std::atomic<uint64_t> compressed_plain_bytes{0};
+  std::atomic<uint64_t> compressed_wire_bytes{0};
   LatencyHistogram read_delay;
   // Client requests this side sent to the authoritative side (write_forward.h),
   // and the ones it applied for the other side's clients.

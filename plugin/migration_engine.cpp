@@ -23,6 +23,14 @@ namespace {
 
 json error_reply(const std::string& message) { return {{"ok", false}, {"error", message}}; }
 
+// The destination's START_OK lists what it decompresses; an older one says
+// nothing and gets plain DATA.
+bool accepts_zstd(const json& start_ok) {
+  auto it = start_ok.is_object() ? start_ok.find("decompress") : start_ok.end();
+  if (it == start_ok.end() || !it->is_array()) return false;
+  return std::find(it->begin(), it->end(), json("zstd")) != it->end();
+}
+
 std::string new_migration_id() {
   std::random_device rd;
   return fmt::format("{:08x}{:08x}", rd(), rd());
@@ -496,7 +504,8 @@ void MigrationEngine::on_start(const std::shared_ptr<PeerLink>& link, uint64_t r
     link->refuse(request_id, s);
     return;
   }
-  link->send(StartOkPayload{json{{"phase", "PreCopy"}, {"resync", had_copy}}.dump()}, request_id);
+  link->send(StartOkPayload{json{{"phase", "PreCopy"}, {"resync", had_copy}, {"decompress", {"zstd"}}}.dump()},
+             request_id);
 }
 
 void MigrationEngine::on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id,
@@ -702,6 +711,11 @@ json MigrationEngine::migrate(const json& req) {
   }
   json answer = parse_json_object(std::get<StartOkPayload>(reply->message).json);
   const bool resync = answer.is_object() && answer.value("resync", false);
+  if (!accepts_zstd(answer) && params->compression.kind != Compression::Kind::Off) {
+    ctx_.log(fmt::format("destination {} cannot decompress DATA (an older livemig): compression off",
+                         params->to));
+    params->compression = Compression{Compression::Kind::Off};
+  }
   const bool monitoring = params->policy.mode == MigrationMode::Livefs && params->policy.monitor_period > 0;
   const Phase first = monitoring ? Phase::Monitoring : Phase::PreCopy;
   MigrationRecord rec{.migration_id = id,
@@ -873,6 +887,12 @@ json MigrationEngine::progress_json() {
                 {"forwarded_requests", stats_.forwarded_requests.load()},
                 {"forwarded_bytes", stats_.forwarded_bytes.load()},
                 {"requests_applied_for_peer", stats_.requests_applied_for_peer.load()}});
+  if (uint64_t frames = stats_.compressed_frames.load(); frames > 0) {
+    json& c = j["compression"];  // the source's governor may have started it
+    c.update({{"frames", frames},
+              {"plain_bytes", stats_.compressed_plain_bytes.load()},
+              {"wire_bytes", stats_.compressed_wire_bytes.load()}});
+  }
   if (json delay = stats_.read_delay.summary(); !delay.is_null()) j["read_delay_ms"] = delay;
   if (json delay = stats_.forward_delay.summary(); !delay.is_null()) j["forward_delay_ms"] = delay;
   return j;

@@ -58,6 +58,7 @@ SourceSession::SourceSession(EngineServices& s, std::string migration_id, Migrat
       forward_(s.ctx.peer_timeout * 2),
       generation_(handover_generation),
       pacer_(s.ctx.guest_latency, s.pacer_config(params_)),
+      compression_(params_.compression, params_.max_rate),
       destination_io_(std::chrono::steady_clock::now()) {
   owed_.set_range({0, owed_.size()});
 }
@@ -307,7 +308,8 @@ void SourceSession::on_resume_start(const std::shared_ptr<PeerLink>& link, uint6
 void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p) {
   auto self = shared_from_this();
   bool queued = s_.disk_pool.try_post([self, link, id, p] {
-    if (Status s = self->s_.sender.answer_pull(*link, id, p); !s) link->send(make_error_payload(s), id);
+    if (Status s = self->s_.sender.answer_pull(*link, id, p, &self->compression_); !s)
+      link->send(make_error_payload(s), id);
     // Backpressure: this thread (one of a few) waits while the link is full.
     link->wait_queue_below(kServeWindowBytes, self->s_.ctx.peer_timeout);
   });
@@ -631,7 +633,7 @@ bool SourceSession::push_unit(IndexRange unit) {
   // Claim before reading: a write that lands after this sets the bits again.
   owed_.test_and_clear_range(unit);
   uint64_t before = link->bytes_enqueued();
-  auto sent = s_.sender.send_blocks(*link, unit, 0, false);
+  auto sent = s_.sender.send_blocks(*link, unit, 0, false, &compression_);
   {
     std::lock_guard lock(push_mu_);
     pushed_frames_ += sent ? sent->frames : 0;
@@ -1086,7 +1088,8 @@ nlohmann::json SourceSession::progress_json() {
             {"converged", converged_},
             {"ready_reason", ready_reason_},
             {"handover_generation", generation_},
-            {"pacing", pacer_.to_json()}};
+            {"pacing", pacer_.to_json()},
+            {"compression", compression_.to_json()}};
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

@@ -60,6 +60,7 @@
 #include "plugin/destination_io_trigger.h"
 #include "plugin/engine_context.h"
 #include "plugin/latency_pacer.h"
+#include "plugin/link_compression.h"
 #include "plugin/proxy_reader.h"
 #include "plugin/session_link.h"
 #include "plugin/write_forward.h"
@@ -218,6 +219,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   uint64_t pushed_frames_ = 0;  // guarded by push_mu_: on the current link
 
   TransferPacer pacer_;  // max_rate and the guest-first bound (worker only)
+  CompressionGovernor compression_;
   DestinationIoTrigger destination_io_;
 };
 

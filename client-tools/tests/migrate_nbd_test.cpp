@@ -139,6 +139,22 @@ TEST_CASE("status says how guest-first pacing holds the migration back, and when
         std::string::npos);
 }
 
+TEST_CASE("status says what compression saved and why auto compresses or not") {
+  json c = {{"setting", "auto"},          {"active", true},           {"level", -1},
+            {"reason", "the link is the bottleneck"}, {"frames", 40},  {"plain_bytes", 10 << 20},
+            {"wire_bytes", 4 << 20}};
+  json st = {{"role", "source"}, {"phase", "PreCopy"}, {"block_size", 4096},
+             {"migration", {{"mode", "auto"}, {"blocks_total", 100}, {"blocks_left", 50}, {"compression", c}}}};
+  std::string text = render_status(SideStatus{"from", "127.0.0.1:1", st});
+  CHECK(text.find("compression     10 MiB of data crossed as 4 MiB (2.5x, 40 frames); auto: compressing at "
+                  "level -1 (the link is the bottleneck)") != std::string::npos);
+  // The destination knows only what it decompressed.
+  st["role"] = "destination";
+  st["migration"]["compression"] = {{"frames", 2}, {"plain_bytes", 1 << 20}, {"wire_bytes", 1 << 19}};
+  CHECK(render_status(SideStatus{"to", "127.0.0.1:2", st}).find("1 MiB of data crossed as 512 KiB (2.0x, 2 frames)\n") !=
+        std::string::npos);
+}
+
 TEST_CASE("a side that does not answer is shown with its error") {
   SideStatus s{"to", "127.0.0.1:2", livemig::Status::error("cannot reach 127.0.0.1:2: Connection refused")};
   CHECK(render_watch_line("t", {s}).find("unreachable: cannot reach") != std::string::npos);

@@ -286,9 +286,11 @@ def start_payload(image_size, block_size=4096, segment_size=64 * KiB, params=Non
 
 class FakeDestination:
     """A peer port on loopback that a real source migrates to: it completes
-    the server side of the handshake, acknowledges START, swallows DATA and
-    answers HANDOVER with `on_handover(client, frame)`. Runs in a thread;
-    `error` holds what went wrong there."""
+    the server side of the handshake, acknowledges START (as a destination
+    that says nothing of compression would), swallows DATA (recording each
+    frame's flags in `data_flags`) and answers HANDOVER with
+    `on_handover(client, frame)`. Runs in a thread; `error` holds what went
+    wrong there."""
 
     def __init__(self, key, on_handover):
         self.key, self.on_handover = key, on_handover
@@ -297,6 +299,7 @@ class FakeDestination:
         self.client = None
         self.error = None
         self.handed_over = threading.Event()
+        self.data_flags = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -312,6 +315,8 @@ class FakeDestination:
                 if f.type == START:
                     c.send(frame(START_OK, string(json.dumps({"phase": "PreCopy", "resync": False})),
                                  request_id=f.request_id))
+                elif f.type == DATA:
+                    self.data_flags.append(f.flags)
                 elif f.type == HANDOVER:
                     self.on_handover(c, f)
                     self.handed_over.set()
