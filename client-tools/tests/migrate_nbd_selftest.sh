@@ -148,6 +148,10 @@ expect_lines badsize.err 1
 run badrate start --from 127.0.0.1:1 --to 127.0.0.1:2 --mode precopy --max-rate fast
 expect_rc 2
 expect_in badrate.err "--max-rate 'fast'"
+run badzstd start --from 127.0.0.1:1 --to 127.0.0.1:2 --mode precopy --compression zstd:99
+expect_rc 2
+expect_in badzstd.err '--compression: compression "zstd:99" must be auto, off, zstd or zstd:LEVEL (LEVEL from -7 to 19)'
+expect_lines badzstd.err 1
 run badaddr status --from nowhere
 expect_rc 2
 expect_in badaddr.err "--from"
@@ -191,7 +195,7 @@ ok
 
 check "start --mode precopy --handover auto --wait finishes with Done"
 run start start --from "$FROM" --to "$TO" --mode precopy --handover auto --handover-size 1M \
-  --max-rate 1Gbit --transfer-unit 256K --wait --interval 0.2 --timeout 60
+  --max-rate 1Gbit --transfer-unit 256K --compression zstd:3 --wait --interval 0.2 --timeout 60
 expect_rc 0
 expect_in start.out "started: precopy from $FROM to $TO"
 expect_in start.out " Done: total time "
@@ -218,6 +222,9 @@ expect_rc 0
 expect_in human.out "phase           Done"
 expect_in human.out "blocks left     0 of 8192 (100.0% done)"
 expect_in human.out "handover pause  "
+expect_in human.out "compression     zstd:3: compressing at level 3"  # random data: every frame crossed plain
+jq -e '.from.migration.compression.setting == "zstd:3" and (.from.migration.compression.frames // 0) == 0' \
+  "$T/json.out" >/dev/null || fail "status --json compression: $(jq -c .from.migration.compression "$T/json.out")"
 ok
 
 check "watch of a finished migration prints one line and exits 0"
