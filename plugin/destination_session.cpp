@@ -157,7 +157,6 @@ void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLin
 
 void DestinationSession::on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why) {
   if (!link_.drop(link)) return;
-  s_.stats.link_bytes_before += link->bytes_sent() + link->bytes_received();
   s_.log(fmt::format("migration {}: link to the source lost: {}", id_, why.message()));
   {
     // A handover half received on that link is void: the source asks again.

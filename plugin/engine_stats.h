@@ -57,7 +57,6 @@ struct EngineStats {
   std::atomic<uint64_t> background_pulls{0};
   std::atomic<uint64_t> pull_errors{0};     // pulls answered with an ERROR (each retried or reported)
   std::atomic<uint64_t> blocks_received{0};
-  std::atomic<uint64_t> link_bytes_before{0};  // wire bytes of links that closed
   std::atomic<uint64_t> reconnects{0};
   // DATA frames this side compressed (source) or decompressed (destination):
   // their plain bytes and the bytes that crossed instead.

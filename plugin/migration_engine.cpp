@@ -856,10 +856,7 @@ json MigrationEngine::progress_json() {
   else return nullptr;
   const SegmentGeometry& g = *ctx_.geometry;
   uint64_t left = j.value("blocks_left", uint64_t{0});
-  // Both directions, every link this migration had.
-  uint64_t wire = stats_.link_bytes_before.load() + j.value("live_link_bytes", uint64_t{0});
-  j.erase("live_link_bytes");
-  j["wire_bytes"] = wire;
+  const uint64_t wire = j.value("wire_bytes", uint64_t{0});  // the session's links (session_link.h)
   EngineStats::Rates rates = stats_.sample_rates(wire, left);
   double elapsed = stats_.started_at == Clock::time_point{}
                        ? 0

@@ -6,6 +6,10 @@ namespace livemig {
 
 using Clock = std::chrono::steady_clock;
 
+namespace {
+uint64_t wire_bytes(const PeerLink& link) { return link.bytes_sent() + link.bytes_received(); }
+}  // namespace
+
 bool SessionLink::owns(const PeerLink* link) const {
   std::lock_guard lock(mu_);
   return link_.get() == link;
@@ -21,6 +25,7 @@ void SessionLink::adopt(const std::shared_ptr<PeerLink>& link) {
   {
     std::lock_guard lock(mu_);
     old = std::exchange(link_, link);
+    if (old && old != link) closed_bytes_ += wire_bytes(*old);
   }
   if (old && old != link) old->close(Status::error("replaced by a resumed link", EPIPE));
   cv_.notify_all();
@@ -30,6 +35,7 @@ bool SessionLink::drop(const std::shared_ptr<PeerLink>& link) {
   {
     std::lock_guard lock(mu_);
     if (link_ != link) return false;
+    closed_bytes_ += wire_bytes(*link_);
     link_.reset();
     down_since_ = Clock::now();
   }
@@ -42,6 +48,7 @@ std::shared_ptr<PeerLink> SessionLink::take() {
   {
     std::lock_guard lock(mu_);
     link = std::exchange(link_, nullptr);
+    if (link) closed_bytes_ += wire_bytes(*link);
   }
   cv_.notify_all();
   return link;
@@ -61,10 +68,8 @@ Clock::time_point SessionLink::down_since() const {
 void SessionLink::describe(nlohmann::json& j) const {
   std::lock_guard lock(mu_);
   j["link_up"] = link_ && !link_->closed();
-  if (link_)
-    j["live_link_bytes"] = link_->bytes_sent() + link_->bytes_received();
-  else
-    j["link_down_seconds"] = std::chrono::duration<double>(Clock::now() - down_since_).count();
+  j["wire_bytes"] = closed_bytes_ + (link_ ? wire_bytes(*link_) : 0);
+  if (!link_) j["link_down_seconds"] = std::chrono::duration<double>(Clock::now() - down_since_).count();
 }
 
 }  // namespace livemig

@@ -37,7 +37,8 @@ class SessionLink {
   void notify() { cv_.notify_all(); }
   // When the link went down (the session's start if it never was up).
   std::chrono::steady_clock::time_point down_since() const;
-  // link_up, and link_down_seconds or live_link_bytes, into a status object.
+  // link_up, link_down_seconds while down, and wire_bytes: both
+  // directions of every link this session had, into a status object.
   void describe(nlohmann::json& j) const;
 
  private:
@@ -45,6 +46,11 @@ class SessionLink {
   std::condition_variable cv_;
   std::shared_ptr<PeerLink> link_;                      // guarded by mu_
   std::chrono::steady_clock::time_point down_since_;    // guarded by mu_
+  // Wire bytes of the links that left this session (dropped, replaced or
+  // taken), so that a session's figure is its own: the engine's stats
+  // outlive sessions, and a link's close handler may run after the next
+  // migration started.
+  uint64_t closed_bytes_ = 0;  // guarded by mu_
 };
 
 // What a call_for_reply() answer means: the payload if it is a T; else the

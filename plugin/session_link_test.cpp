@@ -57,3 +57,29 @@ TEST_CASE("session link: expect_reply tells an explicit refusal from silence") {
   REQUIRE(ok);
   CHECK(ok->generation == 4);
 }
+
+TEST_CASE("session link: wire bytes count every link the session had, replaced and dropped ones included") {
+  LinkPair first(key(), key()), second(key(), key());
+  for (LinkPair* p : {&first, &second})
+    p->server->start([](auto&, auto&) {}, [](auto&, auto&) {});
+  SessionLink link;
+  auto wire = [&] {
+    nlohmann::json j;
+    link.describe(j);
+    return j["wire_bytes"].get<uint64_t>();
+  };
+  CHECK(wire() == 0);
+  link.adopt(first.client);
+  first.client->send(ProgressPayload{std::string(1000, 'x')}, 0);
+  REQUIRE(first.client->wait_queue_below(1, 5s));
+  const uint64_t first_bytes = first.client->bytes_sent() + first.client->bytes_received();
+  CHECK(first_bytes > 1000);
+  CHECK(wire() == first_bytes);
+  link.adopt(second.client);  // a resumed link replaces the first
+  second.client->send(ProgressPayload{std::string(500, 'y')}, 0);
+  REQUIRE(second.client->wait_queue_below(1, 5s));
+  const uint64_t second_bytes = second.client->bytes_sent() + second.client->bytes_received();
+  CHECK(wire() == first_bytes + second_bytes);
+  CHECK(link.drop(second.client));
+  CHECK(wire() == first_bytes + second_bytes);
+}
