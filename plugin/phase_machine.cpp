@@ -29,6 +29,11 @@ constexpr Edge kEdges[] = {
     // the first push reads its block (it marks nothing).
     {R::None, kEnded, M::Local, {R::Source, P::Monitoring, M::SourceTracking}, true, "migrate (monitoring)"},
     {R::None, kEnded, M::Local, {R::Source, P::PreCopy, M::SourceTracking}, true, "migrate"},
+    // A finished destination serves the whole image: it may move it on (or
+    // back to where it came from) without a release first.
+    {R::Destination, bit(P::Done), M::Local, {R::Source, P::Monitoring, M::SourceTracking}, true,
+     "migrate onward (monitoring)"},
+    {R::Destination, bit(P::Done), M::Local, {R::Source, P::PreCopy, M::SourceTracking}, true, "migrate onward"},
     {R::Source, bit(P::Monitoring), M::SourceTracking, {R::Source, P::PreCopy, M::SourceTracking}, false,
      "monitoring done"},
     {R::Source, bit(P::PreCopy), M::SourceTracking, {R::Source, P::Sync, M::SourceTracking}, false,

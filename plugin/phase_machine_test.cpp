@@ -57,6 +57,18 @@ TEST_CASE("phase machine: no edge lets two sides be writable or leaves a fenced 
   }
 }
 
+TEST_CASE("phase machine: a finished destination may become a source; an unfinished one may not") {
+  IoGate gate;
+  PhaseMachine m(gate);
+  m.restore({Role::Destination, Phase::PostCopy, IoMode::DestPost}, nullptr);
+  CHECK_FALSE(m.transition({Role::Source, Phase::PreCopy, IoMode::SourceTracking}));
+  m.restore({Role::Destination, Phase::Failed, IoMode::Fenced}, nullptr);
+  CHECK_FALSE(m.transition({Role::Source, Phase::PreCopy, IoMode::SourceTracking}));
+  m.restore({Role::Destination, Phase::Done, IoMode::Local}, nullptr);
+  REQUIRE(m.transition({Role::Source, Phase::PreCopy, IoMode::SourceTracking}));
+  CHECK(gate.mode() == IoMode::SourceTracking);
+}
+
 TEST_CASE("phase machine: a transition writes role and phase to the state file before requests see it") {
   TempDir dir;
   std::string path = dir / "state";
