@@ -31,6 +31,9 @@ constexpr size_t kHandoverRangesPerFrame = 512 * 1024;
 constexpr size_t kServeWindowBytes = 16u << 20;
 // Between two attempts to reach a lost peer.
 constexpr auto kRetryPause = std::chrono::seconds(1);
+// A checksum unit that differs is compared again in this many parts (1 MiB,
+// 64 KiB, 4 KiB): a lone written block costs 2 x 16 checksums (256 bytes).
+constexpr uint64_t kResyncRefine = 16;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -220,7 +223,6 @@ void SourceSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Fr
 
 void SourceSession::on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why) {
   if (!link_.drop(link)) return;
-  s_.stats.link_bytes_before += link->bytes_sent() + link->bytes_received();
   s_.log(fmt::format("migration {}: link to the destination lost: {}", id_, why.message()));
   // What was pushed but not acknowledged durable is owed again.
   {
@@ -787,17 +789,31 @@ bool SourceSession::reconnect_before_handover() {
 }
 
 // The owed set is unknown (this side restarted) or the destination holds an
-// older copy: compare checksums unit by unit and keep owed only where they
-// differ. A write racing the comparison sets its bits again after the claim.
+// older copy: compare checksums and keep owed only the blocks that differ.
 bool SourceSession::resync() {
   const SegmentGeometry& g = s_.geometry();
   auto link = current_link();
   if (!link) return false;
-  const uint64_t unit = std::max<uint64_t>(params_.transfer_unit, g.block_size());
+  const bool compared = compare_range(*link, 0, g.image_size(), std::max<uint64_t>(params_.transfer_unit, g.block_size()));
+  std::lock_guard lock(mu_);
+  needs_resync_ = stopping_ || !compared;
+  return compared && !stopping_;
+}
+
+// Compares [off, off + len) by checksums of `unit` bytes (a transfer unit
+// at the top); a unit that differs is compared again kResyncRefine times
+// finer, down to single blocks, so that one block written in a MiB costs
+// that block and a few hundred bytes of checksums, not the MiB (DRBD's
+// csums-alg, rsync). Each unit is claimed (its owed bits cleared) before it
+// is read: a write racing the comparison sets its bits again. False if the
+// link failed (the caller compares again on the next link).
+bool SourceSession::compare_range(PeerLink& link, uint64_t off, uint64_t len, uint64_t unit) {
+  const SegmentGeometry& g = s_.geometry();
+  const uint64_t end = off + len;
   const uint32_t per_call = static_cast<uint32_t>(std::min<uint64_t>(kMaxSumsCount, kMaxSumsBytes / unit));
-  for (uint64_t off = 0; off < g.image_size() && !stopping_;) {
-    uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_call, (g.image_size() - off + unit - 1) / unit));
-    auto reply = link->call(SumsPayload{off, static_cast<uint32_t>(unit), count}, kReplyTimeout);
+  while (off < end && !stopping_) {
+    const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_call, (end - off + unit - 1) / unit));
+    auto reply = link.call(SumsPayload{off, static_cast<uint32_t>(unit), count}, kReplyTimeout);
     if (!reply || !std::holds_alternative<SumsReplyPayload>(reply->message)) {
       std::lock_guard lock(mu_);
       last_error_ = fmt::format("checksum resync: {}", reply ? "unexpected reply" : reply.status().message());
@@ -805,19 +821,23 @@ bool SourceSession::resync() {
     }
     const auto& hashes = std::get<SumsReplyPayload>(reply->message).hashes;
     for (uint32_t i = 0; i < hashes.size(); ++i) {
-      uint64_t o = off + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
-      IndexRange blocks = g.blocks_touched(o, n);
+      const uint64_t o = off + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
+      const IndexRange blocks = g.blocks_touched(o, n);
       owed_.test_and_clear_range(blocks);
       auto mine = s_.sender.hash_range(o, n);
-      if (mine && *mine == hashes[i])
+      if (mine && *mine == hashes[i]) {
         s_.stats.blocks_resynced.fetch_add(blocks.count(), std::memory_order_relaxed);
-      else
+      } else if (unit > g.block_size() && mine) {
+        if (!compare_range(link, o, n, std::max<uint64_t>(unit / kResyncRefine, g.block_size()))) {
+          owed_.set_range(blocks);
+          return false;
+        }
+      } else {
         owed_.set_range(blocks);
+      }
     }
     off += uint64_t{count} * unit;
   }
-  std::lock_guard lock(mu_);
-  needs_resync_ = stopping_;
   return !stopping_;
 }
 

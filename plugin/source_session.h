@@ -142,6 +142,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void after_round(double seconds, uint64_t bytes_sent);
   bool reconnect_before_handover();
   bool resync();
+  bool compare_range(PeerLink& link, uint64_t off, uint64_t len, uint64_t unit);
   void do_handover();
   void resolve_handover();
   void committed(uint64_t generation);
