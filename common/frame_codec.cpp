@@ -201,15 +201,21 @@ Status check(const DataPayload& p) {
   Checks c(p.kType);
   bool zero = p.flags & kFlagZero;
   bool compressed = p.flags & kFlagCompressed;
-  c.require((p.flags & ~(kFlagZero | kFlagCompressed)) == 0, ErrorCode::BadFrame,
+  bool base = p.flags & kFlagBase;
+  c.require((p.flags & ~(kFlagZero | kFlagCompressed | kFlagBase)) == 0, ErrorCode::BadFrame,
             "unknown flags {:#x}", p.flags);
-  c.require(!(zero && compressed), ErrorCode::BadFrame, "both zero and compressed flags");
+  c.require(int(zero) + int(compressed) + int(base) <= 1, ErrorCode::BadFrame,
+            "more than one of the zero, compressed and base flags");
   c.require(p.length <= kMaxDataLength, ErrorCode::TooLarge, "length {} exceeds the limit {}",
             p.length, kMaxDataLength);
   c.no_overflow("offset + length", p.offset, p.length);
   size_t n = p.bytes.size();
   if (zero) {
     c.require(n == 0, ErrorCode::BadFrame, "zero flag but {} data bytes follow", n);
+  } else if (base) {
+    // One 8-byte checksum per block, and no block is smaller than 512 bytes.
+    c.require(n > 0 && n % 8 == 0 && n <= p.length / 64, ErrorCode::BadFrame,
+              "base flag with {} checksum bytes for {} bytes of blocks", n, p.length);
   } else if (compressed) {
     c.require(n > 0, ErrorCode::BadFrame, "compressed flag but no data bytes");
     c.require(n <= kMaxDataLength, ErrorCode::TooLarge, "{} compressed bytes exceed the limit {}",

@@ -59,6 +59,7 @@ std::vector<AnyPayload> samples() {
   v.push_back(DataPayload{1ull << 33, static_cast<uint32_t>(b.size()), 0, {b.data(), b.size()}});
   v.push_back(DataPayload{4096, 1 << 20, kFlagZero, {}});
   v.push_back(DataPayload{8192, 65536, kFlagCompressed, {b.data(), 10}});
+  v.push_back(DataPayload{8192, 65536, kFlagBase, {b.data(), 128}});
   v.push_back(AckPayload{77, 1ull << 35, 65536});
   v.push_back(HandoverPayload{3, 600, {{0, 100, 7}, {100, 400, 0}, {1000, 100, 0xFFFFFFFF}}});
   v.push_back(HandoverPayload{1, 0, {}});
@@ -175,10 +176,11 @@ TEST_CASE("a payload cut short at every byte is rejected as a bad frame", "[fram
   for (const AnyPayload& p : samples()) {
     INFO(frame_type_name(frame_type_of(p)));
     std::string bytes = payload_bytes(p);
-    // Compressed DATA bytes run to the end of the payload, so only the frame's
-    // length and CRC (and zstd's own framing) can tell that they were cut.
+    // Compressed DATA bytes and a BASE note's checksums run to the end of the
+    // payload, so only the frame's length and CRC (and zstd's framing, or the
+    // receiver's count of blocks) can tell that they were cut.
     size_t cuts = bytes.size();
-    if (auto* d = std::get_if<DataPayload>(&p); d && (d->flags & kFlagCompressed))
+    if (auto* d = std::get_if<DataPayload>(&p); d && (d->flags & (kFlagCompressed | kFlagBase)))
       cuts = kDataHeaderSize + 1;
     for (size_t n = 0; n < cuts; ++n) {
       INFO("prefix of " << n << " of " << bytes.size() << " bytes");
@@ -420,7 +422,15 @@ TEST_CASE("DATA bytes must match its length and flags", "[frame]") {
   CHECK(code(DataPayload{0, 10, kFlagZero, ten}) == "BadFrame");
   CHECK(code(DataPayload{0, 10, kFlagZero | kFlagCompressed, {}}) == "BadFrame");
   CHECK(code(DataPayload{0, 10, kFlagCompressed, {}}) == "BadFrame");
-  CHECK(code(DataPayload{0, 10, 8, ten}) == "BadFrame");
+  CHECK(code(DataPayload{0, 10, 16, ten}) == "BadFrame");
+  // BASE: 8-byte checksums, at most one per 512 bytes, no other flag with it.
+  std::vector<uint8_t> sums(16, 1);
+  CHECK(code(DataPayload{0, 8192, kFlagBase, {sums.data(), 16}}) == "ok");
+  CHECK(code(DataPayload{0, 8192, kFlagBase, {sums.data(), 12}}) == "BadFrame");
+  CHECK(code(DataPayload{0, 8192, kFlagBase, {}}) == "BadFrame");
+  CHECK(code(DataPayload{0, 512, kFlagBase, {sums.data(), 16}}) == "BadFrame");
+  CHECK(code(DataPayload{0, 8192, kFlagBase | kFlagCompressed, {sums.data(), 16}}) == "BadFrame");
+  CHECK(code(DataPayload{0, 8192, kFlagBase | kFlagZero, {}}) == "BadFrame");
   CHECK(code(DataPayload{UINT64_MAX - 5, 10, 0, ten}) == "BadFrame");
   CHECK(code(DataPayload{0, kMaxDataLength + 1, kFlagZero, {}}) == "TooLarge");
   CHECK(code(DataPayload{0, kMaxDataLength, kFlagZero, {}}) == "ok");

@@ -35,6 +35,7 @@ constexpr ErrorCodeInfo kErrorCodes[] = {
     {"UnknownMigration", ESRCH},
     {"TlsRequired", EKEYREJECTED},
     {"NotCommitted", ECONNABORTED},
+    {"BaseMismatch", EMEDIUMTYPE},
 };
 static_assert(std::size(kErrorCodes) == kMaxErrorCode + 1);
 

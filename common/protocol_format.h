@@ -76,10 +76,11 @@ const char* frame_type_name(FrameType type);
 inline constexpr uint32_t kFlagZero = 1;        // DATA: the range reads as zeros; no bytes follow
 inline constexpr uint32_t kFlagCompressed = 2;  // DATA: the bytes are zstd-compressed
 inline constexpr uint32_t kFlagPriority = 4;    // PULL: a demand read, served before background
+inline constexpr uint32_t kFlagBase = 8;        // DATA: equal to the base image; the bytes are block checksums
 // The header flags that a frame of `type` may carry (others are a bad frame).
 inline constexpr uint32_t allowed_flags(FrameType type) {
   switch (type) {
-    case FrameType::Data: return kFlagZero | kFlagCompressed;
+    case FrameType::Data: return kFlagZero | kFlagCompressed | kFlagBase;
     case FrameType::Pull: return kFlagPriority;
     default: return 0;
   }
@@ -150,8 +151,9 @@ enum class ErrorCode : uint32_t {
   UnknownMigration = 17,  // no such migration here (to resume or resolve)
   TlsRequired = 18,       // a plaintext client at a plugin that requires TLS
   NotCommitted = 19,      // the destination ended the migration before any commit: the source may unfence
+  BaseMismatch = 20,      // the two plugins' base images differ (or one has none)
 };
-inline constexpr uint32_t kMaxErrorCode = 19;
+inline constexpr uint32_t kMaxErrorCode = 20;
 
 // The name ("BadCrc"), "Unknown" for a value outside the enum.
 const char* error_code_name(uint32_t code);
@@ -164,7 +166,7 @@ const char* error_code_name(uint32_t code);
 //   Internal EIO, Cancelled ECANCELED, HandoverLost ENOTRECOVERABLE,
 //   NotEmpty ENOTEMPTY, NoSpace ENOSPC, UnknownMigration ESRCH,
 //   TlsRequired EKEYREJECTED (the errno of every TLS failure), NotCommitted
-//   ECONNABORTED.
+//   ECONNABORTED, BaseMismatch EMEDIUMTYPE.
 int error_code_errno(ErrorCode code);
 // A Status for `code`; the message says what is wrong.
 Status protocol_error(ErrorCode code, std::string message);

@@ -61,6 +61,7 @@ void frame_seeds() {
       {"data", frame(DataPayload{65536, static_cast<uint32_t>(block.size()), 0, bytes}, 9)},
       {"data-zero", frame(DataPayload{1 << 20, 1 << 16, kFlagZero, {}})},
       {"data-compressed", frame(DataPayload{0, 4096, kFlagCompressed, bytes.first(40)})},
+      {"data-base", frame(DataPayload{0, 8192, kFlagBase, bytes.first(16)})},
       {"ack", frame(AckPayload{9, 65536, 512})},
       {"handover", frame(HandoverPayload{2, 150, {{0, 50, 3}, {64, 100, 0}}})},
       {"pull", frame(PullPayload{8192, 4096, 1})},

@@ -160,8 +160,8 @@ def flags_a_type_does_not_allow_get_bad_frame():
                 c.send(header(HELLO, len(p), crc32c(p), flags=flags))  # the payload stays unread
                 c.expect_error(BAD_FRAME, what=f"HELLO with flags {flags:#x}")
         # After authentication: PULL may carry PRIORITY only, DATA only
-        # ZERO/COMPRESSED, CONTROL nothing.
-        for ftype, flags in ((PULL, FLAG_ZERO), (DATA, FLAG_PRIORITY), (DATA, 8), (CONTROL, FLAG_ZERO)):
+        # ZERO/COMPRESSED/BASE, CONTROL nothing.
+        for ftype, flags in ((PULL, FLAG_ZERO), (DATA, FLAG_PRIORITY), (DATA, 16), (CONTROL, FLAG_ZERO)):
             purpose = "control" if ftype == CONTROL else "peer"
             c, _ = handshake(port, key, purpose=purpose)
             with c:

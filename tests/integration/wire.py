@@ -34,16 +34,16 @@ TYPE_NAMES = {v: k for k, v in dict(
     CONTROL_REPLY=CONTROL_REPLY, HANDOVER_ACK=HANDOVER_ACK, PUSH_ACK=PUSH_ACK, START_OK=START_OK, SUMS=SUMS,
     SUMS_REPLY=SUMS_REPLY, FORWARD=FORWARD, FORWARD_REPLY=FORWARD_REPLY).items()}
 
-FLAG_ZERO, FLAG_COMPRESSED, FLAG_PRIORITY = 1, 2, 4
+FLAG_ZERO, FLAG_COMPRESSED, FLAG_PRIORITY, FLAG_BASE = 1, 2, 4, 8
 
 # Error codes.
 BAD_FRAME, BAD_MAGIC, BAD_VERSION, UNKNOWN_TYPE, TOO_LARGE, BAD_CRC, AUTH_FAILED, BUSY, SIZE_MISMATCH, \
     NOT_AUTHORITATIVE, PROTOCOL, INTERNAL, CANCELLED, HANDOVER_LOST, NOT_EMPTY, NO_SPACE, \
-    UNKNOWN_MIGRATION, TLS_REQUIRED, NOT_COMMITTED = range(1, 20)
+    UNKNOWN_MIGRATION, TLS_REQUIRED, NOT_COMMITTED, BASE_MISMATCH = range(1, 21)
 CODE_NAMES = {1: "BadFrame", 2: "BadMagic", 3: "BadVersion", 4: "UnknownType", 5: "TooLarge", 6: "BadCrc",
               7: "AuthFailed", 8: "Busy", 9: "SizeMismatch", 10: "NotAuthoritative", 11: "Protocol",
               12: "Internal", 13: "Cancelled", 14: "HandoverLost", 15: "NotEmpty", 16: "NoSpace",
-              17: "UnknownMigration", 18: "TlsRequired", 19: "NotCommitted"}
+              17: "UnknownMigration", 18: "TlsRequired", 19: "NotCommitted", 20: "BaseMismatch"}
 
 # Limits.
 MAX_PRE_AUTH_PAYLOAD = 8234
