@@ -212,6 +212,12 @@ std::string render_status(const SideStatus& s) {
     sub("read delay", read_delay_text(m));
     if (m.contains("pacing")) sub("guest first", pacing_text(m));
     if (m.contains("compression")) sub("compression", compression_text(m));
+    if (const json& b = object(m, "base"); !b.empty())
+      sub("base image", fmt::format("{} blocks ({}) as notes, read from the base at the destination{}",
+                                    count(b, "blocks"), format_bytes(num(b, "bytes")),
+                                    count(b, "refused_notes") > 0 ? " (a block of the destination's base differed: "
+                                                                    "the rest crossed plain)"
+                                                                  : ""));
     if (count(m, "reconnects") > 0 || count(m, "pull_errors") > 0)
       sub("reconnects", fmt::format("{} ({} pull errors)", count(m, "reconnects"), count(m, "pull_errors")));
     if (count(m, "blocks_resynced") > 0)

@@ -197,6 +197,11 @@ Result<MigrationParams> MigrationParams::from_json(const json& j, HandoverPolicy
   auto c = parse_compression(*compression);
   if (!c) return Status::error("migrate: " + c.status().message());
   p.compression = *c;
+  auto base = json_string(j, "base_identity", "");
+  if (!base) return base.status();
+  if (!base->empty() && (base->size() != 16 || base->find_first_not_of("0123456789abcdef") != std::string::npos))
+    return Status::error(fmt::format("migrate: \"base_identity\" \"{}\" must be 16 hex digits", *base));
+  p.base_identity = *base;
   return p;
 }
 
@@ -209,7 +214,7 @@ json MigrationParams::to_json() const {
           {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit},
           {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate}, {"max_slowdown", max_slowdown},
           {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests},
-          {"compression", compression.name()}});
+          {"compression", compression.name()}, {"base_identity", base_identity}});
   return j;
 }
 }  // namespace livemig

@@ -71,6 +71,10 @@ struct MigrationParams {
   uint64_t guest_baseline_p99_ns = 0;
   uint64_t guest_baseline_requests = 0;
   Compression compression;
+  // The source's base image (its identity, plugin/base_image.h), set by the
+  // source from its base= and checked by the destination against its own;
+  // empty: no base.
+  std::string base_identity;
   PolicyParams policy;                   // mode, threshold, weights, monitoring
 
   MigrationMode mode() const { return policy.mode; }

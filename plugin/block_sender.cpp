@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include "common/byte_order.h"
 #include "common/transfer_planner.h"
 
 namespace livemig {
@@ -61,17 +62,15 @@ void BlockSender::maybe_compress(CompressionGovernor& compression, const PeerLin
 }
 
 Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id,
-                                                   bool priority, CompressionGovernor* compression) {
+                                                   bool priority, const SendEncoding& encoding) {
   Sent sent;
-  auto send = [&](const DataPayload& d) {
-    link.send_data(d, request_id, priority);
-    sent.frames++;
-  };
   auto send_zero = [&](IndexRange r) {
-    send(DataPayload{g_.range_offset(r), static_cast<uint32_t>(g_.range_length(r)), kFlagZero, {}});
+    link.send_data(DataPayload{g_.range_offset(r), static_cast<uint32_t>(g_.range_length(r)), kFlagZero, {}},
+                   request_id, priority);
+    sent.frames++;
     stats_.zero_blocks_sent.fetch_add(r.count(), std::memory_order_relaxed);
   };
-  std::string buf, compressed;
+  std::string buf;
   for (auto& [r, hole] : hole_runs(image_, g_, blocks)) {
     if (hole) {
       send_zero(r);
@@ -80,28 +79,68 @@ Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange bl
     buf.resize(g_.range_length(r));
     if (image_.pread(buf.data(), buf.size(), g_.range_offset(r)) < 0) return read_error(buf.size(), g_.range_offset(r));
     for (const ZeroSplit& z : split_zero_runs(g_, r, buf.data())) {
-      if (z.zero) {
+      if (z.zero)
         send_zero(z.blocks);
-        continue;
-      }
-      for (uint64_t off = g_.range_offset(z.blocks), end = off + g_.range_length(z.blocks); off < end;) {
-        uint64_t n = std::min<uint64_t>(std::max(kMaxFrameData, g_.block_size()), end - off);
-        DataPayload d{off, static_cast<uint32_t>(n), 0,
-                      {reinterpret_cast<const uint8_t*>(buf.data() + (off - g_.range_offset(r))), n}};
-        if (compression && !priority) maybe_compress(*compression, link, d, compressed);
-        send(d);
-        stats_.payload_bytes_sent.fetch_add(n, std::memory_order_relaxed);
-        off += n;
-      }
-      stats_.data_blocks_sent.fetch_add(z.blocks.count(), std::memory_order_relaxed);
-      sent.data_blocks += z.blocks.count();
+      else
+        send_data_blocks(link, z.blocks, buf.data() + (g_.range_offset(z.blocks) - g_.range_offset(r)), request_id,
+                         priority, encoding, sent);
     }
   }
   return sent;
 }
 
+void BlockSender::send_data_blocks(PeerLink& link, IndexRange blocks, const char* data, uint64_t request_id,
+                                   bool priority, const SendEncoding& encoding, Sent& sent) {
+  const BaseImage* base = priority ? nullptr : encoding.base;
+  const uint64_t bs = g_.block_size();
+  auto equal_to_base = [&](uint64_t b) {
+    return base && b < base->full_blocks() &&
+           block_checksum(data + (b - blocks.first) * bs, bs) == base->block_hash(b);
+  };
+  std::string sums;
+  for (uint64_t b = blocks.first; b < blocks.last;) {
+    const bool in_base = equal_to_base(b);
+    uint64_t end = b + 1;
+    while (end < blocks.last && equal_to_base(end) == in_base) ++end;
+    const IndexRange run{b, end};
+    const char* run_data = data + (b - blocks.first) * bs;
+    if (!in_base) {
+      send_frames(link, run, run_data, request_id, priority, encoding.compression, sent);
+    } else {
+      // A note: the checksum of each block, which the destination checks
+      // against what it reads from its own base.
+      sums.resize(run.count() * 8);
+      for (uint64_t i = 0; i < run.count(); ++i)
+        store_be64(reinterpret_cast<uint8_t*>(sums.data()) + i * 8, base->block_hash(run.first + i));
+      link.send_data(DataPayload{g_.range_offset(run), static_cast<uint32_t>(g_.range_length(run)), kFlagBase,
+                                 {reinterpret_cast<const uint8_t*>(sums.data()), sums.size()}},
+                     request_id, priority);
+      sent.frames++;
+      stats_.base_blocks_sent.fetch_add(run.count(), std::memory_order_relaxed);
+    }
+    b = end;
+  }
+}
+
+void BlockSender::send_frames(PeerLink& link, IndexRange blocks, const char* data, uint64_t request_id, bool priority,
+                              CompressionGovernor* compression, Sent& sent) {
+  std::string compressed;
+  for (uint64_t off = g_.range_offset(blocks), end = off + g_.range_length(blocks); off < end;) {
+    uint64_t n = std::min<uint64_t>(std::max(kMaxFrameData, g_.block_size()), end - off);
+    DataPayload d{off, static_cast<uint32_t>(n), 0,
+                  {reinterpret_cast<const uint8_t*>(data + (off - g_.range_offset(blocks))), n}};
+    if (compression && !priority) maybe_compress(*compression, link, d, compressed);
+    link.send_data(d, request_id, priority);
+    sent.frames++;
+    stats_.payload_bytes_sent.fetch_add(n, std::memory_order_relaxed);
+    off += n;
+  }
+  stats_.data_blocks_sent.fetch_add(blocks.count(), std::memory_order_relaxed);
+  sent.data_blocks += blocks.count();
+}
+
 Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullPayload& p,
-                                CompressionGovernor* compression) {
+                                const SendEncoding& encoding) {
   const uint64_t size = g_.image_size();
   if (p.length == 0 || p.length > kMaxDataLength || p.offset > size || p.length > size - p.offset)
     return protocol_error(ErrorCode::BadFrame, fmt::format("PULL of {} bytes at {}: not inside the {}-byte image "
@@ -111,7 +150,7 @@ Status BlockSender::answer_pull(PeerLink& link, uint64_t request_id, const PullP
   const bool aligned =
       p.offset % g_.block_size() == 0 && (p.length % g_.block_size() == 0 || p.offset + p.length == size);
   if (aligned) {
-    auto sent = send_blocks(link, g_.blocks_touched(p.offset, p.length), request_id, priority, compression);
+    auto sent = send_blocks(link, g_.blocks_touched(p.offset, p.length), request_id, priority, encoding);
     return sent ? Status::ok() : sent.status();  // NOLINT: sent's value is not needed
   }
   // An unaligned proxied read: the exact bytes, in one frame.

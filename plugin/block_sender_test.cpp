@@ -6,12 +6,14 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <fstream>
 #include <cstring>
 #include <mutex>
 #include <vector>
 
 #include <catch2/catch.hpp>
 
+#include "common/byte_order.h"
 #include "tests/support/link_pair.h"
 #include "tests/support/temp_dir.h"
 
@@ -66,20 +68,38 @@ struct Received {
 
 Secret key() { return Secret::from_bytes("0123456789abcdef-sender").value(); }
 
+// A sender over `img` (its blocks in segments of 64) and a link whose far
+// end collects the DATA frames and their request ids, in arrival order
+// (priority frames overtake queued ones).
+struct Rig {
+  SegmentGeometry g;
+  EngineStats stats;
+  BlockSender sender;
+  LinkPair pair{key(), key()};
+  Received got;
+  std::vector<uint64_t> ids;  // guarded by got.mu
+  Rig(Image& img, uint64_t blocks)
+      : g(SegmentGeometry::make(blocks * kBlock, kBlock, 64 * kBlock).value()), sender(*img.file, g, stats) {
+    pair.server->start([this](auto&, PeerLink::Frame& f) {
+      if (auto* d = std::get_if<DataPayload>(&f.message)) {
+        {
+          std::lock_guard lock(got.mu);
+          ids.push_back(f.header.request_id);
+        }
+        got.add(*d);
+      }
+    }, [](auto&, auto&) {});
+  }
+};
+
 }  // namespace
 
 TEST_CASE("block sender: holes and zero blocks cross as zero notes, data as frames of at most 256 KiB") {
   // 2 data blocks, a hole of 3, 2 written-zero blocks, then 80 data blocks (320 KiB).
   std::string layout = "ddhhhzz" + std::string(80, 'd');
   Image img(layout);
-  auto g = SegmentGeometry::make(layout.size() * kBlock, kBlock, 64 * kBlock).value();
-  EngineStats stats;
-  BlockSender sender(*img.file, g, stats);
-  LinkPair pair(key(), key());
-  Received got;
-  pair.server->start([&](auto&, PeerLink::Frame& f) {
-    if (auto* d = std::get_if<DataPayload>(&f.message)) got.add(*d);
-  }, [](auto&, auto&) {});
+  Rig rig(img, layout.size());
+  auto& [g, stats, sender, pair, got, ids] = rig;
   auto sent = sender.send_blocks(*pair.client, {0, layout.size()}, 0, false);
   REQUIRE(sent);
   CHECK(sent->data_blocks == 82);
@@ -136,25 +156,19 @@ TEST_CASE("block sender: checksums per unit match a hash of the same bytes, the 
 TEST_CASE("block sender: with compression, background data crosses compressed and priority data plain") {
   std::string layout(80, 'd');  // 320 KiB of blocks each one repeated byte: very compressible
   Image img(layout);
-  auto g = SegmentGeometry::make(layout.size() * kBlock, kBlock, 64 * kBlock).value();
-  EngineStats stats;
-  BlockSender sender(*img.file, g, stats);
+  Rig rig(img, layout.size());
+  auto& [g, stats, sender, pair, got, ids] = rig;
   CompressionGovernor always(Compression{Compression::Kind::Zstd, 1}, 0);
-  LinkPair pair(key(), key());
-  Received got;
-  pair.server->start([&](auto&, PeerLink::Frame& f) {
-    if (auto* d = std::get_if<DataPayload>(&f.message)) got.add(*d);
-  }, [](auto&, auto&) {});
-  auto background = sender.send_blocks(*pair.client, {0, layout.size()}, 0, false, &always);
+  auto background = sender.send_blocks(*pair.client, {0, layout.size()}, 0, false, {&always});
   REQUIRE(background);
-  auto priority = sender.send_blocks(*pair.client, {0, layout.size()}, 7, true, &always);
+  auto priority = sender.send_blocks(*pair.client, {0, layout.size()}, 7, true, {&always});
   REQUIRE(priority);
   REQUIRE(got.wait_for(background->frames + priority->frames));
   uint64_t compressed = 0;
   for (size_t i = 0; i < got.frames.size(); ++i) {
     DataPayload d = got.frames[i];
     d.bytes = got.bytes[i];
-    const bool is_priority = i >= background->frames;
+    const bool is_priority = ids[i] == 7;
     CHECK(bool(d.flags & kFlagCompressed) == !is_priority);
     std::string plain;
     if (d.flags & kFlagCompressed) {
@@ -170,4 +184,47 @@ TEST_CASE("block sender: with compression, background data crosses compressed an
   CHECK(stats.compressed_plain_bytes == layout.size() * kBlock);
   CHECK(stats.compressed_wire_bytes == compressed);
   CHECK(compressed * 20 < layout.size() * kBlock);
+}
+
+TEST_CASE("block sender: with a base, blocks equal to it cross as notes and the rest as data") {
+  // Image blocks: 'A'+b%26 (Image's pattern); the base holds the same bytes
+  // for blocks 0-9 and 20-29 only.
+  std::string layout(40, 'd');
+  Image img(layout);
+  std::string base_path = img.dir / "base.img";
+  {
+    std::ofstream f(base_path, std::ios::binary);
+    for (uint64_t b = 0; b < 40; ++b) f << std::string(kBlock, (b / 10) % 2 == 0 ? char('A' + b % 26) : '#');
+  }
+  auto base = BaseImage::open(base_path, kBlock, [](const std::string&) {});
+  REQUIRE(base);
+  Rig rig(img, layout.size());
+  auto& [g, stats, sender, pair, got, ids] = rig;
+  auto sent = sender.send_blocks(*pair.client, {0, 40}, 0, false, {nullptr, base->get()});
+  REQUIRE(sent);
+  REQUIRE(got.wait_for(sent->frames));
+  uint64_t noted = 0, plain = 0;
+  for (size_t i = 0; i < got.frames.size(); ++i) {
+    const DataPayload& d = got.frames[i];
+    const uint64_t first = d.offset / kBlock, n = d.length / kBlock;
+    if (d.flags & kFlagBase) {
+      noted += n;
+      REQUIRE(got.bytes[i].size() == n * 8);
+      for (uint64_t b = first; b < first + n; ++b) {
+        CHECK((b / 10) % 2 == 0);
+        CHECK(load_be64(got.bytes[i].data() + (b - first) * 8) == (*base)->block_hash(b));
+      }
+    } else {
+      plain += n;
+      for (uint64_t b = first; b < first + n; ++b) CHECK((b / 10) % 2 == 1);
+    }
+  }
+  CHECK(noted == 20);
+  CHECK(plain == 20);
+  CHECK(stats.base_blocks_sent == 20);
+  CHECK(sent->data_blocks == 20);  // notes are not data
+  // A demand read (priority) never gets notes.
+  auto demand = sender.send_blocks(*pair.client, {0, 10}, 9, true, {nullptr, base->get()});
+  REQUIRE(demand);
+  CHECK(demand->data_blocks == 10);
 }

@@ -116,14 +116,15 @@ void DestinationSession::set_error(std::string message) {
 void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame) {
   const FrameHeader& h = frame.header;
   if (auto* data = std::get_if<DataPayload>(&frame.message)) {
-    // Decompressed here, so that nothing after sees a COMPRESSED frame; a
-    // bad one ends the link (pushes are sent again, pulls asked again).
+    // Decompressed, or read from the base, here, so that nothing after sees
+    // anything but plain data; a bad frame ends the link (pushes are sent
+    // again, pulls asked again; after a BaseMismatch the source sends plain).
     thread_local std::string plain;
-    if (data->flags & kFlagCompressed) {
-      if (Status s = decompress_frame(*data, plain); !s) return link->refuse(h.request_id, s);
-      s_.stats.compressed_frames.fetch_add(1, std::memory_order_relaxed);
-      s_.stats.compressed_plain_bytes.fetch_add(data->length, std::memory_order_relaxed);
-      s_.stats.compressed_wire_bytes.fetch_add(data->bytes.size(), std::memory_order_relaxed);
+    if (data->flags & (kFlagCompressed | kFlagBase)) {
+      if (Status s = decode_data(*data, plain); !s) {
+        set_error(s.message());
+        return link->refuse(h.request_id, s);
+      }
       data->flags = 0;
       data->bytes = {reinterpret_cast<const uint8_t*>(plain.data()), plain.size()};
     }
@@ -153,6 +154,22 @@ void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLin
     link->refuse(h.request_id, protocol_error(ErrorCode::Protocol, fmt::format("unexpected {} frame at the destination",
                                                                             frame_type_name(h.type))));
   }
+}
+
+// The plain data of a COMPRESSED frame or a BASE note, counted.
+Status DestinationSession::decode_data(const DataPayload& p, std::string& plain) {
+  if (p.flags & kFlagBase) {
+    Status s = read_base_note(s_.ctx.base, p, s_.geometry().block_size(), plain);
+    if (!s && error_code_of(s) == ErrorCode::BaseMismatch) s_.stats.base_mismatches.fetch_add(1);
+    if (s) s_.stats.base_blocks_received.fetch_add(p.length / s_.geometry().block_size(), std::memory_order_relaxed);
+    return s;
+  }
+  Status s = decompress_frame(p, plain);
+  if (!s) return s;
+  s_.stats.compressed_frames.fetch_add(1, std::memory_order_relaxed);
+  s_.stats.compressed_plain_bytes.fetch_add(p.length, std::memory_order_relaxed);
+  s_.stats.compressed_wire_bytes.fetch_add(p.bytes.size(), std::memory_order_relaxed);
+  return Status::ok();
 }
 
 void DestinationSession::on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why) {

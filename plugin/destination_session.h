@@ -118,6 +118,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   };
 
   // before the commit
+  Status decode_data(const DataPayload& p, std::string& plain);
   void on_push(const std::shared_ptr<PeerLink>& link, const DataPayload& p);
   void maybe_sync_pushes(const std::shared_ptr<PeerLink>& link, bool force);
   void on_handover(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const HandoverPayload& p);

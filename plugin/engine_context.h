@@ -19,6 +19,7 @@
 #include "common/segment_geometry.h"
 #include "common/status.h"
 #include "common/tls_context.h"
+#include "plugin/base_image.h"
 #include "plugin/block_sender.h"
 #include "plugin/engine_stats.h"
 #include "plugin/guest_latency.h"
@@ -62,6 +63,8 @@ struct EngineContext {
   // (a destination refuses to overwrite an image a guest is using).
   std::function<int64_t()> connections = [] { return int64_t{0}; };
   std::function<uint64_t()> client_writes = [] { return uint64_t{0}; };
+  // The base image both hosts hold (base=; null: none).
+  const BaseImage* base = nullptr;
   // The guest's request latency here (null: not measured, no pacing).
   const GuestLatency* guest_latency = nullptr;
   // Where the engine reports what happens (nbdkit_debug in the plugin).

@@ -56,6 +56,7 @@ void EngineStats::reset() {
   for (auto* c : {&rounds, &data_blocks_sent, &data_blocks_pushed, &zero_blocks_sent, &payload_bytes_sent,
                   &blocks_dirtied, &blocks_resynced, &demand_pulls, &background_pulls, &pull_errors,
                   &blocks_received, &reconnects, &compressed_frames, &compressed_plain_bytes, &compressed_wire_bytes,
+                  &base_blocks_sent, &base_blocks_received, &base_mismatches,
                   &forwarded_requests, &forwarded_bytes, &requests_applied_for_peer})
     c->store(0);
   read_delay.reset();

@@ -63,6 +63,12 @@ struct EngineStats {
   std::atomic<uint64_t> compressed_frames{0};
   std::atomic<uint64_t> compressed_plain_bytes{0};
   std::atomic<uint64_t> compressed_wire_bytes{0};
+  // Blocks that crossed as BASE notes (source), that the destination read
+  // from its base, and notes it refused because a block of its base differed
+  // (the source then sends plain).
+  std::atomic<uint64_t> base_blocks_sent{0};
+  std::atomic<uint64_t> base_blocks_received{0};
+  std::atomic<uint64_t> base_mismatches{0};
   LatencyHistogram read_delay;
   // Client requests this side sent to the authoritative side (write_forward.h),
   // and the ones it applied for the other side's clients.

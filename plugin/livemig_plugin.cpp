@@ -103,6 +103,13 @@ Status make_engine(PluginState& st) {
   ctx.resize_image = resize_image;
   ctx.tick = [] { g_state->heat->decay_tick(g_state->uptime_seconds()); };
   ctx.log = [](const std::string& m) { nbdkit_debug("%s", m.c_str()); };
+  if (!st.config.base.empty()) {
+    auto base = BaseImage::open(st.config.base, static_cast<uint32_t>(st.config.block_size), ctx.log);
+    if (!base) return base.status();
+    st.base = std::move(*base);
+    ctx.base = st.base.get();
+    nbdkit_debug("base image %s: identity %s", st.base->path().c_str(), st.base->identity().c_str());
+  }
   std::string warning;
   if (!st.config.secret_path.empty()) {
     auto secret = load_secret(st.config.secret_path, &warning);

@@ -574,6 +574,23 @@ Status MigrationEngine::check_incoming(const EngineState& st, bool* had_copy) {
   return Status::ok();
 }
 
+// A source that names a base image migrates blocks equal to it as notes:
+// this side must hold the same base.
+Status MigrationEngine::check_base(const std::string& identity) const {
+  if (identity.empty()) return Status::ok();
+  if (!ctx_.base)
+    return protocol_error(ErrorCode::BaseMismatch,
+                          fmt::format("the source migrates against base image {}, but this plugin has no base= "
+                                      "(give it the same base image, or migrate without base= at the source)",
+                                      identity));
+  if (ctx_.base->identity() != identity)
+    return protocol_error(ErrorCode::BaseMismatch,
+                          fmt::format("base image mismatch: the source's base is {}, this plugin's base {} is {} "
+                                      "(not the same template)",
+                                      identity, ctx_.base->path(), ctx_.base->identity()));
+  return Status::ok();
+}
+
 Result<MigrationParams> MigrationEngine::destination_params(const StartPayload& p) {
   const SegmentGeometry& g = *ctx_.geometry;
   if (p.block_size != g.block_size())
@@ -602,6 +619,7 @@ Result<MigrationParams> MigrationEngine::destination_params(const StartPayload& 
     return protocol_error(ErrorCode::BadFrame, "START parameters are not a JSON object (or nest too deep)");
   auto params = MigrationParams::from_json(request, ctx_.handover_policy);
   if (!params) return protocol_error(ErrorCode::BadFrame, params.status().message());
+  if (Status s = check_base(params->base_identity); !s) return s;
   if (resize)
     if (Status s = ctx_.resize_image(p.image_size); !s) return protocol_error(ErrorCode::Internal, s.message());
   return params;
@@ -697,6 +715,7 @@ json MigrationEngine::migrate(const json& req) {
   if (params->from.empty()) params->from = ctx_.listen;
   const SegmentGeometry& g = *ctx_.geometry;
   if (params->transfer_unit < g.block_size()) params->transfer_unit = g.block_size();
+  params->base_identity = ctx_.base ? ctx_.base->identity() : "";
   measure_guest_baseline(*params);
   auto link = connect(params->to);
   if (!link) return error_reply(fmt::format("cannot reach destination {}", link.status().message()));
@@ -890,6 +909,11 @@ json MigrationEngine::progress_json() {
               {"plain_bytes", stats_.compressed_plain_bytes.load()},
               {"wire_bytes", stats_.compressed_wire_bytes.load()}});
   }
+  const uint64_t base_blocks = stats_.base_blocks_sent.load() + stats_.base_blocks_received.load();
+  if (base_blocks > 0 || stats_.base_mismatches.load() > 0)
+    j["base"] = {{"blocks", base_blocks},
+                 {"bytes", base_blocks * g.block_size()},
+                 {"refused_notes", stats_.base_mismatches.load()}};
   if (json delay = stats_.read_delay.summary(); !delay.is_null()) j["read_delay_ms"] = delay;
   if (json delay = stats_.forward_delay.summary(); !delay.is_null()) j["forward_delay_ms"] = delay;
   return j;

@@ -107,6 +107,9 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
   } else if (key == "state-file") {
     if (value.empty()) return Status::error("state-file=: the path is empty");
     state_file = value;
+  } else if (key == "base") {
+    if (value.empty()) return Status::error("base=: the base image path is empty");
+    base = value;
   } else if (key == "control") {
     if (value.empty()) return Status::error("control=: the socket path is empty");
     control_path = value;

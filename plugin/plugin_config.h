@@ -48,7 +48,11 @@ inline constexpr const char* kConfigHelp =
     "                       (default empty: only onto an image without data\n"
     "                       that no client wrote to, or its own partial copy).\n"
     "peer-timeout=<SECS>    A silent peer is dead after this (default 15).\n"
-    "state-file=<FILE>      Migration state (default <image>.livemig-state).";
+    "state-file=<FILE>      Migration state (default <image>.livemig-state).\n"
+    "base=<FILE>            A read-only base image both hosts hold (the template\n"
+    "                       the VM was deployed from): blocks equal to it cross\n"
+    "                       as 8-byte notes. Give the same base to both plugins.\n"
+    "                       Its block checksums are cached in <FILE>.livemig-sums.";
 
 struct PluginConfig {
   std::string image;
@@ -64,6 +68,7 @@ struct PluginConfig {
   AcceptIncoming accept_incoming = AcceptIncoming::Empty;
   double peer_timeout = 15.0;
   std::string state_file;    // empty = <image>.livemig-state
+  std::string base;          // base image, empty = none
 
   // Applies one key=value; an unknown key or a bad value is an error naming it.
   Status set(std::string_view key, std::string_view value);

@@ -11,6 +11,7 @@
 
 #include "common/heat_map.h"
 #include "common/segment_geometry.h"
+#include "plugin/base_image.h"
 #include "plugin/guest_latency.h"
 #include "plugin/image_file.h"
 #include "plugin/plugin_config.h"
@@ -45,6 +46,7 @@ struct PluginState {
   std::optional<ImageFile> image;          // set in config_complete
   std::optional<SegmentGeometry> geometry;  // set in config_complete
   std::unique_ptr<HeatMap> heat;            // set in config_complete
+  std::unique_ptr<BaseImage> base;          // base=, set in config_complete
   RequestCounters counters;
   GuestLatency guest_latency;  // reads, writes, trims, zeroes (guest-first pacing)
   std::atomic<int64_t> connections{0};

@@ -243,6 +243,16 @@ void SourceSession::on_push_ack(uint64_t frames) {
 void SourceSession::on_peer_error(const std::shared_ptr<PeerLink>& link, uint64_t id, const ErrorPayload& e) {
   Status why = status_from_error(e);
   if (id != 0 && forward_.on_error(id, why)) return;
+  if (error_code_of(why) == ErrorCode::BaseMismatch) {
+    // A block of the destination's base differs from ours: the rest of the
+    // migration goes plain, on a new link (what was in flight is asked or
+    // sent again).
+    s_.log(fmt::format("migration {}: the destination refused a base note ({}); sending plain from now on", id_,
+                       why.message()));
+    base_refused_ = true;
+    link->close(why);
+    return;
+  }
   EngineState st = s_.machine.state();
   s_.log(fmt::format("migration {}: the destination reported: {}", id_, why.message()));
   if (st.role == Role::Source && (st.phase == Phase::Monitoring || st.phase == Phase::PreCopy ||
@@ -310,7 +320,7 @@ void SourceSession::on_resume_start(const std::shared_ptr<PeerLink>& link, uint6
 void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p) {
   auto self = shared_from_this();
   bool queued = s_.disk_pool.try_post([self, link, id, p] {
-    if (Status s = self->s_.sender.answer_pull(*link, id, p, &self->compression_); !s)
+    if (Status s = self->s_.sender.answer_pull(*link, id, p, self->encoding()); !s)
       link->send(make_error_payload(s), id);
     // Backpressure: this thread (one of a few) waits while the link is full.
     link->wait_queue_below(kServeWindowBytes, self->s_.ctx.peer_timeout);
@@ -621,6 +631,14 @@ bool SourceSession::push_pass(bool* interrupted) {
   return true;
 }
 
+// Background data is compressed as the governor decides, and crosses as
+// BASE notes where equal to the base the destination confirmed it holds.
+SendEncoding SourceSession::encoding() {
+  const bool base = !params_.base_identity.empty() && !base_refused_ && s_.ctx.base &&
+                    s_.ctx.base->identity() == params_.base_identity;
+  return {&compression_, base ? s_.ctx.base : nullptr};
+}
+
 bool SourceSession::push_unit(IndexRange unit) {
   auto link = current_link();
   if (!link || link->closed()) return false;
@@ -635,7 +653,7 @@ bool SourceSession::push_unit(IndexRange unit) {
   // Claim before reading: a write that lands after this sets the bits again.
   owed_.test_and_clear_range(unit);
   uint64_t before = link->bytes_enqueued();
-  auto sent = s_.sender.send_blocks(*link, unit, 0, false, &compression_);
+  auto sent = s_.sender.send_blocks(*link, unit, 0, false, encoding());
   {
     std::lock_guard lock(push_mu_);
     pushed_frames_ += sent ? sent->frames : 0;

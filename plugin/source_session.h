@@ -143,6 +143,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   bool reconnect_before_handover();
   bool resync();
   bool compare_range(PeerLink& link, uint64_t off, uint64_t len, uint64_t unit);
+  SendEncoding encoding();
   void do_handover();
   void resolve_handover();
   void committed(uint64_t generation);
@@ -221,6 +222,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
 
   TransferPacer pacer_;  // max_rate and the guest-first bound (worker only)
   CompressionGovernor compression_;
+  std::atomic<bool> base_refused_{false};  // the destination's base differs somewhere: no more notes
   DestinationIoTrigger destination_io_;
 };
 

@@ -148,6 +148,11 @@ TEST_CASE("status says what compression saved and why auto compresses or not") {
   std::string text = render_status(SideStatus{"from", "127.0.0.1:1", st});
   CHECK(text.find("compression     10 MiB of data crossed as 4 MiB (2.5x, 40 frames); auto: compressing at "
                   "level -1 (the link is the bottleneck)") != std::string::npos);
+  st["migration"]["base"] = {{"blocks", 256}, {"bytes", 1 << 20}, {"refused_notes", 0}};
+  CHECK(render_status(SideStatus{"from", "127.0.0.1:1", st})
+            .find("base image      256 blocks (1 MiB) as notes, read from the base at the destination\n") !=
+        std::string::npos);
+  st["migration"].erase("base");
   // The destination knows only what it decompressed.
   st["role"] = "destination";
   st["migration"]["compression"] = {{"frames", 2}, {"plain_bytes", 1 << 20}, {"wire_bytes", 1 << 19}};
