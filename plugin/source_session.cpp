@@ -819,7 +819,7 @@ bool SourceSession::resync() {
 }
 
 // Compares [off, off + len) by checksums of `unit` bytes (a transfer unit
-// at the top); a unit that differs is compared again kResyncRefine times
+// at the top); units that differ are compared again kResyncRefine times
 // finer, down to single blocks, so that one block written in a MiB costs
 // that block and a few hundred bytes of checksums, not the MiB (DRBD's
 // csums-alg, rsync). Each unit is claimed (its owed bits cleared) before it
@@ -838,6 +838,10 @@ bool SourceSession::compare_range(PeerLink& link, uint64_t off, uint64_t len, ui
       return false;
     }
     const auto& hashes = std::get<SumsReplyPayload>(reply->message).hashes;
+    // Differing units, adjacent ones joined: each run is compared finer in
+    // one SUMS (scattered writes make most units differ: one call for the
+    // lot, not one per unit).
+    std::vector<std::pair<uint64_t, uint64_t>> finer;  // (offset, length)
     for (uint32_t i = 0; i < hashes.size(); ++i) {
       const uint64_t o = off + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
       const IndexRange blocks = g.blocks_touched(o, n);
@@ -846,13 +850,17 @@ bool SourceSession::compare_range(PeerLink& link, uint64_t off, uint64_t len, ui
       if (mine && *mine == hashes[i]) {
         s_.stats.blocks_resynced.fetch_add(blocks.count(), std::memory_order_relaxed);
       } else if (unit > g.block_size() && mine) {
-        if (!compare_range(link, o, n, std::max<uint64_t>(unit / kResyncRefine, g.block_size()))) {
-          owed_.set_range(blocks);
-          return false;
-        }
+        if (!finer.empty() && finer.back().first + finer.back().second == o) finer.back().second += n;
+        else finer.push_back({o, n});
       } else {
         owed_.set_range(blocks);
       }
+    }
+    for (size_t r = 0; r < finer.size(); ++r) {
+      if (compare_range(link, finer[r].first, finer[r].second, std::max<uint64_t>(unit / kResyncRefine, g.block_size())))
+        continue;
+      for (; r < finer.size(); ++r) owed_.set_range(g.blocks_touched(finer[r].first, finer[r].second));
+      return false;
     }
     off += uint64_t{count} * unit;
   }

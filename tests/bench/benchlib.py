@@ -356,6 +356,45 @@ def make_pristine(path, size, data):
         os.fsync(f.fileno())
 
 
+def copy_usr_files(dest, limit, skip=0):
+    """Regular files of /usr, in directory order, into `dest` until `limit`
+    bytes, after passing over the first `skip` bytes of them (so that two
+    calls can take different files). Returns the bytes copied."""
+    total = passed = 0
+    for root, dirs, files in os.walk("/usr"):
+        dirs.sort()
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            if os.path.islink(src) or not os.path.isfile(src):
+                continue
+            size = os.path.getsize(src)
+            if passed < skip:
+                passed += size
+                continue
+            if total + size > limit:
+                continue
+            target = os.path.join(dest, os.path.relpath(src, "/usr"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(src, target)
+            total += size
+            if total >= limit * 0.99:
+                return total
+    return total
+
+
+def make_usr_image(path, size, files, staging):
+    """A realistic disk: an ext4 file system of `size` bytes (mkfs.ext4 -d)
+    holding about `files` bytes of this machine's /usr files (binaries,
+    libraries, text), staged in `staging` (removed after)."""
+    os.makedirs(staging)
+    copied = copy_usr_files(staging, files)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                    "-d", staging, path, str(size // 1024) + "k"], check=True)
+    shutil.rmtree(staging)
+    log(f"realistic image: ext4, {size / MiB:.0f} MiB, {copied / MiB:.0f} MiB of /usr files, "
+        f"{allocated_bytes(path) / MiB:.0f} MiB allocated")
+
+
 def allocated_bytes(path):
     total, off = 0, 0
     with open(path, "rb") as f:
