@@ -488,21 +488,37 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
 
 Result<PeerLink::Frame> PeerLink::call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout,
                                            bool error_as_status) {
-  auto waiter = std::make_shared<Waiter>();
+  std::vector<std::pair<std::string, uint64_t>> one;
+  one.emplace_back(std::move(frame), id);
+  Result<Frame> r = std::move(call_raw_all(std::move(one), timeout)[0]);
+  if (error_as_status && r)
+    if (auto* err = std::get_if<ErrorPayload>(&r->message)) return status_from_error(*err);
+  return r;
+}
+
+std::vector<Result<PeerLink::Frame>> PeerLink::call_raw_all(std::vector<std::pair<std::string, uint64_t>> frames,
+                                                            std::chrono::milliseconds timeout) {
+  std::vector<std::shared_ptr<Waiter>> waiters;
   {
     std::lock_guard lock(mu_);
-    if (closed_) return Status::error(fmt::format("link to {} is closed: {}", remote_, close_reason_.message()), EPIPE);
-    waiters_[id] = waiter;
+    if (closed_)
+      return std::vector<Result<Frame>>(
+          frames.size(), Status::error(fmt::format("link to {} is closed: {}", remote_, close_reason_.message()), EPIPE));
+    for (auto& [frame, id] : frames) waiters.push_back(waiters_[id] = std::make_shared<Waiter>());
   }
-  send_raw(std::move(frame), false);
+  for (auto& [frame, id] : frames) send_raw(std::move(frame), false);
+  std::vector<Result<Frame>> results;
   std::unique_lock lock(mu_);
-  if (!cv_.wait_for(lock, timeout, [&] { return waiter->done; })) {
-    waiters_.erase(id);
-    return Status::error(fmt::format("no reply from {} within {} ms", remote_, timeout.count()), ETIMEDOUT);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (size_t i = 0; i < waiters.size(); ++i) {
+    if (!cv_.wait_until(lock, deadline, [&] { return waiters[i]->done; })) {
+      waiters_.erase(frames[i].second);
+      results.push_back(Status::error(fmt::format("no reply from {} within {} ms", remote_, timeout.count()), ETIMEDOUT));
+      continue;
+    }
+    results.push_back(std::move(waiters[i]->result));
   }
-  if (error_as_status && waiter->result)
-    if (auto* err = std::get_if<ErrorPayload>(&waiter->result->message)) return status_from_error(*err);
-  return std::move(waiter->result);
+  return results;
 }
 
 bool PeerLink::wait_queue_below(size_t limit, std::chrono::milliseconds timeout) {

@@ -124,6 +124,21 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
     return call_raw(std::move(*frame), id, timeout, false);
   }
 
+  // Pipelined calls: sends every request at once, then waits for all the
+  // replies (one round trip for the lot, the frames sharing packets), in
+  // the requests' order. Each result is as call()'s. Blocks.
+  template <Payload T>
+  std::vector<Result<Frame>> call_all(const std::vector<T>& requests, std::chrono::milliseconds timeout) {
+    std::vector<std::pair<std::string, uint64_t>> frames;
+    for (const T& p : requests) {
+      uint64_t id = next_request_id();
+      auto frame = encode_message(p, id);
+      if (!frame) return std::vector<Result<Frame>>(requests.size(), frame.status());
+      frames.emplace_back(std::move(*frame), id);
+    }
+    return call_raw_all(std::move(frames), timeout);
+  }
+
   uint64_t next_request_id() { return next_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // Closes the connection; the close handler runs once with `why`.
@@ -151,6 +166,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
 
  private:
   Result<Frame> call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout, bool error_as_status);
+  std::vector<Result<Frame>> call_raw_all(std::vector<std::pair<std::string, uint64_t>> frames,
+                                          std::chrono::milliseconds timeout);
   boost::asio::awaitable<Result<Frame>> read_frame(uint32_t max_payload);
   boost::asio::awaitable<void> read_loop(std::shared_ptr<PeerLink> self);
   boost::asio::awaitable<void> write_loop(std::shared_ptr<PeerLink> self);

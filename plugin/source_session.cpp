@@ -35,6 +35,9 @@ constexpr auto kRetryPause = std::chrono::seconds(1);
 // 256 KiB, 64 KiB, 16 KiB, 4 KiB): a lone written block costs 4 x 4
 // checksums (128 bytes, 3% of the block; 16 parts cost 2 x 16, twice that).
 constexpr uint64_t kResyncRefine = 4;
+// SUMS requests in flight at once during a resync (the destination queues
+// at most 256 disk jobs; a fuller queue answers Busy).
+constexpr size_t kResyncBatch = 64;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -809,61 +812,71 @@ bool SourceSession::reconnect_before_handover() {
 
 // The owed set is unknown (this side restarted) or the destination holds an
 // older copy: compare checksums and keep owed only the blocks that differ.
+// Level by level: every transfer unit first; then the units that differ,
+// adjacent ones joined, kResyncRefine times finer; down to single blocks,
+// so that one block written in a MiB costs that block and 128 bytes of
+// checksums, not the MiB (DRBD's csums-alg, rsync). Each level's SUMS go
+// out pipelined (one round trip per batch, not per range).
 bool SourceSession::resync() {
   const SegmentGeometry& g = s_.geometry();
   auto link = current_link();
   if (!link) return false;
-  const bool compared = compare_range(*link, 0, g.image_size(), std::max<uint64_t>(params_.transfer_unit, g.block_size()));
+  std::vector<Span> level = {{0, g.image_size()}};
+  for (uint64_t unit = std::max<uint64_t>(params_.transfer_unit, g.block_size()); !level.empty() && !stopping_;
+       unit = std::max<uint64_t>(unit / kResyncRefine, g.block_size())) {
+    std::vector<Span> finer;
+    if (!compare_level(*link, level, unit, finer)) {
+      // What this level had claimed and not settled is owed again.
+      for (const std::vector<Span>* spans : {&level, &finer})
+        for (const Span& sp : *spans) owed_.set_range(g.blocks_touched(sp.offset, sp.length));
+      return false;
+    }
+    level = std::move(finer);
+  }
   std::lock_guard lock(mu_);
-  needs_resync_ = stopping_ || !compared;
-  return compared && !stopping_;
+  needs_resync_ = stopping_;
+  return !stopping_;
 }
 
-// Compares [off, off + len) by checksums of `unit` bytes (a transfer unit
-// at the top); units that differ are compared again kResyncRefine times
-// finer, down to single blocks, so that one block written in a MiB costs
-// that block and a few hundred bytes of checksums, not the MiB (DRBD's
-// csums-alg, rsync). Each unit is claimed (its owed bits cleared) before it
-// is read: a write racing the comparison sets its bits again. False if the
-// link failed (the caller compares again on the next link).
-bool SourceSession::compare_range(PeerLink& link, uint64_t off, uint64_t len, uint64_t unit) {
+// Compares `spans` by checksums of `unit` bytes. A unit is claimed (its
+// owed bits cleared) before it is read, so a write racing the comparison
+// sets its bits again; equal units stay clear, differing ones go to
+// `finer` (or, at block size, are owed). False if the link failed.
+bool SourceSession::compare_level(PeerLink& link, const std::vector<Span>& spans, uint64_t unit,
+                                  std::vector<Span>& finer) {
   const SegmentGeometry& g = s_.geometry();
-  const uint64_t end = off + len;
-  const uint32_t per_call = static_cast<uint32_t>(std::min<uint64_t>(kMaxSumsCount, kMaxSumsBytes / unit));
-  while (off < end && !stopping_) {
-    const uint32_t count = static_cast<uint32_t>(std::min<uint64_t>(per_call, (end - off + unit - 1) / unit));
-    auto reply = link.call(SumsPayload{off, static_cast<uint32_t>(unit), count}, kReplyTimeout);
-    if (!reply || !std::holds_alternative<SumsReplyPayload>(reply->message)) {
-      std::lock_guard lock(mu_);
-      last_error_ = fmt::format("checksum resync: {}", reply ? "unexpected reply" : reply.status().message());
-      return false;
-    }
-    const auto& hashes = std::get<SumsReplyPayload>(reply->message).hashes;
-    // Differing units, adjacent ones joined: each run is compared finer in
-    // one SUMS (scattered writes make most units differ: one call for the
-    // lot, not one per unit).
-    std::vector<std::pair<uint64_t, uint64_t>> finer;  // (offset, length)
-    for (uint32_t i = 0; i < hashes.size(); ++i) {
-      const uint64_t o = off + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
-      const IndexRange blocks = g.blocks_touched(o, n);
-      owed_.test_and_clear_range(blocks);
-      auto mine = s_.sender.hash_range(o, n);
-      if (mine && *mine == hashes[i]) {
-        s_.stats.blocks_resynced.fetch_add(blocks.count(), std::memory_order_relaxed);
-      } else if (unit > g.block_size() && mine) {
-        if (!finer.empty() && finer.back().first + finer.back().second == o) finer.back().second += n;
-        else finer.push_back({o, n});
-      } else {
-        owed_.set_range(blocks);
+  const uint64_t per_call = std::min<uint64_t>(kMaxSumsCount, kMaxSumsBytes / unit);
+  std::vector<SumsPayload> requests;
+  for (const Span& sp : spans)
+    for (uint64_t off = sp.offset, end = sp.offset + sp.length; off < end; off += per_call * unit)
+      requests.push_back({off, static_cast<uint32_t>(unit),
+                          static_cast<uint32_t>(std::min<uint64_t>(per_call, (end - off + unit - 1) / unit))});
+  for (size_t first = 0; first < requests.size() && !stopping_; first += kResyncBatch) {
+    std::vector<SumsPayload> batch(requests.begin() + first,
+                                   requests.begin() + std::min(requests.size(), first + kResyncBatch));
+    auto replies = link.call_all(batch, kReplyTimeout);
+    for (size_t r = 0; r < batch.size(); ++r) {
+      if (!replies[r] || !std::holds_alternative<SumsReplyPayload>(replies[r]->message)) {
+        std::lock_guard lock(mu_);
+        last_error_ = fmt::format("checksum resync: {}", replies[r] ? "unexpected reply" : replies[r].status().message());
+        return false;
+      }
+      const auto& hashes = std::get<SumsReplyPayload>(replies[r]->message).hashes;
+      for (uint32_t i = 0; i < hashes.size(); ++i) {
+        const uint64_t o = batch[r].offset + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
+        const IndexRange blocks = g.blocks_touched(o, n);
+        owed_.test_and_clear_range(blocks);
+        auto mine = s_.sender.hash_range(o, n);
+        if (mine && *mine == hashes[i])
+          s_.stats.blocks_resynced.fetch_add(blocks.count(), std::memory_order_relaxed);
+        else if (unit > g.block_size() && mine && !finer.empty() && finer.back().offset + finer.back().length == o)
+          finer.back().length += n;
+        else if (unit > g.block_size() && mine)
+          finer.push_back({o, n});
+        else
+          owed_.set_range(blocks);
       }
     }
-    for (size_t r = 0; r < finer.size(); ++r) {
-      if (compare_range(link, finer[r].first, finer[r].second, std::max<uint64_t>(unit / kResyncRefine, g.block_size())))
-        continue;
-      for (; r < finer.size(); ++r) owed_.set_range(g.blocks_touched(finer[r].first, finer[r].second));
-      return false;
-    }
-    off += uint64_t{count} * unit;
   }
   return !stopping_;
 }

@@ -142,7 +142,10 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void after_round(double seconds, uint64_t bytes_sent);
   bool reconnect_before_handover();
   bool resync();
-  bool compare_range(PeerLink& link, uint64_t off, uint64_t len, uint64_t unit);
+  struct Span {
+    uint64_t offset, length;  // bytes of the image
+  };
+  bool compare_level(PeerLink& link, const std::vector<Span>& spans, uint64_t unit, std::vector<Span>& finer);
   SendEncoding encoding();
   void do_handover();
   void resolve_handover();
