@@ -126,7 +126,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
 
   // Pipelined calls: sends every request at once, then waits for all the
   // replies (one round trip for the lot, the frames sharing packets), in
-  // the requests' order. Each result is as call()'s. Blocks.
+  // the requests' order. Each result is as call_for_reply()'s (an ERROR
+  // reply is a frame). Blocks.
   template <Payload T>
   std::vector<Result<Frame>> call_all(const std::vector<T>& requests, std::chrono::milliseconds timeout) {
     std::vector<std::pair<std::string, uint64_t>> frames;

@@ -90,6 +90,43 @@ TEST_CASE("a call gets the reply with its request id, and an ERROR reply becomes
   CHECK(error_code_of(bad.status()) == ErrorCode::Busy);
 }
 
+TEST_CASE("pipelined calls get their replies in the requests' order, whatever order they arrive in", "[peer_link]") {
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  // The server answers the requests it holds in reverse once it has all 5;
+  // "fail" with an ERROR, which stays a frame (call_all is call_for_reply).
+  std::vector<std::pair<uint64_t, std::string>> held;
+  pair.server->start(
+      [&held](const std::shared_ptr<PeerLink>& l, PeerLink::Frame& f) {
+        auto* c = std::get_if<ControlPayload>(&f.message);
+        if (!c) return;
+        held.emplace_back(f.header.request_id, c->json);
+        if (held.size() < 5) return;
+        for (auto it = held.rbegin(); it != held.rend(); ++it) {
+          if (it->second == "fail")
+            l->send(make_error_payload(protocol_error(ErrorCode::Busy, "busy now")), it->first);
+          else
+            l->send(ControlReplyPayload{"re:" + it->second}, it->first);
+        }
+      },
+      [](auto&, auto&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+  std::vector<ControlPayload> requests = {{"a"}, {"b"}, {"fail"}, {"d"}, {"e"}};
+  auto replies = pair.client->call_all(requests, std::chrono::seconds(5));
+  REQUIRE(replies.size() == 5);
+  for (size_t i : {0, 1, 3, 4}) {
+    REQUIRE(replies[i].is_ok());
+    CHECK(std::get<ControlReplyPayload>(replies[i]->message).json == "re:" + requests[i].json);
+  }
+  REQUIRE(replies[2].is_ok());
+  CHECK(std::holds_alternative<ErrorPayload>(replies[2]->message));
+  // A closed link fails every call at once.
+  pair.client->close(Status::error("test closes it", EPIPE));
+  auto closed = pair.client->call_all(requests, std::chrono::seconds(5));
+  REQUIRE(closed.size() == 5);
+  for (auto& r : closed) CHECK_FALSE(r.is_ok());
+}
+
 TEST_CASE("a wrong secret fails the connection on the client side", "[peer_link]") {
   Status st;
   LinkPair pair(secret("0123456789abcdef-key"), secret("another-secret-0123456"), &st);

@@ -856,12 +856,13 @@ bool SourceSession::compare_level(PeerLink& link, const std::vector<Span>& spans
                                    requests.begin() + std::min(requests.size(), first + kResyncBatch));
     auto replies = link.call_all(batch, kReplyTimeout);
     for (size_t r = 0; r < batch.size(); ++r) {
-      if (!replies[r] || !std::holds_alternative<SumsReplyPayload>(replies[r]->message)) {
+      auto reply = expect_reply<SumsReplyPayload>(std::move(replies[r]));
+      if (!reply) {
         std::lock_guard lock(mu_);
-        last_error_ = fmt::format("checksum resync: {}", replies[r] ? "unexpected reply" : replies[r].status().message());
+        last_error_ = fmt::format("checksum resync: {}", reply.status().message());
         return false;
       }
-      const auto& hashes = std::get<SumsReplyPayload>(replies[r]->message).hashes;
+      const auto& hashes = reply->hashes;
       for (uint32_t i = 0; i < hashes.size(); ++i) {
         const uint64_t o = batch[r].offset + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
         const IndexRange blocks = g.blocks_touched(o, n);
