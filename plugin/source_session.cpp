@@ -38,6 +38,10 @@ constexpr uint64_t kResyncRefine = 4;
 // SUMS requests in flight at once during a resync (the destination queues
 // at most 256 disk jobs; a fuller queue answers Busy).
 constexpr size_t kResyncBatch = 64;
+// Differing units closer than this many finer units are compared finer in
+// one SUMS, equal units between them included: a checksum is 8 bytes, a
+// SUMS and its reply about 150 (frames, TLS) and a disk job at the peer.
+constexpr uint64_t kResyncMergeGap = 16;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -822,6 +826,7 @@ bool SourceSession::resync() {
   auto link = current_link();
   if (!link) return false;
   std::vector<Span> level = {{0, g.image_size()}};
+  const uint64_t owed_before = owed_.count();
   for (uint64_t unit = std::max<uint64_t>(params_.transfer_unit, g.block_size()); !level.empty() && !stopping_;
        unit = std::max<uint64_t>(unit / kResyncRefine, g.block_size())) {
     std::vector<Span> finer;
@@ -833,6 +838,10 @@ bool SourceSession::resync() {
     }
     level = std::move(finer);
   }
+  // Equal blocks: those no longer owed (a span merged across equal units
+  // compares some twice; counting here counts each once).
+  const uint64_t owed_after = owed_.count();
+  if (owed_before > owed_after) s_.stats.blocks_resynced.fetch_add(owed_before - owed_after);
   std::lock_guard lock(mu_);
   needs_resync_ = stopping_;
   return !stopping_;
@@ -863,19 +872,20 @@ bool SourceSession::compare_level(PeerLink& link, const std::vector<Span>& spans
         return false;
       }
       const auto& hashes = reply->hashes;
+      const uint64_t merge_gap = kResyncMergeGap * std::max<uint64_t>(unit / kResyncRefine, g.block_size());
       for (uint32_t i = 0; i < hashes.size(); ++i) {
         const uint64_t o = batch[r].offset + uint64_t{i} * unit, n = std::min(unit, g.image_size() - o);
         const IndexRange blocks = g.blocks_touched(o, n);
         owed_.test_and_clear_range(blocks);
         auto mine = s_.sender.hash_range(o, n);
-        if (mine && *mine == hashes[i])
-          s_.stats.blocks_resynced.fetch_add(blocks.count(), std::memory_order_relaxed);
-        else if (unit > g.block_size() && mine && !finer.empty() && finer.back().offset + finer.back().length == o)
-          finer.back().length += n;
-        else if (unit > g.block_size() && mine)
-          finer.push_back({o, n});
-        else
+        if (mine && *mine == hashes[i]) continue;
+        if (unit == g.block_size() || !mine) {
           owed_.set_range(blocks);
+        } else if (!finer.empty() && o - (finer.back().offset + finer.back().length) <= merge_gap) {
+          finer.back().length = o + n - finer.back().offset;
+        } else {
+          finer.push_back({o, n});
+        }
       }
     }
   }
