@@ -539,7 +539,7 @@ int run_resolve(const CommonOptions& o, bool abort) {
 
 // ---------------------------------------------------------------- release
 
-int run_release(const CommonOptions& o) {
+int run_release(const CommonOptions& o, bool unfence) {
   if (o.from.empty() && o.socket.empty() && o.to.empty())
     return usage("give the side to release: --from HOST:PORT, --to HOST:PORT or --socket PATH");
   Context ctx(o);
@@ -548,7 +548,9 @@ int run_release(const CommonOptions& o) {
   int rc = kExitOk;
   json j = json::object();
   for (Side& s : sides) {
-    auto reply = s.client->call({{"op", "release"}});
+    json request = {{"op", "release"}};
+    if (unfence) request["unfence"] = true;
+    auto reply = s.client->call(request);
     if (!reply) {
       print_error(reply.status().message());
       rc = kExitFailure;

@@ -95,7 +95,7 @@ int run_handover(const CommonOptions& o);
 int run_cancel(const CommonOptions& o);
 // resolve --abort: unfences a source whose handover is unresolved.
 int run_resolve(const CommonOptions& o, bool abort);
-int run_release(const CommonOptions& o);
+int run_release(const CommonOptions& o, bool unfence);
 int run_verify(const VerifyOptions& o);
 
 // Prints "migrate-nbd: <message>" on stderr.

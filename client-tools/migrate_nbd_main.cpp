@@ -159,9 +159,13 @@ int main(int argc, char** argv) {
   rs->add_flag("--abort", resolve_abort, "unfence the source; the destination's commit, if any, is lost (required)");
 
   mig::CommonOptions release;
+  bool release_unfence = false;
   auto* r = app.add_subcommand("release",
 "Forgets a finished, failed or cancelled migration at the given side(s).");
   add_common(r, release, true, "a plugin's peer port (the source)");
+  r->add_flag("--unfence", release_unfence,
+              "make a released former source's stale copy writable again (its VM runs elsewhere now; it stays "
+              "fenced otherwise, also across restarts)");
 
   mig::VerifyOptions verify;
   auto* v = app.add_subcommand("verify",
@@ -203,7 +207,7 @@ int main(int argc, char** argv) {
   if (h->parsed()) return mig::run_handover(handover);
   if (c->parsed()) return mig::run_cancel(cancel);
   if (rs->parsed()) return mig::run_resolve(resolve, resolve_abort);
-  if (r->parsed()) return mig::run_release(release);
+  if (r->parsed()) return mig::run_release(release, release_unfence);
   if (v->parsed()) return mig::run_verify(verify);
   if (qm->parsed()) return mig::run_qemu_migrate(qemu_migrate);
   return mig::kExitUsage;

@@ -55,6 +55,13 @@ Result<double> json_number(const nlohmann::json& j, const char* key, double dflt
   return it->get<double>();
 }
 
+Result<bool> json_bool(const nlohmann::json& j, const char* key, bool dflt, std::string_view op) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return dflt;
+  if (!it->is_boolean()) return Status::error(fmt::format("{}: \"{}\" must be true or false", op, key));
+  return it->get<bool>();
+}
+
 nlohmann::json parse_json_object(std::string_view text, int max_depth) {
   nlohmann::json j = parse_json(text, max_depth);
   if (!j.is_object()) return nlohmann::json(nlohmann::json::value_t::discarded);

@@ -29,9 +29,10 @@ nlohmann::json parse_json_object(std::string_view text, int max_depth = kMaxJson
 
 // Field `key` of object `j`: `dflt` if it is missing or null; an error
 // ("OP: "KEY" must be ...") if it is not a non-negative integer, resp. a
-// number. (nlohmann's value() throws on a wrong type, or converts a float
+// number, a boolean. (nlohmann's value() throws on a wrong type, or converts a float
 // to an integer, which is undefined for one out of range.)
 Result<uint64_t> json_uint(const nlohmann::json& j, const char* key, uint64_t dflt, std::string_view op);
 Result<double> json_number(const nlohmann::json& j, const char* key, double dflt, std::string_view op);
+Result<bool> json_bool(const nlohmann::json& j, const char* key, bool dflt, std::string_view op);
 
 }  // namespace livemig

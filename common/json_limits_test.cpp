@@ -3,6 +3,7 @@
 #include <string>
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 
 using livemig::json_depth_within;
 using livemig::parse_json_object;
@@ -58,4 +59,17 @@ TEST_CASE("json limits: json_uint takes a non-negative integer only, json_number
   CHECK(*livemig::json_number(req, "w", 0.5, "migrate") == 0.25);
   CHECK(*livemig::json_number(req, "ok", 0.5, "migrate") == 42.0);
   CHECK_FALSE(livemig::json_number(req, "str", 0.5, "migrate"));
+}
+
+TEST_CASE("json limits: json_bool takes true or false only") {
+  const auto req = nlohmann::json::parse(R"({"t":true,"f":false,"one":1,"str":"true","null":null})");
+  CHECK(*livemig::json_bool(req, "t", false, "release") == true);
+  CHECK(*livemig::json_bool(req, "f", true, "release") == false);
+  CHECK(*livemig::json_bool(req, "null", true, "release") == true);
+  CHECK(*livemig::json_bool(req, "missing", false, "release") == false);
+  for (const char* key : {"one", "str"}) {
+    auto r = livemig::json_bool(req, key, false, "release");
+    REQUIRE_FALSE(r);
+    CHECK(r.status().message() == fmt::format("release: \"{}\" must be true or false", key));
+  }
 }

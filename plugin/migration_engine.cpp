@@ -120,6 +120,9 @@ Status MigrationEngine::recover_source(const MigrationRecord& rec, Phase phase, 
       begin = SourceSession::Begin::Committed;
       state = {Role::Source, phase, IoMode::SourceForward};
       break;
+    case Phase::Idle:  // released after Done: still fenced (its copy is older)
+      machine_.restore({Role::None, Phase::Idle, IoMode::Fenced}, std::move(file));
+      return Status::ok();
     default:  // Failed/Cancelled: kept for its aborted generation
       machine_.restore({Role::None, phase, IoMode::Local}, std::move(file));
       return Status::ok();
@@ -802,10 +805,13 @@ json MigrationEngine::resolve(const json& req) {
   return (*src)->resolve_abort();
 }
 
-json MigrationEngine::release(const json&) {
+json MigrationEngine::release(const json& req) {
+  auto unfence = json_bool(req, "unfence", false, "release");
+  if (!unfence) return error_reply(unfence.status().message());
   std::lock_guard ops(ops_mu_);
   EngineState st = machine_.state();
   Session s = current_session();
+  if (*unfence) return unfence_released(st);
   EngineState to{Role::None, Phase::Idle, IoMode::Local};
   if (st.role == Role::Source) {
     if (st.phase != Phase::Done)
@@ -823,11 +829,27 @@ json MigrationEngine::release(const json&) {
   } else if (st.io == IoMode::Fenced) {
     to.io = IoMode::Fenced;
   }
+  // A former source's fence outlives a restart: its state file stays,
+  // phase Idle (recover() restores it fenced). Anything else is forgotten.
+  const Persist how = to.io == IoMode::Fenced && st.role == Role::Source ? Persist::Write : Persist::Remove;
   if (st.role != Role::None || st.phase != Phase::Idle || machine_.has_file()) {
-    if (Status r = machine_.transition(to, {}, Persist::Remove); !r) return error_reply(r.message());
+    if (Status r = machine_.transition(to, {}, how); !r) return error_reply(r.message());
   }
   retire_session();
   return {{"ok", true}, {"was", phase_name(st.phase)}, {"fenced", to.io == IoMode::Fenced}};
+}
+
+// REQUIRES: ops_mu_ held. The operator's word that a released former
+// source's stale copy is now a disk of its own (its VM runs elsewhere).
+json MigrationEngine::unfence_released(const EngineState& st) {
+  if (st.role != Role::None || st.phase != Phase::Idle || st.io != IoMode::Fenced)
+    return error_reply(fmt::format("nothing to unfence: this side is {} ({}); only a released former source is "
+                                   "fenced idle",
+                                   describe(st), st.role == Role::Source ? "release it first" : "not fenced"));
+  if (Status r = machine_.transition({Role::None, Phase::Idle, IoMode::Local}, {}, Persist::Remove); !r)
+    return error_reply(r.message());
+  ctx_.log("released former source unfenced by the operator: its copy is writable again");
+  return {{"ok", true}, {"was", "Idle"}, {"fenced", false}};
 }
 
 json MigrationEngine::verify(const json& req) {

@@ -126,6 +126,7 @@ class MigrationEngine {
   void measure_guest_baseline(MigrationParams& p) const;
   Result<MigrationParams> destination_params(const StartPayload& p);
   Status check_base(const std::string& identity) const;
+  nlohmann::json unfence_released(const EngineState& st);
   Result<std::shared_ptr<PeerLink>> connect(const std::string& address);
   Status recover_source(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);
   Status recover_destination(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);

@@ -55,6 +55,8 @@ constexpr Edge kEdges[] = {
     {R::Source, bit(P::Done), M::SourceForward, {R::None, P::Idle, M::Fenced}, false, "release (stays fenced)"},
     {R::None, kIdleOrFailed, M::Local, {R::None, P::Idle, M::Local}, false, "release"},
     {R::None, bit(P::Idle), M::Fenced, {R::None, P::Idle, M::Fenced}, false, "release (stays fenced)"},
+    // The operator makes a former source's stale copy a disk of its own.
+    {R::None, bit(P::Idle), M::Fenced, {R::None, P::Idle, M::Local}, false, "release --unfence"},
 
     // A migration starts at the destination: on an empty image, on a former
     // source's stale image (migrate back), on its own earlier partial copy,

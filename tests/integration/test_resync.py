@@ -104,5 +104,56 @@ def the_verifying_writer_loses_nothing_while_migrating_back():
     lmtest.assert_same(lmtest.read_file(a_image, 0, 8 * MiB), before_hot, "the blocks before the writer's region")
 
 
+
+def restart(server):
+    server.stop()
+    if os.path.exists(server.sock):
+        os.unlink(server.sock)   # nbdkit does not replace a stale socket
+    server.start()
+
+
+@test
+def a_released_former_source_stays_fenced_across_a_restart_and_takes_the_migration_back():
+    with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
+        migrate_and_wait(a, b)
+        write_blocks(b, [3, 333, 3333], seed=24)
+        assert a.control({"op": "release"})["ok"]
+        restart(a)   # before the fix: the fence was lost, A's stale copy served writable
+        st = mig.status(a)
+        assert st["fenced"] and not st["authoritative"], st
+        h = a.connect()
+        lmtest.expect_nbd_error(lambda: h.pwrite(b"x" * BLOCK, 0), {lmtest.errno.EROFS, lmtest.errno.EPERM},
+                                "a write to a released former source after its restart")
+        a.disconnect(h)
+        # Its own stale copy: taken back without accept-incoming=always, and
+        # compared rather than copied.
+        reply, st = migrate_and_wait(b, a)
+        assert reply["resync"], reply
+        assert st["migration"]["data_blocks_sent"] == 3, st["migration"]
+    lmtest.assert_same(lmtest.read_file(a_image), lmtest.read_file(b_image), "A after migrating back, against B")
+
+
+@test
+def release_unfence_makes_a_released_former_source_a_writable_disk_and_refuses_anything_else():
+    with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
+        migrate_and_wait(a, b)
+        refused = a.control({"op": "release", "unfence": True})
+        assert not refused["ok"] and "release it first" in refused["error"], refused
+        assert a.control({"op": "release"})["ok"]
+        refused = b.control({"op": "release", "unfence": True})
+        assert not refused["ok"] and "nothing to unfence" in refused["error"], refused
+        bad = a.control({"op": "release", "unfence": "yes"})
+        assert not bad["ok"] and bad["error"] == 'release: "unfence" must be true or false', bad
+        reply = a.control({"op": "release", "unfence": True})
+        assert reply["ok"] and not reply["fenced"], reply
+        restart(a)
+        st = mig.status(a)
+        assert st["authoritative"] and not st["fenced"], st
+        h = a.connect()
+        h.pwrite(b"w" * BLOCK, 0)
+        h.flush()
+        assert h.pread(BLOCK, 0) == b"w" * BLOCK
+
+
 if __name__ == "__main__":
     lmtest.main()
