@@ -571,7 +571,8 @@ json Daemon::op_submit(const json& req) {
     if (what == "source") src_status = *st;
     if (what == "source" && st->value("fenced", false))
       return error_reply(fmt::format("the source {} is fenced: it handed its image over in an earlier migration "
-                                     "(migrate-nbd release, or migrate from the new owner)",
+                                     "(migrate from the new owner, or make its copy a disk of its own with "
+                                     "migrate-nbd release --unfence)",
                                      address));
   }
   Task task;
