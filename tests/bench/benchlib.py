@@ -645,13 +645,13 @@ class Qmp:
 
 class StorageDaemon:
     """qemu-storage-daemon in a network namespace serving image (file +
-    raw, node disk0) as the writable NBD export "disk0", on a Unix socket
-    (listen=None) or on HOST:PORT, with a QMP monitor on a Unix socket.
-    args needs .work and .logs."""
+    raw, or fmt="qcow2" with its backing chain, node disk0) as the writable
+    NBD export "disk0", on a Unix socket (listen=None) or on HOST:PORT, with
+    a QMP monitor on a Unix socket. args needs .work and .logs."""
 
     EXPORT = "disk0"
 
-    def __init__(self, args, ns, image, tag, listen=None):
+    def __init__(self, args, ns, image, tag, listen=None, fmt="raw"):
         self.dir = os.path.join(args.work, tag)
         os.makedirs(self.dir, exist_ok=True)
         self.sock = os.path.join(self.dir, "nbd.sock")
@@ -662,7 +662,7 @@ class StorageDaemon:
                 else f"addr.type=unix,addr.path={self.sock}")
         argv = ["ip", "netns", "exec", ns, "qemu-storage-daemon",
                 "--blockdev", f"driver=file,node-name=file0,filename={image}",
-                "--blockdev", "driver=raw,node-name=disk0,file=file0",
+                "--blockdev", f"driver={fmt},node-name=disk0,file=file0",
                 "--nbd-server", addr,
                 "--export", f"type=nbd,id=exp0,node-name=disk0,name={self.EXPORT},writable=on",
                 "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
