@@ -13,8 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "common/byte_order.h"
 #include "common/frame_codec.h"
 #include "common/state_file.h"
+#include "plugin/base_image.h"
+#include "plugin/link_compression.h"
 #include "tests/fuzz/handshake_script.h"
 #include "tests/support/temp_dir.h"
 
@@ -191,6 +194,33 @@ void state_file_seeds() {
   }
 }
 
+// ---- fuzz_data: flags byte (1: BASE note), u32 length, u16 block, bytes.
+// The fuzz base's block b holds byte b + 1 (fuzz_data.cpp).
+void data_seeds() {
+  auto header = [](uint8_t flags, uint32_t length, uint16_t block) {
+    std::string h(1, char(flags));
+    for (int i = 0; i < 4; ++i) h += char(length >> (8 * i));
+    for (int i = 0; i < 2; ++i) h += char(block >> (8 * i));
+    return h;
+  };
+  std::string text;
+  for (int i = 0; text.size() < 64 * 1024; ++i) text += "block storage migration segment " + std::to_string(i % 97) + " ";
+  std::string z;
+  if (!compress_frame({reinterpret_cast<const uint8_t*>(text.data()), text.size()}, 3, z)) std::exit(1);
+  write_seed("fuzz_data", "compressed", header(0, uint32_t(text.size()), 0) + z);
+  write_seed("fuzz_data", "compressed-wrong-length", header(0, uint32_t(text.size()) + 4096, 0) + z);
+  std::string sums;
+  for (uint8_t b : {2, 3, 4}) {
+    const std::string block(4096, char(b + 1));
+    uint8_t be[8];
+    store_be64(be, block_checksum(block.data(), block.size()));
+    sums.append(reinterpret_cast<const char*>(be), 8);
+  }
+  write_seed("fuzz_data", "base-note", header(1, 3 * 4096, 2) + sums);
+  write_seed("fuzz_data", "base-note-mismatch", header(1, 3 * 4096, 5) + sums);
+  write_seed("fuzz_data", "junk", header(0, 100, 0) + std::string(64, 'j'));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -203,6 +233,7 @@ int main(int argc, char** argv) {
   handshake_seeds();
   control_seeds();
   state_file_seeds();
+  data_seeds();
   std::printf("make_corpus: seeds written under %s\n", g_root.c_str());
   return 0;
 }
