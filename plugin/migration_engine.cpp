@@ -831,7 +831,7 @@ json MigrationEngine::release(const json& req) {
   }
   // A former source's fence outlives a restart: its state file stays,
   // phase Idle (recover() restores it fenced). Anything else is forgotten.
-  const Persist how = to.io == IoMode::Fenced && st.role == Role::Source ? Persist::Write : Persist::Remove;
+  const Persist how = to.io == IoMode::Fenced ? Persist::Write : Persist::Remove;
   if (st.role != Role::None || st.phase != Phase::Idle || machine_.has_file()) {
     if (Status r = machine_.transition(to, {}, how); !r) return error_reply(r.message());
   }

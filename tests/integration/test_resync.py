@@ -118,6 +118,7 @@ def a_released_former_source_stays_fenced_across_a_restart_and_takes_the_migrati
         migrate_and_wait(a, b)
         write_blocks(b, [3, 333, 3333], seed=24)
         assert a.control({"op": "release"})["ok"]
+        assert a.control({"op": "release"})["ok"]   # twice: still fenced, its state file kept
         restart(a)   # before the fix: the fence was lost, A's stale copy served writable
         st = mig.status(a)
         assert st["fenced"] and not st["authoritative"], st
