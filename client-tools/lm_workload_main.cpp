@@ -15,6 +15,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "common/version.h"
 #include "client-tools/lm_workload_block.h"
 #include "client-tools/lm_workload_util.h"
 #include "client-tools/lm_workload_verify.h"
@@ -75,6 +76,8 @@ int main(int argc, char** argv) {
                "failed, 2 bad arguments or setup error.",
                "lm-workload"};
   app.formatter(std::make_shared<ExampleFormatter>());
+  app.set_version_flag("--version", std::string("lm-workload ") + livemig::kVersion,
+                       "print lm-workload's version and exit");
   app.require_subcommand(1);
 
   // --- write
@@ -164,6 +167,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     std::string what = e.what();

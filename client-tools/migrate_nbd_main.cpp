@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "common/version.h"
 #include "client-tools/migrate_nbd_commands.h"
 #include "client-tools/migrate_nbd_daemon.h"
 #include "client-tools/migrate_nbd_options.h"
@@ -68,6 +69,8 @@ int main(int argc, char** argv) {
   CLI::App app(
       "Orchestrates one live storage migration between two livemig nbdkit plugins.",
       "migrate-nbd");
+  app.set_version_flag("--version", std::string("migrate-nbd ") + livemig::kVersion,
+                       "print migrate-nbd's version and exit");
   auto help = std::make_shared<HelpFormatter>();
   help->examples = {
       {"migrate-nbd", "migrate-nbd start --from src:10809 --to dst:10809 --secret /etc/livemig/psk --mode precopy --wait"},
@@ -191,6 +194,9 @@ int main(int argc, char** argv) {
     return mig::kExitOk;
   } catch (const CLI::CallForAllHelp&) {
     std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
+    return mig::kExitOk;
+  } catch (const CLI::CallForVersion& e) {
+    std::printf("%s\n", e.what());
     return mig::kExitOk;
   } catch (const CLI::ParseError& e) {
     std::string sub;

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "common/version.h"
 #include "common/heat_map.h"
 #include "common/json_limits.h"
 #include "plugin/migration_engine.h"
@@ -29,6 +30,7 @@ json status(PluginState& st, const json&) {
   const SegmentGeometry& g = *st.geometry;
   json j = st.engine->status_json();
   j.update(json{{"ok", true},
+          {"version", kVersion},
           {"image", st.config.image},
           {"size", g.image_size()},
           {"block_size", g.block_size()},

@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "common/version.h"
 #include "common/peer_auth.h"
 #include "plugin/control_ops.h"
 #include "common/control_server.h"
@@ -375,7 +376,7 @@ nbdkit_plugin make_plugin() {
   nbdkit_plugin p{};
   p.name = "livemig";
   p.longname = "livemig live storage migration plugin";
-  p.version = "0.1.0";
+  p.version = kVersion;
   p.description = "Serves a local raw image, tracks segment heat, and migrates it live to a peer.";
   p.load = livemig_load;
   p.unload = livemig_unload;

@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "common/version.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
 #include "server/daemon.h"
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
       "polls both plugins of every running task (heartbeats) and resumes tasks after a plugin or livemigd\n"
       "itself restarts.\n\nExample: livemigd --config /etc/livemig/livemigd.conf",
       "livemigd");
+  app.set_version_flag("--version", std::string("livemigd ") + livemig::kVersion, "print livemigd's version and exit");
   app.set_config("--config", "", "read options from FILE: one `key = value` a line, keys as the long options "
                                  "below without --, # comments (deploy/livemigd.conf.example); options on the "
                                  "command line win")

@@ -193,6 +193,15 @@ expect_rc 0
 [ "$(jq -r .from.phase "$T/idlesock.out")" = Idle ] || fail "status --socket --json: $(cat "$T/idlesock.out")"
 ok
 
+check "--version: migrate-nbd's is the plugin's (both from CMake's project version)"
+run version --version
+expect_rc 0
+expect_lines version.out 1
+plugin_version=$(jq -r .from.version "$T/idlesock.out")
+[ -n "$plugin_version" ] && [ "$plugin_version" != null ] || fail "status has no version: $(cat "$T/idlesock.out")"
+expect_in version.out "migrate-nbd $plugin_version"
+ok
+
 check "start --mode precopy --handover auto --wait finishes with Done"
 run start start --from "$FROM" --to "$TO" --mode precopy --handover auto --handover-size 1M \
   --max-rate 1Gbit --transfer-unit 256K --compression zstd:3 --wait --interval 0.2 --timeout 60
