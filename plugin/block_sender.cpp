@@ -93,8 +93,10 @@ void BlockSender::send_data_blocks(PeerLink& link, IndexRange blocks, const char
                                    bool priority, const SendEncoding& encoding, Sent& sent) {
   const BaseImage* base = priority ? nullptr : encoding.base;
   const uint64_t bs = g_.block_size();
+  // Whole blocks only: the image's partial last block (never in a note) has
+  // fewer than bs bytes in `data`.
   auto equal_to_base = [&](uint64_t b) {
-    return base && b < base->full_blocks() &&
+    return base && b < base->full_blocks() && (b + 1) * bs <= g_.image_size() &&
            block_checksum(data + (b - blocks.first) * bs, bs) == base->block_hash(b);
   };
   std::string sums;

@@ -228,3 +228,34 @@ TEST_CASE("block sender: with a base, blocks equal to it cross as notes and the 
   REQUIRE(demand);
   CHECK(demand->data_blocks == 10);
 }
+
+TEST_CASE("block sender: the image's partial last block crosses as data, never as a note, whatever the base") {
+  // 2 blocks and 100 bytes; the base: 3 whole blocks whose bytes start as the image's.
+  TempDir dir;
+  std::string image_path = dir / "img", base_path = dir / "base.img";
+  std::string bytes = std::string(kBlock, 'a') + std::string(kBlock, 'b') + std::string(100, 'c');
+  { std::ofstream(image_path, std::ios::binary) << bytes; }
+  { std::ofstream(base_path, std::ios::binary) << bytes << std::string(kBlock - 100, '\0'); }
+  auto file = ImageFile::open(image_path, false);
+  REQUIRE(file);
+  auto base = BaseImage::open(base_path, kBlock, [](const std::string&) {});
+  REQUIRE(base);
+  REQUIRE((*base)->full_blocks() == 3);
+  auto g = SegmentGeometry::make(bytes.size(), kBlock, 64 * kBlock).value();
+  EngineStats stats;
+  BlockSender sender(*file, g, stats);
+  LinkPair pair(key(), key());
+  Received got;
+  pair.server->start([&](auto&, PeerLink::Frame& f) {
+    if (auto* d = std::get_if<DataPayload>(&f.message)) got.add(*d);
+  }, [](auto&, auto&) {});
+  auto sent = sender.send_blocks(*pair.client, {0, 3}, 0, false, {nullptr, base->get()});
+  REQUIRE(sent);
+  REQUIRE(got.wait_for(sent->frames));
+  CHECK(stats.base_blocks_sent == 2);
+  CHECK(sent->data_blocks == 1);
+  const DataPayload& last = got.frames.back();
+  CHECK(last.offset == 2 * kBlock);
+  CHECK(last.length == 100);
+  CHECK(last.flags == 0);
+}
