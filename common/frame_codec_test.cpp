@@ -59,7 +59,7 @@ std::vector<AnyPayload> samples() {
   v.push_back(DataPayload{1ull << 33, static_cast<uint32_t>(b.size()), 0, {b.data(), b.size()}});
   v.push_back(DataPayload{4096, 1 << 20, kFlagZero, {}});
   v.push_back(DataPayload{8192, 65536, kFlagCompressed, {b.data(), 10}});
-  v.push_back(DataPayload{8192, 65536, kFlagBase, {b.data(), 128}});
+  v.push_back(DataPayload{8192, 65536, kFlagBase, {b.data(), 96}});
   v.push_back(AckPayload{77, 1ull << 35, 65536});
   v.push_back(HandoverPayload{3, 600, {{0, 100, 7}, {100, 400, 0}, {1000, 100, 0xFFFFFFFF}}});
   v.push_back(HandoverPayload{1, 0, {}});
