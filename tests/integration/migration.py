@@ -162,6 +162,25 @@ class Writer:
         return rc
 
 
+def writer_across_handover(src, dst, region, initial, mode="auto", **params):
+    """Migrates src -> dst (handover auto) while lm-workload writes to
+    `region` of the source, moves the writer to the destination at handover
+    as a hypervisor would, and checks every acknowledged write there
+    (verify --initial `initial`). Returns (the migrate reply, the source's
+    status, the destination's status) once both are Done."""
+    journal = os.path.join(lmtest.tmp_dir("j"), "journal")
+    writer = Writer(src.uri, region, journal, duration=5, extra=["--flush-every", "64"])
+    reply = migrate(src, dst, mode, handover="auto", **params)
+    wait_phase(src, ["PostCopy", "Done"], timeout=60)
+    writer.switch(dst.uri)
+    assert writer.wait() == 0, writer.log()
+    st_src = wait_phase(src, ["Done"], timeout=120)
+    st_dst = wait_phase(dst, ["Done"], timeout=120)
+    rc, out = verify_journal(dst.uri, journal, "--region", region, "--initial", initial)
+    assert rc == 0, f"the destination lost acknowledged writes:\n{out}"
+    return reply, st_src, st_dst
+
+
 def verify_journal(uri, journal, *extra):
     """lm-workload verify; returns (exit code, output)."""
     p = subprocess.run([workload_path(), "verify", "--uri", uri, "--journal", journal, *extra],

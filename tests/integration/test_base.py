@@ -150,16 +150,7 @@ def the_verifying_writer_loses_nothing_across_handover_with_a_base():
     with Server(control=True, image=vm, listen="127.0.0.1:0", base=template, **{"segment-size": "1M"}) as src, \
             Server(control=True, image=dst_image, listen="127.0.0.1:0", base=copy_of(template, "b"),
                    **{"segment-size": "1M"}) as dst:
-        journal = os.path.join(lmtest.tmp_dir("j"), "journal")
-        writer = mig.Writer(src.uri, hot, journal, duration=5, extra=["--flush-every", "64"])
-        mig.migrate(src, dst, "auto", handover="auto", max_rate=8 * MiB, handover_size=512 * KiB)
-        mig.wait_phase(src, ["PostCopy", "Done"], timeout=60)
-        writer.switch(dst.uri)
-        assert writer.wait() == 0, writer.log()
-        mig.wait_phase(src, ["Done"], timeout=120)
-        st_dst = mig.wait_phase(dst, ["Done"], timeout=120)
-        rc, out = mig.verify_journal(dst.uri, journal, "--region", hot, "--initial", "zero")
-        assert rc == 0, f"the destination lost acknowledged writes:\n{out}"
+        _, _, st_dst = mig.writer_across_handover(src, dst, hot, "zero", max_rate=8 * MiB, handover_size=512 * KiB)
     assert st_dst["migration"]["base"]["blocks"] > 0, st_dst["migration"]
     lmtest.assert_same(lmtest.read_file(dst_image, 0, BASE_DATA), before, "the data the writer did not touch")
 
