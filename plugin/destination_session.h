@@ -103,7 +103,9 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void on_link_closed(const std::shared_ptr<PeerLink>& link, const Status& why);
   // The source asks where this migration stands (START resume); answers on
   // `link` and makes it this migration's link.
-  void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id);
+  // probe: the source only asks where the migration stands; in post-copy
+  // the link stays this side's own (it dials the source itself).
+  void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id, bool probe);
 
   // ---- status
   nlohmann::json progress_json();

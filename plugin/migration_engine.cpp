@@ -523,7 +523,7 @@ void MigrationEngine::on_resume_start(const std::shared_ptr<PeerLink>& link, uin
                                                    g.block_size())));
   Session s = current_session();
   if (auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s); dst && (*dst)->id() == p.migration_id)
-    return (*dst)->on_resume_start(link, request_id);
+    return (*dst)->on_resume_start(link, request_id, json_bool(params, "probe", false, "START").value_or(false));
   uint64_t committed = json_uint(params, "committed_generation", 0, "START").value_or(0);
   if (auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s); src && (*src)->id() == p.migration_id)
     return (*src)->on_resume_start(link, request_id, committed);

@@ -48,13 +48,22 @@ double seconds_since(Clock::time_point t) { return std::chrono::duration<double>
 json error_reply(const std::string& message) { return {{"ok", false}, {"error", message}}; }
 
 // The START a source sends to ask a destination where the migration stands.
+// probe: only asks (a destination in post-copy answers without making this
+// its link: it dials us itself, and two links dialled at once close each other).
 StartPayload resume_start(const SegmentGeometry& g, const std::string& id, const MigrationParams& params,
-                          uint64_t generation) {
+                          uint64_t generation, bool probe = false) {
   json p = params.to_json();
   p["resume"] = true;
   p["handover_generation"] = generation;
+  if (probe) p["probe"] = true;
   return StartPayload{mode_name(params.mode()), p.dump(), g.image_size(), static_cast<uint32_t>(g.block_size()),
                       g.segment_size(), id};
+}
+
+// The "phase" of a START_OK's JSON ("" if it has none).
+std::string phase_of(const json& answer) {
+  auto it = answer.is_object() ? answer.find("phase") : answer.end();
+  return it != answer.end() && it->is_string() ? it->get<std::string>() : "";
 }
 
 }  // namespace
@@ -82,10 +91,8 @@ void SourceSession::start(std::shared_ptr<PeerLink> link, bool resync) {
     std::lock_guard lock(mu_);
     needs_resync_ = resync || begin_ == Begin::Restarted || begin_ == Begin::InWindow;
   }
-  if (begin_ != Begin::Committed) {
-    worker_ = std::thread([this] { run(); });
-    name_thread(worker_, "livemig-push");
-  }
+  worker_ = std::thread([this] { run(); });
+  name_thread(worker_, "livemig-push");
 }
 
 void SourceSession::stop() {
@@ -133,29 +140,70 @@ std::shared_ptr<PeerLink> SourceSession::forwarding_link() {
   {
     std::lock_guard dial(dial_mu_);
     if (auto link = link_.get()) return link;
-    uint64_t gen;
-    {
-      std::lock_guard lock(mu_);
-      gen = generation_;
-    }
-    auto connected = s_.connect(params_.to);
-    if (connected) {
-      auto ok = expect_reply<StartOkPayload>(
-          (*connected)->call_for_reply(resume_start(s_.geometry(), id_, params_, gen), kReplyTimeout));
-      if (ok) {
-        adopt_link(*connected);
-        s_.stats.reconnects++;
-        // The destination adopted this link before it answered; tell it
-        // again that this side knows of the commit (a confirmation sent on
-        // a link it had replaced was refused, and without one it never ends
-        // the migration). A link the destination dials gets it in START_OK.
-        confirm_commit(*connected);
-        return *connected;
-      }
-      (*connected)->close(ok.status());
+    if (auto answer = dial_destination(false)) {
+      adopt_link(answer->link);
+      s_.stats.reconnects++;
+      // The destination adopted this link before it answered; tell it
+      // again that this side knows of the commit (a confirmation sent on
+      // a link it had replaced was refused, and without one it never ends
+      // the migration). A link the destination dials gets it in START_OK.
+      confirm_commit(answer->link);
+      return answer->link;
     }
   }
   return link_.wait_up(s_.ctx.peer_timeout, stopping_);
+}
+
+Result<SourceSession::DialAnswer> SourceSession::dial_destination(bool probe) {
+  uint64_t gen;
+  {
+    std::lock_guard lock(mu_);
+    gen = generation_;
+  }
+  auto connected = s_.connect(params_.to);
+  if (!connected) return connected.status();
+  auto ok = expect_reply<StartOkPayload>(
+      (*connected)->call_for_reply(resume_start(s_.geometry(), id_, params_, gen, probe), kReplyTimeout));
+  if (!ok) {
+    (*connected)->close(ok.status());
+    return ok.status();
+  }
+  return DialAnswer{*connected, phase_of(parse_json_object(ok->json))};
+}
+
+// After the commit the destination dials this side while it pulls, and
+// says DONE on its link when it holds every block. A DONE lost with that
+// link (cut as it was sent, or the destination killed between recording
+// Done and sending it) left this side in PostCopy for ever: a destination
+// that is done never dials again. So while this side has had no link for
+// twice peer-timeout (a destination still pulling would have dialled by
+// then), it asks the destination where it stands, every peer-timeout.
+void SourceSession::follow_post_copy() {
+  const auto quiet = 2 * s_.ctx.peer_timeout;
+  std::string last_answer;
+  while (!stopping_) {
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait_for(lock, s_.ctx.peer_timeout, [&] { return stopping_.load(); });
+    }
+    EngineState st = s_.machine.state();
+    if (stopping_ || st.role != Role::Source || st.phase != Phase::PostCopy) return;
+    if (current_link() || Clock::now() - link_.down_since() < quiet) continue;
+    std::lock_guard dial(dial_mu_);
+    auto answer = dial_destination(true);
+    std::string said = answer ? "it is in " + answer->phase : answer.status().message();
+    if (said != last_answer)  // once per change, not every peer-timeout
+      s_.log(fmt::format("migration {}: no link from the destination after the commit; asked it: {}", id_, said));
+    last_answer = said;
+    if (!answer) continue;
+    if (answer->phase != "Done") {
+      answer->link->close(Status::error("only asked: the destination dials this side itself"));
+      continue;
+    }
+    adopt_link(answer->link);
+    s_.stats.reconnects++;
+    on_done();
+  }
 }
 
 int SourceSession::forward(const ForwardPayload& request) {
@@ -429,6 +477,12 @@ bool SourceSession::wait_worker(std::chrono::milliseconds d) {
 }
 
 void SourceSession::run() {
+  if (begin_ != Begin::Committed) migrate();
+  follow_post_copy();
+}
+
+// Until the handover is committed: monitor, push, hand over.
+void SourceSession::migrate() {
   if (begin_ == Begin::Fresh) {
     if (!monitor()) {
       if (!stopping_) end_before_handover(Phase::Cancelled, "cancelled during monitoring");
@@ -1085,7 +1139,7 @@ void SourceSession::resolve_handover() {
       if (ok) {
         json answer = parse_json_object(ok->json);
         uint64_t committed_gen = json_uint(answer, "committed_generation", 0, "START_OK").value_or(0);
-        std::string phase = answer.is_object() ? answer.value("phase", "") : "";
+        std::string phase = phase_of(answer);
         adopt_link(link);
         if (committed_gen == gen) {
           committed(gen);

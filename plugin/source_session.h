@@ -133,6 +133,8 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
 
   // worker
   void run();
+  void migrate();
+  void follow_post_copy();
   bool begin_pushing();
   bool monitor();
   void push_round(bool* ready, uint64_t* prev_left, int* not_shrinking);
@@ -165,6 +167,13 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::shared_ptr<PeerLink> current_link() const;
   // SourceForward: the link to the destination, dialled if there is none.
   std::shared_ptr<PeerLink> forwarding_link();
+  struct DialAnswer {
+    std::shared_ptr<PeerLink> link;  // not adopted yet
+    std::string phase;               // the destination's
+  };
+  // Dials the destination and asks where the migration stands (a resume
+  // START; probe: asking only, see resume_start).
+  Result<DialAnswer> dial_destination(bool probe);
   // Tells the destination on `link` that this side knows of the commit.
   void confirm_commit(const std::shared_ptr<PeerLink>& link);
   void adopt_link(const std::shared_ptr<PeerLink>& link);

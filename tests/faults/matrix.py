@@ -76,7 +76,8 @@ PHASE_TIMEOUT = 60.0                   # seconds to reach the phase a fault wait
 WRITER_RETRY = 300                     # lm-workload --retry-timeout: rides through every fault
 MODES = ("precopy", "postcopy", "hybrid", "auto")
 CRASH_POINTS = ("source-before-fence", "source-after-fence", "source-after-handover-reply",
-                "destination-before-commit", "destination-after-presence-synced", "destination-after-commit")
+                "destination-before-commit", "destination-after-presence-synced", "destination-after-commit",
+                "destination-after-done")
 
 
 _netns = None

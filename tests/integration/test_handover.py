@@ -94,6 +94,32 @@ def a_confirmation_that_arrives_while_the_puller_starts_is_not_lost():
 
 
 @test
+def a_source_learns_the_migration_is_done_when_the_done_frame_never_came():
+    """The destination recorded Done and died before it said DONE (a link
+    cut as DONE is sent loses it the same way: the fault matrix's
+    cut-handover, seed 305550996). A destination that is done never dials
+    again, so the source stayed in PostCopy for ever, and livemigd with it.
+    Now a source without a link after the commit asks where it stands."""
+    with plugins(dst_env={"LIVEMIG_TEST_CRASH_AT": "destination-after-done"}) as \
+            (src, dst, src_image, dst_image, data):
+        mig.migrate(src, dst, "postcopy", handover="auto")
+        wait_dead(dst)
+        mig.restart(dst, env={})
+        assert mig.status(dst)["phase"] == "Done", mig.status(dst)
+        t0 = time.monotonic()
+        st = mig.wait_phase(src, ["Done"], timeout=30)
+        print(f"  the source knew after {time.monotonic() - t0:.1f} s (peer-timeout {KEYS['peer-timeout']} s)")
+        assert st["fenced"] and not st["authoritative"], st
+        # The link it made forwards its clients' requests.
+        h = src.connect()
+        h.pwrite(b"D" * BLOCK, 3 * BLOCK)
+        h.flush()
+        assert h.pread(BLOCK, 3 * BLOCK) == b"D" * BLOCK
+        src.disconnect(h)
+        expect_image(dst_image, data, [(3 * BLOCK, b"D" * BLOCK)])
+
+
+@test
 def a_destination_that_refuses_the_handover_leaves_the_source_writable_at_once():
     key_path, key = make_secret()
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
