@@ -341,18 +341,22 @@ Result<std::unique_ptr<StateFile>> StateFile::open(const std::string& path) {
                                   " need " + std::to_string(want),
                               EIO));
 
-  std::string bits(want, '\0');
-  got = pread_all(fd, path, bits.data(), bits.size(), kBitmapOffset);
-  if (!got) return fail(got.status());
-  if (*got != want)
-    return fail(Status::error(what + ": truncated bitmap: read " + std::to_string(*got) + " of " +
-                                  std::to_string(want) + " bytes",
-                              EIO));
-
   uint64_t generation = best->generation;
   std::unique_ptr<StateFile> sf(new StateFile(path, fd, std::move(best->record), generation, best_slot));
-  if (!sf->present_.deserialize(bits))
-    return Status::error(what + ": bitmap does not match " + geometry, EIO);  // sf closes fd
+  // A page at a time: a 1 TiB image's 32 MiB bitmap is never in memory
+  // whole (BlockBitmap keeps uniform pages without words).
+  std::string page(kPageBytes, '\0');
+  for (uint64_t at = 0; at < want; at += kPageBytes) {
+    const uint64_t n = std::min<uint64_t>(kPageBytes, want - at);
+    got = pread_all(fd, path, page.data(), n, kBitmapOffset + at);
+    if (!got) return got.status();  // sf closes fd
+    if (*got != n)
+      return Status::error(what + ": truncated bitmap: read " + std::to_string(at + *got) + " of " +
+                               std::to_string(want) + " bytes",
+                           EIO);
+    if (!sf->present_.load_words(at / 8, std::string_view(page).substr(0, n)))
+      return Status::error(what + ": bitmap does not match " + geometry, EIO);
+  }
   return sf;
 }
 
