@@ -533,3 +533,127 @@ TEST_CASE("several writers and a sender account for every set bit") {
   for (uint64_t n : transitions) total += n;
   CHECK(total == cleared + b.count());
 }
+
+// ---- pages (issue #15: memory follows the bits, not the size)
+
+TEST_CASE("random operations across page boundaries match a plain model") {
+  constexpr uint64_t kPage = BlockBitmap::kPageBits;
+  const uint64_t bits = 3 * kPage + 1000;  // the last page partial
+  BlockBitmap b(bits);
+  std::vector<bool> model(bits, false);
+  std::mt19937_64 rng(1234);
+  auto pick_range = [&] {
+    switch (rng() % 4) {
+      case 0: {  // a whole page
+        uint64_t p = rng() % 4;
+        return IndexRange{p * kPage, std::min((p + 1) * kPage, bits)};
+      }
+      case 1: {  // several pages, unaligned
+        uint64_t a = rng() % bits;
+        return IndexRange{a, std::min(bits, a + rng() % (2 * kPage))};
+      }
+      default: {  // a few bits
+        uint64_t a = rng() % bits;
+        return IndexRange{a, std::min(bits, a + 1 + rng() % 300)};
+      }
+    }
+  };
+  for (int op = 0; op < 3000; ++op) {
+    IndexRange r = pick_range();
+    uint64_t want_changed = 0;
+    const int kind = rng() % 5;
+    if (kind == 0 || kind == 1) {
+      for (uint64_t i = r.first; i < r.last; ++i) want_changed += !model[i], model[i] = true;
+      REQUIRE(b.set_range(r) == want_changed);
+    } else if (kind == 2 || kind == 3) {
+      for (uint64_t i = r.first; i < r.last; ++i) want_changed += model[i], model[i] = false;
+      REQUIRE(b.test_and_clear_range(r) == want_changed);
+    } else {
+      uint64_t i = rng() % bits;
+      bool was = model[i];
+      model[i] = !was;
+      REQUIRE((was ? b.clear(i) : !b.set(i)));
+    }
+    if (op % 100 == 0 || op == 2999) {
+      IndexRange q = pick_range();
+      uint64_t n = 0;
+      for (uint64_t i = q.first; i < q.last; ++i) n += model[i];
+      REQUIRE(b.count_range(q) == n);
+      REQUIRE(b.all_set(q) == (n == q.count()));
+      REQUIRE(b.none_set(q) == (n == 0));
+      uint64_t next_set = q.first, next_clear = q.first;
+      while (next_set < bits && !model[next_set]) ++next_set;
+      while (next_clear < bits && model[next_clear]) ++next_clear;
+      REQUIRE(b.find_next_set(q.first) == next_set);
+      REQUIRE(b.find_next_clear(q.first) == next_clear);
+    }
+  }
+  for (uint64_t i = 0; i < bits; ++i)
+    if (b.test(i) != model[i]) FAIL("bit " << i << " differs from the model");
+  BlockBitmap copy(bits);
+  REQUIRE(copy.deserialize(b.serialize()));
+  CHECK(copy.serialize() == b.serialize());  // bits beyond size() included: clear in both
+}
+
+TEST_CASE("a bitmap costs memory for mixed pages only") {
+  const uint64_t bits = uint64_t{1} << 28;  // 1 TiB of 4 KiB blocks: 32 MiB dense
+  BlockBitmap b(bits);
+  const uint64_t empty = b.memory_bytes();
+  CHECK(empty < 128 * 1024);
+  CHECK(b.set_range({0, bits}) == bits);  // a source owes everything
+  CHECK(b.memory_bytes() == empty);
+  CHECK(b.count() == bits);
+  CHECK(b.find_next_clear(0) == bits);
+  // Claiming whole pages costs nothing; one unit inside a page costs that page.
+  CHECK(b.test_and_clear_range({0, 10 * BlockBitmap::kPageBits}) == 10 * BlockBitmap::kPageBits);
+  CHECK(b.memory_bytes() == empty);
+  CHECK(b.test_and_clear_range({20 * BlockBitmap::kPageBits + 5, 20 * BlockBitmap::kPageBits + 261}) == 256);
+  CHECK(b.memory_bytes() == empty + 4096);
+  CHECK(b.count() == bits - 10 * BlockBitmap::kPageBits - 256);
+  CHECK(b.find_next_clear(10 * BlockBitmap::kPageBits) == 20 * BlockBitmap::kPageBits + 5);
+  // Loading a state file's words keeps uniform pages without words.
+  BlockBitmap loaded(bits);
+  std::string page_of_ones(BlockBitmap::kPageWords * 8, '\xff');
+  for (uint64_t p = 0; p < 64; ++p) REQUIRE(loaded.load_words(p * BlockBitmap::kPageWords, page_of_ones));
+  CHECK(loaded.count() == 64 * BlockBitmap::kPageBits);
+  CHECK(loaded.memory_bytes() == empty);
+}
+
+TEST_CASE("writers and claimers over whole pages and single bits account for every bit") {
+  const uint64_t bits = 2 * BlockBitmap::kPageBits + 77;
+  BlockBitmap b(bits);
+  std::atomic<int> running{2};
+  uint64_t set_changed[2] = {0, 0};
+  uint64_t cleared = 0;
+  std::vector<std::thread> writers;
+  for (int t = 0; t < 2; ++t)
+    writers.emplace_back([&, t] {
+      std::mt19937_64 rng(500 + t);
+      for (int n = 0; n < 60000; ++n) {
+        if (rng() % 64 == 0) {  // a whole page or the whole map: full pages without words
+          uint64_t p = rng() % 3;
+          IndexRange r = (rng() & 1) ? IndexRange{0, bits}
+                                     : IndexRange{p * BlockBitmap::kPageBits,
+                                                  std::min((p + 1) * BlockBitmap::kPageBits, bits)};
+          set_changed[t] += b.set_range(r);
+        } else {
+          set_changed[t] += !b.set(rng() % bits);
+        }
+      }
+      running.fetch_sub(1, std::memory_order_acq_rel);
+    });
+  std::thread claimer([&] {
+    std::mt19937_64 rng(9);
+    while (running.load(std::memory_order_acquire) > 0) {
+      uint64_t p = rng() % 3;
+      if (rng() & 1)
+        cleared += b.test_and_clear_range({p * BlockBitmap::kPageBits, std::min((p + 1) * BlockBitmap::kPageBits, bits)});
+      else
+        for (IndexRange r = b.next_set_run(rng() % bits, 256); !r.empty(); r = b.next_set_run(r.last, 256))
+          cleared += b.test_and_clear_range(r);
+    }
+  });
+  for (auto& w : writers) w.join();
+  claimer.join();
+  CHECK(set_changed[0] + set_changed[1] == cleared + b.count());
+}

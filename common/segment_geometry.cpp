@@ -32,6 +32,11 @@ Status SegmentGeometry::check_sizes(uint64_t block_size, uint64_t segment_size) 
   return Status::ok();
 }
 
+uint64_t SegmentGeometry::auto_segment_size(uint64_t image_size, uint64_t block_size) {
+  const uint64_t per_segment = image_size / kMaxAutoSegments + (image_size % kMaxAutoSegments != 0);
+  return std::max({kDefaultSegmentSize, block_size, std::bit_ceil(per_segment)});
+}
+
 Result<SegmentGeometry> SegmentGeometry::make(uint64_t image_size, uint64_t block_size,
                                               uint64_t segment_size) {
   if (Status s = check_sizes(block_size, segment_size); !s) return s;

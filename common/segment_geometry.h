@@ -26,6 +26,12 @@ class SegmentGeometry {
  public:
   static constexpr uint32_t kDefaultBlockSize = 4096;
   static constexpr uint64_t kDefaultSegmentSize = 1024 * 1024;
+  // The segment size when none is configured: kDefaultSegmentSize, or
+  // larger for images of more than kMaxAutoSegments of it (64 GiB), so that
+  // per-segment state (heat counters, ranks) costs at most a few MiB
+  // whatever the size (issue #15).
+  static constexpr uint64_t kMaxAutoSegments = 65536;
+  static uint64_t auto_segment_size(uint64_t image_size, uint64_t block_size);
 
   // Checks the sizes and returns the geometry, or an error naming what is
   // wrong (not a power of two, segment not a multiple of block, ...).

@@ -334,3 +334,17 @@ TEST_CASE("a geometry with small blocks and large segments keeps the counts cons
   CHECK(g.block_length(3 * 2048 + 1) == 17);
   CHECK(g.blocks_covered(0, image).count() == g.block_count());
 }
+
+TEST_CASE("the automatic segment size is 1M up to 64G and keeps larger images at 65536 segments") {
+  CHECK(SegmentGeometry::auto_segment_size(0, 4096) == MiB);
+  CHECK(SegmentGeometry::auto_segment_size(64 * 1024 * MiB, 4096) == MiB);
+  CHECK(SegmentGeometry::auto_segment_size(64 * 1024 * MiB + 1, 4096) == 2 * MiB);
+  CHECK(SegmentGeometry::auto_segment_size(uint64_t{1} << 40, 4096) == 16 * MiB);
+  CHECK(SegmentGeometry::auto_segment_size(MiB, 2 * MiB) == 2 * MiB);  // never below a block
+  for (uint64_t size : {uint64_t{1} << 40, (uint64_t{3} << 40) + 12345, uint64_t{1} << 50}) {
+    auto g = SegmentGeometry::make(size, 4096, SegmentGeometry::auto_segment_size(size, 4096));
+    REQUIRE(g.is_ok());
+    CHECK(g->segment_count() <= SegmentGeometry::kMaxAutoSegments);
+    CHECK(g->segment_count() > SegmentGeometry::kMaxAutoSegments / 2);
+  }
+}

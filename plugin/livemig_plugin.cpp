@@ -70,7 +70,7 @@ int guarded(const char* what, Fn&& fn) {
 // leaves the old geometry and heat map together.
 Status resize_image(uint64_t size) {
   PluginState& st = state();
-  auto geometry = SegmentGeometry::make(size, st.config.block_size, st.config.segment_size);
+  auto geometry = SegmentGeometry::make(size, st.config.block_size, st.config.segment_size_for(size));
   if (!geometry) return geometry.status();
   std::unique_ptr<HeatMap> heat;
   try {
@@ -183,7 +183,8 @@ Status complete_config(PluginState& st) {
   // start on a missing image and take its size from the source.
   auto image = ImageFile::open(st.config.image, st.config.readonly, !st.config.listen.empty());
   if (!image) return image.status();
-  auto geometry = SegmentGeometry::make(image->size(), st.config.block_size, st.config.segment_size);
+  auto geometry =
+      SegmentGeometry::make(image->size(), st.config.block_size, st.config.segment_size_for(image->size()));
   if (!geometry) return geometry.status();
   st.image.emplace(std::move(*image));
   st.geometry.emplace(*geometry);
@@ -368,7 +369,7 @@ int livemig_cache(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 
 void livemig_dump_plugin() {
   printf("livemig_block_size_default=%u\n", SegmentGeometry::kDefaultBlockSize);
-  printf("livemig_segment_size_default=%llu\n",
+  printf("livemig_segment_size_default=%llu\n",  // up to 64G; 1/65536 of the image above
          static_cast<unsigned long long>(SegmentGeometry::kDefaultSegmentSize));
 }
 

@@ -142,7 +142,7 @@ Status PluginConfig::complete() const {
     return Status::error(fmt::format("listen={} is not a loopback address: the disk would cross the network in clear "
                                      "text; give tls-certificates=DIR or tls-psk=FILE (or say tls=off)",
                                      listen));
-  return SegmentGeometry::check_sizes(block_size, segment_size);
+  return SegmentGeometry::check_sizes(block_size, segment_size.value_or(SegmentGeometry::kDefaultSegmentSize));
 }
 
 }  // namespace livemig

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -21,7 +22,8 @@ inline constexpr const char* kConfigHelp =
     "block-size=<SIZE>      Dirty/presence tracking unit, a power of two, 512..1M\n"
     "                       (default 4K: the smallest write a guest issues).\n"
     "segment-size=<SIZE>    Heat ranking unit, a power-of-two multiple of\n"
-    "                       block-size (default 1M).\n"
+    "                       block-size (default 1M; for images over 64G,\n"
+    "                       size/65536 rounded up to a power of two).\n"
     "heat-half-life=<SECS>  Decay half-life of the heat history (default 60).\n"
     "control=<PATH>         Unix control socket (mode 0600), JSON lines:\n"
     "                       {\"op\":\"status\"}, {\"op\":\"stats\"}, ...\n"
@@ -58,7 +60,11 @@ struct PluginConfig {
   std::string image;
   bool readonly = false;
   uint64_t block_size = SegmentGeometry::kDefaultBlockSize;
-  uint64_t segment_size = SegmentGeometry::kDefaultSegmentSize;
+  std::optional<uint64_t> segment_size;  // none: SegmentGeometry::auto_segment_size
+  // The segment size for an image of `image_size` bytes.
+  uint64_t segment_size_for(uint64_t image_size) const {
+    return segment_size.value_or(SegmentGeometry::auto_segment_size(image_size, block_size));
+  }
   double heat_half_life = 60.0;
   std::string control_path;
   std::string listen;        // HOST:PORT, empty = no peer port
