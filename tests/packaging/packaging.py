@@ -6,6 +6,7 @@ too).
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 import traceback
@@ -92,6 +93,20 @@ def assert_same(page, program, what):
     missing, extra = sorted(program - page), sorted(page - program)
     if missing or extra:
         raise AssertionError(f"{what}: lacks {missing}; has what the program does not: {extra}")
+
+
+def completion_bash(line):
+    """bash text that completes `line` (cursor at its end; a trailing space
+    starts a new word) as bash does on <TAB>: it calls the function that
+    `complete -p migrate-nbd` names and prints COMPREPLY, a word a line. The
+    completion must be loaded before it."""
+    words = shlex.split(line) + ([""] if line.endswith(" ") else [])
+    return ("fn=$(complete -p migrate-nbd | sed -n 's/.*-F \\([^ ]*\\).*/\\1/p')\n"
+            f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})\n"
+            f"COMP_CWORD={len(words) - 1}\n"
+            f"COMP_LINE={shlex.quote(line)}; COMP_POINT=${{#COMP_LINE}}\n"
+            '$fn migrate-nbd "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
+            "printf '%s\\n' \"${COMPREPLY[@]}\"\n")
 
 
 def main(namespace):
