@@ -79,4 +79,6 @@ endif()
 # The fuzz targets (LIVEMIG_FUZZ) or, in every other build, their replayers:
 # plain programs that run the same fuzz code over the checked-in corpus and
 # crash files, as CTest's "fuzz: replay corpus" tests.
-add_subdirectory(${PROJECT_SOURCE_DIR}/tests/fuzz ${PROJECT_BINARY_DIR}/tests/fuzz)
+if(BUILD_TESTING OR LIVEMIG_FUZZ)
+  add_subdirectory(${PROJECT_SOURCE_DIR}/tests/fuzz ${PROJECT_BINARY_DIR}/tests/fuzz)
+endif()

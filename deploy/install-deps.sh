@@ -11,10 +11,14 @@ PACKAGES=(
   libboost-dev libboost-system-dev libfmt-dev nlohmann-json3-dev
   libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
   catch2 libfuse3-dev
+  perl               # pod2man, podchecker: the man pages (docs/man)
   # tests and benchmarks
   libnbd-bin python3-libnbd fio qemu-utils iproute2 jq   # libnbd-bin has nbdfuse
   procps util-linux socat
-  systemd            # systemd-analyze: the units' hardening test (test_units)
+  systemd            # systemd-analyze: the units' hardening test (test_units); systemd.pc (unit dir)
+  # tests/packaging: man and groff render the pages; bash-completion's .pc
+  # names the completions directory (the build's too) and it has the loader
+  man-db groff-base bash-completion
   # TLS test credentials (x509 certificates, good and bad)
   python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command

@@ -1,6 +1,7 @@
 // The plugin's keys (`nbdkit livemig.so image=vm.img key=value ...`), parsed
 // and checked. Every key is handled in PluginConfig::set and documented in
-// kConfigHelp and the README's "Plugin keys" section.
+// kConfigHelp, docs/man/nbdkit-livemig-plugin.pod (tests/packaging fails when
+// the page and kConfigHelp differ) and the README's "Plugin keys" section.
 #pragma once
 
 #include <cstdint>
