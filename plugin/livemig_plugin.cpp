@@ -112,7 +112,9 @@ Status make_engine(PluginState& st) {
     nbdkit_debug("base image %s: identity %s", st.base->path().c_str(), st.base->identity().c_str());
   }
   std::string warning;
-  if (!st.config.secret_path.empty()) {
+  if (!st.config.secret.empty()) {
+    ctx.secret = std::move(st.config.secret);  // secret=+FILE, -FD or -: read in .config
+  } else if (!st.config.secret_path.empty()) {
     auto secret = load_secret(st.config.secret_path, &warning);
     if (!secret) return secret.status();
     ctx.secret = std::move(*secret);
@@ -155,24 +157,35 @@ int report(const Status& s) {
   return -1;
 }
 
+// nbdkit's own parsers, so that a size, a boolean or a password reads as in
+// every nbdkit plugin (and a bad one gets nbdkit's message).
+constexpr NbdkitParsers kNbdkitParsers{nbdkit_parse_size, nbdkit_parse_bool, nbdkit_read_password};
+
 int livemig_config(const char* key, const char* value) {
   return guarded("config", [&] {
     // File paths are made absolute here, against the directory nbdkit was
     // started in: without -f nbdkit changes directory to / when it forks, and
     // the image's state file, the control socket (removed at exit) and the
-    // secret are used after that.
-    std::string absolute;
+    // secret are used after that. secret=+FILE keeps its +; secret=-FD and
+    // secret=- name no path.
     std::string_view k(key);
-    if ((k == "image" || k == "control" || k == "secret" || k == "state-file" || k == "tls-certificates" ||
-         k == "tls-psk") &&
-        *value) {
+    bool path = k == "image" || k == "control" || k == "secret" || k == "state-file" || k == "tls-certificates" ||
+                k == "tls-psk";
+    std::string v;
+    if (k == "secret" && value[0] == '-') path = false;
+    if (k == "secret" && value[0] == '+') {
+      v = "+";
+      ++value;
+    }
+    if (path && *value) {
       char* p = nbdkit_absolute_path(value);
       if (!p) return -1;  // nbdkit_absolute_path reported it
-      absolute = p;
+      v += p;
       free(p);
-      value = absolute.c_str();
+    } else {
+      v += value;
     }
-    return report(state().config.set(key, value));
+    return report(state().config.set(key, v, kNbdkitParsers));
   });
 }
 

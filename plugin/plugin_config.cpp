@@ -1,9 +1,9 @@
 #include "plugin/plugin_config.h"
 
-#include <algorithm>
-#include <cctype>
 #include <charconv>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include <fmt/format.h>
@@ -12,38 +12,38 @@
 
 namespace livemig {
 
-Result<uint64_t> parse_size(std::string_view key, std::string_view value) {
-  uint64_t n = 0;
-  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
-  std::string_view suffix(end, value.data() + value.size() - end);
-  if (ec != std::errc() || value.empty())
-    return Status::error(fmt::format("{}={}: not a size (expected a number such as 4096, 4K or 1M)", key, value));
-  unsigned shift = 0;
-  if (suffix.size() == 1 || (suffix.size() == 3 && (suffix.substr(1) == "iB" || suffix.substr(1) == "ib"))) {
-    switch (std::toupper(static_cast<unsigned char>(suffix[0]))) {
-      case 'B': shift = 0; break;
-      case 'K': shift = 10; break;
-      case 'M': shift = 20; break;
-      case 'G': shift = 30; break;
-      case 'T': shift = 40; break;
-      default:
-        return Status::error(fmt::format("{}={}: unknown size suffix '{}'", key, value, suffix));
-    }
-  } else if (!suffix.empty()) {
-    return Status::error(fmt::format("{}={}: unknown size suffix '{}'", key, value, suffix));
-  }
-  if (shift && n > (UINT64_MAX >> shift))
-    return Status::error(fmt::format("{}={}: too large", key, value));
-  return n << shift;
+namespace {
+
+// A size read by nbdkit_parse_size, which reported a bad value itself.
+Result<uint64_t> read_size(std::string_view key, std::string_view value, const NbdkitParsers& parse) {
+  int64_t n = parse.parse_size(std::string(value).c_str());
+  if (n < 0) return Status::error(fmt::format("{}={}: not a size", key, value));
+  return static_cast<uint64_t>(n);
 }
 
-Result<bool> parse_bool(std::string_view key, std::string_view value) {
-  std::string v(value);
-  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
-  if (v == "0" || v == "false" || v == "no" || v == "off") return false;
-  return Status::error(fmt::format("{}={}: not a boolean (expected true or false)", key, value));
+// A boolean read by nbdkit_parse_bool, which reported a bad value itself.
+Result<bool> read_bool(std::string_view key, std::string_view value, const NbdkitParsers& parse) {
+  int b = parse.parse_bool(std::string(value).c_str());
+  if (b < 0) return Status::error(fmt::format("{}={}: not a boolean", key, value));
+  return b == 1;
 }
+
+// The key in secret=+FILE, -FD or -, read by nbdkit_read_password (the first
+// line, its newline removed); the buffer is wiped before it is freed.
+Result<Secret> read_password_secret(std::string_view value, const NbdkitParsers& parse) {
+  const std::string what = fmt::format("secret={}", value);
+  char* password = nullptr;
+  if (parse.read_password(std::string(value).c_str(), &password) == -1)
+    return Status::error(what + ": cannot read the key");
+  auto secret = Secret::from_bytes(password ? std::string_view(password) : std::string_view(), what);
+  if (password) {
+    explicit_bzero(password, std::strlen(password));
+    std::free(password);
+  }
+  return secret;
+}
+
+}  // namespace
 
 Result<double> parse_seconds(std::string_view key, std::string_view value) {
   double d = 0;
@@ -53,20 +53,20 @@ Result<double> parse_seconds(std::string_view key, std::string_view value) {
   return d;
 }
 
-Status PluginConfig::set(std::string_view key, std::string_view value) {
+Status PluginConfig::set(std::string_view key, std::string_view value, const NbdkitParsers& parse) {
   if (key == "image") {
     if (value.empty()) return Status::error("image=: the image path is empty");
     image = value;
   } else if (key == "readonly") {
-    auto b = parse_bool(key, value);
+    auto b = read_bool(key, value, parse);
     if (!b) return b.status();
     readonly = *b;
   } else if (key == "block-size") {
-    auto n = parse_size(key, value);
+    auto n = read_size(key, value, parse);
     if (!n) return n.status();
     block_size = *n;
   } else if (key == "segment-size") {
-    auto n = parse_size(key, value);
+    auto n = read_size(key, value, parse);
     if (!n) return n.status();
     segment_size = *n;
   } else if (key == "heat-half-life") {
@@ -83,7 +83,17 @@ Status PluginConfig::set(std::string_view key, std::string_view value) {
     listen = value;
   } else if (key == "secret") {
     if (value.empty()) return Status::error("secret=: the key file path is empty");
-    secret_path = value;
+    if (value.front() == '+' || value.front() == '-') {
+      // nbdkit's password forms. A plain value stays a path (read later by
+      // load_secret, as migrate-nbd reads it), never the key itself.
+      auto s = read_password_secret(value, parse);
+      if (!s) return s.status();
+      secret = std::move(*s);
+      secret_path = value.front() == '+' ? std::string(value.substr(1)) : std::string();
+    } else {
+      secret = Secret();
+      secret_path = value;
+    }
   } else if (key == "handover") {
     auto policy = parse_handover_policy(std::string(value));
     if (!policy) return Status::error(fmt::format("handover={}: {}", value, policy.status().message()));
@@ -133,7 +143,7 @@ Status PluginConfig::complete() const {
   if (control_path.size() > 107)
     return Status::error(fmt::format("control={}: a Unix socket path may be at most 107 bytes long", control_path));
   const bool remote = !listen.empty() && !is_loopback_host(parse_host_port(listen, true).value().host);
-  if (remote && secret_path.empty())
+  if (remote && secret_path.empty() && secret.empty())
     return Status::error(fmt::format(
         "listen={} is not a loopback address: peers must authenticate, so secret=<FILE> is required", listen));
   auto use_tls = tls.enabled();

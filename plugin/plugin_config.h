@@ -2,6 +2,10 @@
 // and checked. Every key is handled in PluginConfig::set and documented in
 // kConfigHelp, docs/man/nbdkit-livemig-plugin.pod (tests/packaging fails when
 // the page and kConfigHelp differ) and the README's "Plugin keys" section.
+// Sizes, booleans and keys read as passwords go through nbdkit's own parsers
+// (NbdkitParsers), so that `block-size=4k` or `readonly=on` means what it
+// means to every nbdkit plugin; the checks on top (ranges, powers of two)
+// are livemig's.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +14,7 @@
 #include <string_view>
 
 #include "common/migration_params.h"
+#include "common/peer_auth.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
 #include "common/tls_context.h"
@@ -19,7 +24,8 @@ namespace livemig {
 
 inline constexpr const char* kConfigHelp =
     "image=<FILE>           (required) The raw image file to serve.\n"
-    "readonly=<BOOL>        Open the image read-only (default false).\n"
+    "readonly=<BOOL>        Deprecated: use nbdkit -r. Opens the image file\n"
+    "                       read-only as well (default false).\n"
     "block-size=<SIZE>      Dirty/presence tracking unit, a power of two, 512..1M\n"
     "                       (default 4K: the smallest write a guest issues).\n"
     "segment-size=<SIZE>    Heat ranking unit, a power-of-two multiple of\n"
@@ -31,8 +37,12 @@ inline constexpr const char* kConfigHelp =
     "listen=<HOST:PORT>     Peer port for migrations and remote control.\n"
     "                       A destination may start on an empty or missing\n"
     "                       image: it takes its size from the source.\n"
-    "secret=<FILE>          Pre-shared key (>= 16 bytes) authenticating peers;\n"
+    "secret=<FILE>|+<FILE>|-<FD>|-\n"
+    "                       Pre-shared key (>= 16 bytes) authenticating peers;\n"
     "                       required when listen= is not a loopback address.\n"
+    "                       FILE: the key file, read as migrate-nbd --secret\n"
+    "                       reads it. +FILE, -FD, -: read as nbdkit reads a\n"
+    "                       password (first line of FILE, of FD, or typed).\n"
     "                       Without it a random key is made in a 0600 file\n"
     "                       beside the state file (IMAGE.livemig-key).\n"
     "handover=explicit|auto|on-disconnect|on-destination-io\n"
@@ -57,6 +67,17 @@ inline constexpr const char* kConfigHelp =
     "                       as 8-byte notes. Give the same base to both plugins.\n"
     "                       Its block checksums are cached in <FILE>.livemig-sums.";
 
+// nbdkit's value parsers, with nbdkit's signatures. Each reports a bad value
+// itself (nbdkit_error, nbdkit's own message) and returns -1. The plugin
+// passes nbdkit_parse_size, nbdkit_parse_bool and nbdkit_read_password; unit
+// tests, which run without nbdkit, pass fakes that follow nbdkit's documented
+// semantics for the values they use.
+struct NbdkitParsers {
+  int64_t (*parse_size)(const char* str);
+  int (*parse_bool)(const char* str);
+  int (*read_password)(const char* value, char** password);  // *password from malloc
+};
+
 struct PluginConfig {
   std::string image;
   bool readonly = false;
@@ -69,7 +90,8 @@ struct PluginConfig {
   double heat_half_life = 60.0;
   std::string control_path;
   std::string listen;        // HOST:PORT, empty = no peer port
-  std::string secret_path;
+  std::string secret_path;   // secret=FILE or +FILE; empty for -FD and -
+  Secret secret;             // secret=+FILE, -FD or -: read during .config
   TlsSettings tls;
   HandoverPolicy handover = HandoverPolicy::Explicit;
   AcceptIncoming accept_incoming = AcceptIncoming::Empty;
@@ -77,8 +99,9 @@ struct PluginConfig {
   std::string state_file;    // empty = <image>.livemig-state
   std::string base;          // base image, empty = none
 
-  // Applies one key=value; an unknown key or a bad value is an error naming it.
-  Status set(std::string_view key, std::string_view value);
+  // Applies one key=value, reading sizes, booleans and passwords with
+  // `parse`; an unknown key or a bad value is an error naming it.
+  Status set(std::string_view key, std::string_view value, const NbdkitParsers& parse);
   // Checks the keys against each other once all are set.
   Status complete() const;
 };
@@ -87,11 +110,8 @@ struct PluginConfig {
 // file (IMAGE.livemig-key for the default state file IMAGE.livemig-state).
 std::string generated_key_path(const PluginConfig& config, const std::string& state_path);
 
-// Parses sizes like "4096", "4K", "1M", "2G" (binary units). Error names `key`.
-Result<uint64_t> parse_size(std::string_view key, std::string_view value);
-// Parses a positive number of seconds.
+// Parses a positive number of seconds, fractions allowed ("0.5"): nbdkit has
+// no parser for those. The error names `key`.
 Result<double> parse_seconds(std::string_view key, std::string_view value);
-// Parses true/false, yes/no, on/off, 1/0.
-Result<bool> parse_bool(std::string_view key, std::string_view value);
 
 }  // namespace livemig

@@ -8,7 +8,10 @@
 // on, and the next livemigd re-attaches to them.
 #include <signal.h>
 
+#include <cmath>
 #include <cstdio>
+#include <map>
+#include <set>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -17,13 +20,79 @@
 #include "common/version.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_units.h"
+#include "server/config_file.h"
 #include "server/daemon.h"
 
 namespace d = livemig::daemon;
+using livemig::Result;
+using livemig::Status;
+
+namespace {
+
+// Long options that are no configuration keys.
+const std::set<std::string> kNotKeys = {"config", "help", "version"};
+
+// The configuration keys: livemigd's long options without --.
+std::string known_keys(const CLI::App& app) {
+  std::string keys;
+  for (const CLI::Option* opt : app.get_options()) {
+    for (const std::string& name : opt->get_lnames()) {
+      if (kNotKeys.count(name)) continue;
+      keys += (keys.empty() ? "" : ", ") + name;
+    }
+  }
+  return keys;
+}
+
+// Gives each entry of the configuration file at `path` to the long option of
+// its name, unless the command line gave that option (the command line wins).
+// Every error names the file, the line and the key. Returns where each value
+// it applied came from ("FILE line N" by key), for checks made later.
+Result<std::map<std::string, std::string>> apply_config_file(CLI::App& app, const std::string& path) {
+  auto entries = d::read_config_file(path);
+  if (!entries) return entries.status();
+  std::map<std::string, std::string> origins;
+  for (const d::ConfigEntry& e : *entries) {
+    const std::string where = d::config_where(path, e);
+    CLI::Option* opt = kNotKeys.count(e.key) ? nullptr : app.get_option_no_throw("--" + e.key);
+    if (!opt)
+      return Status::error(
+          fmt::format("{}: unknown key '{}' (the keys are livemigd's long options without --: {})", where, e.key,
+                      known_keys(app)));
+    if (opt->count() > 0) continue;
+    try {
+      opt->add_result(e.value);
+      opt->run_callback();  // CLI11's checks and conversion, as for the command line
+    } catch (const CLI::Error& err) {
+      // CLI11 says "--KEY: what is wrong"; the key is named already.
+      std::string why = err.what();
+      for (const std::string& named : {"--" + e.key + ": ", e.key + "=" + e.value + ": "})
+        if (why.rfind(named, 0) == 0) why.erase(0, named.size());
+      return Status::error(fmt::format("{}: {} = {}: {}", where, e.key, e.value, why));
+    }
+    origins[e.key] = where;
+  }
+  return origins;
+}
+
+// A number of seconds, positive (or, with zero_ok, not negative). CLI11's
+// PositiveNumber would print its range as a 309-digit number.
+CLI::Validator seconds(bool zero_ok) {
+  return CLI::Validator(
+      [zero_ok](std::string& v) -> std::string {
+        double x = 0;
+        if (CLI::detail::lexical_cast(v, x) && std::isfinite(x) && (zero_ok ? x >= 0 : x > 0)) return {};
+        return fmt::format("expected {} number of seconds, got '{}'", zero_ok ? "a non-negative" : "a positive", v);
+      },
+      zero_ok ? "NONNEGATIVE" : "POSITIVE");
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   d::DaemonConfig c;
   std::string bandwidth = "0";
+  std::string config_path;
   CLI::App app(
       "livemigd: the livemig migrations daemon. Takes migration tasks from `migrate-nbd submit` on its Unix\n"
       "socket, keeps them in SQLite, runs them in FIFO order within --max-concurrent and --host-bandwidth,\n"
@@ -31,11 +100,11 @@ int main(int argc, char** argv) {
       "itself restarts.\n\nExample: livemigd --config /etc/livemig/livemigd.conf",
       "livemigd");
   app.set_version_flag("--version", std::string("livemigd ") + livemig::kVersion, "print livemigd's version and exit");
-  app.set_config("--config", "", "read options from FILE: one `key = value` a line, keys as the long options "
-                                 "below without --, # comments (deploy/livemigd.conf.example); options on the "
-                                 "command line win")
+  app.add_option("--config", config_path,
+                 "read options from FILE: one `key = value` a line, keys as the long options below without --, "
+                 "# comments (deploy/livemigd.conf.example); options on the command line win. An unknown key, a "
+                 "bad value or a line without = stops livemigd with the file, line and key")
       ->type_name("FILE");
-  app.allow_config_extras(CLI::config_extras_mode::error);  // an unknown key in the file is an error
   app.add_option("--database", c.database, "the task queue (SQLite, WAL mode)")->type_name("PATH")->capture_default_str();
   app.add_option("--socket", c.socket, "the control socket for migrate-nbd (created with mode 0600)")
       ->type_name("PATH")
@@ -51,12 +120,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--heartbeat-interval", c.heartbeat_interval, "seconds between two status polls of a plugin")
       ->type_name("SECONDS")
-      ->check(CLI::PositiveNumber)
+      ->check(seconds(false))
       ->capture_default_str();
   app.add_option("--heartbeat-timeout", c.heartbeat_timeout,
                  "a plugin that has not answered for this many seconds is marked down")
       ->type_name("SECONDS")
-      ->check(CLI::PositiveNumber)
+      ->check(seconds(false))
       ->capture_default_str();
   app.add_option("--secret", c.secret_file,
                  "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE; required)")
@@ -69,7 +138,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--retry-delay", c.retry_delay, "seconds between two restarts of a task")
       ->type_name("SECONDS")
-      ->check(CLI::NonNegativeNumber)
+      ->check(seconds(true))
       ->capture_default_str();
   app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket or key), 2 for a bad "
              "command line or config file.");
@@ -80,7 +149,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "livemigd: %s (see livemigd --help)\n", e.what());
     return 2;
   }
-  auto rate = livemig::mig::parse_rate(bandwidth, "--host-bandwidth");
+  std::map<std::string, std::string> origins;  // key -> "FILE line N", for values the file gave
+  if (!config_path.empty()) {
+    auto applied = apply_config_file(app, config_path);
+    if (!applied) {
+      std::fprintf(stderr, "livemigd: %s\n", applied.status().message().c_str());
+      return 2;
+    }
+    origins = std::move(*applied);
+  }
+  const auto bandwidth_origin = origins.find("host-bandwidth");
+  auto rate = livemig::mig::parse_rate(
+      bandwidth, bandwidth_origin == origins.end() ? "--host-bandwidth" : bandwidth_origin->second + ": host-bandwidth");
   if (!rate) {
     std::fprintf(stderr, "livemigd: %s\n", rate.status().message().c_str());
     return 2;

@@ -311,10 +311,12 @@ class Server:
 
     env: extra environment variables for nbdkit (the plugin's test hooks,
     e.g. {"LIVEMIG_TEST_CRASH_AT": "destination-after-commit"}); a restart
-    with start() uses the current value of .env.
+    with start() uses the current value of .env. pass_fds: descriptors
+    nbdkit inherits (for secret=-FD).
     """
 
-    def __init__(self, control=False, args=(), nbdkit_args=(), background=False, cwd=None, env=None, **keys):
+    def __init__(self, control=False, args=(), nbdkit_args=(), background=False, cwd=None, env=None, pass_fds=(),
+                 **keys):
         self.dir = tmp_dir("srv")
         self.cwd = cwd or self.dir
         self.background = background
@@ -338,6 +340,7 @@ class Server:
         self.argv = [NBDKIT, *mode, "-U", self.sock, "--pidfile", self.pidfile,
                      *nbdkit_args, plugin_path(), *_key_args(keys), *args]
         self.env = dict(env or {})
+        self.pass_fds = tuple(pass_fds)
         self.proc = None
         self.returncode = None
         self.needed_sigkill = False
@@ -363,7 +366,8 @@ class Server:
         if self.background:
             become_subreaper()
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._err,
-                                     stderr=self._err, cwd=self.cwd, env={**os.environ, **self.env})
+                                     stderr=self._err, cwd=self.cwd, env={**os.environ, **self.env},
+                                     pass_fds=self.pass_fds)
         _live[self.proc.pid] = self.proc
         try:
             if self.background:

@@ -63,7 +63,7 @@ def bad_block_sizes():
     expect_startup_failure([f"image={img}", "block-size=0"], "block-size=0")
     expect_startup_failure([f"image={img}", "block-size=4Q"], "block-size=4Q")
     expect_startup_failure([f"image={img}", "block-size=99999999999999999999999"], "block-size=", "not a size")
-    expect_startup_failure([f"image={img}", "block-size=20000000T"], "block-size=20000000T", "too large")
+    expect_startup_failure([f"image={img}", "block-size=20000000T"], "block-size=20000000T", "overflow")
     expect_startup_failure([f"image={img}", "block-size=2M"], "block-size=", "1M")
     expect_startup_failure([f"image={img}", "block-size=-4096"], "block-size=-4096")
 
