@@ -61,6 +61,11 @@ void BlockSender::maybe_compress(CompressionGovernor& compression, const PeerLin
   stats_.compressed_wire_bytes.fetch_add(buf.size(), std::memory_order_relaxed);
 }
 
+uint64_t BlockSender::hole_blocks_at(IndexRange r) const {
+  auto parts = hole_runs(image_, g_, r);
+  return !parts.empty() && parts.front().second ? parts.front().first.count() : 0;
+}
+
 Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange blocks, uint64_t request_id,
                                                    bool priority, const SendEncoding& encoding) {
   Sent sent;

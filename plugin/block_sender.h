@@ -42,6 +42,9 @@ class BlockSender {
     uint64_t data_blocks = 0;  // holes and zero blocks not counted
     uint64_t frames = 0;       // DATA frames queued
   };
+  // The blocks from r.first on, within r, that lie wholly in a hole of the
+  // image (0 if r.first holds data). A hint: a write may land meanwhile.
+  uint64_t hole_blocks_at(IndexRange r) const;
   // Sends `blocks` on `link` as DATA frames with `request_id` (0: pushed),
   // encoded as `encoding` allows (not priority frames).
   // On a read error, the frames queued before it stay queued.

@@ -259,3 +259,14 @@ TEST_CASE("block sender: the image's partial last block crosses as data, never a
   CHECK(last.length == 100);
   CHECK(last.flags == 0);
 }
+
+TEST_CASE("block sender: hole_blocks_at counts the hole from a range's start, 0 where data starts it") {
+  Image img("hhhhhhhhddhhhh");
+  Rig rig(img, 14);
+  CHECK(rig.sender.hole_blocks_at({0, 14}) == 8);
+  CHECK(rig.sender.hole_blocks_at({0, 5}) == 5);
+  CHECK(rig.sender.hole_blocks_at({3, 9}) == 5);
+  CHECK(rig.sender.hole_blocks_at({8, 14}) == 0);
+  CHECK(rig.sender.hole_blocks_at({9, 14}) == 0);
+  CHECK(rig.sender.hole_blocks_at({10, 14}) == 4);
+}

@@ -672,14 +672,25 @@ bool SourceSession::push_pass(bool* interrupted) {
   std::vector<uint64_t> owed_from(order.size() + 1, 0);
   for (size_t i = order.size(); i-- > 0;)
     owed_from[i] = owed_from[i + 1] + (push[order[i]] ? owed_.count_range(g.blocks_of_segment(order[i])) : 0);
+  // A unit in a hole that goes on grows to a zero note of up to 16 MiB (in
+  // a segment): a 1 TiB sparse image's holes cross as 65536 notes, not a
+  // million. send_blocks looks at the extents again after the claim.
+  const uint64_t hole_unit_blocks = std::max<uint64_t>(unit_blocks, kMaxDataLength / g.block_size());
+  auto next_unit = [&](IndexRange blocks, uint64_t from) {
+    IndexRange unit = next_transfer_unit_in(owed_, g, blocks, from, unit_blocks);
+    if (unit.count() == unit_blocks && hole_unit_blocks > unit_blocks) {
+      uint64_t hole = s_.sender.hole_blocks_at({unit.first, std::min(blocks.last, unit.first + hole_unit_blocks)});
+      if (hole > unit_blocks) unit = next_transfer_unit_in(owed_, g, blocks, unit.first, hole);
+    }
+    return unit;
+  };
   *interrupted = false;
   for (size_t i = 0; i < order.size(); ++i) {
     const uint64_t seg = order[i];
     if (!push[seg] || !still_pushed(seg, owed_from[i] * g.block_size())) continue;
     IndexRange blocks = g.blocks_of_segment(seg);
-    for (IndexRange unit = next_transfer_unit_in(owed_, g, blocks, blocks.first, unit_blocks);
-         !unit.empty() && unit.first < blocks.last;
-         unit = next_transfer_unit_in(owed_, g, blocks, unit.last, unit_blocks)) {
+    for (IndexRange unit = next_unit(blocks, blocks.first); !unit.empty() && unit.first < blocks.last;
+         unit = next_unit(blocks, unit.last)) {
       {
         std::lock_guard lock(mu_);
         if (cancel_requested_ || destination_io_fired_locked() || handover_requested_ || stopping_) {
