@@ -13,13 +13,20 @@
 //
 // Memory follows the bits, not the size (issue #15): the bits live in pages
 // of 32768 (4 KiB of words, 128 MiB of image at 4 KiB blocks). A page whose
-// bits are all clear or all set costs one pointer in the directory (null, or
-// a marker); it gets words of its own the first time a change leaves it mixed.
-// A 1 TiB image's owed set, all set at the start of a migration, costs 64 KiB
-// instead of 32 MiB; so does a destination's presence map, all set but the
-// blocks still to pull. Pages with words are never freed before the bitmap
-// (another thread may be using them: lock-free, no reclamation), so the
-// memory is that of the pages ever mixed, at most the dense size.
+// bits are all clear or all set costs only its directory entry; it gets
+// words the first time a change leaves it mixed, and gives them back when a
+// clear leaves it all clear. The words of every page sit at a fixed place in
+// one reserved (never touched until used) mapping: a page's memory exists
+// only while it is mixed, and is returned with madvise. A 1 TiB image's owed
+// set, all set at the start and cleared unit by unit as a sender claims it,
+// costs 64 KiB of directory and a few pages, not 32 MiB; so does a
+// destination's presence map.
+//
+// Lock-free still: a directory entry holds the page's kind (clear, set,
+// mixed, or locked for the few instructions of a change of kind) and, while
+// mixed, how many threads are changing its words. A mixed page becomes clear
+// again only when nobody is changing it; a thread that reads its words
+// meanwhile reads zeros, which is what the page then holds.
 #pragma once
 
 #include <atomic>
@@ -82,21 +89,27 @@ class BlockBitmap {
   static constexpr uint64_t kPageBits = kPageWords * 64;
 
  private:
-  struct Page {
-    std::atomic<uint64_t> words[kPageWords];
-  };
-  // The directory entry of a page whose bits are all set (never dereferenced).
-  static Page* full_marker() { return reinterpret_cast<Page*>(alignof(Page)); }
-  static bool is_words(const Page* p) { return p != nullptr && p != full_marker(); }
+  // A directory entry: kind in the low 2 bits, writers (mixed only) above.
+  enum Kind : uint64_t { kClear = 0, kSet = 1, kMixed = 2, kLocked = 3 };
+  static constexpr uint64_t kKindMask = 3;
+  static constexpr uint64_t kWriter = 4;
 
   uint64_t word_count() const { return (bits_ + 63) / 64; }
   uint64_t page_count() const { return (word_count() + kPageWords - 1) / kPageWords; }
   // The bits of word w that exist (all but the last word's tail).
   uint64_t valid_mask(uint64_t w) const;
+  std::atomic_ref<uint64_t> word_ref(uint64_t w) const { return std::atomic_ref<uint64_t>(words_[w]); }
+  // Page p's entry, once it is not locked.
+  uint64_t entry(uint64_t p) const;
   // Word w's value (a page without words reads as all clear or all set).
   uint64_t load_word(uint64_t w) const;
-  // Page p with words of its own, made from what it is now if it has none.
-  Page* words_of(uint64_t p);
+  // Makes page p mixed (filling its words from what it was) and counts this
+  // thread as one of its writers; unpin() when done.
+  void pin(uint64_t p);
+  void unpin(uint64_t p) { dir_[p].fetch_sub(kWriter, std::memory_order_acq_rel); }
+  // Page p, mixed, all clear and without writers: becomes clear, and its
+  // memory goes back to the system.
+  void try_release(uint64_t p);
   // Calls fn(word_index, mask) for each word that r touches.
   template <typename Fn>
   void for_each_word(IndexRange r, Fn&& fn) const;
@@ -104,12 +117,14 @@ class BlockBitmap {
   template <typename Fn>
   void for_each_page(IndexRange r, Fn&& fn) const;
   uint64_t change_range(IndexRange r, bool set);
+  uint64_t change_bit(uint64_t i, bool set);
   uint64_t find_next(uint64_t from, bool value) const;
-  void free_pages();
+  void unmap();
 
   uint64_t bits_;
-  std::unique_ptr<std::atomic<Page*>[]> dir_;
-  std::atomic<uint64_t> pages_with_words_{0};
+  std::unique_ptr<std::atomic<uint64_t>[]> dir_;
+  uint64_t* words_ = nullptr;  // page_count() * 4 KiB, reserved, touched only when mixed
+  std::atomic<uint64_t> mixed_pages_{0};
 
  public:
   ~BlockBitmap();

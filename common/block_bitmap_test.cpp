@@ -611,6 +611,17 @@ TEST_CASE("a bitmap costs memory for mixed pages only") {
   CHECK(b.memory_bytes() == empty + 4096);
   CHECK(b.count() == bits - 10 * BlockBitmap::kPageBits - 256);
   CHECK(b.find_next_clear(10 * BlockBitmap::kPageBits) == 20 * BlockBitmap::kPageBits + 5);
+  // A sender that claims the rest of that page unit by unit gives its memory back.
+  for (uint64_t at = 20 * BlockBitmap::kPageBits; at < 21 * BlockBitmap::kPageBits; at += 256)
+    b.test_and_clear_range({at, at + 256});
+  CHECK(b.memory_bytes() == empty);
+  CHECK(b.count() == bits - 11 * BlockBitmap::kPageBits);
+  CHECK(b.none_set({20 * BlockBitmap::kPageBits, 21 * BlockBitmap::kPageBits}));
+  CHECK(b.test(21 * BlockBitmap::kPageBits));
+  // ... and a page set again bit by bit after that is mixed, then costs a page.
+  CHECK(b.set(20 * BlockBitmap::kPageBits + 7) == false);
+  CHECK(b.test(20 * BlockBitmap::kPageBits + 7));
+  CHECK(b.memory_bytes() == empty + 4096);
   // Loading a state file's words keeps uniform pages without words.
   BlockBitmap loaded(bits);
   std::string page_of_ones(BlockBitmap::kPageWords * 8, '\xff');
