@@ -5,7 +5,9 @@ socket, qemu-storage-daemon and its QMP monitor, fio runs and their JSON,
 the modes bench's workloads, sparse images, status polling, peak RSS, link
 throughput, report cells.
 
-Python stdlib only. A bench calls set_prog() and install_cleanup() first.
+Python stdlib only. What the integration tests share with the benchmarks
+(nbdkit's command line and readiness, key files, allocated bytes, the QMP
+client) is tests/support/python/lmsupport.py. A bench calls set_prog() and install_cleanup() first.
 Every process started through spawn() is stopped by PID on exit, error,
 Ctrl-C, SIGTERM or SIGHUP; the test bed named in testbed_up() is taken down
 (deploy/testbed.sh down) and the paths added to cleanup_paths are removed.
@@ -23,6 +25,9 @@ import sys
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.realpath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "tests", "support", "python"))
+from lmsupport import Qmp, allocated_bytes, nbdkit_argv, wait_for_pidfile, write_secret, write_tls_psk  # noqa: E402,F401
+
 TESTBED = os.path.join(REPO, "deploy", "testbed.sh")
 KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
 PEER_PORT = 10809
@@ -171,23 +176,13 @@ class Plugin:
         self.pidfile = os.path.join(self.dir, "nbdkit.pid")
         self.log = os.path.join(args.logs, f"{tag}.nbdkit.log")
         self.image = image
-        argv = ["ip", "netns", "exec", ns, "nbdkit", "-f", "--exit-with-parent", "-U", self.sock,
-                "--pidfile", self.pidfile, args.plugin, f"image={image}", f"control={self.ctl}",
-                f"listen={addr}:{PEER_PORT}", f"secret={secret}", *tls_keys(args), *extra]
+        argv = nbdkit_argv(args.plugin, [f"image={image}", f"control={self.ctl}", f"listen={addr}:{PEER_PORT}",
+                                         f"secret={secret}", *tls_keys(args), *extra],
+                           sock=self.sock, pidfile=self.pidfile, ns=ns)
         self.proc = spawn(argv, self.log)
-        deadline = time.monotonic() + 20
-        while True:
-            if self.proc.poll() is not None:
-                die(f"nbdkit exited with {self.proc.returncode} during start-up:\n{open(self.log).read()}")
-            try:
-                with open(self.pidfile) as f:
-                    if f.read().strip() == str(self.proc.pid):
-                        break
-            except FileNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                die(f"nbdkit not ready after 20 s: {self.log}")
-            time.sleep(0.02)
+        why = wait_for_pidfile(self.proc, self.pidfile, 20)
+        if why:
+            die(f"nbdkit {why} during start-up:\n{open(self.log).read()}")
 
     @property
     def uri(self):
@@ -234,21 +229,8 @@ def tls_keys(args):
     if getattr(args, "tls", "psk") == "off":
         return ["tls=off"]
     if not getattr(args, "tls_psk", None):
-        args.tls_psk = os.path.join(args.work, "tls.psk")
-        fd = os.open(args.tls_psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("bench:" + os.urandom(32).hex() + "\n")
+        args.tls_psk = write_tls_psk(os.path.join(args.work, "tls.psk"), "bench")
     return [f"tls-psk={args.tls_psk}"]
-
-
-def write_secret(path):
-    """A 32-byte pre-shared key, mode 0600 (no trailing newline byte)."""
-    key = bytearray(os.urandom(32))
-    while key[-1] in (10, 13):
-        key[-1] = os.urandom(1)[0]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
 
 
 # --------------------------------------------------------------------------
@@ -393,21 +375,6 @@ def make_usr_image(path, size, files, staging):
     shutil.rmtree(staging)
     log(f"realistic image: ext4, {size / MiB:.0f} MiB, {copied / MiB:.0f} MiB of /usr files, "
         f"{allocated_bytes(path) / MiB:.0f} MiB allocated")
-
-
-def allocated_bytes(path):
-    total, off = 0, 0
-    with open(path, "rb") as f:
-        fd, size = f.fileno(), os.fstat(f.fileno()).st_size
-        while off < size:
-            try:
-                d = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            total += h - d
-            off = h
-    return total
 
 
 def fresh_copy(args, name, pristine=None):
@@ -589,60 +556,6 @@ def mode_params(args, mode):
 # --------------------------------------------------------------------------
 # QEMU's side (tests/bench/run): qemu-storage-daemon and its QMP monitor
 
-class Qmp:
-    """A QMP client on a Unix socket. Events that arrive are kept in
-    .events as (time.time(), event dict)."""
-
-    def __init__(self, path, timeout=20):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no QMP monitor at {path} after {timeout} s")
-                time.sleep(0.05)
-        self.sock.settimeout(60)
-        self.buf = b""
-        self.events = []
-        self._line()                      # the greeting
-        self.execute("qmp_capabilities")
-
-    def _line(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise RuntimeError("QMP monitor closed")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def execute(self, cmd, **arguments):
-        """Runs one command; returns its "return", raises on "error"."""
-        msg = {"execute": cmd}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            r = self._line()
-            if "event" in r:
-                self.events.append((time.time(), r))
-            elif "error" in r:
-                raise RuntimeError(f"QMP {cmd}: {r['error'].get('desc', r['error'])}")
-            elif "return" in r:
-                return r["return"]
-
-    def event(self, name):
-        """The first event called name seen so far: (time, event) or None."""
-        return next(((t, e) for t, e in self.events if e["event"] == name), None)
-
-    def close(self):
-        self.sock.close()
-
-
 class StorageDaemon:
     """qemu-storage-daemon in a network namespace serving image (file +
     raw, or fmt="qcow2" with its backing chain, node disk0) as the writable
@@ -699,14 +612,12 @@ class NbdkitFile:
     def __init__(self, args, ns, image, tag, listen):
         self.log = os.path.join(args.logs, f"{tag}.nbdkit-file.log")
         self.pidfile = os.path.join(args.work, f"{tag}.pid")
-        argv = ["ip", "netns", "exec", ns, "nbdkit", "-f", "--exit-with-parent", "-i", listen[0],
-                "-p", str(listen[1]), "--pidfile", self.pidfile, "file", image]
+        argv = nbdkit_argv("file", [image], pidfile=self.pidfile, nbdkit_args=["-i", listen[0], "-p", str(listen[1])],
+                           ns=ns)
         self.proc = spawn(argv, self.log)
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(self.pidfile) and open(self.pidfile).read().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                die(f"nbdkit file did not start:\n{open(self.log).read()}")
-            time.sleep(0.02)
+        why = wait_for_pidfile(self.proc, self.pidfile, 20)
+        if why:
+            die(f"nbdkit file {why} during start-up:\n{open(self.log).read()}")
 
     def stop(self):
         stop(self.proc)

@@ -37,9 +37,8 @@ Each run (Run.execute):
         exited (by PID) and both namespaces are empty.
 
 The test bed helpers (Testbed, NsServer, start_pair, link, write_secret,
-make_source_image) live in tests/integration/test_migration_netns.py, which
-runs its tests when imported; netns() imports it with lmtest.main() held
-off, so they are shared rather than copied.
+make_source_image) live in tests/integration/netns_helpers.py, shared with
+the integration tests rather than copied.
 """
 
 import contextlib
@@ -84,17 +83,12 @@ _netns = None
 
 
 def netns():
-    """tests/integration/test_migration_netns.py as a module (its helpers),
-    without running its tests."""
+    """tests/integration/netns_helpers.py (imported on first use: it needs
+    nothing of a run that only lists the cases)."""
     global _netns
     if _netns is None:
-        real_main = lmtest.main
-        lmtest.main = lambda: None
-        try:
-            import test_migration_netns
-        finally:
-            lmtest.main = real_main
-        _netns = test_migration_netns
+        import netns_helpers
+        _netns = netns_helpers
     return _netns
 
 

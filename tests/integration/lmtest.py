@@ -1,17 +1,16 @@
-"""Harness for livemig's integration tests: real nbdkit processes serving
+"""Helpers for livemig's integration tests: real nbdkit processes serving
 livemig.so, driven through libnbd's Python binding and the control socket.
 
-Run a test file with Debian's interpreter, which has the `nbd` module:
+The tests are pytest tests (conftest.py beside this file holds the
+fixtures). Run a test file with Debian's interpreter, which has the `nbd`
+module and pytest (python3-pytest):
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_data.py
+        /usr/bin/python3 -m pytest tests/integration/test_data.py [-k NAME]
 
-or through CTest (`ctest -R integration`), which sets the environment.
-
-A test file defines functions decorated with @test and ends with
-`lmtest.main()`; they run in file order, each is reported PASS or FAIL, and
-the exit status is non-zero if any failed; the last line is
-"N passed, N failed". `test_x.py NAME...` runs only the named tests.
+(or `/usr/bin/python3 tests/integration/test_data.py [-k NAME]`, which runs
+pytest on that file), or through CTest (`ctest -R integration`), which sets
+the environment and writes JUnit XML into the build directory.
 
 Every nbdkit this module starts is killed by PID (SIGTERM, then SIGKILL)
 when its `with Server(...)` block ends (after its libnbd handles are closed:
@@ -33,9 +32,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import nbd
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support", "python"))
+import lmsupport  # noqa: E402  (shared with tests/bench)
 
 NBDKIT = os.environ.get("NBDKIT", "nbdkit")
 START_TIMEOUT = 20.0  # seconds for nbdkit to become ready (write its pidfile)
@@ -117,11 +118,7 @@ def test_tls_psk():
     non-loopback address (TLS is required there) use it."""
     global _test_tls_psk
     if _test_tls_psk is None:
-        path = os.path.join(tmp_root(), "test-tls.psk")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("lmtest:" + os.urandom(32).hex() + "\n")
-        _test_tls_psk = path
+        _test_tls_psk = lmsupport.write_tls_psk(os.path.join(tmp_root(), "test-tls.psk"), "lmtest")
     return _test_tls_psk
 
 
@@ -277,17 +274,6 @@ def _on_sigterm(signum, frame):
 signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _key_args(keys):
-    args = []
-    for k, v in keys.items():
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        args.append(f"{k}={v}")
-    return args
-
-
 class ServerDied(RuntimeError):
     pass
 
@@ -336,9 +322,9 @@ class Server:
             keys["control"] = self.control_path
             self.control_path = os.path.join(self.cwd, self.control_path)
         self.keys = keys
-        mode = [] if background else ["-f", "--exit-with-parent"]
-        self.argv = [NBDKIT, *mode, "-U", self.sock, "--pidfile", self.pidfile,
-                     *nbdkit_args, plugin_path(), *_key_args(keys), *args]
+        self.argv = lmsupport.nbdkit_argv(plugin_path(), [*lmsupport.key_args(keys), *args], sock=self.sock,
+                                          pidfile=self.pidfile, nbdkit=NBDKIT, foreground=not background,
+                                          nbdkit_args=nbdkit_args)
         self.env = dict(env or {})
         self.pass_fds = tuple(pass_fds)
         self.proc = None
@@ -406,25 +392,11 @@ class Server:
         _live[self.proc.pid] = self.proc
 
     def _wait_ready(self):
-        # nbdkit writes --pidfile once it accepts connections (and after
-        # .get_ready, which binds the control socket). Waiting for it rather
-        # than probing the socket keeps nbdkit's log free of handshake errors.
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise ServerDied(f"nbdkit exited with status {rc} during start-up\n"
-                                 f"  command: {' '.join(self.argv)}\n  stderr:\n{self.stderr()}")
-            try:
-                with open(self.pidfile) as f:
-                    if f.read().strip() == str(self.proc.pid):
-                        break
-            except FileNotFoundError:
-                pass
-            if time.monotonic() > deadline:
-                raise ServerDied(f"nbdkit did not become ready within {START_TIMEOUT}s\n"
-                                 f"  command: {' '.join(self.argv)}\n  stderr:\n{self.stderr()}")
-            time.sleep(0.01)
+        # .get_ready binds the control socket before nbdkit writes --pidfile.
+        why = lmsupport.wait_for_pidfile(self.proc, self.pidfile, START_TIMEOUT)
+        if why:
+            raise ServerDied(f"nbdkit {why} during start-up\n"
+                             f"  command: {' '.join(self.argv)}\n  stderr:\n{self.stderr()}")
         missing = [p for p in (self.sock, self.control_path) if p and not os.path.exists(p)]
         if missing:
             raise ServerDied(f"nbdkit is ready but {missing} do not exist\n  stderr:\n{self.stderr()}")
@@ -694,51 +666,3 @@ def wait_until(pred, timeout=10.0, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-# --------------------------------------------------------------------------
-# Test registry
-
-_tests = []
-
-
-def test(fn):
-    """Registers fn as a test; tests run in definition order."""
-    _tests.append(fn)
-    return fn
-
-
-def main():
-    try:
-        plugin_path()
-    except RuntimeError as e:
-        print(f"FAIL setup: {e}")
-        sys.exit(1)
-    only = sys.argv[1:]
-    passed = failed = 0
-    for fn in _tests:
-        if only and fn.__name__ not in only:
-            continue
-        t0 = time.monotonic()
-        try:
-            fn()
-        except (KeyboardInterrupt, SystemExit):
-            print(f"FAIL {fn.__name__} (interrupted after {time.monotonic() - t0:.2f}s)")
-            print(f"{passed} passed, {failed + 1} failed")
-            sys.stdout.flush()
-            raise
-        except Exception:
-            failed += 1
-            print(f"FAIL {fn.__name__} ({time.monotonic() - t0:.2f}s)")
-            traceback.print_exc(file=sys.stdout)
-        else:
-            passed += 1
-            print(f"PASS {fn.__name__} ({time.monotonic() - t0:.2f}s)")
-        finally:
-            leaked = [p for p in _live.values() if p.poll() is None]
-            if leaked:
-                print(f"  (test left nbdkit running: pids {[p.pid for p in leaked]}; killing)")
-                _kill_all()
-        sys.stdout.flush()
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed or passed == 0 else 0)

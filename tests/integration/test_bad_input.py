@@ -5,7 +5,7 @@ connection is closed), and the plugin goes on serving control requests and
 NBD I/O.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_bad_input.py
+        /usr/bin/python3 -m pytest tests/integration/test_bad_input.py [-k NAME]
 """
 
 import json
@@ -14,10 +14,13 @@ import random
 import signal
 import socket
 import stat
+import sys
 import threading
 
+import pytest
+
 import lmtest
-from lmtest import KiB, MiB, ControlClient, Server, make_image, run_nbdkit_expect_failure, test
+from lmtest import KiB, MiB, ControlClient, Server, make_image, run_nbdkit_expect_failure
 
 MAX_LINE = 64 * KiB  # ControlServer::kMaxRequestBytes, newline included
 
@@ -30,33 +33,28 @@ def expect_startup_failure(args, *needles):
     return err
 
 
-@test
-def missing_image_key():
+def test_missing_image_key():
     expect_startup_failure([], "image")
     expect_startup_failure(["block-size=4K"], "image=<FILE>", "required")
 
 
-@test
-def image_that_does_not_exist():
+def test_image_that_does_not_exist():
     path = os.path.join(lmtest.tmp_dir(), "no-such.img")
     expect_startup_failure([f"image={path}"], path, "No such file")
     expect_startup_failure([f"image={path}", "readonly=true"], path, "No such file")
 
 
-@test
-def image_that_is_a_directory():
+def test_image_that_is_a_directory():
     d = lmtest.tmp_dir("dir")
     expect_startup_failure([f"image={d}"], d)
     expect_startup_failure([f"image={d}", "readonly=true"], d, "not a regular file")
 
 
-@test
-def empty_image_path():
+def test_empty_image_path():
     expect_startup_failure(["image="], "image")
 
 
-@test
-def bad_block_sizes():
+def test_bad_block_sizes():
     img = make_image(MiB)
     expect_startup_failure([f"image={img}", "block-size=3000"], "block-size=3000", "power of two")
     expect_startup_failure([f"image={img}", "block-size=256"], "block-size=256", "512")
@@ -68,8 +66,7 @@ def bad_block_sizes():
     expect_startup_failure([f"image={img}", "block-size=-4096"], "block-size=-4096")
 
 
-@test
-def segment_smaller_than_block():
+def test_segment_smaller_than_block():
     img = make_image(MiB)
     expect_startup_failure([f"image={img}", "segment-size=4096", "block-size=8192"],
                            "segment-size=4096", "block-size=8192")
@@ -78,48 +75,41 @@ def segment_smaller_than_block():
                            "segment-size=4096", "block-size=8192")
 
 
-@test
-def segment_size_not_a_size():
+def test_segment_size_not_a_size():
     img = make_image(MiB)
     expect_startup_failure([f"image={img}", "segment-size=not-a-size"], "segment-size=not-a-size", "not a size")
     expect_startup_failure([f"image={img}", "segment-size=3M"], "segment-size=3145728", "power of two")
 
 
-@test
-def unknown_key():
+def test_unknown_key():
     img = make_image(MiB)
     expect_startup_failure([f"image={img}", "frobnicate=1"], "frobnicate")
 
 
-@test
-def readonly_not_a_boolean():
+def test_readonly_not_a_boolean():
     img = make_image(MiB)
     expect_startup_failure([f"image={img}", "readonly=maybe"], "readonly=maybe", "boolean")
 
 
-@test
-def heat_half_life_not_positive():
+def test_heat_half_life_not_positive():
     img = make_image(MiB)
     for v in ("0", "-5", "soon", "nan"):
         expect_startup_failure([f"image={img}", f"heat-half-life={v}"], f"heat-half-life={v}")
 
 
-@test
-def control_path_in_missing_directory():
+def test_control_path_in_missing_directory():
     img = make_image(MiB)
     path = os.path.join(lmtest.tmp_dir(), "no-such-dir", "control.sock")
     expect_startup_failure([f"image={img}", f"control={path}"], f"control={path}")
 
 
-@test
-def control_path_too_long():
+def test_control_path_too_long():
     img = make_image(MiB)
     path = os.path.join(lmtest.tmp_dir(), "x" * 120)
     expect_startup_failure([f"image={img}", f"control={path}"], "control=", "107")
 
 
-@test
-def control_path_that_is_a_regular_file():
+def test_control_path_that_is_a_regular_file():
     img = make_image(MiB)
     path = os.path.join(lmtest.tmp_dir(), "not-a-socket")
     with open(path, "w") as f:
@@ -129,8 +119,7 @@ def control_path_that_is_a_regular_file():
         assert f.read() == "keep me\n", "a failed start-up clobbered the file at control="
 
 
-@test
-def control_path_with_a_stale_socket_is_taken_over():
+def test_control_path_with_a_stale_socket_is_taken_over():
     img = make_image(MiB)
     first = Server(image=img, control=True).start()
     try:
@@ -143,8 +132,7 @@ def control_path_with_a_stale_socket_is_taken_over():
         assert stat.S_IMODE(os.stat(s.control_path).st_mode) == 0o600
 
 
-@test
-def control_path_of_a_running_server():
+def test_control_path_of_a_running_server():
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
         expect_startup_failure([f"image={img}", f"control={s.control_path}"], s.control_path, "listening")
@@ -170,8 +158,7 @@ def expect_error_reply(reply, *needles):
         assert n in reply["error"], f"error {reply['error']!r} does not mention {n!r}"
 
 
-@test
-def bad_control_requests_get_error_replies():
+def test_bad_control_requests_get_error_replies():
     rng = random.Random(30)
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
@@ -217,8 +204,7 @@ def bad_control_requests_get_error_replies():
         assert s.control({"op": "stats"})["requests"]["errors"] == 0
 
 
-@test
-def request_of_exactly_the_limit_is_served():
+def test_request_of_exactly_the_limit_is_served():
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
         with ControlClient(s.control_path) as c:
@@ -230,8 +216,7 @@ def request_of_exactly_the_limit_is_served():
             assert r["ok"] is True and r["op"] == "status", r
 
 
-@test
-def oversized_control_line_gets_error_then_close():
+def test_oversized_control_line_gets_error_then_close():
     rng = random.Random(31)
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
@@ -264,8 +249,7 @@ def oversized_control_line_gets_error_then_close():
         still_serving(s, h, rng)
 
 
-@test
-def many_control_connections_at_once():
+def test_many_control_connections_at_once():
     rng = random.Random(32)
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
@@ -284,4 +268,4 @@ def many_control_connections_at_once():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -7,15 +7,18 @@ rotted in the destination's base is caught and sent plain; the verifying
 writer loses nothing across handover.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_base.py
+        /usr/bin/python3 -m pytest tests/integration/test_base.py [-k NAME]
 """
 
 import os
 import random
 import shutil
+import sys
+
+import pytest
 
 import lmtest
-from lmtest import KiB, MiB, Server, test
+from lmtest import KiB, MiB, Server
 import migration as mig
 
 BLOCK = 4096
@@ -65,8 +68,7 @@ def migrate(src_image, src_base, dst_base, mode="precopy", **params):
     return reply, st_src, st_dst, dst_image
 
 
-@test
-def a_vm_deployed_from_a_shared_base_moves_only_what_differs_from_it():
+def test_a_vm_deployed_from_a_shared_base_moves_only_what_differs_from_it():
     template = make_template(lmtest.tmp_dir("a"))
     vm, changes = deploy(template, 200)
     reply, st_src, st_dst, dst_image = migrate(vm, template, copy_of(template, "b"))
@@ -81,8 +83,7 @@ def a_vm_deployed_from_a_shared_base_moves_only_what_differs_from_it():
     lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(vm), "the destination against the VM's disk")
 
 
-@test
-def post_copy_pulls_take_notes_too():
+def test_post_copy_pulls_take_notes_too():
     template = make_template(lmtest.tmp_dir("a"))
     vm, changes = deploy(template, 50, seed=33)
     reply, st_src, st_dst, dst_image = migrate(vm, template, copy_of(template, "b"), mode="postcopy")
@@ -92,8 +93,7 @@ def post_copy_pulls_take_notes_too():
     lmtest.assert_same(lmtest.read_file(dst_image), lmtest.read_file(vm), "the destination against the VM's disk")
 
 
-@test
-def a_base_that_is_not_the_same_template_is_refused_by_name():
+def test_a_base_that_is_not_the_same_template_is_refused_by_name():
     template = make_template(lmtest.tmp_dir("a"))
     vm, _ = deploy(template, 10)
     other = lmtest.make_image(SIZE, name="other.img", dir=lmtest.tmp_dir("o"),
@@ -129,19 +129,16 @@ def rotted_base_run(mode):
     return st_src, changes
 
 
-@test
-def a_block_that_rotted_in_the_destinations_base_is_caught_and_sent_plain():
+def test_a_block_that_rotted_in_the_destinations_base_is_caught_and_sent_plain():
     st_src, changes = rotted_base_run("precopy")
     assert st_src["migration"]["data_blocks_sent"] > len(changes), st_src["migration"]   # the rest went plain
 
 
-@test
-def a_rotted_base_block_is_caught_in_post_copy_pulls_too():
+def test_a_rotted_base_block_is_caught_in_post_copy_pulls_too():
     rotted_base_run("postcopy")
 
 
-@test
-def the_verifying_writer_loses_nothing_across_handover_with_a_base():
+def test_the_verifying_writer_loses_nothing_across_handover_with_a_base():
     template = make_template(lmtest.tmp_dir("a"))
     vm, _ = deploy(template, 100, seed=35)
     hot = f"{48 * MiB}:{8 * MiB}"   # in the hole after the template's data
@@ -156,4 +153,4 @@ def the_verifying_writer_loses_nothing_across_handover_with_a_base():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

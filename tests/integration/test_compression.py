@@ -6,15 +6,18 @@ COMPRESSED frame that is not exactly its length of zstd is refused and
 writes nothing.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_compression.py
+        /usr/bin/python3 -m pytest tests/integration/test_compression.py [-k NAME]
 """
 
 import os
 import random
 import struct
+import sys
+
+import pytest
 
 import lmtest
-from lmtest import KiB, MiB, Server, test
+from lmtest import KiB, MiB, Server
 import migration as mig
 from wire import BAD_FRAME, DATA, FLAG_COMPRESSED, START, START_OK, FakeDestination, frame, handshake, make_secret, \
     start_payload
@@ -54,8 +57,7 @@ def compression(st):
     return st["migration"].get("compression", {})
 
 
-@test
-def pushed_data_that_compresses_crosses_compressed_and_arrives_byte_for_byte():
+def test_pushed_data_that_compresses_crosses_compressed_and_arrives_byte_for_byte():
     st_src, st_dst = migrate_data(text_data(DATA_LEN), "precopy", compression="zstd")
     c_src, c_dst = compression(st_src), compression(st_dst)
     assert c_src["setting"] == "zstd:1" and c_src["active"], c_src
@@ -67,8 +69,7 @@ def pushed_data_that_compresses_crosses_compressed_and_arrives_byte_for_byte():
     assert wire < DATA_LEN * 0.6, f"{wire} bytes crossed for {DATA_LEN} of data"
 
 
-@test
-def pulled_data_after_handover_crosses_compressed_too():
+def test_pulled_data_after_handover_crosses_compressed_too():
     st_src, st_dst = migrate_data(text_data(DATA_LEN, seed=4), "postcopy", compression="zstd:3")
     c_dst = compression(st_dst)
     assert st_dst["migration"]["background_pulls"] > 0, st_dst
@@ -76,8 +77,7 @@ def pulled_data_after_handover_crosses_compressed_too():
     assert compression(st_src)["setting"] == "zstd:3"
 
 
-@test
-def the_verifying_writer_loses_nothing_across_handover_with_compression_on():
+def test_the_verifying_writer_loses_nothing_across_handover_with_compression_on():
     data = text_data(16 * MiB, seed=9)
     hot = f"{20 * MiB}:{4 * MiB}"   # in the hole after the data: the data stays the original
     src_image = lmtest.make_image(SIZE, name="src.img", dir=lmtest.tmp_dir("src"), data=data)
@@ -91,16 +91,14 @@ def the_verifying_writer_loses_nothing_across_handover_with_compression_on():
     lmtest.assert_same(lmtest.read_file(dst_image, 0, len(data)), data, "the data the writer did not touch")
 
 
-@test
-def random_data_crosses_plain_even_when_compression_is_asked_for():
+def test_random_data_crosses_plain_even_when_compression_is_asked_for():
     data = random.Random(5).randbytes(8 * MiB)
     st_src, st_dst = migrate_data(data, "precopy", compression="zstd")
     assert compression(st_src).get("frames", 0) == 0, compression(st_src)
     assert compression(st_dst).get("frames", 0) == 0, compression(st_dst)
 
 
-@test
-def auto_compresses_when_max_rate_caps_the_link_and_off_never_does():
+def test_auto_compresses_when_max_rate_caps_the_link_and_off_never_does():
     data = text_data(8 * MiB, seed=6)
     st_src, _ = migrate_data(data, "precopy", max_rate=8 * MiB)  # auto is the default
     c = compression(st_src)
@@ -111,8 +109,7 @@ def auto_compresses_when_max_rate_caps_the_link_and_off_never_does():
     assert "compression" not in st_dst["migration"], st_dst["migration"]
 
 
-@test
-def a_bad_compression_setting_is_refused_by_name():
+def test_a_bad_compression_setting_is_refused_by_name():
     with mig.Pair(4 * MiB, 1 * MiB) as (src, dst, *_):
         reply = src.control({"op": "migrate", "mode": "precopy", "to": f"127.0.0.1:{mig.peer_port(dst)}",
                              "compression": "gzip"})
@@ -120,8 +117,7 @@ def a_bad_compression_setting_is_refused_by_name():
         assert mig.status(src)["phase"] == "Idle", mig.status(src)
 
 
-@test
-def a_destination_that_does_not_say_it_decompresses_gets_plain_data():
+def test_a_destination_that_does_not_say_it_decompresses_gets_plain_data():
     key_path, key = make_secret()
     data = text_data(4 * MiB, seed=8)
     src_image = lmtest.make_image(SIZE, name="src.img", dir=lmtest.tmp_dir("src"), data=data)
@@ -155,8 +151,7 @@ def zstd_frame(content, declared=None):
     return out
 
 
-@test
-def a_compressed_frame_that_is_not_its_length_of_zstd_is_refused_and_writes_nothing():
+def test_a_compressed_frame_that_is_not_its_length_of_zstd_is_refused_and_writes_nothing():
     key_path, key = make_secret()
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "d.img")
     with Server(control=True, image=dst_image, listen="127.0.0.1:0", secret=key_path) as dst:
@@ -200,4 +195,4 @@ def a_compressed_frame_that_is_not_its_length_of_zstd_is_refused_and_writes_noth
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

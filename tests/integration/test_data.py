@@ -3,23 +3,23 @@ in the image file; the plugin advertises what it implements; readonly=true
 refuses writes.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_data.py
+        /usr/bin/python3 -m pytest tests/integration/test_data.py [-k NAME]
 """
 
 import errno
 import random
+import sys
 
 import nbd
+import pytest
 
-import lmtest
-from lmtest import KiB, MiB, Server, assert_same, expect_nbd_error, make_image, nbd_read_all, read_file, test
+from lmtest import KiB, MiB, Server, assert_same, expect_nbd_error, make_image, nbd_read_all, read_file
 
 SIZE = 8 * MiB + 1000  # the last 4K block is partial
 SEG = 64 * KiB
 
 
-@test
-def whole_image_random_data_reads_back():
+def test_whole_image_random_data_reads_back():
     rng = random.Random(1)
     img = make_image(SIZE)
     expected = bytearray(rng.randbytes(SIZE))
@@ -51,8 +51,7 @@ def whole_image_random_data_reads_back():
         assert read_file(img, SIZE) == b"", "a refused write past the end grew the image"
 
 
-@test
-def unaligned_writes_across_block_and_segment_boundaries():
+def test_unaligned_writes_across_block_and_segment_boundaries():
     rng = random.Random(2)
     img = make_image(SIZE)
     expected = bytearray(SIZE)
@@ -87,8 +86,7 @@ def unaligned_writes_across_block_and_segment_boundaries():
         assert_same(read_file(img), expected, "whole image file")
 
 
-@test
-def fua_writes_and_flush_succeed_and_are_counted():
+def test_fua_writes_and_flush_succeed_and_are_counted():
     rng = random.Random(3)
     img = make_image(SIZE)
     with Server(image=img, control=True, **{"segment-size": "64K"}) as s:
@@ -121,8 +119,7 @@ def fua_writes_and_flush_succeed_and_are_counted():
         assert after["errors"] == before["errors"], (before, after)
 
 
-@test
-def advertises_capabilities_and_preferred_block_size():
+def test_advertises_capabilities_and_preferred_block_size():
     img = make_image(SIZE)
     for bs in (4096, 8192, 65536):
         with Server(image=img, **{"block-size": bs, "segment-size": "1M"}) as s:
@@ -141,8 +138,7 @@ def advertises_capabilities_and_preferred_block_size():
         assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096, "default block-size should be 4K"
 
 
-@test
-def readonly_refuses_writes_and_serves_reads():
+def test_readonly_refuses_writes_and_serves_reads():
     rng = random.Random(4)
     content = rng.randbytes(SIZE)
     img = make_image(SIZE, data=content)
@@ -171,4 +167,4 @@ def readonly_refuses_writes_and_serves_reads():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

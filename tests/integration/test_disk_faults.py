@@ -6,7 +6,7 @@ writable at once), and a full disk after the commit stalls post-copy
 without failing it.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_disk_faults.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_disk_faults.py [-k NAME]
 """
 
 import errno
@@ -16,18 +16,19 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "faults"))
 
+import pytest  # noqa: E402
+
 import faultfs  # noqa: E402
 import lmtest  # noqa: E402
 import migration as mig  # noqa: E402
-from lmtest import MiB, Server, test  # noqa: E402
+from lmtest import MiB, Server  # noqa: E402
 
 SIZE = 32 * MiB
 DATA_LEN = 8 * MiB
 BLOCK = 4096
 
 
-@test
-def a_failed_image_sync_fails_every_later_flush_too():
+def test_a_failed_image_sync_fails_every_later_flush_too():
     with faultfs.FaultFS() as fs:
         image = lmtest.make_image(SIZE, dir=fs.mountpoint)
         with Server(control=True, image=image) as s:
@@ -45,8 +46,7 @@ def a_failed_image_sync_fails_every_later_flush_too():
             assert "fdatasync failed" in st["image_sync_error"], st
 
 
-@test
-def a_destination_whose_handover_sync_fails_refuses_and_the_source_writes_at_once():
+def test_a_destination_whose_handover_sync_fails_refuses_and_the_source_writes_at_once():
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
     with faultfs.FaultFS() as fs, Server(control=True, image=src_image, listen="127.0.0.1:0") as src, \
             Server(control=True, image=os.path.join(fs.mountpoint, "dst.img"), listen="127.0.0.1:0") as dst:
@@ -65,8 +65,7 @@ def a_destination_whose_handover_sync_fails_refuses_and_the_source_writes_at_onc
         assert fs.stats().get("fsync-eio", 0) >= 1, fs.stats()
 
 
-@test
-def a_source_whose_image_sync_fails_at_the_handover_keeps_the_disk_and_says_why():
+def test_a_source_whose_image_sync_fails_at_the_handover_keeps_the_disk_and_says_why():
     """Found reviewing issue #17: the source synced its image only after the
     commit, so a flush at the destination (or forwarded to it) could answer
     for writes that were still only in the source's page cache. Now the
@@ -95,8 +94,7 @@ def a_source_whose_image_sync_fails_at_the_handover_keeps_the_disk_and_says_why(
             assert not mig.status(dst)["authoritative"]
 
 
-@test
-def a_full_destination_disk_after_the_commit_stalls_postcopy_until_space_returns():
+def test_a_full_destination_disk_after_the_commit_stalls_postcopy_until_space_returns():
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
     with faultfs.FaultFS() as fs, Server(control=True, image=src_image, listen="127.0.0.1:0") as src, \
             Server(control=True, image=os.path.join(fs.mountpoint, "dst.img"), listen="127.0.0.1:0") as dst:
@@ -127,4 +125,4 @@ def a_full_destination_disk_after_the_commit_stalls_postcopy_until_space_returns
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

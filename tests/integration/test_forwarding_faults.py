@@ -21,13 +21,15 @@ repro_issue17.py); each failed on 51ddfc3:
 import json
 import os
 import signal
+import sys
 import time
 
 import nbd
+import pytest
 
 import lmtest
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 
 BLOCK = 4096
 SIZE = 32 * MiB
@@ -41,8 +43,7 @@ def plugins(size=SIZE, data_len=DATA):
     return mig.Pair(size, data_len, fixed_ports=True, **KEYS)
 
 
-@test
-def a_flush_at_the_old_source_covers_writes_forwarded_before_a_destination_restart():
+def test_a_flush_at_the_old_source_covers_writes_forwarded_before_a_destination_restart():
     with plugins() as (src, dst, src_image, dst_image, data):
         # A slow post-copy: the blocks written below are still missing at
         # the destination when it dies.
@@ -76,8 +77,7 @@ def a_flush_at_the_old_source_covers_writes_forwarded_before_a_destination_resta
         lmtest.assert_same(lmtest.read_file(dst_image, in_hole, BLOCK), b"N" * BLOCK, "write after reconnecting")
 
 
-@test
-def a_client_on_the_old_source_keeps_its_durable_writes_across_a_kill_9_of_the_destination():
+def test_a_client_on_the_old_source_keeps_its_durable_writes_across_a_kill_9_of_the_destination():
     region = f"{16 * MiB}:{8 * MiB}"
     for attempt in range(3):   # the window is narrow: a few tries
         with plugins() as (src, dst, src_image, dst_image, data):
@@ -98,8 +98,7 @@ def a_client_on_the_old_source_keeps_its_durable_writes_across_a_kill_9_of_the_d
             assert rc == 0, f"attempt {attempt + 1}: durable writes lost:\n{out}"
 
 
-@test
-def reads_at_the_old_source_work_after_the_destination_restarted_in_done():
+def test_reads_at_the_old_source_work_after_the_destination_restarted_in_done():
     with plugins() as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="auto")
         mig.wait_phase(dst, ["Done"], timeout=60)
@@ -115,8 +114,7 @@ def reads_at_the_old_source_work_after_the_destination_restarted_in_done():
                            "read at the old source after the destination restarted")
 
 
-@test
-def a_restarted_source_resumes_while_a_client_of_the_destination_writes():
+def test_a_restarted_source_resumes_while_a_client_of_the_destination_writes():
     with plugins() as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=4 * MiB)
         journal = os.path.join(lmtest.tmp_dir("j"), "journal")
@@ -148,4 +146,5 @@ def a_restarted_source_resumes_while_a_client_of_the_destination_writes():
         assert totals["write_errors"] == 0, f"the destination's client saw errors: {totals}"
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

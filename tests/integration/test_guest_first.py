@@ -4,11 +4,14 @@ the guest's request latency is above guest_latency_bound times its latency
 before the migration, never below min_rate, and still ends."""
 
 import os
+import sys
 import time
+
+import pytest
 
 import lmtest
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 
 SIZE = 64 * MiB
 DATA = 24 * MiB
@@ -40,8 +43,7 @@ def migrate_under_a_guest(mode, **params):
         return seconds, st_src, st_dst
 
 
-@test
-def a_guest_over_its_latency_bound_slows_precopy_to_min_rate_and_the_migration_still_ends():
+def test_a_guest_over_its_latency_bound_slows_precopy_to_min_rate_and_the_migration_still_ends():
     # A 1 ns baseline: every window of the guest's requests is over the
     # bound, so the pusher must fall to min_rate (and stay there).
     paced, st_src, _ = migrate_under_a_guest("precopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
@@ -56,8 +58,7 @@ def a_guest_over_its_latency_bound_slows_precopy_to_min_rate_and_the_migration_s
     assert unpaced < paced / 2, f"unpaced {unpaced:.1f} s, paced {paced:.1f} s: pacing made no difference"
 
 
-@test
-def a_guest_within_its_bound_is_not_slowed():
+def test_a_guest_within_its_bound_is_not_slowed():
     # A 10 s baseline: no window of this guest is over 1.2 x 10 s.
     seconds, st_src, _ = migrate_under_a_guest("precopy", guest_latency_bound=1.2,
                                                guest_baseline_p99_ns=10_000_000_000, min_rate=MIN_RATE,
@@ -68,8 +69,7 @@ def a_guest_within_its_bound_is_not_slowed():
     assert seconds < 0.75 * DATA / MIN_RATE, f"{seconds:.1f} s: as slow as min_rate"
 
 
-@test
-def the_destination_paces_background_pulls_with_the_baseline_the_source_measured():
+def test_the_destination_paces_background_pulls_with_the_baseline_the_source_measured():
     _, st_src, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
                                               min_rate=MIN_RATE, max_rate=MAX_RATE)
     src_params, dst_params = st_src["migration"]["params"], st_dst["migration"]["params"]
@@ -81,8 +81,7 @@ def the_destination_paces_background_pulls_with_the_baseline_the_source_measured
     assert pacing["windows"] >= 4, pacing
 
 
-@test
-def auto_measures_the_guests_baseline_when_the_migration_starts():
+def test_auto_measures_the_guests_baseline_when_the_migration_starts():
     _, st_src, _ = migrate_under_a_guest("auto")
     params, pacing = st_src["migration"]["params"], st_src["migration"]["pacing"]
     assert params["guest_latency_bound"] == 1.2 and params["max_slowdown"] == 1.3, params
@@ -91,16 +90,14 @@ def auto_measures_the_guests_baseline_when_the_migration_starts():
     assert pacing["baseline_requests"] == params["guest_baseline_requests"], pacing
 
 
-@test
-def a_max_rate_below_the_default_min_rate_lowers_the_floor_instead_of_refusing():
+def test_a_max_rate_below_the_default_min_rate_lowers_the_floor_instead_of_refusing():
     with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
         mig.migrate(src, dst, "auto", handover="auto", max_rate=2 * MiB)
         params = mig.wait_phase(src, ["Done"])["migration"]["params"]
         assert params["max_rate"] == params["min_rate"] == 2 * MiB, params
 
 
-@test
-def bad_pacing_parameters_are_refused_with_the_field_named():
+def test_bad_pacing_parameters_are_refused_with_the_field_named():
     with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
         for params, words in (({"guest_latency_bound": 0.5}, "guest_latency_bound"),
                               ({"guest_latency_bound": "fast"}, "guest_latency_bound"),
@@ -115,4 +112,4 @@ def bad_pacing_parameters_are_refused_with_the_field_named():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

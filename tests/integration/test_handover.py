@@ -7,7 +7,7 @@ Crash points (LIVEMIG_TEST_CRASH_AT) make a plugin kill itself with SIGKILL
 at an exact step of the handover, as kill -9 at that instant would.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_handover.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_handover.py [-k NAME]
 """
 
 import contextlib
@@ -15,12 +15,15 @@ import errno
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 
+import pytest
+
 import lmtest
 import migration as mig
-from lmtest import MiB, Server, test
+from lmtest import MiB, Server
 from wire import ERROR, INTERNAL, START, START_OK, HANDOVER, DATA, FORWARD, FORWARD_REPLY, FakeDestination, frame, \
     handshake, make_secret, \
     start_payload, string, BAD_FRAME, PROTOCOL, SIZE_MISMATCH
@@ -78,8 +81,7 @@ def expect_image(path, data, changes=(), what="destination image"):
 # ---------------------------------------------------------------------------
 # The destination's answer decides
 
-@test
-def a_confirmation_that_arrives_while_the_puller_starts_is_not_lost():
+def test_a_confirmation_that_arrives_while_the_puller_starts_is_not_lost():
     """The puller read "not confirmed" from the record, the source's
     confirmation landed, then the puller stored its stale false over it: the
     destination stayed in PostCopy for ever. The hook holds the puller
@@ -93,8 +95,7 @@ def a_confirmation_that_arrives_while_the_puller_starts_is_not_lost():
         expect_image(dst_image, data)
 
 
-@test
-def a_source_learns_the_migration_is_done_when_the_done_frame_never_came():
+def test_a_source_learns_the_migration_is_done_when_the_done_frame_never_came():
     """The destination recorded Done and died before it said DONE (a link
     cut as DONE is sent loses it the same way: the fault matrix's
     cut-handover, seed 305550996). A destination that is done never dials
@@ -119,8 +120,7 @@ def a_source_learns_the_migration_is_done_when_the_done_frame_never_came():
         expect_image(dst_image, data, [(3 * BLOCK, b"D" * BLOCK)])
 
 
-@test
-def a_destination_that_refuses_the_handover_leaves_the_source_writable_at_once():
+def test_a_destination_that_refuses_the_handover_leaves_the_source_writable_at_once():
     key_path, key = make_secret()
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
 
@@ -149,8 +149,7 @@ def a_destination_that_refuses_the_handover_leaves_the_source_writable_at_once()
             fake.close()
 
 
-@test
-def a_destination_killed_after_it_committed_makes_the_handover_count_once_it_is_back():
+def test_a_destination_killed_after_it_committed_makes_the_handover_count_once_it_is_back():
     with plugins(dst_env={"LIVEMIG_TEST_CRASH_AT": "destination-after-commit"}) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit")
         mig.wait_ready(src)
@@ -190,8 +189,7 @@ def a_destination_killed_after_it_committed_makes_the_handover_count_once_it_is_
         expect_image(dst_image, data, [(2 * BLOCK, b"H" * BLOCK), (4 * BLOCK, b"A" * BLOCK)])
 
 
-@test
-def a_destination_killed_before_it_committed_lets_the_source_resume():
+def test_a_destination_killed_before_it_committed_lets_the_source_resume():
     with plugins(dst_env={"LIVEMIG_TEST_CRASH_AT": "destination-before-commit"}) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit")
         mig.wait_ready(src)
@@ -218,8 +216,7 @@ def set_listen(server, listen):
     server.argv = [f"listen={listen}" if a.startswith("listen=") else a for a in server.argv]
 
 
-@test
-def a_destination_that_failed_before_committing_lets_an_unresolved_source_unfence():
+def test_a_destination_that_failed_before_committing_lets_an_unresolved_source_unfence():
     """Found by the fault matrix (fsync-eio-handover): the destination's
     fsync failed on a push while HANDOVER was on its way; it failed the
     migration and dropped the link, and the source stayed fenced, asking it
@@ -253,8 +250,7 @@ def a_destination_that_failed_before_committing_lets_an_unresolved_source_unfenc
         assert mig.status(dst)["phase"] == "Failed"
 
 
-@test
-def a_source_killed_after_the_commit_comes_back_forwarding_reads_to_the_destination():
+def test_a_source_killed_after_the_commit_comes_back_forwarding_reads_to_the_destination():
     with plugins(src_env={"LIVEMIG_TEST_CRASH_AT": "source-after-handover-reply"}) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=4 * MiB)
         threading.Thread(target=lambda: src.control({"op": "handover"}), daemon=True).start()
@@ -275,8 +271,7 @@ def a_source_killed_after_the_commit_comes_back_forwarding_reads_to_the_destinat
         expect_image(dst_image, data, [(0, b"N" * BLOCK)])
 
 
-@test
-def a_source_killed_after_the_fence_resumes_and_compares_instead_of_copying_again():
+def test_a_source_killed_after_the_fence_resumes_and_compares_instead_of_copying_again():
     with plugins(src_env={"LIVEMIG_TEST_CRASH_AT": "source-after-fence"}) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="auto")
         wait_dead(src)
@@ -289,8 +284,7 @@ def a_source_killed_after_the_fence_resumes_and_compares_instead_of_copying_agai
         expect_image(dst_image, data)
 
 
-@test
-def resolve_abort_unfences_the_source_and_a_returning_destination_is_told_it_lost():
+def test_resolve_abort_unfences_the_source_and_a_returning_destination_is_told_it_lost():
     with plugins(dst_env={"LIVEMIG_TEST_CRASH_AT": "destination-after-commit"}) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit")
         mig.wait_ready(src)
@@ -321,8 +315,7 @@ def resolve_abort_unfences_the_source_and_a_returning_destination_is_told_it_los
         expect_image(src_image, data, [(0, b"A" * BLOCK)], what="source image")
 
 
-@test
-def a_destination_whose_source_never_comes_back_gives_up_and_keeps_its_copy_for_the_next_migration():
+def test_a_destination_whose_source_never_comes_back_gives_up_and_keeps_its_copy_for_the_next_migration():
     with plugins() as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit", max_rate=4 * MiB, resume_timeout=1)
         time.sleep(1.0)
@@ -345,8 +338,7 @@ def a_destination_whose_source_never_comes_back_gives_up_and_keeps_its_copy_for_
 # ---------------------------------------------------------------------------
 # Reads of any size, durability, exclusion
 
-@test
-def proxied_reads_larger_than_a_frame_succeed_on_both_sides():
+def test_proxied_reads_larger_than_a_frame_succeed_on_both_sides():
     size, data_len = 64 * MiB, 48 * MiB
     with plugins(size=size, data_len=data_len) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
@@ -364,8 +356,7 @@ def proxied_reads_larger_than_a_frame_succeed_on_both_sides():
         dst.disconnect(hd)
 
 
-@test
-def a_block_made_present_during_a_flush_is_durable_after_kill_9():
+def test_a_block_made_present_during_a_flush_is_durable_after_kill_9():
     # The test hook holds mark() between setting a block's bit and adding
     # it to the persist batch: a flush in that window must still cover it.
     # Every mark takes 1.5 s under one lock, background pulls' too: a demand
@@ -385,8 +376,7 @@ def a_block_made_present_during_a_flush_is_durable_after_kill_9():
         expect_image(dst_image, data, [(x, b"F" * BLOCK)])
 
 
-@test
-def of_two_concurrent_migrates_exactly_one_wins():
+def test_of_two_concurrent_migrates_exactly_one_wins():
     for attempt in range(5):
         src_image, data = mig.make_source_image(SIZE, DATA_LEN)
         src = Server(control=True, image=src_image, listen="127.0.0.1:0").start()
@@ -417,8 +407,7 @@ def of_two_concurrent_migrates_exactly_one_wins():
             stop_all(src, *dsts)
 
 
-@test
-def a_plugin_serving_a_guest_refuses_to_become_a_destination():
+def test_a_plugin_serving_a_guest_refuses_to_become_a_destination():
     a_image, a_data = mig.make_source_image(SIZE, DATA_LEN, seed=11)
     b_image, _ = mig.make_source_image(SIZE, DATA_LEN, seed=12)
     with Server(control=True, image=a_image, listen="127.0.0.1:0") as a, \
@@ -444,8 +433,7 @@ def a_plugin_serving_a_guest_refuses_to_become_a_destination():
         mig.wait_phase(c, ["Done"], timeout=60)
 
 
-@test
-def release_refuses_to_drop_an_incomplete_authoritative_destination():
+def test_release_refuses_to_drop_an_incomplete_authoritative_destination():
     with plugins() as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
         assert src.control({"op": "handover"})["ok"]
@@ -458,8 +446,7 @@ def release_refuses_to_drop_an_incomplete_authoritative_destination():
         expect_image(dst_image, data)
 
 
-@test
-def a_migrate_the_source_cannot_start_leaves_the_destination_writable():
+def test_a_migrate_the_source_cannot_start_leaves_the_destination_writable():
     src_image, data = mig.make_source_image(SIZE, DATA_LEN)
     unwritable = os.path.join(lmtest.tmp_dir("ro"), "no-such-dir", "state")
     with Server(control=True, image=src_image, listen="127.0.0.1:0", **{"state-file": unwritable}) as src, \
@@ -477,8 +464,7 @@ def a_migrate_the_source_cannot_start_leaves_the_destination_writable():
 # ---------------------------------------------------------------------------
 # Bad input on the peer link
 
-@test
-def bad_handover_ranges_and_foreign_links_are_refused_with_the_image_untouched():
+def test_bad_handover_ranges_and_foreign_links_are_refused_with_the_image_untouched():
     key_path, key = make_secret()
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "d.img")
     with Server(control=True, image=dst_image, listen="127.0.0.1:0", secret=key_path) as dst:
@@ -544,4 +530,4 @@ def bad_handover_ranges_and_foreign_links_are_refused_with_the_image_untouched()
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -20,44 +20,38 @@ After Done: unmount, detach, `e2fsck -fn` of the destination's image file is
 clean, and the image mounted read-only shows exactly the files of the
 workload's manifest, each with its hash.
 
-Runs as root (losetup, mount). The script re-executes itself in a private
-mount namespace (unshare), so its mounts are not seen outside and vanish
-with it; nbdfuse dies with the script (parent-death signal). Every mount,
-loop device and nbdfuse is undone by the test that made it, also when it
-fails, and at exit.
+Runs as root (losetup, mount); skipped, with the reason, where a loop
+device over nbdfuse cannot be made. Before the first test the test process
+moves into a private mount namespace of its own (unshare(CLONE_NEWNS) and
+mount --make-rprivate /, as `unshare --mount --propagation private` does),
+so its mounts are not seen outside and vanish with it; nbdfuse dies with
+the test process (parent-death signal). Every mount, loop device and
+nbdfuse is undone by the test that made it, also when it fails, and at exit.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_kernel_device.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_kernel_device.py [-k NAME]
 """
-
-import os
-import shutil
-import subprocess
-import sys
-
-_NS_MARK = "LIVEMIG_KERNEL_TEST_NS"
-if __name__ == "__main__" and os.environ.get(_NS_MARK) != "1" and shutil.which("unshare"):
-    os.environ[_NS_MARK] = "1"
-    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private",
-                              sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
-    print("note: cannot make a mount namespace (unshare --mount): mounting in this one")
 
 import atexit
 import ctypes
 import fcntl
 import hashlib
+import os
 import random
 import re
+import shutil
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 
+import pytest
+
 import lmtest
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 
 SIZE = 64 * MiB
 MAX_RATE = 8 * MiB       # the migration lasts a few seconds
@@ -102,6 +96,32 @@ def unusable_reason():
         return f"losetup cannot attach a loop device: {p.stdout.strip()}"
     run(["losetup", "-d", p.stdout.strip()], check=False)
     return None
+
+
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+
+
+def enter_private_mount_namespace():
+    """Moves the calling thread (pytest's main thread, which starts every
+    process and thread of these tests) into a new mount namespace whose
+    mounts propagate nowhere. Returns None, or why it could not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}"
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"mount --make-rprivate /: {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def loop_device_over_nbdfuse():
+    why = unusable_reason()
+    if why:
+        pytest.skip(f"a loop device over nbdfuse cannot be made here: {why}")
+    why = enter_private_mount_namespace()
+    if why:
+        print(f"note: cannot make a mount namespace ({why}): mounting in this one")
 
 
 # --------------------------------------------------------------------------
@@ -598,8 +618,7 @@ def the_seed():
     return seed
 
 
-@test
-def ext4_attached_to_the_source_through_a_whole_migration():
+def test_ext4_attached_to_the_source_through_a_whole_migration():
     with Scenario("attached to the source", "precopy", seed=1) as s:
         s.attach(s.src, "src")
         s.start_workload()
@@ -612,8 +631,7 @@ def ext4_attached_to_the_source_through_a_whole_migration():
         assert s.st_src["migration"]["forwarded_requests"] > 0, "the source forwarded nothing after handover"
 
 
-@test
-def ext4_attached_to_the_destination_from_the_start():
+def test_ext4_attached_to_the_destination_from_the_start():
     with Scenario("attached to the destination", "postcopy", seed=2) as s:
         s.migrate()
         s.attach(s.dst, "dst")
@@ -624,8 +642,7 @@ def ext4_attached_to_the_destination_from_the_start():
         s.finish()
 
 
-@test
-def ext4_moved_from_the_source_to_the_destination_mid_migration():
+def test_ext4_moved_from_the_source_to_the_destination_mid_migration():
     seed = the_seed()
     rnd = random.Random(seed)
     mode = rnd.choice(("precopy", "postcopy", "hybrid", "livefs", "auto"))
@@ -654,8 +671,4 @@ def ext4_moved_from_the_source_to_the_destination_mid_migration():
 
 
 if __name__ == "__main__":
-    why = unusable_reason()
-    if why:
-        print(f"SKIP: a loop device over nbdfuse cannot be made here: {why}")
-        sys.exit(0)
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

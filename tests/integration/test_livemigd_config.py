@@ -5,14 +5,17 @@ the INI library. A good file's values are applied, and the command line
 wins over them.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_livemigd_config.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_livemigd_config.py [-k NAME]
 """
 
 import os
 import subprocess
+import sys
+
+import pytest
 
 import lmtest
-from lmtest import MiB, test
+from lmtest import MiB
 from daemonlib import Livemigd, binary
 
 # (file text, what the message must say besides the file's path)
@@ -49,8 +52,7 @@ def run_livemigd(*args):
                           text=True, timeout=20)
 
 
-@test
-def every_bad_config_names_the_file_the_line_and_the_key():
+def test_every_bad_config_names_the_file_the_line_and_the_key():
     lmtest.test_secret()
     wrong = []  # every case that fails, not only the first
     for text, needles in BAD_CONFIGS:
@@ -66,16 +68,14 @@ def every_bad_config_names_the_file_the_line_and_the_key():
     assert not wrong, "\n".join(wrong)
 
 
-@test
-def a_missing_config_file_is_named():
+def test_a_missing_config_file_is_named():
     path = os.path.join(lmtest.tmp_dir("conf"), "no-such.conf")
     r = run_livemigd("--config", path)
     assert r.returncode == 2, r
     assert r.stderr == f"livemigd: configuration file {path}: No such file or directory\n", r.stderr
 
 
-@test
-def a_good_config_is_applied_and_the_command_line_wins():
+def test_a_good_config_is_applied_and_the_command_line_wins():
     lmtest.test_secret()
     path = write_config("# livemigd\n"
                         "max-concurrent = 3\n"
@@ -92,4 +92,4 @@ def a_good_config_is_applied_and_the_command_line_wins():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -3,16 +3,17 @@
 Each test starts its own plugins (loopback TCP) and its own livemigd, and
 kills them by PID at the end, also on failure."""
 
+import sys
 import time
 
-import lmtest
+import pytest
+
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 from daemonlib import Livemigd, active_phase, exports
 
 
-@test
-def fifo_order_with_max_concurrent_1():
+def test_fifo_order_with_max_concurrent_1():
     """Three tasks with max-concurrent 1 start in submission order, each
     after the one before it ended, and all end done with equal images."""
     with exports(3, 8 * MiB) as exs:
@@ -31,8 +32,7 @@ def fifo_order_with_max_concurrent_1():
                 ex.assert_copied()
 
 
-@test
-def never_more_than_max_concurrent_running():
+def test_never_more_than_max_concurrent_running():
     """max-concurrent 2 with three tasks: the plugins never show more than
     two migrations at once, two do run together, and the third runs too."""
     with exports(3, 8 * MiB) as exs:
@@ -62,8 +62,7 @@ def never_more_than_max_concurrent_running():
                 ex.assert_copied()
 
 
-@test
-def host_bandwidth_is_never_exceeded():
+def test_host_bandwidth_is_never_exceeded():
     """--host-bandwidth 8M with max-concurrent 2 and three tasks on one host
     (loopback): every migration the plugins run has a cap (max_rate), and the
     caps of the migrations running at once never add up to more than 8M."""
@@ -88,4 +87,5 @@ def host_bandwidth_is_never_exceeded():
                 ex.assert_copied()
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

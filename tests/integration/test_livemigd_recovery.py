@@ -4,16 +4,18 @@ Each test starts its own plugins (loopback TCP) and its own livemigd, and
 kills them by PID at the end, also on failure."""
 
 import signal
+import sys
 import time
+
+import pytest
 
 import lmtest
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 from daemonlib import Export, Livemigd, active_phase
 
 
-@test
-def kill9_of_livemigd_mid_migration_loses_nothing():
+def test_kill9_of_livemigd_mid_migration_loses_nothing():
     """kill -9 of livemigd while a capped migration is half-way and another
     task is queued: the restarted livemigd re-attaches to the running one (the
     same plugin migration, not a new one), runs the queued one, both end
@@ -54,8 +56,7 @@ def kill9_of_livemigd_mid_migration_loses_nothing():
             ex.stop()
 
 
-@test
-def stopped_destination_is_marked_down_within_the_heartbeat_timeout():
+def test_stopped_destination_is_marked_down_within_the_heartbeat_timeout():
     """SIGSTOP of the destination nbdkit mid-migration: the task shows the
     destination down, detected no later than heartbeat-timeout (+ one
     scheduler tick and one poll of ours) after the stop; after SIGCONT it is
@@ -93,8 +94,7 @@ def stopped_destination_is_marked_down_within_the_heartbeat_timeout():
         ex.stop()
 
 
-@test
-def failed_receiver_resumes_the_migration():
+def test_failed_receiver_resumes_the_migration():
     """kill -9 of the destination nbdkit before handover, then a restart on
     the same address: livemigd marks the destination down, the source keeps
     the migration and resumes it once the destination is back (the same
@@ -121,4 +121,5 @@ def failed_receiver_resumes_the_migration():
         ex.stop()
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -5,10 +5,13 @@ Each test starts its own plugins (loopback TCP) and its own livemigd, and
 kills them by PID at the end, also on failure."""
 
 import socket
+import sys
 import threading
 
+import pytest
+
 import lmtest
-from lmtest import MiB, test
+from lmtest import MiB
 from daemonlib import Export, Livemigd, free_port
 
 
@@ -52,8 +55,7 @@ class Garbage:
         self.sock.close()
 
 
-@test
-def bad_submissions_are_refused():
+def test_bad_submissions_are_refused():
     ex = Export(4 * MiB)
     garbage = Garbage()
     try:
@@ -112,4 +114,5 @@ def lmtest_cli_without_daemon():
     return migrate_nbd("list", "--daemon", lmtest.tmp_dir("none") + "/absent.sock")
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

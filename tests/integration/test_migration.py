@@ -5,10 +5,13 @@ source's, and what crossed the link must obey invariant 3."""
 
 import os
 import signal
+import sys
 import time
 
+import pytest
+
 import lmtest
-from lmtest import MiB, test
+from lmtest import MiB
 import migration as mig
 
 BLOCK = 4096
@@ -66,20 +69,17 @@ def run_migration(mode, writer_rate, **params):
         return st_src, st_dst
 
 
-@test
-def precopy_with_a_writer_across_handover_loses_nothing():
+def test_precopy_with_a_writer_across_handover_loses_nothing():
     st_src, _ = run_migration("precopy", writer_rate=500, max_rate=8 * MiB)
     assert st_src["migration"]["rounds"] >= 1
 
 
-@test
-def postcopy_with_a_writer_across_handover_loses_nothing():
+def test_postcopy_with_a_writer_across_handover_loses_nothing():
     _, st_dst = run_migration("postcopy", writer_rate=500, max_rate=8 * MiB)
     assert st_dst["migration"]["background_pulls"] > 0, st_dst
 
 
-@test
-def an_idle_precopy_migration_copies_the_image_exactly():
+def test_an_idle_precopy_migration_copies_the_image_exactly():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="auto")
         st = mig.wait_phase(src, ["Done"])
@@ -96,8 +96,7 @@ def an_idle_precopy_migration_copies_the_image_exactly():
         assert v_src["ok"] and v_src["hashes"] == v_dst["hashes"], (v_src, v_dst)
 
 
-@test
-def writes_on_the_side_that_is_not_authoritative_are_applied_by_the_side_that_is():
+def test_writes_on_the_side_that_is_not_authoritative_are_applied_by_the_side_that_is():
     """Issue #17: authority moves, connections do not have to. Before
     handover a write at the destination is the source's; after it a write at
     the source is the destination's. Reads on either side see them."""
@@ -125,8 +124,7 @@ def writes_on_the_side_that_is_not_authoritative_are_applied_by_the_side_that_is
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), bytes(expect), "destination image")
 
 
-@test
-def a_vm_started_on_the_destination_takes_the_disk_without_a_handover_command():
+def test_a_vm_started_on_the_destination_takes_the_disk_without_a_handover_command():
     """handover=on-destination-io (issue #17): a probe write at the destination
     while the source still writes hands nothing over; once the destination's
     clients write and the source's have been quiet for 1 s, the source hands
@@ -169,8 +167,7 @@ def capped_idle_migration_seconds(mode, size, data_len, rate):
         return time.monotonic() - t0, st["migration"]["wire_bytes"]
 
 
-@test
-def max_rate_caps_what_crosses_the_wire_in_postcopy_as_in_precopy():
+def test_max_rate_caps_what_crosses_the_wire_in_postcopy_as_in_precopy():
     """Found with issue #17's tests: post-copy's background pulls charged
     max_rate the length of every range they pulled, holes included, so a
     sparse 64 MiB image with 1 MiB of data took 16 s at 4 MiB/s (pre-copy:
@@ -185,8 +182,7 @@ def max_rate_caps_what_crosses_the_wire_in_postcopy_as_in_precopy():
     assert dense >= 0.7 * 12 * MiB / rate, f"12 MiB of data in {dense:.1f} s at {rate // MiB} MiB/s: the cap leaks"
 
 
-@test
-def a_destination_read_before_handover_returns_the_sources_current_data():
+def test_a_destination_read_before_handover_returns_the_sources_current_data():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=1 * MiB)
         hs, hd = src.connect(), dst.connect()
@@ -198,8 +194,7 @@ def a_destination_read_before_handover_returns_the_sources_current_data():
         src.control({"op": "cancel"})
 
 
-@test
-def a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
+def test_a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         # A slow post-copy, so the blocks written below are still missing.
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=4 * MiB)
@@ -217,8 +212,7 @@ def a_partial_write_into_a_missing_block_keeps_the_rest_of_the_block():
         assert st["migration"]["demand_pulls"] >= 1, st
 
 
-@test
-def a_write_rate_faster_than_the_capped_link_still_completes():
+def test_a_write_rate_faster_than_the_capped_link_still_completes():
     """The guest dirties faster than a 2 MiB/s link drains: pre-copy must stop
     resending (bounded rounds), hand over, and finish post-copy (invariant 4)."""
     size, data_len, region = 8 * MiB, 2 * MiB, f"{4 * MiB}:{4 * MiB}"
@@ -242,8 +236,7 @@ def a_write_rate_faster_than_the_capped_link_still_completes():
         lmtest.assert_same(lmtest.read_file(dst_image, 0, data_len), data, "source data at the destination")
 
 
-@test
-def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
+def test_the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         hs = src.connect()
         mig.migrate(src, dst, "precopy", handover="on-disconnect")
@@ -257,8 +250,7 @@ def the_last_client_disconnecting_hands_over_with_handover_on_disconnect():
         lmtest.assert_same(lmtest.read_file(dst_image, 5 * BLOCK, BLOCK), b"D" * BLOCK, "the last write")
 
 
-@test
-def a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_fenced():
+def test_a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_fenced():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "precopy", handover="explicit", max_rate=4 * MiB)
         time.sleep(1.5)
@@ -292,8 +284,7 @@ def a_cancelled_migration_leaves_the_source_serving_and_the_partial_destination_
         assert mig.status(dst)["authoritative"]
 
 
-@test
-def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
+def test_kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
     with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
         mig.migrate(src, dst, "postcopy", handover="explicit", max_rate=2 * MiB)
         assert src.control({"op": "handover"})["ok"]
@@ -320,8 +311,7 @@ def kill_9_of_the_destination_in_postcopy_loses_no_acknowledged_write():
                 lmtest.assert_same(blk, data[b * BLOCK:(b + 1) * BLOCK], f"untouched block {b}")
 
 
-@test
-def the_handover_pause_does_not_grow_with_the_image():
+def test_the_handover_pause_does_not_grow_with_the_image():
     """Invariant 5: the pause is bounded by handover-size, not by image size.
     The same light writer, the same handover-size, images 8x apart."""
     pauses = {}
@@ -344,8 +334,7 @@ def the_handover_pause_does_not_grow_with_the_image():
     assert large <= 4 * max(small, 25), f"pause {large} ms for 256 MiB against {small} ms for 32 MiB"
 
 
-@test
-def a_source_killed_after_handover_serves_pulls_again_after_restart():
+def test_a_source_killed_after_handover_serves_pulls_again_after_restart():
     src_image, data = mig.make_source_image(SIZE, DATA)
     dst_image = os.path.join(lmtest.tmp_dir("dst"), "dst.img")
     # A fixed port: the destination reconnects to the address it was given.
@@ -382,4 +371,5 @@ def a_source_killed_after_handover_serves_pulls_again_after_restart():
         dst.stop()
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

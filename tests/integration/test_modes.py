@@ -4,10 +4,13 @@ threshold 0 and no monitoring behaves as precopy, with threshold max as
 postcopy."""
 
 import os
+import sys
 import time
 
+import pytest
+
 import lmtest
-from lmtest import MiB, test
+from lmtest import MiB
 import migration as mig
 
 BLOCK = 4096
@@ -43,8 +46,7 @@ def run_with_writer(mode, warmup=0.3, rate=0, **params):
         return st_src, st_dst, seg, at_handover
 
 
-@test
-def livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
+def test_livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
     # Monitoring sees only the writer's hot 4 MiB: those segments score > 0
     # and are pushed; the cold ones wait for handover.
     st_src, st_dst, seg, _ = run_with_writer("livefs", monitor_period=1, threshold=1)
@@ -53,8 +55,7 @@ def livefs_with_monitoring_pushes_the_hot_segments_and_loses_nothing():
     assert st_dst["migration"]["background_pulls"] > 0, st_dst
 
 
-@test
-def hybrid_defers_segments_written_too_often_and_loses_nothing():
+def test_hybrid_defers_segments_written_too_often_and_loses_nothing():
     st_src, st_dst, seg, _ = run_with_writer("hybrid", threshold=50)
     deferred = [s for s in seg if s["set"] == "after-handover"]
     assert deferred, f"no segment was written 50 times? {seg}"
@@ -64,8 +65,7 @@ def hybrid_defers_segments_written_too_often_and_loses_nothing():
 
 # auto tests: 500 writes/s (2 MiB/s) into the hot 4 MiB, slower than the
 # 8 MiB/s pushes, so the decisions are per segment.
-@test
-def auto_defers_rewritten_segments_and_loses_nothing():
+def test_auto_defers_rewritten_segments_and_loses_nothing():
     st_src, st_dst, seg, _ = run_with_writer("auto", rate=500)
     m = st_src["migration"]
     deferred = [s for s in seg if s["set"] == "after-handover"]
@@ -75,8 +75,7 @@ def auto_defers_rewritten_segments_and_loses_nothing():
     assert m["rounds"] <= 6, m
 
 
-@test
-def auto_defers_a_segment_it_sees_written_before_pushing_it():
+def test_auto_defers_a_segment_it_sees_written_before_pushing_it():
     # The writer runs 1.5 s before migrate: the decayed heat already shows the
     # hot 4 MiB, so auto pushes the cold data first and defers the hot
     # segments without sending them (they would be re-written before
@@ -89,8 +88,7 @@ def auto_defers_a_segment_it_sees_written_before_pushing_it():
     assert sent <= DATA // BLOCK + 64, f"{sent} data blocks pushed: hot blocks were pushed"
 
 
-@test
-def auto_hands_over_early_when_the_guest_outwrites_the_pushes():
+def test_auto_hands_over_early_when_the_guest_outwrites_the_pushes():
     # An unthrottled writer writes faster than the 8 MiB/s pushes drain: auto
     # stops pushing once it has measured both rates (4 MiB pushed) and the
     # rest crosses after handover, where the guest's writes need no link.
@@ -114,8 +112,7 @@ def idle_migration(mode, **params):
         return before, st_src["migration"], st_dst["migration"]
 
 
-@test
-def livefs_with_threshold_0_and_no_monitoring_behaves_as_precopy():
+def test_livefs_with_threshold_0_and_no_monitoring_behaves_as_precopy():
     before_l, src_l, dst_l = idle_migration("livefs", threshold=0, monitor_period=0)
     before_p, src_p, dst_p = idle_migration("precopy")
     # Everything crossed before handover, nothing was pulled after.
@@ -126,8 +123,7 @@ def livefs_with_threshold_0_and_no_monitoring_behaves_as_precopy():
     assert src_l["zero_blocks_sent"] == src_p["zero_blocks_sent"]
 
 
-@test
-def livefs_with_threshold_max_behaves_as_postcopy():
+def test_livefs_with_threshold_max_behaves_as_postcopy():
     before_l, src_l, dst_l = idle_migration("livefs", threshold="max", monitor_period=0)
     before_p, src_p, dst_p = idle_migration("postcopy")
     for before, src, dst in ((before_l, src_l, dst_l), (before_p, src_p, dst_p)):
@@ -136,8 +132,7 @@ def livefs_with_threshold_max_behaves_as_postcopy():
     assert src_l["data_blocks_sent"] == src_p["data_blocks_sent"] == DATA // BLOCK
 
 
-@test
-def bad_mode_parameters_are_refused_with_the_field_named():
+def test_bad_mode_parameters_are_refused_with_the_field_named():
     with mig.Pair(SIZE, DATA) as (src, dst, *_):
         to = f"127.0.0.1:{mig.peer_port(dst)}"
         for req, word in (({"mode": "turbo"}, "mode"), ({"mode": "livefs", "threshold": -1}, "threshold"),
@@ -148,4 +143,5 @@ def bad_mode_parameters_are_refused_with_the_field_named():
         assert mig.status(src)["phase"] == "Idle"
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

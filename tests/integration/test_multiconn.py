@@ -5,16 +5,17 @@ every byte is then verified from a different connection and in the file.
 The control socket counts the open connections.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_multiconn.py
+        /usr/bin/python3 -m pytest tests/integration/test_multiconn.py [-k NAME]
 """
 
 import random
+import sys
 import threading
 
 import nbd
+import pytest
 
-import lmtest
-from lmtest import MiB, Server, assert_same, make_image, nbd_read_all, read_file, test, wait_until
+from lmtest import MiB, Server, assert_same, make_image, nbd_read_all, read_file, wait_until
 
 CONNS = 4
 SIZE = 8 * MiB + 1000
@@ -109,8 +110,7 @@ def join_all(threads):
         raise AssertionError(f"{len(errors)} thread(s) failed: {errors[0][0]}: {errors[0][1]!r}") from errors[0][1]
 
 
-@test
-def concurrent_connections_write_disjoint_stripes_and_verify_from_another():
+def test_concurrent_connections_write_disjoint_stripes_and_verify_from_another():
     img = make_image(SIZE)
     expected = bytearray(SIZE)
     with Server(image=img, control=True, **{"segment-size": "64K"}) as s:
@@ -151,4 +151,4 @@ def concurrent_connections_write_disjoint_stripes_and_verify_from_another():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

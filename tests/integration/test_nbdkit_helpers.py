@@ -10,17 +10,19 @@ the documented way to serve read-only, refuses writes as for nbdkit's file
 plugin.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_nbdkit_helpers.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_nbdkit_helpers.py [-k NAME]
 """
 
 import errno
 import os
 import subprocess
+import sys
 
 import nbd
+import pytest
 
 import lmtest
-from lmtest import MiB, NBDKIT, Server, expect_nbd_error, make_image, read_file, run_nbdkit_expect_failure, test
+from lmtest import MiB, NBDKIT, Server, expect_nbd_error, make_image, read_file, run_nbdkit_expect_failure
 
 SIZES = ["4k", "4K", "4096", "64K", "1M", "1m", "4s", " 8192", "0x1000", "4x", "-1", "", "1.5K", "4KiB", "4kb",
          "010", "256", "2M", "99999999999999999999999", "20000000T"]
@@ -102,14 +104,12 @@ def check_size_key(key, value, image, valid, status_field):
         assert f"{key}=" in err, f"{what}: the key is not named:\n{err}"
 
 
-@test
-def block_size_is_read_as_nbdkit_parse_size_reads_it():
+def test_block_size_is_read_as_nbdkit_parse_size_reads_it():
     image = make_image(4 * MiB)
     each(SIZES, lambda value: check_size_key("block-size", value, image, is_livemig_size, "block_size"))
 
 
-@test
-def segment_size_is_read_as_nbdkit_parse_size_reads_it():
+def test_segment_size_is_read_as_nbdkit_parse_size_reads_it():
     image = make_image(4 * MiB)
     each(SEGMENT_SIZES, lambda value: check_size_key("segment-size", value, image,
                                                      lambda n: is_livemig_size(n, 1 << 40) and n >= 4096,
@@ -128,8 +128,7 @@ def refuses_writes(s, image):
     return True
 
 
-@test
-def readonly_is_read_as_nbdkit_parse_bool_reads_it():
+def test_readonly_is_read_as_nbdkit_parse_bool_reads_it():
     image = make_image(MiB, data=b"d" * 4096)
     each(BOOLEANS, lambda value: check_readonly(value, image))
 
@@ -150,8 +149,7 @@ def check_readonly(value, image):
                 h.pwrite(b"d" * 4096, 0)
 
 
-@test
-def nbdkit_r_refuses_writes_as_for_the_file_plugin():
+def test_nbdkit_r_refuses_writes_as_for_the_file_plugin():
     image = make_image(MiB, data=b"d" * 4096)
     for plugin in ("file", lmtest.plugin_path()):
         d = lmtest.tmp_dir("ro")
@@ -192,8 +190,7 @@ def authenticates(port, path):
     return p.returncode == 0
 
 
-@test
-def secret_takes_nbdkit_read_password_forms_and_plain_files():
+def test_secret_takes_nbdkit_read_password_forms_and_plain_files():
     key = os.urandom(24).hex()
     shared = key_file(key)  # what migrate-nbd reads
     stranger = key_file(os.urandom(24).hex())
@@ -218,8 +215,7 @@ def secret_takes_nbdkit_read_password_forms_and_plain_files():
             assert not authenticates(st["peer_port"], stranger), f"secret={value}: another key authenticates"
 
 
-@test
-def a_secret_nbdkit_cannot_read_or_too_short_names_the_key():
+def test_a_secret_nbdkit_cannot_read_or_too_short_names_the_key():
     image = make_image(MiB)
     rc, err = run_nbdkit_expect_failure([f"image={image}", "listen=127.0.0.1:0", "secret=-1000"])
     assert rc != 0 and "secret=-1000: cannot read the key" in err, err
@@ -232,4 +228,4 @@ def a_secret_nbdkit_cannot_read_or_too_short_names_the_key():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -6,7 +6,7 @@ alive and serving: its control socket answers status, an NBD client can read
 and write, and a correct client completes the HMAC handshake.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_peer_protocol.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_peer_protocol.py [-k NAME]
 """
 
 import hashlib
@@ -15,12 +15,15 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
+import pytest
+
 import lmtest
 import migration as mig
-from lmtest import KiB, MiB, Server, make_image, run_nbdkit_expect_failure, test
+from lmtest import KiB, MiB, Server, make_image, run_nbdkit_expect_failure
 from wire import *  # noqa: F401,F403 (the wire format, written out independently of the codec)
 
 IMAGE_SIZE = 4 * MiB
@@ -81,8 +84,7 @@ def assert_no_crash_logged(s):
 # ---------------------------------------------------------------------------
 # Tests: malformed headers
 
-@test
-def crc32c_matches_the_known_vector():
+def test_crc32c_matches_the_known_vector():
     assert crc32c(b"123456789") == 0xE3069283
     # The example frame of docs/protocol.md: a PULL of 4096 bytes at
     # 0x0102030405060708, priority 1, request id 0x1122334455667788.
@@ -92,8 +94,7 @@ def crc32c_matches_the_known_vector():
     assert f[24:28] == struct.pack(">I", crc32c(payload))
 
 
-@test
-def garbage_instead_of_a_frame_gets_bad_magic_then_close():
+def test_garbage_instead_of_a_frame_gets_bad_magic_then_close():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -114,8 +115,7 @@ def garbage_instead_of_a_frame_gets_bad_magic_then_close():
         assert_no_crash_logged(s)
 
 
-@test
-def unsupported_version_gets_bad_version():
+def test_unsupported_version_gets_bad_version():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -132,8 +132,7 @@ def unsupported_version_gets_bad_version():
         assert_still_serving(s, key)
 
 
-@test
-def unknown_frame_type_gets_unknown_type():
+def test_unknown_frame_type_gets_unknown_type():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -148,8 +147,7 @@ def unknown_frame_type_gets_unknown_type():
         assert_still_serving(s, key)
 
 
-@test
-def flags_a_type_does_not_allow_get_bad_frame():
+def test_flags_a_type_does_not_allow_get_bad_frame():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -170,8 +168,7 @@ def flags_a_type_does_not_allow_get_bad_frame():
         assert_still_serving(s, key)
 
 
-@test
-def oversized_payload_length_gets_too_large_without_allocating():
+def test_oversized_payload_length_gets_too_large_without_allocating():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -200,8 +197,7 @@ def oversized_payload_length_gets_too_large_without_allocating():
         assert_still_serving(s, key)
 
 
-@test
-def payload_with_a_wrong_crc_gets_bad_crc():
+def test_payload_with_a_wrong_crc_gets_bad_crc():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -231,8 +227,7 @@ def payload_with_a_wrong_crc_gets_bad_crc():
         assert_still_serving(s, key)
 
 
-@test
-def truncated_frames_then_client_close_do_not_crash():
+def test_truncated_frames_then_client_close_do_not_crash():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -282,8 +277,7 @@ def truncated_frames_then_client_close_do_not_crash():
 # ---------------------------------------------------------------------------
 # Tests: authentication
 
-@test
-def wrong_secret_gets_auth_failed_and_no_server_mac():
+def test_wrong_secret_gets_auth_failed_and_no_server_mac():
     """Issue #13: the server's MAC is sent only to a client that proved it
     holds the key (an offline guessing oracle otherwise)."""
     key_path, key = make_secret()
@@ -315,8 +309,7 @@ def wrong_secret_gets_auth_failed_and_no_server_mac():
         assert_no_crash_logged(s)
 
 
-@test
-def replayed_auth_from_another_session_gets_auth_failed():
+def test_replayed_auth_from_another_session_gets_auth_failed():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -341,8 +334,7 @@ def replayed_auth_from_another_session_gets_auth_failed():
         assert_still_serving(s, key)
 
 
-@test
-def reflected_server_mac_gets_auth_failed():
+def test_reflected_server_mac_gets_auth_failed():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -362,8 +354,7 @@ def reflected_server_mac_gets_auth_failed():
         assert_still_serving(s, key)
 
 
-@test
-def frames_other_than_hello_before_authentication_are_refused_and_not_executed():
+def test_frames_other_than_hello_before_authentication_are_refused_and_not_executed():
     key_path, key = make_secret()
     trap = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # the "destination" a migrate would dial
     trap.bind(("127.0.0.1", 0))
@@ -453,8 +444,7 @@ def frames_other_than_hello_before_authentication_are_refused_and_not_executed()
 # ---------------------------------------------------------------------------
 # Tests: an authenticated control connection
 
-@test
-def control_connection_answers_control_frames():
+def test_control_connection_answers_control_frames():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -505,8 +495,7 @@ def control_connection_answers_control_frames():
         assert_no_crash_logged(s)
 
 
-@test
-def peer_link_refuses_frames_at_the_wrong_time_with_an_error():
+def test_peer_link_refuses_frames_at_the_wrong_time_with_an_error():
     key_path, key = make_secret()
     with peer_server(key_path) as s:
         port = peer_port(s)
@@ -542,8 +531,7 @@ def peer_link_refuses_frames_at_the_wrong_time_with_an_error():
 # ---------------------------------------------------------------------------
 # Tests: a fake destination drives a real source
 
-@test
-def a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
+def test_a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
     # A destination with nothing to fetch sends DONE right after HANDOVER_ACK.
     # The source's link thread can handle that DONE before its migration
     # thread, woken by the ACK, records the handover (seen under load in
@@ -576,8 +564,7 @@ def a_done_handled_before_the_handover_call_returns_leaves_the_source_done():
 # ---------------------------------------------------------------------------
 # Tests: start-up refusals
 
-@test
-def non_loopback_listen_without_secret_refuses_to_start():
+def test_non_loopback_listen_without_secret_refuses_to_start():
     img = make_image(IMAGE_SIZE)
     for listen in ("0.0.0.0:0", "0.0.0.0:10809", "[::]:10809"):
         rc, err = run_nbdkit_expect_failure([f"image={img}", f"listen={listen}"])
@@ -586,8 +573,7 @@ def non_loopback_listen_without_secret_refuses_to_start():
         assert listen in err, f"the message does not name {listen}:\n{err}"
 
 
-@test
-def missing_or_short_secret_file_refuses_to_start():
+def test_missing_or_short_secret_file_refuses_to_start():
     img = make_image(IMAGE_SIZE)
     d = lmtest.tmp_dir("keys")
     missing = os.path.join(d, "no-such-key")
@@ -611,8 +597,7 @@ def missing_or_short_secret_file_refuses_to_start():
 # ---------------------------------------------------------------------------
 # Tests: stalls
 
-@test
-def slow_loris_is_closed_after_the_handshake_timeout_and_others_are_served():
+def test_slow_loris_is_closed_after_the_handshake_timeout_and_others_are_served():
     key_path, key = make_secret()
     with peer_server(key_path, **{"peer-timeout": "2"}) as s:
         port = peer_port(s)
@@ -664,4 +649,5 @@ def slow_loris_is_closed_after_the_handshake_timeout_and_others_are_served():
         assert_still_serving(s, key)
 
 
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

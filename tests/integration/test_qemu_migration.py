@@ -22,6 +22,11 @@ What QEMU does here (7.2), and what the test relies on:
 - Between the storage handover and migrate-continue the source plugin sends
   a qemu-io write there on to the destination (issue #17): it counts like
   any other. (A write refused with EPERM, as by a fenced plugin, would not.)
+
+Skipped when qemu-system-x86_64 is not installed.
+
+    LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
+        /usr/bin/python3 -m pytest tests/integration/test_qemu_migration.py [-k NAME]
 """
 
 import json
@@ -35,9 +40,12 @@ import sys
 import threading
 import time
 
+import pytest
+
 import lmtest
-from lmtest import MiB, test
 import migration as mig
+from lmsupport import Qmp
+from lmtest import MiB
 
 QEMU = shutil.which("qemu-system-x86_64")
 SIZE = 32 * MiB            # the disk
@@ -58,55 +66,15 @@ def migrate_nbd_path():
 free_port = mig.free_port
 
 
+@pytest.fixture(autouse=True, scope="module")
+def qemu_installed():
+    if QEMU is None:
+        pytest.skip("qemu-system-x86_64 is not installed (deploy/install-deps.sh installs it)")
+
+
 def _die_with_parent():
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class Qmp:
-    """A minimal QMP client for the test's own monitor connection."""
-
-    def __init__(self, path, timeout=20):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-        assert "QMP" in self._read(), "no QMP greeting"
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QEMU closed the monitor")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            r = self._read()
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise RuntimeError(f"{name}: {r['error']}")
-            return r["return"]
-
-    def close(self):
-        self.sock.close()
 
 
 class Qemu:
@@ -135,7 +103,7 @@ class Qemu:
                                      stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         lmtest._live[self.proc.pid] = self.proc
         try:
-            self.qmp = Qmp(self.test_qmp_path)
+            self.qmp = Qmp(self.test_qmp_path, reply_timeout=20)
             lmtest.wait_until(lambda: os.path.exists(self.qmp_path), 10, "the QMP socket")
         except BaseException:
             self.stop()
@@ -146,15 +114,15 @@ class Qemu:
             return f.read()
 
     def status(self):
-        return self.qmp.cmd("query-status")["status"]
+        return self.qmp.execute("query-status")["status"]
 
     def migration_status(self):
-        return self.qmp.cmd("query-migrate").get("status", "none")
+        return self.qmp.execute("query-migrate").get("status", "none")
 
     def qemu_io(self, command):
         """Runs qemu-io on the disk; returns what it printed (on QEMU's stdout)."""
         before = os.path.getsize(self.stdout_path)
-        reply = self.qmp.cmd("human-monitor-command", **{"command-line": f'qemu-io -d {DEV} "{command}"'})
+        reply = self.qmp.execute("human-monitor-command", **{"command-line": f'qemu-io -d {DEV} "{command}"'})
         with open(self.stdout_path, "rb") as f:
             f.seek(before)
             return reply + f.read().decode(errors="replace")
@@ -442,15 +410,13 @@ def migrate_a_writing_vm(mode, *extra, json_output=False):
         return out, st
 
 
-@test
-def a_vm_writing_through_qemu_is_live_migrated_with_its_disk_precopy():
+def test_a_vm_writing_through_qemu_is_live_migrated_with_its_disk_precopy():
     out, _ = migrate_a_writing_vm("precopy")
     for step in ("pre-switchover", "handed over", "migration completed", "VM migrated", "storage Done"):
         assert step in out, f"no '{step}' in the progress:\n{out}"
 
 
-@test
-def a_postcopy_vm_runs_at_the_destination_while_its_disk_is_pulled():
+def test_a_postcopy_vm_runs_at_the_destination_while_its_disk_is_pulled():
     # --json, and the tool returns before the disk has arrived: the
     # destination QEMU's reads below pull blocks on demand. (Compression
     # off: this disk is mostly one repeated byte per slot, and compressed
@@ -467,8 +433,7 @@ def a_postcopy_vm_runs_at_the_destination_while_its_disk_is_pulled():
     assert st["migration"]["demand_pulls"] > 0, st["migration"]
 
 
-@test
-def a_destination_started_with_dash_s_is_resumed_after_the_migration():
+def test_a_destination_started_with_dash_s_is_resumed_after_the_migration():
     with Setup(dst_args=["-S"]) as s:
         assert s.vm_src.write(ORIG, 4096, 0x21)
         rc, out, err = run_tool(s.migrate_argv(s.vm_src.qmp_path, "--mode", "precopy", "--max-bandwidth", "64M"))
@@ -479,8 +444,7 @@ def a_destination_started_with_dash_s_is_resumed_after_the_migration():
         s.vm_dst.check_read(ORIG, 4096, 0x21, "a write before the migration")
 
 
-@test
-def a_missing_monitor_fails_at_connect_qmp_and_starts_nothing():
+def test_a_missing_monitor_fails_at_connect_qmp_and_starts_nothing():
     with mig.Pair(8 * MiB, 1 * MiB) as (src, dst, src_image, dst_image, data):
         d = lmtest.tmp_dir("no-qmp")
         argv = [migrate_nbd_path(), "qemu-migrate", "--from", f"127.0.0.1:{mig.peer_port(src)}",
@@ -525,8 +489,7 @@ def start_tool(argv):
     return p
 
 
-@test
-def the_destination_qemu_dying_during_the_ram_migration_leaves_the_source_running():
+def test_the_destination_qemu_dying_during_the_ram_migration_leaves_the_source_running():
     with Setup() as s:
         p = start_tool(s.migrate_argv(s.vm_src.qmp_path, "--mode", "precopy", "--max-bandwidth", "4M"))
         try:
@@ -540,8 +503,7 @@ def the_destination_qemu_dying_during_the_ram_migration_leaves_the_source_runnin
         kill_destination_and_expect_rollback(s, p, ["wait for QEMU to reach pre-switchover"])
 
 
-@test
-def the_destination_qemu_dying_at_pre_switchover_stops_the_handover():
+def test_the_destination_qemu_dying_at_pre_switchover_stops_the_handover():
     with Setup() as s:
         def kill_destination():
             os.kill(s.vm_dst.proc.pid, signal.SIGKILL)
@@ -557,7 +519,4 @@ def the_destination_qemu_dying_at_pre_switchover_stops_the_handover():
 
 
 if __name__ == "__main__":
-    if QEMU is None:
-        print("SKIP: qemu-system-x86_64 is not installed (deploy/install-deps.sh installs it)")
-        sys.exit(0)
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

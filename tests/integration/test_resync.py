@@ -4,14 +4,17 @@ B, B -> A moves about the blocks written on B, and A ends byte for byte
 equal to B; a corrupted block in A's older copy is found and sent.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_resync.py
+        /usr/bin/python3 -m pytest tests/integration/test_resync.py [-k NAME]
 """
 
 import os
 import random
+import sys
+
+import pytest
 
 import lmtest
-from lmtest import MiB, test
+from lmtest import MiB
 import migration as mig
 
 BLOCK = 4096
@@ -39,8 +42,7 @@ def migrate_and_wait(src, dst, **params):
     return reply, mig.wait_phase(src, ["Done"], timeout=30)
 
 
-@test
-def migrating_back_moves_only_the_blocks_written_since_and_ends_byte_for_byte_equal():
+def test_migrating_back_moves_only_the_blocks_written_since_and_ends_byte_for_byte_equal():
     with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
         migrate_and_wait(a, b)
         # The guest runs on B a while: scattered single blocks (the worst
@@ -61,8 +63,7 @@ def migrating_back_moves_only_the_blocks_written_since_and_ends_byte_for_byte_eq
     lmtest.assert_same(lmtest.read_file(a_image), lmtest.read_file(b_image), "A after migrating back, against B")
 
 
-@test
-def a_corrupted_block_in_the_older_copy_is_found_and_sent():
+def test_a_corrupted_block_in_the_older_copy_is_found_and_sent():
     with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
         migrate_and_wait(a, b)
         assert a.control({"op": "release"})["ok"]
@@ -79,8 +80,7 @@ def a_corrupted_block_in_the_older_copy_is_found_and_sent():
     lmtest.assert_same(lmtest.read_file(a_image), lmtest.read_file(b_image), "A after the resync, against B")
 
 
-@test
-def the_verifying_writer_loses_nothing_while_migrating_back():
+def test_the_verifying_writer_loses_nothing_while_migrating_back():
     """Writes racing the checksum comparison and the pushes: each sets its
     blocks owed again after they were claimed, so none is lost."""
     with mig.Pair(SIZE, DATA, **{"segment-size": "1M"}) as (a, b, a_image, b_image, data):
@@ -103,8 +103,7 @@ def restart(server):
     server.start()
 
 
-@test
-def a_released_former_source_stays_fenced_across_a_restart_and_takes_the_migration_back():
+def test_a_released_former_source_stays_fenced_across_a_restart_and_takes_the_migration_back():
     with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
         migrate_and_wait(a, b)
         write_blocks(b, [3, 333, 3333], seed=24)
@@ -125,8 +124,7 @@ def a_released_former_source_stays_fenced_across_a_restart_and_takes_the_migrati
     lmtest.assert_same(lmtest.read_file(a_image), lmtest.read_file(b_image), "A after migrating back, against B")
 
 
-@test
-def release_unfence_makes_a_released_former_source_a_writable_disk_and_refuses_anything_else():
+def test_release_unfence_makes_a_released_former_source_a_writable_disk_and_refuses_anything_else():
     with mig.Pair(SIZE, DATA) as (a, b, a_image, b_image, data):
         migrate_and_wait(a, b)
         refused = a.control({"op": "release", "unfence": True})
@@ -148,4 +146,4 @@ def release_unfence_makes_a_released_former_source_a_writable_disk_and_refuses_a
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -4,7 +4,7 @@ file beside its state; whoever cannot read that file cannot authenticate,
 so cannot steer the plugin or receive its disk.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_security.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_security.py [-k NAME]
 """
 
 import os
@@ -12,11 +12,14 @@ import resource
 import socket
 import stat
 import subprocess
+import sys
 import time
+
+import pytest
 
 import lmtest
 import migration as mig
-from lmtest import MiB, Server, make_image, test
+from lmtest import MiB, Server, make_image
 from wire import AUTH, AUTH_FAILED, INTERNAL, START, client_mac, frame, handshake, start_handshake, start_payload
 
 # The key every plugin without secret= used before issue #13: public knowledge.
@@ -27,8 +30,7 @@ def migrate_nbd():
     return os.path.join(os.environ.get("LIVEMIG_BUILD_DIR", "build"), "client-tools", "migrate-nbd")
 
 
-@test
-def a_plugin_without_secret_makes_a_private_random_key_and_the_old_fixed_key_is_refused():
+def test_a_plugin_without_secret_makes_a_private_random_key_and_the_old_fixed_key_is_refused():
     image = make_image(4 * MiB)
     with Server(control=True, image=image, listen="127.0.0.1:0", secret=None) as s:
         st = s.control({"op": "status"})
@@ -53,8 +55,7 @@ def a_plugin_without_secret_makes_a_private_random_key_and_the_old_fixed_key_is_
         assert open(s.control({"op": "status"})["secret_file"], "rb").read().rstrip(b"\n") == key
 
 
-@test
-def a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
+def test_a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
     victim = mig.make_source_image(4 * MiB, 1 * MiB)[0]
     with Server(control=True, image=victim, listen="127.0.0.1:0", secret=None) as s:
         st = s.control({"op": "status"})
@@ -76,8 +77,7 @@ def a_local_user_who_cannot_read_the_key_cannot_control_the_plugin():
         assert st["phase"] == "Idle" and st["authoritative"] and not st["fenced"], st
 
 
-@test
-def a_start_for_an_impossible_size_is_refused_and_leaves_the_destination_as_it_was():
+def test_a_start_for_an_impossible_size_is_refused_and_leaves_the_destination_as_it_was():
     """Issue #13: a resize to a peer-chosen size whose heat-map allocation
     threw left the old geometry's counters indexed out of bounds."""
     key_path = lmtest.test_secret()
@@ -112,8 +112,7 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@test
-def eleven_hundred_idle_connections_neither_exhaust_nor_spin_the_plugin():
+def test_eleven_hundred_idle_connections_neither_exhaust_nor_spin_the_plugin():
     """Issue #13: ~1,000 idle TCP connections exhausted the plugin's 1,024
     descriptors, and its accept loops then spun on EMFILE: status and NBD
     reads got no answer, nbdkit used 199% CPU."""
@@ -159,4 +158,4 @@ def eleven_hundred_idle_connections_neither_exhaust_nor_spin_the_plugin():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

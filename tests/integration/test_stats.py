@@ -4,7 +4,7 @@ heat to the segments they touched, "top" ranks the hottest, and the socket
 is private to its owner (mode 0600).
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_stats.py
+        /usr/bin/python3 -m pytest tests/integration/test_stats.py [-k NAME]
 """
 
 import os
@@ -12,11 +12,13 @@ import random
 import signal
 import stat
 import subprocess
+import sys
 
 import nbd
+import pytest
 
 import lmtest
-from lmtest import KiB, MiB, ControlClient, Server, make_image, read_file, test
+from lmtest import KiB, MiB, ControlClient, Server, make_image, read_file
 
 SEG = 64 * KiB
 
@@ -25,8 +27,7 @@ def ceil_div(a, b):
     return (a + b - 1) // b
 
 
-@test
-def status_describes_image_and_geometry():
+def test_status_describes_image_and_geometry():
     for size, bs, seg in ((8 * MiB + 1000, 8 * KiB, 128 * KiB), (3 * MiB, 4 * KiB, 1 * MiB), (5000, 512, 4096)):
         img = make_image(size)
         with Server(image=img, control=True, **{"block-size": bs, "segment-size": seg}) as s:
@@ -42,8 +43,7 @@ def status_describes_image_and_geometry():
             assert s.control({"op": "status"})["connections"] == 1
 
 
-@test
-def control_socket_is_mode_0600():
+def test_control_socket_is_mode_0600():
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
         st = os.stat(s.control_path)
@@ -53,8 +53,7 @@ def control_socket_is_mode_0600():
     assert not os.path.exists(s.control_path), "control socket left behind after nbdkit exited"
 
 
-@test
-def control_socket_works_when_nbdkit_runs_in_the_background():
+def test_control_socket_works_when_nbdkit_runs_in_the_background():
     # Without -f nbdkit forks: the parent exits and the child, which serves,
     # changes directory to /. The socket must stay, answer, and be removed
     # when the serving process exits; relative paths are relative to where
@@ -79,8 +78,7 @@ def control_socket_works_when_nbdkit_runs_in_the_background():
         assert read_file(img, 8192, 4096) == b"z" * 4096
 
 
-@test
-def stats_count_exactly_what_was_done():
+def test_stats_count_exactly_what_was_done():
     rng = random.Random(20)
     size = 16 * MiB
     img = make_image(size)
@@ -136,8 +134,7 @@ def stats_count_exactly_what_was_done():
         assert stats["connections"] == 1
 
 
-@test
-def heat_goes_to_the_segments_touched():
+def test_heat_goes_to_the_segments_touched():
     rng = random.Random(21)
     img = make_image(16 * SEG)
     with Server(image=img, control=True, **{"segment-size": SEG, "heat-half-life": 3600}) as s:
@@ -193,8 +190,7 @@ def heat_goes_to_the_segments_touched():
             assert r["ok"] is False and "top" in r["error"], (bad, r)
 
 
-@test
-def one_control_connection_serves_many_requests():
+def test_one_control_connection_serves_many_requests():
     img = make_image(MiB)
     with Server(image=img, control=True) as s:
         h = s.connect()
@@ -208,8 +204,7 @@ def one_control_connection_serves_many_requests():
             assert [c.read_reply()["op"] for _ in range(3)] == ["status", "stats", "status"]
 
 
-@test
-def sigterm_with_open_connections_exits_cleanly():
+def test_sigterm_with_open_connections_exits_cleanly():
     # nbdkit answers SIGTERM by failing new requests (ESHUTDOWN) and exits
     # once its NBD clients hang up; open control connections, idle or with a
     # partial request, must not hold it up, and the socket file goes away.
@@ -242,5 +237,6 @@ def sigterm_with_open_connections_exits_cleanly():
     assert not os.path.exists(s.control_path), "control socket left behind"
     assert s.stderr() == "", s.stderr()
 
+
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -5,19 +5,22 @@ names the problem; a frame injected on the path rejected; TLS on the NBD
 side and the peer link at once.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_tls.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_tls.py [-k NAME]
 """
 
 import contextlib
 import os
 import socket
 import struct
+import sys
 import threading
+
+import pytest
 
 import lmtest
 import migration as mig
 import tlscerts
-from lmtest import MiB, Server, run_nbdkit_expect_failure, test
+from lmtest import MiB, Server, run_nbdkit_expect_failure
 from wire import DATA, frame
 
 SIZE = 16 * MiB
@@ -65,8 +68,7 @@ def expect_refused(src, dst, needle_src, needle_dst=None, to=None):
                           what=f"the destination's log to say {needle_dst!r}")
 
 
-@test
-def a_migration_over_tls_with_a_pre_shared_key_completes():
+def test_a_migration_over_tls_with_a_pre_shared_key_completes():
     psk = tlscerts.psk_file()
     with pair({"tls-psk": psk}, {"tls-psk": psk}) as (src, dst, src_image, dst_image, _):
         assert mig.status(src)["tls"].startswith("psk (livemig"), mig.status(src)
@@ -75,8 +77,7 @@ def a_migration_over_tls_with_a_pre_shared_key_completes():
         expect_done(src, dst, src_image, dst_image)
 
 
-@test
-def a_migration_over_tls_with_x509_certificates_completes():
+def test_a_migration_over_tls_with_x509_certificates_completes():
     creds = tlscerts.CA().directory()
     with pair({"tls-certificates": creds}, {"tls-certificates": creds}) as (src, dst, src_image, dst_image, _):
         assert mig.status(dst)["tls"].startswith("x509"), mig.status(dst)
@@ -84,8 +85,7 @@ def a_migration_over_tls_with_x509_certificates_completes():
         expect_done(src, dst, src_image, dst_image)
 
 
-@test
-def expired_unknown_and_misnamed_certificates_are_refused_by_name():
+def test_expired_unknown_and_misnamed_certificates_are_refused_by_name():
     ca = tlscerts.CA()
     good = ca.directory("good")
     cases = [
@@ -108,14 +108,12 @@ def expired_unknown_and_misnamed_certificates_are_refused_by_name():
                 raise AssertionError(f"{what}: {e}") from None
 
 
-@test
-def a_wrong_pre_shared_key_is_refused():
+def test_a_wrong_pre_shared_key_is_refused():
     with pair({"tls-psk": tlscerts.psk_file()}, {"tls-psk": tlscerts.psk_file()}) as (src, dst, *_):
         expect_refused(src, dst, "TLS")
 
 
-@test
-def a_plaintext_end_and_a_tls_end_refuse_each_other_and_say_why():
+def test_a_plaintext_end_and_a_tls_end_refuse_each_other_and_say_why():
     psk = tlscerts.psk_file()
     # TLS source, plaintext destination.
     with pair({"tls-psk": psk}, {}) as (src, dst, *_):
@@ -125,8 +123,7 @@ def a_plaintext_end_and_a_tls_end_refuse_each_other_and_say_why():
         expect_refused(src, dst, "requires TLS")
 
 
-@test
-def bad_psk_files_stop_the_plugin_with_the_reason():
+def test_bad_psk_files_stop_the_plugin_with_the_reason():
     image = lmtest.make_image(MiB)
     cases = [
         (tlscerts.psk_file(text="no-colon-here\n"), "line 1: expected IDENTITY:HEXKEY"),
@@ -194,8 +191,7 @@ class InjectingProxy:
             s.close()
 
 
-@test
-def a_data_frame_injected_on_the_path_is_rejected_and_the_image_stays_right():
+def test_a_data_frame_injected_on_the_path_is_rejected_and_the_image_stays_right():
     psk = tlscerts.psk_file()
     evil = b"EVIL" * (BLOCK // 4)
     forged = frame(DATA, struct.pack(">QII", 0, BLOCK, 0) + evil)
@@ -216,8 +212,7 @@ def migrate_through(src, dst, src_image, dst_image, proxy, evil):
         mig.status(src)["migration"]["reconnects"] >= 1, "the tampered link was not refused"
 
 
-@test
-def a_migration_with_tls_on_the_nbd_side_and_on_the_peer_link_loses_nothing():
+def test_a_migration_with_tls_on_the_nbd_side_and_on_the_peer_link_loses_nothing():
     psk = tlscerts.psk_file(identity="lmtest")
     nbd_tls = ["--tls=require", f"--tls-psk={psk}"]
     src_image, _ = mig.make_source_image(SIZE, DATA_LEN)
@@ -245,4 +240,4 @@ def a_migration_with_tls_on_the_nbd_side_and_on_the_peer_link_loses_nothing():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -8,7 +8,7 @@ btrfs, tmpfs); the test checks that the temp dir has it and works at that
 file system's block size (4K on ext4 and tmpfs).
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
-        /usr/bin/python3 tests/integration/test_trim_zero_extents.py
+        /usr/bin/python3 -m pytest tests/integration/test_trim_zero_extents.py [-k NAME]
 """
 
 import ctypes
@@ -17,12 +17,14 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import nbd
+import pytest
 
 import lmtest
 from lmtest import (KiB, MiB, Server, assert_same, block_status_map, make_image, nbd_read_all, read_file,
-                    require_seek_hole, test)
+                    require_seek_hole)
 
 HOLE = nbd.STATE_HOLE | nbd.STATE_ZERO
 SIZE = 4 * MiB
@@ -96,8 +98,7 @@ def zero_range_supported(dir):
     return ok
 
 
-@test
-def trim_and_zero_read_back_as_zeros_with_neighbours_untouched():
+def test_trim_and_zero_read_back_as_zeros_with_neighbours_untouched():
     rng = random.Random(10)
     s, h, expected = filled_server(rng, **{"segment-size": "64K"})
     # A fast zero must fail with ENOTSUP, changing nothing, where zeroing
@@ -153,8 +154,7 @@ def trim_and_zero_read_back_as_zeros_with_neighbours_untouched():
         s.stop()
 
 
-@test
-def trim_and_zero_may_trim_free_blocks_and_report_holes():
+def test_trim_and_zero_may_trim_free_blocks_and_report_holes():
     gran = fs_granularity()
     rng = random.Random(11)
     s, h, expected = filled_server(rng)
@@ -205,8 +205,7 @@ def trim_and_zero_may_trim_free_blocks_and_report_holes():
         s.stop()
 
 
-@test
-def fresh_sparse_image_is_one_hole():
+def test_fresh_sparse_image_is_one_hole():
     fs_granularity()
     for size in (SIZE, 3 * MiB + 1000):
         img = make_image(size)
@@ -219,8 +218,7 @@ def fresh_sparse_image_is_one_hole():
             assert h.pread(size, 0) == bytes(size)
 
 
-@test
-def partly_written_image_reports_data_exactly_where_written():
+def test_partly_written_image_reports_data_exactly_where_written():
     gran = fs_granularity()
     size = 4 * MiB + 1000  # the last block is partial
     img = make_image(size)
@@ -255,4 +253,4 @@ def partly_written_image_reports_data_exactly_where_written():
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

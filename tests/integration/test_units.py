@@ -9,7 +9,7 @@ reaches it; livemigd takes every key of its example configuration and the
 unit's --secret.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_units.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_units.py [-k NAME]
 """
 
 import os
@@ -19,11 +19,13 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
+
+import pytest
 
 import lmtest
 import migration
-from lmtest import test
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 UNITS = os.path.join(REPO, "deploy", "systemd")
@@ -126,8 +128,7 @@ def stop(proc):
             proc.wait()
 
 
-@test
-def both_units_are_hardened_to_an_exposure_under_2():
+def test_both_units_are_hardened_to_an_exposure_under_2():
     d = lmtest.tmp_dir("units")
     for unit, as_name in (("livemig@.service", "livemig@vm1.service"), ("livemigd.service", "livemigd.service")):
         found = directives(os.path.join(UNITS, unit))
@@ -144,8 +145,7 @@ def both_units_are_hardened_to_an_exposure_under_2():
             f"{unit}: exposure {score.group(1)} > {MAX_EXPOSURE}:\n{p.stdout}"
 
 
-@test
-def the_export_units_command_starts_the_plugin_without_privileges_and_tls_reaches_it():
+def test_the_export_units_command_starts_the_plugin_without_privileges_and_tls_reaches_it():
     d = lmtest.tmp_dir("export-unit")
     creds, tls_psk = key_files(d)
     port = migration.free_port()
@@ -190,8 +190,7 @@ def the_export_units_command_starts_the_plugin_without_privileges_and_tls_reache
         stop(proc)
 
 
-@test
-def livemigd_takes_every_key_of_its_example_configuration_and_the_units_secret():
+def test_livemigd_takes_every_key_of_its_example_configuration_and_the_units_secret():
     d = lmtest.tmp_dir("livemigd-unit")
     creds, tls_psk = key_files(d)
     sock = os.path.join(d, "livemigd.sock")
@@ -227,4 +226,4 @@ def livemigd_takes_every_key_of_its_example_configuration_and_the_units_secret()
 
 
 if __name__ == "__main__":
-    lmtest.main()
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))

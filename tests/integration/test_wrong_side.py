@@ -24,7 +24,9 @@ destination's image is byte for byte what the clients know they wrote over
 the source's data, and each side's status counted forwarded requests.
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so LIVEMIG_BUILD_DIR=build PYTHONPATH=tests/integration \\
-        /usr/bin/python3 tests/integration/test_wrong_side.py [TEST_NAME...]
+        /usr/bin/python3 -m pytest tests/integration/test_wrong_side.py [-k NAME]
+
+Each mode is one case of the parametrized test (`-k precopy` runs one).
 """
 
 import errno
@@ -32,14 +34,16 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
 import nbd
+import pytest
 
 import lmtest
 import migration as mig
-from lmtest import MiB, test
+from lmtest import MiB
 
 BLOCK = 4096
 SIZE = 64 * MiB
@@ -258,8 +262,7 @@ def wrong_side_through_handover(mode, **params):
               f"{checkers['dst'].summary()} (dst), {checkers['src'].summary()} (src)")
 
 
-@test
-def wrong_side_requests_longer_than_a_frame_are_applied_whole():
+def test_wrong_side_requests_longer_than_a_frame_are_applied_whole():
     """A write or zero of more than 16 MiB travels as several FORWARD frames;
     the client sees one request, applied whole. A fast zero is not
     forwarded (a zero that crosses the network is not fast): ENOTSUP."""
@@ -292,15 +295,10 @@ def wrong_side_requests_longer_than_a_frame_are_applied_whole():
         lmtest.assert_same(lmtest.read_file(dst_image), bytes(expect), "the destination's image")
 
 
-def mode_test(mode, params):
-    def fn():
-        wrong_side_through_handover(mode, **params)
-    fn.__name__ = f"{mode}_clients_on_the_wrong_side_through_handover_see_no_error_and_lose_nothing"
-    return test(fn)
+@pytest.mark.parametrize("mode", MODES)
+def test_clients_on_the_wrong_side_through_handover_see_no_error_and_lose_nothing(mode):
+    wrong_side_through_handover(mode, **MODES[mode])
 
 
-for _mode, _params in MODES.items():
-    mode_test(_mode, _params)
-
-
-lmtest.main()
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
