@@ -13,6 +13,9 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "support", "python"))
+from lmsupport import serve_loopback  # noqa: E402
+
 BUILD = os.environ.get("LIVEMIG_BUILD_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "build"))
 PROXY = os.path.join(BUILD, "tests", "wan", "lm-delay-proxy")
 
@@ -23,27 +26,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-class Echo:
-    """A TCP server on loopback that sends back what it reads."""
+def echo(c):
+    """Sends back what it reads."""
+    with c:
+        while data := c.recv(1 << 16):
+            c.sendall(data)
 
-    def __init__(self):
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
 
-    def serve(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.echo, args=(c,), daemon=True).start()
-
-    @staticmethod
-    def echo(c):
-        with c:
-            while data := c.recv(1 << 16):
-                c.sendall(data)
+def echo_server():
+    return serve_loopback(echo).getsockname()[1]
 
 
 def start_proxy(target_port, delay_ms):
@@ -71,9 +62,9 @@ def round_trips(port, n=10):
 
 
 def test_round_trips_take_twice_the_one_way_delay():
-    echo = Echo()
+    echo_port = echo_server()
     for delay in (0, 25, 50):
-        proxy, port = start_proxy(echo.port, delay)
+        proxy, port = start_proxy(echo_port, delay)
         try:
             rtt = statistics.median(round_trips(port))
         finally:
@@ -84,8 +75,7 @@ def test_round_trips_take_twice_the_one_way_delay():
 
 
 def test_every_byte_crosses_intact_both_ways_at_once():
-    echo = Echo()
-    proxy, port = start_proxy(echo.port, 10)
+    proxy, port = start_proxy(echo_server(), 10)
     data = os.urandom(32 << 20)
     got = bytearray()
     try:

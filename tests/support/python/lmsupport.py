@@ -10,7 +10,29 @@ tests/bench/benchlib.py), so their scripts run without PYTHONPATH.
 import json
 import os
 import socket
+import threading
 import time
+
+
+# --------------------------------------------------------------------------
+# Loopback servers a test plays the peer with
+
+def serve_loopback(handle):
+    """A TCP listener on 127.0.0.1 that calls handle(connection) on a thread
+    of its own for each connection it accepts; returns the listening socket
+    (close it to stop accepting; the port is .getsockname()[1])."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept_loop():
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    return listener
 
 
 # --------------------------------------------------------------------------
