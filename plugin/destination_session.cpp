@@ -19,9 +19,11 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// Background pulls in flight, in transfer units. Small, so that a demand
-// pull waits behind at most this much.
+// Background pulls in flight, in transfer units, at least: small, so that a
+// demand pull waits behind little. More when the link's bandwidth-delay
+// product is larger (PullWindow), up to kMaxBackgroundWindow.
 constexpr uint64_t kBackgroundWindowUnits = 2;
+constexpr uint64_t kMaxBackgroundWindow = 64u << 20;
 // Pushed bytes a destination receives between two fdatasyncs.
 constexpr uint64_t kPushSyncBytes = 8u << 20;
 // Bytes of answers to PULLs queued on the link before a server thread waits.
@@ -45,7 +47,9 @@ DestinationSession::DestinationSession(EngineServices& s, std::string migration_
       id_(std::move(migration_id)),
       params_(std::move(params)),
       proxy_(s.ctx.peer_timeout * 2),
-      pacer_(s.ctx.guest_latency, s.pacer_config(params_, kPacerProbeEvery)) {}
+      pacer_(s.ctx.guest_latency, s.pacer_config(params_, kPacerProbeEvery)),
+      pull_window_(kBackgroundWindowUnits * std::min<uint64_t>(params_.transfer_unit, kMaxDataLength),
+                   kMaxBackgroundWindow) {}
 
 DestinationSession::~DestinationSession() { stop(); }
 
@@ -586,7 +590,7 @@ uint64_t DestinationSession::issue_pull(IndexRange blocks, bool background) {
   uint64_t id = link->next_request_id();
   uint64_t len = g.range_length(blocks);
   pulling_->set_range(blocks);
-  pulls_[id] = Pull{blocks, len, background};
+  pulls_[id] = Pull{blocks, len, background, Clock::now()};
   if (background) {
     background_bytes_in_flight_ += len;
     s_.stats.background_pulls.fetch_add(1, std::memory_order_relaxed);
@@ -606,8 +610,11 @@ void DestinationSession::finish_pull(uint64_t id, uint64_t bytes) {
   p.bytes_left -= std::min(p.bytes_left, bytes);
   if (p.bytes_left > 0) return;
   pulling_->clear_range(p.blocks);
-  if (p.background)
-    background_bytes_in_flight_ -= std::min(background_bytes_in_flight_, s_.geometry().range_length(p.blocks));
+  if (p.background) {
+    const uint64_t len = s_.geometry().range_length(p.blocks);
+    background_bytes_in_flight_ -= std::min(background_bytes_in_flight_, len);
+    pull_window_.on_answer(len, p.asked, Clock::now());
+  }
   pulls_.erase(it);
   pull_cv_.notify_all();
 }
@@ -730,7 +737,6 @@ void DestinationSession::pull_loop() {
   const SegmentGeometry& g = s_.geometry();
   const uint64_t unit_blocks =
       std::max<uint64_t>(1, std::min<uint64_t>(params_.transfer_unit, kMaxDataLength) / g.block_size());
-  const uint64_t window = kBackgroundWindowUnits * unit_blocks * g.block_size();
   const std::vector<uint64_t> order = fetch_order(segment_priority_);
   auto last_progress = Clock::now();
   // Only ever set here, never cleared: confirm() (on the io thread, when the
@@ -755,7 +761,7 @@ void DestinationSession::pull_loop() {
     }
     for (uint64_t seg : order) {
       if (stopping_ || !current_link()) break;
-      if (!pull_segment(seg, unit_blocks, window)) break;
+      if (!pull_segment(seg, unit_blocks)) break;
       if (EngineStats::ms_since(last_progress) >= 1000) {
         last_progress = Clock::now();
         send_progress();
@@ -772,15 +778,16 @@ void DestinationSession::pull_loop() {
 
 // Pulls the missing blocks of one segment in the background, a window at a
 // time. False if the link went down.
-bool DestinationSession::pull_segment(uint64_t seg, uint64_t unit_blocks, uint64_t window) {
+bool DestinationSession::pull_segment(uint64_t seg, uint64_t unit_blocks) {
   const SegmentGeometry& g = s_.geometry();
   IndexRange segment = g.blocks_of_segment(seg);
   for (uint64_t b = segment.first; b < segment.last && !stopping_;) {
     std::unique_lock lock(pull_mu_);
     pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] {
-      return stopping_ || (background_bytes_in_flight_ < window && Clock::now() >= background_paused_until_);
+      return stopping_ ||
+             (background_bytes_in_flight_ < pull_window_.bytes() && Clock::now() >= background_paused_until_);
     });
-    if (background_bytes_in_flight_ >= window || Clock::now() < background_paused_until_) {
+    if (background_bytes_in_flight_ >= pull_window_.bytes() || Clock::now() < background_paused_until_) {
       lock.unlock();
       if (!current_link()) return false;
       continue;
@@ -869,6 +876,13 @@ void DestinationSession::finish() {
 
 nlohmann::json DestinationSession::progress_json() {
   EngineState st = s_.machine.state();
+  json window;
+  {
+    std::lock_guard lock(pull_mu_);
+    window = {{"bytes", pull_window_.bytes()},
+              {"rtt_ms", pull_window_.rtt_seconds() * 1000},
+              {"rate_bytes_per_second", pull_window_.rate()}};
+  }
   std::lock_guard lock(mu_);
   uint64_t left = presence_ ? presence_->missing() : s_.geometry().block_count();
   if (st.phase == Phase::Done) left = 0;
@@ -878,7 +892,8 @@ nlohmann::json DestinationSession::progress_json() {
             {"params", params_.to_json()},
             {"blocks_left", left},
             {"committed_generation", s_.machine.record().committed_generation},
-            {"pacing", pacer_.to_json()}};
+            {"pacing", pacer_.to_json()},
+            {"pull_window", window}};
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

@@ -56,6 +56,7 @@
 #include "plugin/latency_pacer.h"
 #include "plugin/presence_journal.h"
 #include "plugin/proxy_reader.h"
+#include "plugin/pull_window.h"
 #include "plugin/session_link.h"
 
 namespace livemig {
@@ -117,6 +118,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
     IndexRange blocks;
     uint64_t bytes_left = 0;
     bool background = false;
+    std::chrono::steady_clock::time_point asked{};
   };
 
   // before the commit
@@ -138,7 +140,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   Status ensure_present(IndexRange blocks);
   void serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t id, const PullPayload& p);
   void pull_loop();
-  bool pull_segment(uint64_t seg, uint64_t unit_blocks, uint64_t window);
+  bool pull_segment(uint64_t seg, uint64_t unit_blocks);
   void pay_for_received(const PeerLink& link);
   void persist_loop();
   Status reconnect_to_source();
@@ -194,6 +196,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   std::map<uint64_t, Pull> pulls_;            // guarded by pull_mu_
   std::map<uint64_t, int> failed_pulls_;      // guarded by pull_mu_: demand pulls that got an error
   uint64_t background_bytes_in_flight_ = 0;   // guarded by pull_mu_
+  PullWindow pull_window_;                     // guarded by pull_mu_
   std::chrono::steady_clock::time_point background_paused_until_{};  // guarded by pull_mu_
 };
 
