@@ -98,11 +98,11 @@ PluginView view_from_status(const json& st) {
 // has not answered for heartbeat-timeout, whether its calls fail or hang.
 class HostMonitor {
  public:
-  HostMonitor(std::string address, std::shared_ptr<const mig::SecretChoice> secret, double interval, double timeout)
+  HostMonitor(std::string address, std::shared_ptr<const client::SecretChoice> secret, double interval, double timeout)
       : address_(std::move(address)), interval_(to_ms(interval)), timeout_(to_ms(timeout)) {
-    mig::Timeouts t;
+    client::Timeouts t;
     t.connect = t.reply = timeout_;
-    client_ = std::make_unique<mig::ControlClient>(mig::Target::remote(parse_host_port(address_).value()),
+    client_ = std::make_unique<client::ControlClient>(client::Target::remote(parse_host_port(address_).value()),
                                                    std::move(secret), t);
     last_ok_ = Clock::now();
     thread_ = std::thread([this] { run(); });
@@ -160,7 +160,7 @@ class HostMonitor {
 
   const std::string address_;
   const milliseconds interval_, timeout_;
-  std::unique_ptr<mig::ControlClient> client_;  // the monitor thread's only
+  std::unique_ptr<client::ControlClient> client_;  // the monitor thread's only
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;               // GUARDED_BY(mu_)
@@ -178,7 +178,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   if (!(config.heartbeat_interval > 0) || !(config.heartbeat_timeout > 0))
     return Status::error("heartbeat-interval and heartbeat-timeout must be more than 0 seconds");
   std::string warning;
-  auto secret = mig::choose_secret(config.secret_file, config.tls, &warning);
+  auto secret = client::choose_secret(config.secret_file, config.tls, &warning);
   if (!secret) return secret.status();
   if (!secret->present)
     return Status::error("livemigd needs the plugins' key: secret = FILE in the configuration, --secret FILE, or "
@@ -186,7 +186,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   auto store = TaskStore::open(config.database);
   if (!store) return store.status();
   std::unique_ptr<Daemon> d(new Daemon(config, std::move(*store),
-                                       std::make_shared<const mig::SecretChoice>(std::move(*secret))));
+                                       std::make_shared<const client::SecretChoice>(std::move(*secret))));
   if (!warning.empty()) d->log("warning: " + warning);
   Daemon* self = d.get();
   auto server = ControlServer::bind(
@@ -196,7 +196,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   return d;
 }
 
-Daemon::Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret)
+Daemon::Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const client::SecretChoice> secret)
     : config_(std::move(config)), store_(std::move(store)), secret_(std::move(secret)) {}
 
 Daemon::~Daemon() { stop(); }
@@ -421,9 +421,9 @@ void Daemon::issue_migrate(int64_t id, bool first) {
     t.note = t.attempts == 1 ? "starting" : fmt::format("restarting from pre-copy (attempt {})", t.attempts);
     return true;
   });
-  mig::Timeouts timeouts;
+  client::Timeouts timeouts;
   timeouts.reply = kLongReply;
-  mig::ControlClient client(mig::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
+  client::ControlClient client(client::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
   auto reply = client.call_raw(req);
   const bool refused = reply && reply->value("ok", false) != true;
   std::string why = !reply ? reply.status().message()
@@ -457,9 +457,9 @@ void Daemon::issue_migrate(int64_t id, bool first) {
 void Daemon::issue_cancel(int64_t id) {
   auto got = store_->get(id);
   if (!got || !*got) return;
-  mig::Timeouts timeouts;
+  client::Timeouts timeouts;
   timeouts.reply = kLongReply;
-  mig::ControlClient client(mig::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
+  client::ControlClient client(client::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
   auto reply = client.call({{"op", "cancel"}});
   modify(id, [&](Task& t) {
     if (t.state != TaskState::Running) return false;
@@ -556,9 +556,9 @@ json Daemon::op_submit(const json& req) {
   // Both plugins must answer status now.
   json src_status;
   for (const auto& [what, address] : {std::pair<std::string, std::string>{"source", *from}, {"destination", *to}}) {
-    mig::Timeouts t;
+    client::Timeouts t;
     t.connect = t.reply = kSubmitTimeout;
-    mig::ControlClient client(mig::Target::remote(parse_host_port(address).value()), secret_, t);
+    client::ControlClient client(client::Target::remote(parse_host_port(address).value()), secret_, t);
     auto st = client.call_raw({{"op", "status"}});
     if (!st) {
       int e = st.status().errno_value();

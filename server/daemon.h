@@ -28,7 +28,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "client-tools/migrate_nbd_client.h"
+#include "client/control_client.h"
 #include "common/control_server.h"
 #include "common/status.h"
 #include "server/scheduler.h"
@@ -66,7 +66,7 @@ class Daemon {
   std::string handle(std::string_view line);
 
  private:
-  Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret);
+  Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const client::SecretChoice> secret);
 
   nlohmann::json op_submit(const nlohmann::json& req);
   nlohmann::json op_list(const nlohmann::json& req);
@@ -93,7 +93,7 @@ class Daemon {
 
   DaemonConfig config_;
   std::unique_ptr<TaskStore> store_;
-  std::shared_ptr<const mig::SecretChoice> secret_;
+  std::shared_ptr<const client::SecretChoice> secret_;
   std::unique_ptr<ControlServer> server_;
 
   std::mutex mu_;  // guards read-modify-write of tasks and retry_at_

@@ -17,9 +17,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "client/tls_options.h"
+#include "client/units.h"
 #include "common/version.h"
-#include "client-tools/migrate_nbd_options.h"
-#include "client-tools/migrate_nbd_units.h"
 #include "server/config_file.h"
 #include "server/daemon.h"
 
@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
   app.add_option("--secret", c.secret_file,
                  "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE; required)")
       ->type_name("FILE");
-  livemig::mig::add_tls_options(&app, c.tls);
+  livemig::client::add_tls_options(&app, c.tls);
   app.add_option("--max-attempts", c.max_attempts,
                  "migrate requests per task (the first start and restarts after failures) before it fails")
       ->type_name("N")
@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
     origins = std::move(*applied);
   }
   const auto bandwidth_origin = origins.find("host-bandwidth");
-  auto rate = livemig::mig::parse_rate(
+  auto rate = livemig::client::parse_rate(
       bandwidth, bandwidth_origin == origins.end() ? "--host-bandwidth" : bandwidth_origin->second + ": host-bandwidth");
   if (!rate) {
     std::fprintf(stderr, "livemigd: %s\n", rate.status().message().c_str());
@@ -189,7 +189,7 @@ int main(int argc, char** argv) {
                "livemigd: serving %s; database %s; max-concurrent %u; host bandwidth %s; heartbeat every %g s, "
                "down after %g s\n",
                c.socket.c_str(), c.database.c_str(), c.max_concurrent,
-               c.host_bandwidth ? livemig::mig::format_rate(static_cast<double>(c.host_bandwidth)).c_str() : "unlimited",
+               c.host_bandwidth ? livemig::client::format_rate(static_cast<double>(c.host_bandwidth)).c_str() : "unlimited",
                c.heartbeat_interval, c.heartbeat_timeout);
   int sig = 0;
   sigwait(&stop_signals, &sig);
