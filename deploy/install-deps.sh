@@ -11,6 +11,7 @@ PACKAGES=(
   libboost-dev libboost-system-dev libfmt-dev nlohmann-json3-dev
   libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
   catch2 libfuse3-dev
+  prometheus-cpp-dev # livemigd's metrics (--metrics-listen): the pull exposer
   perl               # pod2man, podchecker: the man pages (docs/man)
   # tests and benchmarks
   libnbd-bin python3-libnbd fio qemu-utils iproute2 jq   # libnbd-bin has nbdfuse

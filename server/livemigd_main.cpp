@@ -140,8 +140,13 @@ int main(int argc, char** argv) {
       ->type_name("SECONDS")
       ->check(seconds(true))
       ->capture_default_str();
-  app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket or key), 2 for a bad "
-             "command line or config file.");
+  app.add_option("--metrics-listen", c.metrics_listen,
+                 "serve Prometheus metrics of every migration and watched plugin at http://HOST:PORT/metrics, e.g. "
+                 "127.0.0.1:9471 ([::1]:9471 for IPv6, 0.0.0.0:9471 for every interface: there is no "
+                 "authentication); default: off")
+      ->type_name("HOST:PORT");
+  app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket, key or metrics "
+             "address), 2 for a bad command line or config file.");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -187,10 +192,14 @@ int main(int argc, char** argv) {
   (*daemon)->start();
   std::fprintf(stderr,
                "livemigd: serving %s; database %s; max-concurrent %u; host bandwidth %s; heartbeat every %g s, "
-               "down after %g s\n",
+               "down after %g s; metrics %s\n",
                c.socket.c_str(), c.database.c_str(), c.max_concurrent,
-               c.host_bandwidth ? livemig::client::format_rate(static_cast<double>(c.host_bandwidth)).c_str() : "unlimited",
-               c.heartbeat_interval, c.heartbeat_timeout);
+               c.host_bandwidth ? livemig::client::format_rate(static_cast<double>(c.host_bandwidth)).c_str()
+                                : "unlimited",
+               c.heartbeat_interval, c.heartbeat_timeout,
+               c.metrics_listen.empty()
+                   ? "off"
+                   : fmt::format("on port {} ({})", (*daemon)->metrics_port(), c.metrics_listen).c_str());
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "livemigd: signal %d: stopping (running migrations go on in the plugins)\n", sig);
