@@ -20,6 +20,8 @@ PACKAGES=(
   # tests/packaging: man and groff render the pages; bash-completion's .pc
   # names the completions directory (the build's too) and it has the loader
   man-db groff-base bash-completion
+  # a real Prometheus server (and promtool) scrapes livemigd in test_livemigd_metrics
+  prometheus
   # TLS test credentials (x509 certificates, good and bad)
   python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command
