@@ -15,12 +15,21 @@
 #include <nlohmann/json.hpp>
 
 #include "client-tools/interrupt_scope.h"
-#include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_output.h"
-#include "client-tools/migrate_nbd_units.h"
+#include "client/control_client.h"
+#include "client/units.h"
 #include "common/migration_params.h"
 
 namespace livemig::mig {
+
+using client::ControlClient;
+using client::SecretChoice;
+using client::Target;
+using client::Timeouts;
+using client::choose_secret;
+using client::format_ms;
+using client::parse_rate;
+using client::parse_size;
 
 using nlohmann::json;
 using std::chrono::milliseconds;

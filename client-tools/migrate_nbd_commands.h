@@ -20,6 +20,10 @@
 #include "common/status.h"
 #include "common/tls_context.h"
 
+namespace livemig::client {
+class ControlClient;
+}  // namespace livemig::client
+
 namespace livemig::mig {
 
 inline constexpr int kExitOk = 0;
@@ -77,10 +81,9 @@ int run_start(const StartOptions& o);
 //
 // migrate_request, with a bad option printed as a usage error.
 std::optional<int> make_migrate_request(const StartOptions& o, nlohmann::json* out);
-class ControlClient;
 // Clients of the source (--from or --socket) and the destination (--to).
 struct PluginPair {
-  std::unique_ptr<ControlClient> from, to;
+  std::unique_ptr<client::ControlClient> from, to;
   std::chrono::milliseconds long_timeout{0};  // for migrate and handover replies
   PluginPair();
   ~PluginPair();

@@ -13,11 +13,17 @@
 #include <nlohmann/json.hpp>
 
 #include "client-tools/interrupt_scope.h"
-#include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_options.h"
-#include "client-tools/migrate_nbd_units.h"
+#include "client/control_client.h"
+#include "client/units.h"
 
 namespace livemig::mig {
+
+using client::ControlClient;
+using client::Target;
+using client::Timeouts;
+using client::format_rate;
+using client::format_seconds;
 
 using nlohmann::json;
 using std::chrono::milliseconds;

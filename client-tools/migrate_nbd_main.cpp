@@ -4,7 +4,7 @@
 //   migrate-nbd start --from src:10809 --to dst:10809 --secret /etc/livemig/psk --mode precopy --wait
 //
 // This file is the command line (CLI11); the subcommands are in
-// migrate_nbd_commands.cpp, the control client in migrate_nbd_client.cpp and
+// migrate_nbd_commands.cpp, the control client in client/control_client.cpp and
 // what people see in migrate_nbd_output.cpp.
 #include <cstdio>
 #include <map>
@@ -19,6 +19,7 @@
 #include "client-tools/migrate_nbd_daemon.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_qemu.h"
+#include "client/tls_options.h"
 
 namespace mig = livemig::mig;
 
@@ -59,7 +60,7 @@ void add_common(CLI::App* sub, mig::CommonOptions& o, bool with_to, const char* 
                   "30 for a reply, 300 for migrate, handover and verify)")
       ->type_name("SECONDS");
   sub->add_flag("--json", o.json, "print JSON for scripts instead of text for people");
-  mig::add_tls_options(sub, o.tls);
+  livemig::client::add_tls_options(sub, o.tls);
   sub->footer(kFooter);
 }
 

@@ -14,8 +14,4 @@ namespace livemig::mig {
 // --max-rounds and --transfer-unit to `app`, stored in `o`.
 void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover = true);
 
-// Adds --tls, --tls-certificates, --tls-psk and --tls-psk-identity (the
-// plugin's keys of the same names) to `app`, stored in `o`.
-void add_tls_options(CLI::App* app, TlsSettings& o);
-
 }  // namespace livemig::mig

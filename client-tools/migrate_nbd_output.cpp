@@ -1,13 +1,18 @@
 #include "client-tools/migrate_nbd_output.h"
+#include "client/units.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
 
-#include "client-tools/migrate_nbd_units.h"
 
 namespace livemig::mig {
+
+using client::format_bytes;
+using client::format_ms;
+using client::format_rate;
+using client::format_seconds;
 
 using nlohmann::json;
 

@@ -15,12 +15,16 @@
 #include <nlohmann/json.hpp>
 
 #include "client-tools/interrupt_scope.h"
-#include "client-tools/migrate_nbd_client.h"
 #include "client-tools/migrate_nbd_options.h"
-#include "client-tools/migrate_nbd_units.h"
 #include "client-tools/qmp_client.h"
+#include "client/control_client.h"
+#include "client/units.h"
 
 namespace livemig::mig {
+
+using client::format_bytes;
+using client::format_ms;
+using client::parse_rate;
 
 using nlohmann::json;
 using qmp::QmpClient;

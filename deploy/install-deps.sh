@@ -11,6 +11,7 @@ PACKAGES=(
   libboost-dev libboost-system-dev libfmt-dev nlohmann-json3-dev
   libcli11-dev libssl-dev libxxhash-dev libzstd-dev libsqlite3-dev
   catch2 libfuse3-dev
+  prometheus-cpp-dev # livemigd's metrics (--metrics-listen): the pull exposer
   perl               # pod2man, podchecker: the man pages (docs/man)
   # tests and benchmarks
   libnbd-bin python3-libnbd fio qemu-utils iproute2 jq   # libnbd-bin has nbdfuse
@@ -19,8 +20,13 @@ PACKAGES=(
   # tests/packaging: man and groff render the pages; bash-completion's .pc
   # names the completions directory (the build's too) and it has the loader
   man-db groff-base bash-completion
+<<<<<<< HEAD
   # the Python integration tests' runner (tests/integration, ctest -R integration)
   python3-pytest
+=======
+  # a real Prometheus server (and promtool) scrapes livemigd in test_livemigd_metrics
+  prometheus
+>>>>>>> lib
   # TLS test credentials (x509 certificates, good and bad)
   python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command

@@ -10,6 +10,7 @@
 #include "common/version.h"
 #include "common/heat_map.h"
 #include "common/json_limits.h"
+#include "plugin/guest_latency.h"
 #include "plugin/migration_engine.h"
 #include "plugin/peer_server.h"
 
@@ -87,6 +88,32 @@ Result<json> heat_json(PluginState& st, const json& req) {
               {"segments", std::move(segs)}};
 }
 
+// The guests' request latency since the plugin started (guest_latency.h) as
+// a Prometheus histogram: cumulative counts at fixed bounds in seconds. A
+// count at a bound takes the histogram's buckets that end below it, so it
+// never counts a slower request but may miss one up to 12.5% faster than the
+// bound; the sum adds each bucket's middle.
+json latency_json(const GuestLatency& latency) {
+  static constexpr double kBounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                       0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,     10};
+  const CumulativeHistogram::Counts counts = latency.snapshot();
+  uint64_t total = 0;
+  double sum = 0;
+  for (int b = 0; b < CumulativeHistogram::kBuckets; ++b) {
+    total += counts[b];
+    sum += static_cast<double>(counts[b]) * static_cast<double>(CumulativeHistogram::bucket_middle(b)) / 1e9;
+  }
+  json buckets = json::array();
+  uint64_t below = 0;
+  int b = 0;
+  for (double bound : kBounds) {
+    for (const int end = CumulativeHistogram::bucket_of(static_cast<uint64_t>(bound * 1e9)); b < end; ++b)
+      below += counts[b];
+    buckets.push_back({{"le_seconds", bound}, {"count", below}});
+  }
+  return {{"count", total}, {"sum_seconds", sum}, {"buckets", std::move(buckets)}};
+}
+
 json stats(PluginState& st, const json& req) {
   Result<json> heat = heat_json(st, req);
   if (!heat) return error_reply(heat.status().message());
@@ -103,6 +130,7 @@ json stats(PluginState& st, const json& req) {
             {"extents", op_counter(c.extents, false)},
             {"cache", op_counter(c.cache)},
             {"errors", c.errors.count.load(std::memory_order_relaxed)}}},
+          {"latency", latency_json(st.guest_latency)},
           {"heat", std::move(*heat)},
           {"migration_segments", st.engine->segments_json(4096)}};
 }

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <ctime>
 #include <set>
+#include <stdexcept>
 
 #include <fmt/format.h>
 
@@ -96,13 +97,16 @@ PluginView view_from_status(const json& st) {
 // Polls one plugin's status every heartbeat-interval on a thread of its own
 // (a call may block for up to heartbeat-timeout). The plugin is down when it
 // has not answered for heartbeat-timeout, whether its calls fail or hang.
+// With `with_stats` (metrics on) it asks for the plugin's stats too, and
+// keeps their request counters and latency.
 class HostMonitor {
  public:
-  HostMonitor(std::string address, std::shared_ptr<const mig::SecretChoice> secret, double interval, double timeout)
-      : address_(std::move(address)), interval_(to_ms(interval)), timeout_(to_ms(timeout)) {
-    mig::Timeouts t;
+  HostMonitor(std::string address, std::shared_ptr<const client::SecretChoice> secret, double interval, double timeout,
+              bool with_stats)
+      : address_(std::move(address)), interval_(to_ms(interval)), timeout_(to_ms(timeout)), with_stats_(with_stats) {
+    client::Timeouts t;
     t.connect = t.reply = timeout_;
-    client_ = std::make_unique<mig::ControlClient>(mig::Target::remote(parse_host_port(address_).value()),
+    client_ = std::make_unique<client::ControlClient>(client::Target::remote(parse_host_port(address_).value()),
                                                    std::move(secret), t);
     last_ok_ = Clock::now();
     thread_ = std::thread([this] { run(); });
@@ -122,6 +126,7 @@ class HostMonitor {
     double down_since = 0;  // Unix time the silence began (last answer, or start)
     Clock::time_point answered_at{};  // when the status below arrived
     json status;
+    json stats;  // requests, connections, latency of the last stats reply
     std::string error;
   };
 
@@ -134,6 +139,7 @@ class HostMonitor {
     if (s.down) s.down_since = now_unix() - std::chrono::duration<double>(silent).count() + timeout_.count() / 1000.0;
     s.answered_at = known_ ? last_ok_ : Clock::time_point{};
     s.status = status_;
+    s.stats = stats_;
     s.error = error_;
     return s;
   }
@@ -154,19 +160,31 @@ class HostMonitor {
       } else {
         error_ = reply.status().message();
       }
+      if (reply && with_stats_) {
+        lock.unlock();
+        auto stats = client_->call({{"op", "stats"}, {"top", 0}});
+        lock.lock();
+        if (stats) {
+          stats_ = json::object();
+          for (const char* key : {"requests", "connections", "latency"})
+            if (stats->contains(key)) stats_[key] = std::move((*stats)[key]);
+        }
+      }
       cv_.wait_until(lock, next, [&] { return stop_; });
     }
   }
 
   const std::string address_;
   const milliseconds interval_, timeout_;
-  std::unique_ptr<mig::ControlClient> client_;  // the monitor thread's only
+  const bool with_stats_;
+  std::unique_ptr<client::ControlClient> client_;  // the monitor thread's only
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;               // GUARDED_BY(mu_)
   bool known_ = false;              // GUARDED_BY(mu_)
   Clock::time_point last_ok_;       // GUARDED_BY(mu_)
   json status_;                     // GUARDED_BY(mu_)
+  json stats_;                      // GUARDED_BY(mu_)
   std::string error_;               // GUARDED_BY(mu_)
   std::thread thread_;
 };
@@ -178,7 +196,7 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   if (!(config.heartbeat_interval > 0) || !(config.heartbeat_timeout > 0))
     return Status::error("heartbeat-interval and heartbeat-timeout must be more than 0 seconds");
   std::string warning;
-  auto secret = mig::choose_secret(config.secret_file, config.tls, &warning);
+  auto secret = client::choose_secret(config.secret_file, config.tls, &warning);
   if (!secret) return secret.status();
   if (!secret->present)
     return Status::error("livemigd needs the plugins' key: secret = FILE in the configuration, --secret FILE, or "
@@ -186,17 +204,23 @@ Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
   auto store = TaskStore::open(config.database);
   if (!store) return store.status();
   std::unique_ptr<Daemon> d(new Daemon(config, std::move(*store),
-                                       std::make_shared<const mig::SecretChoice>(std::move(*secret))));
+                                       std::make_shared<const client::SecretChoice>(std::move(*secret))));
   if (!warning.empty()) d->log("warning: " + warning);
   Daemon* self = d.get();
   auto server = ControlServer::bind(
       config.socket, [self](std::string_view line) { return self->handle(line); }, "socket");
   if (!server) return server.status();
   d->server_ = std::move(*server);
+  if (!config.metrics_listen.empty()) {
+    auto metrics = MetricsExporter::start(config.metrics_listen, [self] { return self->metrics_snapshot(); });
+    if (!metrics) return metrics.status();
+    d->metrics_ = std::move(*metrics);
+  }
   return d;
 }
 
-Daemon::Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret)
+Daemon::Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store,
+               std::shared_ptr<const client::SecretChoice> secret)
     : config_(std::move(config)), store_(std::move(store)), secret_(std::move(secret)) {}
 
 Daemon::~Daemon() { stop(); }
@@ -215,6 +239,7 @@ void Daemon::start() {
 
 void Daemon::stop() {
   if (stopping_.exchange(true)) return;
+  metrics_.reset();  // no scrape runs from here on
   {
     std::lock_guard lock(wake_mu_);
   }
@@ -285,7 +310,8 @@ void Daemon::watch_addresses(const std::vector<Task>& running) {
     }
     for (const std::string& a : wanted)
       if (!monitors_.count(a))
-        monitors_[a] = std::make_unique<HostMonitor>(a, secret_, config_.heartbeat_interval, config_.heartbeat_timeout);
+        monitors_[a] = std::make_unique<HostMonitor>(a, secret_, config_.heartbeat_interval, config_.heartbeat_timeout,
+                                                     !config_.metrics_listen.empty());
   }
 }
 
@@ -341,16 +367,22 @@ void Daemon::tend(const Task& task) {
   std::string phase = task.phase;
   if (ours_dst && handed_over_phase(dst.phase)) phase = dst.phase;
   else if (ours_src) phase = src.phase;
-  json progress;
+  json src_status, dst_status;
   {
     std::lock_guard lock(monitors_mu_);
     auto pick = [&](const std::string& a) -> json {
       auto it = monitors_.find(a);
       if (it == monitors_.end()) return json();
-      return it->second->snapshot().status.value("migration", json());
+      return it->second->snapshot().status;
     };
-    progress = ours_dst && handed_over_phase(dst.phase) ? pick(task.destination) : ours_src ? pick(task.source) : json();
+    src_status = pick(task.source);
+    dst_status = pick(task.destination);
   }
+  const bool handed_over = ours_dst && handed_over_phase(dst.phase);
+  const json progress = handed_over ? dst_status.value("migration", json())
+                        : ours_src  ? src_status.value("migration", json())
+                                    : json();
+  if (!config_.metrics_listen.empty()) record_figures(task, src_status, dst_status, ours_src, ours_dst, handed_over);
 
   modify(task.id, [&](Task& t) {
     if (t.state != TaskState::Running) return false;
@@ -421,9 +453,9 @@ void Daemon::issue_migrate(int64_t id, bool first) {
     t.note = t.attempts == 1 ? "starting" : fmt::format("restarting from pre-copy (attempt {})", t.attempts);
     return true;
   });
-  mig::Timeouts timeouts;
+  client::Timeouts timeouts;
   timeouts.reply = kLongReply;
-  mig::ControlClient client(mig::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
+  client::ControlClient client(client::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
   auto reply = client.call_raw(req);
   const bool refused = reply && reply->value("ok", false) != true;
   std::string why = !reply ? reply.status().message()
@@ -457,9 +489,9 @@ void Daemon::issue_migrate(int64_t id, bool first) {
 void Daemon::issue_cancel(int64_t id) {
   auto got = store_->get(id);
   if (!got || !*got) return;
-  mig::Timeouts timeouts;
+  client::Timeouts timeouts;
   timeouts.reply = kLongReply;
-  mig::ControlClient client(mig::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
+  client::ControlClient client(client::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
   auto reply = client.call({{"op", "cancel"}});
   modify(id, [&](Task& t) {
     if (t.state != TaskState::Running) return false;
@@ -505,6 +537,45 @@ void Daemon::start_queued() {
       t.note = plan.waiting;
       return true;
     });
+}
+
+// ---------------------------------------------------------------- metrics
+
+void Daemon::record_figures(const Task& task, const json& source_status, const json& destination_status,
+                            bool ours_source, bool ours_destination, bool handed_over) {
+  std::lock_guard lock(figures_mu_);
+  TaskFigures& f = figures_[task.id];
+  if (ours_source) f.source = source_status.value("migration", json());
+  if (ours_destination) f.destination = destination_status.value("migration", json());
+  f.reported_by_destination = f.reported_by_destination || handed_over;
+  for (const json* st : {&source_status, &destination_status})
+    if (st->is_object() && st->value("block_size", uint64_t{0}) > 0) f.block_size = (*st)["block_size"].get<uint64_t>();
+}
+
+MetricsSnapshot Daemon::metrics_snapshot() {
+  MetricsSnapshot snap;
+  auto tasks = store_->list(false);
+  if (!tasks) throw std::runtime_error(tasks.status().message());
+  const double now = now_unix();
+  {
+    std::lock_guard lock(figures_mu_);
+    std::map<int64_t, TaskFigures> shown;
+    for (Task& t : *tasks) {
+      if (is_final(t.state) && now - t.finished_at > kFinishedShown) continue;
+      TaskFigures f;
+      if (auto it = figures_.find(t.id); it != figures_.end()) f = std::move(it->second);
+      shown[t.id] = f;
+      f.task = std::move(t);
+      snap.tasks.push_back(std::move(f));
+    }
+    figures_ = std::move(shown);  // forgets the tasks no longer shown
+  }
+  std::lock_guard lock(monitors_mu_);
+  for (const auto& [address, monitor] : monitors_) {
+    HostMonitor::Snapshot s = monitor->snapshot();
+    snap.plugins.push_back({address, s.known && !s.down, std::move(s.stats)});
+  }
+  return snap;
 }
 
 // ---------------------------------------------------------------- control ops
@@ -556,9 +627,9 @@ json Daemon::op_submit(const json& req) {
   // Both plugins must answer status now.
   json src_status;
   for (const auto& [what, address] : {std::pair<std::string, std::string>{"source", *from}, {"destination", *to}}) {
-    mig::Timeouts t;
+    client::Timeouts t;
     t.connect = t.reply = kSubmitTimeout;
-    mig::ControlClient client(mig::Target::remote(parse_host_port(address).value()), secret_, t);
+    client::ControlClient client(client::Target::remote(parse_host_port(address).value()), secret_, t);
     auto st = client.call_raw({{"op", "status"}});
     if (!st) {
       int e = st.status().errno_value();

@@ -10,7 +10,9 @@
 //     (common/control_server.h): submit, list, show, cancel, status;
 //   - the scheduler thread: every 200 ms, judges the running tasks from the
 //     heartbeats and acts (migrate, cancel), then starts queued tasks;
-//   - one heartbeat thread per plugin address in use (HostMonitor).
+//   - one heartbeat thread per plugin address in use (HostMonitor);
+//   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
+//     the tasks and the monitors' last replies (server/metrics.h).
 // The plugin-side migration runs on without the daemon: a restarted daemon
 // finds its running tasks in the database and re-attaches to them through
 // the same judge() rules.
@@ -28,9 +30,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include "client-tools/migrate_nbd_client.h"
+#include "client/control_client.h"
 #include "common/control_server.h"
 #include "common/status.h"
+#include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/task_store.h"
 
@@ -47,6 +50,7 @@ struct DaemonConfig {
   TlsSettings tls;                 // TLS to the plugins' peer ports
   unsigned max_attempts = 5;       // migrate requests per task before it fails
   double retry_delay = 2;          // seconds between two restarts of a task
+  std::string metrics_listen;      // Prometheus metrics on HOST:PORT; empty: none
 };
 
 class HostMonitor;
@@ -65,8 +69,11 @@ class Daemon {
   // One control request (a JSON line) and its reply; any thread.
   std::string handle(std::string_view line);
 
+  // The port the metrics are served on; 0 without metrics-listen.
+  int metrics_port() const { return metrics_ ? metrics_->port() : 0; }
+
  private:
-  Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const mig::SecretChoice> secret);
+  Daemon(DaemonConfig config, std::unique_ptr<TaskStore> store, std::shared_ptr<const client::SecretChoice> secret);
 
   nlohmann::json op_submit(const nlohmann::json& req);
   nlohmann::json op_list(const nlohmann::json& req);
@@ -90,10 +97,15 @@ class Daemon {
                      std::chrono::steady_clock::time_point* answered_at);
   void watch_addresses(const std::vector<Task>& running);
   void log(const std::string& message);
+  // What a scrape shows (server/metrics.h); any thread.
+  MetricsSnapshot metrics_snapshot();
+  // Keeps what the plugins' statuses say of a running task's migration.
+  void record_figures(const Task& task, const nlohmann::json& source_status, const nlohmann::json& destination_status,
+                      bool ours_source, bool ours_destination, bool handed_over);
 
   DaemonConfig config_;
   std::unique_ptr<TaskStore> store_;
-  std::shared_ptr<const mig::SecretChoice> secret_;
+  std::shared_ptr<const client::SecretChoice> secret_;
   std::unique_ptr<ControlServer> server_;
 
   std::mutex mu_;  // guards read-modify-write of tasks and retry_at_
@@ -105,6 +117,13 @@ class Daemon {
 
   std::mutex monitors_mu_;
   std::map<std::string, std::unique_ptr<HostMonitor>> monitors_;  // GUARDED_BY(monitors_mu_)
+
+  // The last migration figures per task, kept past its end for the metrics.
+  std::mutex figures_mu_;
+  std::map<int64_t, TaskFigures> figures_;  // GUARDED_BY(figures_mu_)
+  // Null without metrics-listen; set before start(), reset first by stop()
+  // (other threads test config_.metrics_listen instead).
+  std::unique_ptr<MetricsExporter> metrics_;
 
   std::atomic<bool> stopping_{false};
   std::mutex wake_mu_;

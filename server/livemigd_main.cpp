@@ -17,9 +17,9 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include "client/tls_options.h"
+#include "client/units.h"
 #include "common/version.h"
-#include "client-tools/migrate_nbd_options.h"
-#include "client-tools/migrate_nbd_units.h"
 #include "server/config_file.h"
 #include "server/daemon.h"
 
@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
   app.add_option("--secret", c.secret_file,
                  "the plugins' pre-shared key file (default: $LIVEMIG_SECRET_FILE; required)")
       ->type_name("FILE");
-  livemig::mig::add_tls_options(&app, c.tls);
+  livemig::client::add_tls_options(&app, c.tls);
   app.add_option("--max-attempts", c.max_attempts,
                  "migrate requests per task (the first start and restarts after failures) before it fails")
       ->type_name("N")
@@ -140,8 +140,13 @@ int main(int argc, char** argv) {
       ->type_name("SECONDS")
       ->check(seconds(true))
       ->capture_default_str();
-  app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket or key), 2 for a bad "
-             "command line or config file.");
+  app.add_option("--metrics-listen", c.metrics_listen,
+                 "serve Prometheus metrics of every migration and watched plugin at http://HOST:PORT/metrics, e.g. "
+                 "127.0.0.1:9471 ([::1]:9471 for IPv6, 0.0.0.0:9471 for every interface: there is no "
+                 "authentication); default: off")
+      ->type_name("HOST:PORT");
+  app.footer("Exit status: 0 after SIGTERM/SIGINT, 1 if it cannot start (bad database, socket, key or metrics "
+             "address), 2 for a bad command line or config file.");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -159,7 +164,7 @@ int main(int argc, char** argv) {
     origins = std::move(*applied);
   }
   const auto bandwidth_origin = origins.find("host-bandwidth");
-  auto rate = livemig::mig::parse_rate(
+  auto rate = livemig::client::parse_rate(
       bandwidth, bandwidth_origin == origins.end() ? "--host-bandwidth" : bandwidth_origin->second + ": host-bandwidth");
   if (!rate) {
     std::fprintf(stderr, "livemigd: %s\n", rate.status().message().c_str());
@@ -187,10 +192,14 @@ int main(int argc, char** argv) {
   (*daemon)->start();
   std::fprintf(stderr,
                "livemigd: serving %s; database %s; max-concurrent %u; host bandwidth %s; heartbeat every %g s, "
-               "down after %g s\n",
+               "down after %g s; metrics %s\n",
                c.socket.c_str(), c.database.c_str(), c.max_concurrent,
-               c.host_bandwidth ? livemig::mig::format_rate(static_cast<double>(c.host_bandwidth)).c_str() : "unlimited",
-               c.heartbeat_interval, c.heartbeat_timeout);
+               c.host_bandwidth ? livemig::client::format_rate(static_cast<double>(c.host_bandwidth)).c_str()
+                                : "unlimited",
+               c.heartbeat_interval, c.heartbeat_timeout,
+               c.metrics_listen.empty()
+                   ? "off"
+                   : fmt::format("on port {} ({})", (*daemon)->metrics_port(), c.metrics_listen).c_str());
   int sig = 0;
   sigwait(&stop_signals, &sig);
   std::fprintf(stderr, "livemigd: signal %d: stopping (running migrations go on in the plugins)\n", sig);

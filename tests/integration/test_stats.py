@@ -1,6 +1,6 @@
 """The control socket of livemig.so: "status" describes the image and its
-geometry, "stats" counts exactly the requests that were made and attributes
-heat to the segments they touched, "top" ranks the hottest, and the socket
+geometry, "stats" counts exactly the requests that were made (and their latency)
+and attributes heat to the segments they touched, "top" ranks the hottest, and the socket
 is private to its owner (mode 0600).
 
     LIVEMIG_PLUGIN=build/plugin/livemig.so PYTHONPATH=tests/integration \
@@ -41,6 +41,26 @@ def test_status_describes_image_and_geometry():
             h = s.connect()
             assert h.get_size() == st["size"]
             assert s.control({"op": "status"})["connections"] == 1
+
+
+def test_stats_latency_is_a_histogram_of_the_requests_made():
+    """stats' "latency" counts each read and write once; its buckets are
+    cumulative (never fewer at a higher bound) and none exceeds the count."""
+    img = make_image(MiB)
+    with Server(image=img, control=True) as s:
+        before = s.control({"op": "stats", "top": 0})["latency"]
+        h = s.connect()
+        for i in range(10):
+            h.pread(4096, i * 4096)
+        for i in range(5):
+            h.pwrite(b"x" * 4096, i * 4096)
+        lat = s.control({"op": "stats", "top": 0})["latency"]
+        assert lat["count"] - before["count"] == 15, (before, lat)
+        assert lat["sum_seconds"] > 0, lat
+        bounds = [b["le_seconds"] for b in lat["buckets"]]
+        counts = [b["count"] for b in lat["buckets"]]
+        assert bounds == sorted(bounds) and bounds[0] == 0.0001 and bounds[-1] == 10, bounds
+        assert counts == sorted(counts) and counts[-1] <= lat["count"], lat
 
 
 def test_control_socket_is_mode_0600():

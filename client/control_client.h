@@ -1,13 +1,15 @@
-// The control client of migrate-nbd: sends one control request (a JSON
-// object, plugin/control_ops.cpp) to a livemig plugin and returns its reply.
+// The control client: sends one control request (a JSON object,
+// plugin/control_ops.cpp) to a livemig plugin and returns its reply.
+// migrate-nbd and livemigd both talk to plugins through it.
 //
 // A plugin takes the same requests on two channels:
 //   remote  CONTROL frames over its authenticated peer port (listen=): a
 //           PeerLink connected with purpose "control" (common/peer_link.h);
 //   local   its Unix control socket (control=): one JSON line in, one out.
 //
-// A client keeps its connection open between calls (watch polls every
-// second) and reconnects on the next call after a connection failed.
+// A client keeps its connection open between calls (migrate-nbd watch and
+// livemigd's monitors poll every second) and reconnects on the next call
+// after a connection failed.
 // Threading: one client is used by one thread at a time.
 #pragma once
 
@@ -23,7 +25,7 @@
 #include "common/tls_context.h"
 #include "common/status.h"
 
-namespace livemig::mig {
+namespace livemig::client {
 
 // Where control requests go.
 struct Target {
@@ -95,4 +97,4 @@ class ControlClient {
   std::unique_ptr<Channel> channel_;
 };
 
-}  // namespace livemig::mig
+}  // namespace livemig::client

@@ -1,5 +1,5 @@
-// Sizes, rates and durations as migrate-nbd reads them from the command line
-// and writes them for people.
+// Sizes, rates and durations as migrate-nbd and livemigd read them from the
+// command line (and livemigd's config file) and write them for people.
 //
 //   SIZE  bytes, with an optional binary suffix K, M, G or T (also KiB, MiB,
 //         ...; case-insensitive): 4096, 64K, 1.5G. The plugin's keys take
@@ -14,7 +14,7 @@
 
 #include "common/status.h"
 
-namespace livemig::mig {
+namespace livemig::client {
 
 // Parses a SIZE; errors name `what` (e.g. "--handover-size") and the value.
 Result<uint64_t> parse_size(const std::string& text, const std::string& what);
@@ -30,4 +30,4 @@ std::string format_seconds(double seconds);
 // Milliseconds as the plugin reports them (-1 = not yet): "-" or format_seconds.
 std::string format_ms(int64_t ms);
 
-}  // namespace livemig::mig
+}  // namespace livemig::client

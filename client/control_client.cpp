@@ -1,4 +1,4 @@
-#include "client-tools/migrate_nbd_client.h"
+#include "client/control_client.h"
 
 #include <poll.h>
 #include <sys/socket.h>
@@ -19,7 +19,7 @@
 #include "common/json_limits.h"
 #include "common/protocol_format.h"
 
-namespace livemig::mig {
+namespace livemig::client {
 
 using nlohmann::json;
 using std::chrono::milliseconds;
@@ -290,4 +290,4 @@ Result<json> ControlClient::call(const json& request, std::optional<milliseconds
   return reply;
 }
 
-}  // namespace livemig::mig
+}  // namespace livemig::client

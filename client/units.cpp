@@ -1,4 +1,4 @@
-#include "client-tools/migrate_nbd_units.h"
+#include "client/units.h"
 
 #include <cctype>
 #include <cmath>
@@ -7,7 +7,7 @@
 
 #include <fmt/format.h>
 
-namespace livemig::mig {
+namespace livemig::client {
 namespace {
 
 std::string lower(std::string s) {
@@ -125,4 +125,4 @@ std::string format_ms(int64_t ms) {
   return format_seconds(ms / 1000.0);
 }
 
-}  // namespace livemig::mig
+}  // namespace livemig::client
