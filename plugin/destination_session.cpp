@@ -21,8 +21,9 @@ namespace {
 
 // Background pulls in flight, in transfer units, at least: small, so that a
 // demand pull waits behind little. More when the link's bandwidth-delay
-// product is larger (PullWindow), up to kMaxBackgroundWindow.
-constexpr uint64_t kBackgroundWindowUnits = 2;
+// product is larger (PullWindow: about 1.5 units on a LAN), up to
+// kMaxBackgroundWindow.
+constexpr uint64_t kBackgroundWindowUnits = 1;
 constexpr uint64_t kMaxBackgroundWindow = 64u << 20;
 // Pushed bytes a destination receives between two fdatasyncs.
 constexpr uint64_t kPushSyncBytes = 8u << 20;
