@@ -3,7 +3,7 @@
 namespace livemig {
 
 std::shared_ptr<void> ConnectionLimit::acquire(const std::string& source) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   size_t& mine = by_source_[source];
   if (total_ >= total_cap_ || mine >= per_source_cap_) {
     if (mine == 0) by_source_.erase(source);
@@ -14,19 +14,19 @@ std::shared_ptr<void> ConnectionLimit::acquire(const std::string& source) {
   ++mine;
   // The token's deleter gives the slot back.
   return std::shared_ptr<void>(this, [this, source](void*) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     --total_;
     if (--by_source_[source] == 0) by_source_.erase(source);
   });
 }
 
 size_t ConnectionLimit::in_use() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return total_;
 }
 
 size_t ConnectionLimit::refused() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return refused_;
 }
 

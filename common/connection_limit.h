@@ -24,6 +24,8 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include "common/mutex.h"
+
 namespace livemig {
 
 class ConnectionLimit {
@@ -40,10 +42,10 @@ class ConnectionLimit {
  private:
   const size_t total_cap_;
   const size_t per_source_cap_;
-  mutable std::mutex mu_;
-  size_t total_ = 0;                      // guarded by mu_
-  size_t refused_ = 0;                    // guarded by mu_
-  std::map<std::string, size_t> by_source_;  // guarded by mu_
+  mutable Mutex mu_;
+  size_t total_ GUARDED_BY(mu_) = 0;
+  size_t refused_ GUARDED_BY(mu_) = 0;
+  std::map<std::string, size_t> by_source_ GUARDED_BY(mu_);
 };
 
 // How long an accept loop waits after an accept error other than its own

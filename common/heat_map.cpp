@@ -63,7 +63,7 @@ std::vector<HeatCounts> HeatMap::cumulative_snapshot() const {
 }
 
 void HeatMap::decay_tick(double now) {
-  std::lock_guard lock(decay_mutex_);
+  MutexLock lock(decay_mutex_);
   double factor = ticked_ ? std::exp2(-std::max(0.0, now - last_tick_) / half_life_) : 1.0;
   for (uint64_t s = 0; s < segment_count(); ++s) {
     HeatCounts cum = cumulative(s);
@@ -80,7 +80,7 @@ void HeatMap::decay_tick(double now) {
 }
 
 std::vector<HeatCounts> HeatMap::decayed_snapshot() const {
-  std::lock_guard lock(decay_mutex_);
+  MutexLock lock(decay_mutex_);
   return decayed_;
 }
 

@@ -17,6 +17,7 @@
 #include <span>
 #include <vector>
 
+#include "common/mutex.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
 
@@ -89,11 +90,11 @@ class HeatMap {
   double half_life_;
   std::unique_ptr<Counters[]> counters_;
 
-  mutable std::mutex decay_mutex_;
-  std::vector<HeatCounts> decayed_;        // GUARDED_BY(decay_mutex_)
-  std::vector<HeatCounts> last_seen_;      // GUARDED_BY(decay_mutex_)
-  double last_tick_ = 0;                   // GUARDED_BY(decay_mutex_)
-  bool ticked_ = false;                    // GUARDED_BY(decay_mutex_)
+  mutable Mutex decay_mutex_;
+  std::vector<HeatCounts> decayed_ GUARDED_BY(decay_mutex_);
+  std::vector<HeatCounts> last_seen_ GUARDED_BY(decay_mutex_);
+  double last_tick_ GUARDED_BY(decay_mutex_) = 0;
+  bool ticked_ GUARDED_BY(decay_mutex_) = false;
 };
 
 }  // namespace livemig

@@ -114,7 +114,7 @@ PeerLink::PeerLink(tcp::socket socket, const Options& options)
 PeerLink::~PeerLink() = default;
 
 const Status& PeerLink::close_reason() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return close_reason_;
 }
 
@@ -422,7 +422,7 @@ awaitable<void> PeerLink::heartbeat_loop(std::shared_ptr<PeerLink> self) {
 
 bool PeerLink::deliver_reply(Frame& frame) {
   if (!is_reply_type(frame.header.type) || frame.header.request_id == 0) return false;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto it = waiters_.find(frame.header.request_id);
   if (it == waiters_.end()) return false;
   it->second->result = std::move(frame);
@@ -442,7 +442,7 @@ void PeerLink::send_raw(std::string frame, bool priority) {
   if (closed_) return;
   bool start_writer = false;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (closed_) return;  // close() may have run since the check above
     bytes_enqueued_.fetch_add(frame.size(), std::memory_order_relaxed);
     queued_bytes_.fetch_add(frame.size(), std::memory_order_relaxed);
@@ -459,7 +459,7 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
   for (;;) {
     std::string frame;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       // After close() the queues hold at most its last ERROR frame.
       auto& q = !priority_queue_.empty() ? priority_queue_ : normal_queue_;
       if (q.empty()) {
@@ -477,7 +477,7 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
       queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
       close(Status::error(fmt::format("sending to {}: {}", remote_, e.code().message()), EIO));
       shut_socket();
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       writing_ = false;
       co_return;
     }
@@ -500,7 +500,7 @@ std::vector<Result<PeerLink::Frame>> PeerLink::call_raw_all(std::vector<std::pai
                                                             std::chrono::milliseconds timeout) {
   std::vector<std::shared_ptr<Waiter>> waiters;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (closed_)
       return std::vector<Result<Frame>>(
           frames.size(), Status::error(fmt::format("link to {} is closed: {}", remote_, close_reason_.message()), EPIPE));
@@ -508,7 +508,7 @@ std::vector<Result<PeerLink::Frame>> PeerLink::call_raw_all(std::vector<std::pai
   }
   for (auto& [frame, id] : frames) send_raw(std::move(frame), false);
   std::vector<Result<Frame>> results;
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (size_t i = 0; i < waiters.size(); ++i) {
     if (!cv_.wait_until(lock, deadline, [&] { return waiters[i]->done; })) {
@@ -522,7 +522,7 @@ std::vector<Result<PeerLink::Frame>> PeerLink::call_raw_all(std::vector<std::pai
 }
 
 bool PeerLink::wait_queue_below(size_t limit, std::chrono::milliseconds timeout) {
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   return cv_.wait_for(lock, timeout, [&] { return closed_ || queued_bytes() < limit; }) && !closed_;
 }
 
@@ -543,7 +543,7 @@ void PeerLink::shut_socket() {
 void PeerLink::close(const Status& why) {
   if (closed_.exchange(true)) return;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     close_reason_ = why;
     fail_waiters(Status::error(fmt::format("link to {} closed: {}", remote_, why.message()),
                                why.errno_value() ? why.errno_value() : EPIPE));
@@ -571,7 +571,7 @@ void PeerLink::close(const Status& why) {
     bool start_writer = false;
     bool linger = false;
     {
-      std::lock_guard lock(self->mu_);
+      MutexLock lock(self->mu_);
       if (!self->writing_ && !self->priority_queue_.empty()) self->writing_ = start_writer = true;
       linger = self->writing_;
     }

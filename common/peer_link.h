@@ -31,6 +31,7 @@
 #include <boost/asio/ip/tcp.hpp>
 
 #include "common/frame_codec.h"
+#include "common/mutex.h"
 #include "common/peer_auth.h"
 #include "common/status.h"
 #include "common/tls_context.h"
@@ -185,7 +186,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   // Shuts down and closes the socket; on the io thread.
   void shut_socket();
   bool deliver_reply(Frame& frame);
-  void fail_waiters(const Status& why);
+  void fail_waiters(const Status& why) REQUIRES(mu_);
 
   boost::asio::ip::tcp::socket socket_;
   std::unique_ptr<TlsStream> tls_;
@@ -199,17 +200,17 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   std::atomic<int64_t> last_read_ns_{0};
   uint64_t bad_frame_request_id_ = 0;  // of the last frame read_frame refused after its header; io thread only
 
-  mutable std::mutex mu_;
-  std::deque<std::string> priority_queue_;  // GUARDED_BY(mu_)
-  std::deque<std::string> normal_queue_;    // GUARDED_BY(mu_)
-  bool writing_ = false;                    // GUARDED_BY(mu_)
-  Status close_reason_;                     // GUARDED_BY(mu_)
+  mutable Mutex mu_;
+  std::deque<std::string> priority_queue_ GUARDED_BY(mu_);
+  std::deque<std::string> normal_queue_ GUARDED_BY(mu_);
+  bool writing_ GUARDED_BY(mu_) = false;
+  Status close_reason_ GUARDED_BY(mu_);
   struct Waiter {
     bool done = false;
     Result<Frame> result = Status::error("no reply yet");
   };
-  std::map<uint64_t, std::shared_ptr<Waiter>> waiters_;  // GUARDED_BY(mu_)
-  std::condition_variable cv_;  // waiters, queue drain
+  std::map<uint64_t, std::shared_ptr<Waiter>> waiters_ GUARDED_BY(mu_);
+  CondVar cv_;  // waiters, queue drain
 
   std::atomic<size_t> queued_bytes_{0};
   std::atomic<uint64_t> bytes_sent_{0};

@@ -246,7 +246,7 @@ StateFile::StateFile(std::string path, int fd, MigrationRecord record, uint64_t 
 StateFile::~StateFile() { ::close(fd_); }
 
 uint64_t StateFile::generation() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return generation_;
 }
 
@@ -370,7 +370,7 @@ Status StateFile::write_record(const MigrationRecord& record) {
   const std::string what = "state file " + path_;
   Status st = check_record(record, what);
   if (!st) return st;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.is_ok()) return failed_;
   if (record.image_size != record_.image_size || record.block_size != record_.block_size)
     return Status::error(what + ": image_size and block_size cannot change (" + std::to_string(record_.image_size) +
@@ -434,7 +434,7 @@ Status StateFile::write_pages(IndexRange run) {
 Status StateFile::sync() {
   // Pages written per pwrite, at most (1 MiB).
   constexpr uint64_t kMaxRunPages = 256;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!failed_.is_ok()) return failed_;
   uint64_t from = 0;
   while (true) {

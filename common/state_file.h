@@ -71,6 +71,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/block_bitmap.h"
+#include "common/mutex.h"
 #include "common/segment_geometry.h"
 #include "common/status.h"
 
@@ -167,8 +168,8 @@ class StateFile {
  private:
   StateFile(std::string path, int fd, MigrationRecord record, uint64_t generation, int slot);
 
-  // Writes the marked pages [run.first, run.last) of the bitmap. REQUIRES: mu_ held.
-  Status write_pages(IndexRange run);
+  // Writes the marked pages [run.first, run.last) of the bitmap.
+  Status write_pages(IndexRange run) REQUIRES(mu_);
 
   const std::string path_;
   const int fd_;
@@ -178,12 +179,12 @@ class StateFile {
   // Serializes sync() and write_record(): each is a sequence of pwrites and
   // one fdatasync that must not interleave with another's claims. Guards
   // record_ (writes), generation_, slot_, unsynced_ and failed_.
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   MigrationRecord record_;
-  uint64_t generation_;
-  int slot_;               // 0 = A, 1 = B: the slot holding record_
-  bool unsynced_ = false;  // bitmap pages written but not yet fdatasync'd
-  Status failed_;          // sticky fdatasync failure; ok if none
+  uint64_t generation_ GUARDED_BY(mu_);
+  int slot_ GUARDED_BY(mu_);               // 0 = A, 1 = B: the slot holding record_
+  bool unsynced_ GUARDED_BY(mu_) = false;  // bitmap pages written but not yet fdatasync'd
+  Status failed_ GUARDED_BY(mu_);          // sticky fdatasync failure; ok if none
 };
 
 }  // namespace livemig

@@ -56,7 +56,7 @@ DestinationSession::~DestinationSession() { stop(); }
 
 void DestinationSession::start_precopy(std::shared_ptr<PeerLink> link, bool had_copy) {
   if (link) link_.adopt(link);
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   had_copy_ = had_copy;
 }
 
@@ -105,7 +105,7 @@ std::shared_ptr<PeerLink> DestinationSession::current_link() const { return link
 
 void DestinationSession::adopt_link(const std::shared_ptr<PeerLink>& link) {
   {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     pushed_frames_ = 0;
   }
   link_.adopt(link);
@@ -114,7 +114,7 @@ void DestinationSession::adopt_link(const std::shared_ptr<PeerLink>& link) {
 
 void DestinationSession::set_error(std::string message) {
   s_.log(fmt::format("migration {}: {}", id_, message));
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   last_error_ = std::move(message);
 }
 
@@ -153,7 +153,7 @@ void DestinationSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLin
     json j = parse_json_object(progress->json);
     if (j.is_discarded()) j = json();
     if (uint64_t gen = json_uint(j, "committed_generation", 0, "PROGRESS").value_or(0); gen != 0) confirm(gen);
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     peer_progress_ = std::move(j);
   } else if (!std::holds_alternative<CancelPullPayload>(frame.message)) {
     link->refuse(h.request_id, protocol_error(ErrorCode::Protocol, fmt::format("unexpected {} frame at the destination",
@@ -182,14 +182,14 @@ void DestinationSession::on_link_closed(const std::shared_ptr<PeerLink>& link, c
   s_.log(fmt::format("migration {}: link to the source lost: {}", id_, why.message()));
   {
     // A handover half received on that link is void: the source asks again.
-    std::lock_guard lock(commit_mu_);
+    MutexLock lock(commit_mu_);
     pending_.clear();
     pending_generation_ = pending_blocks_ = 0;
   }
   proxy_.fail_all(why);
   if (pulling_) {
     // Pulls in flight died with the link: forget them so they are asked again.
-    std::lock_guard lock(pull_mu_);
+    MutexLock lock(pull_mu_);
     for (auto& [id, p] : pulls_) pulling_->clear_range(p.blocks);
     pulls_.clear();
     background_bytes_in_flight_ = 0;
@@ -203,7 +203,7 @@ Status ended_before_commit(const std::string& id, const std::string& phase) {
 }
 
 void DestinationSession::on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id, bool probe) {
-  std::lock_guard commit(commit_mu_);
+  MutexLock commit(commit_mu_);
   EngineState st = s_.machine.state();
   const bool before = st.phase == Phase::PreCopy;
   const bool after = st.phase == Phase::PostCopy || st.phase == Phase::Done;
@@ -235,7 +235,7 @@ void DestinationSession::on_source_error(const std::shared_ptr<PeerLink>& link, 
   const bool cancelled = error_code_of(why) == ErrorCode::Cancelled;
   bool had_copy;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     last_error_ = why.message();
     had_copy = had_copy_;
   }
@@ -279,7 +279,7 @@ void DestinationSession::on_push(const std::shared_ptr<PeerLink>& link, const Da
   if (status.is_ok()) {
     s_.stats.blocks_received.fetch_add(g.blocks_touched(p.offset, p.length).count(), std::memory_order_relaxed);
     {
-      std::lock_guard lock(push_mu_);
+      MutexLock lock(push_mu_);
       pushed_frames_++;
       unsynced_bytes_ += p.length;
     }
@@ -300,7 +300,7 @@ void DestinationSession::on_push(const std::shared_ptr<PeerLink>& link, const Da
 void DestinationSession::maybe_sync_pushes(const std::shared_ptr<PeerLink>& link, bool force) {
   uint64_t frames;
   {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     if (sync_running_ || unsynced_bytes_ == 0 || (!force && unsynced_bytes_ < kPushSyncBytes)) return;
     sync_running_ = true;
     unsynced_bytes_ = 0;
@@ -311,7 +311,7 @@ void DestinationSession::maybe_sync_pushes(const std::shared_ptr<PeerLink>& link
     int rc = self->s_.image().flush();
     int err = errno;
     {
-      std::lock_guard lock(self->push_mu_);
+      MutexLock lock(self->push_mu_);
       self->sync_running_ = false;
     }
     if (rc == 0) {
@@ -326,7 +326,7 @@ void DestinationSession::maybe_sync_pushes(const std::shared_ptr<PeerLink>& link
     link->close(s);
   });
   if (!queued) {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     sync_running_ = false;  // the next push or tick tries again
   }
 }
@@ -351,7 +351,7 @@ void DestinationSession::serve_sums(const std::shared_ptr<PeerLink>& link, uint6
 void DestinationSession::on_handover(const std::shared_ptr<PeerLink>& link, uint64_t request_id,
                                      const HandoverPayload& p) {
   const SegmentGeometry& g = s_.geometry();
-  std::unique_lock lock(commit_mu_);
+  UniqueLock lock(commit_mu_);
   EngineState st = s_.machine.state();
   Status status;
   if (st.role != Role::Destination || st.phase != Phase::PreCopy)
@@ -387,7 +387,6 @@ void DestinationSession::on_handover(const std::shared_ptr<PeerLink>& link, uint
   commit(link, request_id, p.generation);
 }
 
-// REQUIRES: commit_mu_ held.
 void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) {
   const SegmentGeometry& g = s_.geometry();
   crash_point("destination-before-commit");
@@ -431,7 +430,7 @@ void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t 
   start_pulling();
 }
 
-// REQUIRES: commit_mu_ held. This side did not commit: it says so, and keeps
+// This side did not commit: it says so, and keeps
 // its partial copy (fenced) for a later migration.
 void DestinationSession::refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why) {
   Status refusal = protocol_error(error_code_of(why) == ErrorCode::NoSpace ? ErrorCode::NoSpace : ErrorCode::Internal,
@@ -572,7 +571,7 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
   // queued behind it on the file's locks (dips to zero IOPS for 1-2 s).
   if (status && !zero) s_.image().start_writeback(p.length, p.offset);
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (status.errno_value() == ENOSPC)
       space_error_ = fmt::format("{}: no space left on device; {} bytes still to pull", s_.image().path(),
                                  presence_->missing() * g.block_size());
@@ -583,7 +582,7 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
   return status;
 }
 
-// REQUIRES: pull_mu_ held. The pull's request id, 0 if the link is down.
+// The pull's request id, 0 if the link is down.
 uint64_t DestinationSession::issue_pull(IndexRange blocks, bool background) {
   auto link = current_link();
   if (!link || link->closed()) return 0;
@@ -604,7 +603,7 @@ uint64_t DestinationSession::issue_pull(IndexRange blocks, bool background) {
 }
 
 void DestinationSession::finish_pull(uint64_t id, uint64_t bytes) {
-  std::lock_guard lock(pull_mu_);
+  MutexLock lock(pull_mu_);
   auto it = pulls_.find(id);
   if (it == pulls_.end()) return;
   Pull& p = it->second;
@@ -622,7 +621,7 @@ void DestinationSession::finish_pull(uint64_t id, uint64_t bytes) {
 
 void DestinationSession::fail_pull(uint64_t id, int err) {
   s_.stats.pull_errors.fetch_add(1, std::memory_order_relaxed);
-  std::lock_guard lock(pull_mu_);
+  MutexLock lock(pull_mu_);
   auto it = pulls_.find(id);
   if (it == pulls_.end()) return;
   Pull& p = it->second;
@@ -645,7 +644,7 @@ Status DestinationSession::ensure_present(IndexRange blocks) {
   const SegmentGeometry& g = s_.geometry();
   auto deadline = Clock::now() + s_.ctx.peer_timeout * 4;
   std::vector<uint64_t> mine;
-  std::unique_lock lock(pull_mu_);
+  UniqueLock lock(pull_mu_);
   for (bool waited = false;; waited = true) {
     if (presence_->all_present(blocks)) return Status::ok();
     if (!waited) GuestLatency::skip_current_request();  // a miss: not what pacing can lower
@@ -713,7 +712,7 @@ void DestinationSession::persist_loop() {
   // (issue #18, docs/bench/guest-first.md).
   while (!stopping_ && s_.machine.state().phase == Phase::PostCopy) {
     {
-      std::unique_lock lock(pull_mu_);
+      UniqueLock lock(pull_mu_);
       pull_cv_.wait_for(lock, kPersistInterval, [&] { return stopping_.load(); });
     }
     if (stopping_) return;
@@ -755,7 +754,7 @@ void DestinationSession::pull_loop() {
         if (s_.machine.state().phase != Phase::PostCopy)  // told it lost
           return s_.log(fmt::format("migration {}: background pulls end: {}", id_, s.message()));
         set_error(fmt::format("reconnecting to the source: {}", s.message()));
-        std::unique_lock lock(pull_mu_);
+        UniqueLock lock(pull_mu_);
         pull_cv_.wait_for(lock, std::chrono::seconds(1), [&] { return stopping_.load(); });
       }
       continue;
@@ -770,8 +769,9 @@ void DestinationSession::pull_loop() {
     }
     // Wait for what is in flight, then look again (pulls lost to a dropped
     // link or refused by the source are asked again on the next pass).
-    std::unique_lock lock(pull_mu_);
-    pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return stopping_.load() || pulls_.empty(); });
+    UniqueLock lock(pull_mu_);
+    pull_cv_.wait_for(lock, std::chrono::milliseconds(100),
+                      [&]() REQUIRES(pull_mu_) { return stopping_.load() || pulls_.empty(); });
   }
   if (stopping_) return s_.log(fmt::format("migration {}: background pulls end: shutting down", id_));
   finish();
@@ -783,8 +783,8 @@ bool DestinationSession::pull_segment(uint64_t seg, uint64_t unit_blocks) {
   const SegmentGeometry& g = s_.geometry();
   IndexRange segment = g.blocks_of_segment(seg);
   for (uint64_t b = segment.first; b < segment.last && !stopping_;) {
-    std::unique_lock lock(pull_mu_);
-    pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&] {
+    UniqueLock lock(pull_mu_);
+    pull_cv_.wait_for(lock, std::chrono::milliseconds(100), [&]() REQUIRES(pull_mu_) {
       return stopping_ ||
              (background_bytes_in_flight_ < pull_window_.bytes() && Clock::now() >= background_paused_until_);
     });
@@ -879,12 +879,12 @@ nlohmann::json DestinationSession::progress_json() {
   EngineState st = s_.machine.state();
   json window;
   {
-    std::lock_guard lock(pull_mu_);
+    MutexLock lock(pull_mu_);
     window = {{"bytes", pull_window_.bytes()},
               {"rtt_ms", pull_window_.rtt_seconds() * 1000},
               {"rate_bytes_per_second", pull_window_.rate()}};
   }
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   uint64_t left = presence_ ? presence_->missing() : s_.geometry().block_count();
   if (st.phase == Phase::Done) left = 0;
   json j = {{"id", id_},

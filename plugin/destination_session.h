@@ -51,6 +51,7 @@
 
 #include "common/block_bitmap.h"
 #include "common/migration_params.h"
+#include "common/mutex.h"
 #include "common/peer_link.h"
 #include "plugin/engine_context.h"
 #include "plugin/latency_pacer.h"
@@ -126,15 +127,15 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void on_push(const std::shared_ptr<PeerLink>& link, const DataPayload& p);
   void maybe_sync_pushes(const std::shared_ptr<PeerLink>& link, bool force);
   void on_handover(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const HandoverPayload& p);
-  void commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation);
-  void refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why);
+  void commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) REQUIRES(commit_mu_);
+  void refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why) REQUIRES(commit_mu_);
   void on_source_error(const std::shared_ptr<PeerLink>& link, const ErrorPayload& e);
   void serve_sums(const std::shared_ptr<PeerLink>& link, uint64_t id, const SumsPayload& p);
   // after the commit
   void become_authoritative(BlockBitmap present, std::vector<double> priority);
   void on_pulled(uint64_t id, const DataPayload& p);
   Status apply_pulled(const DataPayload& p);
-  uint64_t issue_pull(IndexRange blocks, bool background);  // REQUIRES: pull_mu_ held
+  uint64_t issue_pull(IndexRange blocks, bool background) REQUIRES(pull_mu_);
   void finish_pull(uint64_t id, uint64_t bytes);
   void fail_pull(uint64_t id, int err);
   Status ensure_present(IndexRange blocks);
@@ -162,21 +163,21 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   SessionLink link_;
   std::atomic<bool> stopping_{false};
 
-  mutable std::mutex mu_;
-  std::string last_error_;          // guarded by mu_
-  std::string space_error_;         // guarded by mu_: the disk is full (cleared by a write that succeeds)
-  nlohmann::json peer_progress_;    // guarded by mu_
-  bool had_copy_ = false;           // guarded by mu_
+  mutable Mutex mu_;
+  std::string last_error_ GUARDED_BY(mu_);
+  std::string space_error_ GUARDED_BY(mu_);  // the disk is full (cleared by a write that succeeds)
+  nlohmann::json peer_progress_ GUARDED_BY(mu_);
+  bool had_copy_ GUARDED_BY(mu_) = false;
 
   // Before the commit (io thread, and the sync job under push_mu_).
-  std::mutex commit_mu_;                      // a commit and a resume START exclude each other
-  std::vector<HandoverRange> pending_;        // guarded by commit_mu_
-  uint64_t pending_generation_ = 0;           // guarded by commit_mu_
-  uint64_t pending_blocks_ = 0;               // guarded by commit_mu_
-  std::mutex push_mu_;
-  uint64_t pushed_frames_ = 0;   // guarded by push_mu_: pushed DATA frames received on the current link
-  uint64_t unsynced_bytes_ = 0;  // guarded by push_mu_
-  bool sync_running_ = false;    // guarded by push_mu_
+  Mutex commit_mu_;                      // a commit and a resume START exclude each other
+  std::vector<HandoverRange> pending_ GUARDED_BY(commit_mu_);
+  uint64_t pending_generation_ GUARDED_BY(commit_mu_) = 0;
+  uint64_t pending_blocks_ GUARDED_BY(commit_mu_) = 0;
+  Mutex push_mu_;
+  uint64_t pushed_frames_ GUARDED_BY(push_mu_) = 0;  // pushed DATA frames received on the current link
+  uint64_t unsynced_bytes_ GUARDED_BY(push_mu_) = 0;
+  bool sync_running_ GUARDED_BY(push_mu_) = false;
 
   // After the commit. Set once, before the state turns DestPost.
   std::unique_ptr<PresenceJournal> presence_;
@@ -191,13 +192,13 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   const PeerLink* paid_link_ = nullptr;  // puller only
   uint64_t paid_received_ = 0;           // puller only
 
-  std::mutex pull_mu_;
-  std::condition_variable pull_cv_;
-  std::map<uint64_t, Pull> pulls_;            // guarded by pull_mu_
-  std::map<uint64_t, int> failed_pulls_;      // guarded by pull_mu_: demand pulls that got an error
-  uint64_t background_bytes_in_flight_ = 0;   // guarded by pull_mu_
-  PullWindow pull_window_;                     // guarded by pull_mu_
-  std::chrono::steady_clock::time_point background_paused_until_{};  // guarded by pull_mu_
+  Mutex pull_mu_;
+  CondVar pull_cv_;
+  std::map<uint64_t, Pull> pulls_ GUARDED_BY(pull_mu_);
+  std::map<uint64_t, int> failed_pulls_ GUARDED_BY(pull_mu_);  // demand pulls that got an error
+  uint64_t background_bytes_in_flight_ GUARDED_BY(pull_mu_) = 0;
+  PullWindow pull_window_ GUARDED_BY(pull_mu_);
+  std::chrono::steady_clock::time_point background_paused_until_ GUARDED_BY(pull_mu_){};
 };
 
 }  // namespace livemig

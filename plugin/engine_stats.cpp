@@ -14,7 +14,7 @@ size_t LatencyHistogram::bucket_of(double ms) {
 double LatencyHistogram::upper_edge(size_t bucket) { return std::exp2((bucket + 1) / 4.0) / 1000.0; }
 
 void LatencyHistogram::add(double ms) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   buckets_[bucket_of(ms)]++;
   count_++;
   sum_ += ms;
@@ -22,14 +22,14 @@ void LatencyHistogram::add(double ms) {
 }
 
 uint64_t LatencyHistogram::count() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return count_;
 }
 
 nlohmann::json LatencyHistogram::summary() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (count_ == 0) return nullptr;
-  auto percentile = [&](double q) {
+  auto percentile = [&](double q) REQUIRES(mu_) {
     uint64_t rank = static_cast<uint64_t>(std::ceil(q * count_)), seen = 0;
     for (size_t b = 0; b < kBuckets; ++b)
       if ((seen += buckets_[b]) >= rank) return std::min(upper_edge(b), max_);
@@ -40,7 +40,7 @@ nlohmann::json LatencyHistogram::summary() const {
 }
 
 void LatencyHistogram::reset() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   buckets_.fill(0);
   count_ = 0;
   sum_ = max_ = 0;
@@ -64,7 +64,7 @@ void EngineStats::reset() {
 }
 
 EngineStats::Rates EngineStats::sample_rates(uint64_t wire_bytes, uint64_t blocks_left) {
-  std::lock_guard lock(rate_mu_);
+  MutexLock lock(rate_mu_);
   double now = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
   if (now - last_time_ >= 0.5) {
     double dt = now - last_time_;

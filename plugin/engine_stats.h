@@ -13,6 +13,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/mutex.h"
+
 namespace livemig {
 
 // Latencies in buckets a quarter of a power of two wide (about 19% apart),
@@ -29,11 +31,11 @@ class LatencyHistogram {
   static constexpr size_t kBuckets = 160;
   static size_t bucket_of(double ms);
   static double upper_edge(size_t bucket);
-  mutable std::mutex mu_;
-  std::array<uint64_t, kBuckets> buckets_{};  // guarded by mu_
-  uint64_t count_ = 0;
-  double sum_ = 0;
-  double max_ = 0;
+  mutable Mutex mu_;
+  std::array<uint64_t, kBuckets> buckets_ GUARDED_BY(mu_){};
+  uint64_t count_ GUARDED_BY(mu_) = 0;
+  double sum_ GUARDED_BY(mu_) = 0;
+  double max_ GUARDED_BY(mu_) = 0;
 };
 
 struct EngineStats {
@@ -86,13 +88,13 @@ struct EngineStats {
   Rates sample_rates(uint64_t wire_bytes, uint64_t blocks_left);
 
  private:
-  std::mutex rate_mu_;
-  double last_time_ = 0;
-  uint64_t last_bytes_ = 0;
-  uint64_t last_dirty_ = 0;
-  uint64_t last_left_ = 0;
-  double block_rate_ = 0;
-  Rates rates_;
+  Mutex rate_mu_;
+  double last_time_ GUARDED_BY(rate_mu_) = 0;
+  uint64_t last_bytes_ GUARDED_BY(rate_mu_) = 0;
+  uint64_t last_dirty_ GUARDED_BY(rate_mu_) = 0;
+  uint64_t last_left_ GUARDED_BY(rate_mu_) = 0;
+  double block_rate_ GUARDED_BY(rate_mu_) = 0;
+  Rates rates_ GUARDED_BY(rate_mu_);
 };
 
 }  // namespace livemig

@@ -69,15 +69,16 @@ void GuestLatency::begin_request() { skip_request = false; }
 void GuestLatency::skip_current_request() { skip_request = true; }
 
 void GuestLatency::maybe_rotate(Clock::time_point now) {
-  std::unique_lock lock(ring_mu_, std::try_to_lock);
-  if (!lock.owns_lock() || ns_of(now) < next_rotation_ns_.load(std::memory_order_relaxed)) return;
+  if (!ring_mu_.try_lock()) return;
+  MutexLock lock(ring_mu_, std::adopt_lock);
+  if (ns_of(now) < next_rotation_ns_.load(std::memory_order_relaxed)) return;
   ring_[next_slot_] = histogram_.snapshot();
   next_slot_ = (next_slot_ + 1) % static_cast<int>(ring_.size());
   next_rotation_ns_.store(ns_of(now + kBaselineStep), std::memory_order_relaxed);
 }
 
 GuestLatency::Window GuestLatency::baseline() const {
-  std::lock_guard lock(ring_mu_);
+  MutexLock lock(ring_mu_);
   // The slot written next is the oldest (all zero until the ring has
   // turned: then the window starts when the plugin did).
   return Window{histogram_.snapshot(), ring_[next_slot_]};

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <mutex>
 
+#include "common/mutex.h"
+
 namespace livemig {
 
 // Latencies in cumulative counts that only grow (engine_stats.h has the
@@ -78,9 +80,9 @@ class GuestLatency {
 
   CumulativeHistogram histogram_;
   std::atomic<int64_t> next_rotation_ns_{0};
-  mutable std::mutex ring_mu_;  // guards ring_, next_slot_
-  std::array<CumulativeHistogram::Counts, 3> ring_{};
-  int next_slot_ = 0;
+  mutable Mutex ring_mu_;
+  std::array<CumulativeHistogram::Counts, 3> ring_ GUARDED_BY(ring_mu_){};
+  int next_slot_ GUARDED_BY(ring_mu_) = 0;
 };
 
 // Times one guest request, from construction to destruction.

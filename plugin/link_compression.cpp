@@ -73,12 +73,12 @@ Status decompress_frame(const DataPayload& p, std::string& out) {
 }
 
 void CompressionGovernor::disable(std::string why) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   disabled_ = std::move(why);
 }
 
 std::optional<int> CompressionGovernor::level_for_next(uint64_t queued, uint64_t sent, Clock::time_point now) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   frames_++;
   if (!disabled_.empty() || setting_.kind == Compression::Kind::Off) return std::nullopt;
   if (setting_.kind == Compression::Kind::Zstd) return setting_.level;
@@ -144,7 +144,7 @@ std::optional<int> CompressionGovernor::pick_level_locked() const {
 
 void CompressionGovernor::record_try(int level, uint64_t in, uint64_t out, std::chrono::nanoseconds took) {
   if (in == 0) return;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   ratio_ = ewma(ratio_, out == 0 ? 1.0 : double(out) / double(in), kEwmaFrames);
   // Speeds of frames zstd gave up on (random data, at GB/s) say nothing
   // about the data that does compress.
@@ -157,7 +157,7 @@ void CompressionGovernor::record_try(int level, uint64_t in, uint64_t out, std::
 }
 
 nlohmann::json CompressionGovernor::to_json() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   nlohmann::json j = {{"setting", setting_.name()}, {"active", false}};
   if (!disabled_.empty()) j["reason"] = disabled_;
   if (!disabled_.empty() || setting_.kind == Compression::Kind::Off) return j;

@@ -36,6 +36,7 @@
 
 #include "common/frame_codec.h"
 #include "common/migration_params.h"
+#include "common/mutex.h"
 #include "common/status.h"
 
 namespace livemig {
@@ -80,24 +81,24 @@ class CompressionGovernor {
   nlohmann::json to_json() const;
 
  private:
-  std::optional<int> decide_locked();
-  void sample_link_locked(uint64_t queued, uint64_t sent, Clock::time_point now);
-  std::optional<int> pick_level_locked() const;
+  std::optional<int> decide_locked() REQUIRES(mu_);
+  void sample_link_locked(uint64_t queued, uint64_t sent, Clock::time_point now) REQUIRES(mu_);
+  std::optional<int> pick_level_locked() const REQUIRES(mu_);
 
   const Compression setting_;
   const uint64_t max_rate_;
-  mutable std::mutex mu_;
-  std::string disabled_;            // why, if the peer cannot decompress
-  bool active_ = false;             // auto: compressing now (hysteresis on link_bound_)
-  double link_bound_ = 0;           // EWMA over frames of "the send queue was backed up"
-  double ratio_ = 0.5;              // EWMA of compressed / plain size over tried frames
-  double level1_speed_ = 0;         // bytes/s of plain data, level-1 equivalent; 0: not measured
-  double link_rate_ = 0;            // bytes/s the link wrote, while backed up
-  uint64_t last_sent_ = 0;
-  Clock::time_point last_sample_{};
-  uint64_t frames_ = 0;
-  int level_ = 1;                   // the level last chosen
-  std::string reason_ = "not started";
+  mutable Mutex mu_;
+  std::string disabled_ GUARDED_BY(mu_);            // why, if the peer cannot decompress
+  bool active_ GUARDED_BY(mu_) = false;             // auto: compressing now (hysteresis on link_bound_)
+  double link_bound_ GUARDED_BY(mu_) = 0;           // EWMA over frames of "the send queue was backed up"
+  double ratio_ GUARDED_BY(mu_) = 0.5;              // EWMA of compressed / plain size over tried frames
+  double level1_speed_ GUARDED_BY(mu_) = 0;         // bytes/s of plain data, level-1 equivalent; 0: not measured
+  double link_rate_ GUARDED_BY(mu_) = 0;            // bytes/s the link wrote, while backed up
+  uint64_t last_sent_ GUARDED_BY(mu_) = 0;
+  Clock::time_point last_sample_ GUARDED_BY(mu_){};
+  uint64_t frames_ GUARDED_BY(mu_) = 0;
+  int level_ GUARDED_BY(mu_) = 1;                   // the level last chosen
+  std::string reason_ GUARDED_BY(mu_) = "not started";
 };
 
 }  // namespace livemig

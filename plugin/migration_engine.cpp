@@ -232,7 +232,7 @@ DestinationSession* MigrationEngine::destination() const {
   return d ? d->get() : nullptr;
 }
 
-// REQUIRES: ops_mu_ held; the io mode names no session (Local or Fenced).
+// REQUIRES: the io mode names no session (Local or Fenced).
 void MigrationEngine::retire_session() {
   gate_.drain();
   Session old;
@@ -629,7 +629,7 @@ Result<MigrationParams> MigrationEngine::destination_params(const StartPayload& 
 }
 
 Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, const StartPayload& p, bool* had_copy) {
-  std::lock_guard ops(ops_mu_);
+  MutexLock ops(ops_mu_);
   if (migrating_) return protocol_error(ErrorCode::Busy, "busy: this side is starting a migration of its own");
   EngineState st = machine_.state();
   if (Status s = check_incoming(st, had_copy); !s) return s;
@@ -695,7 +695,7 @@ json MigrationEngine::migrate(const json& req) {
   if (ctx_.secret.empty())
     return error_reply("this plugin has no key to authenticate to the destination: start it with secret=FILE (the "
                        "destination's key) or listen=");
-  std::unique_lock ops(ops_mu_);
+  UniqueLock ops(ops_mu_);
   EngineState st = machine_.state();
   if (migrating_ || is_active(st.phase))
     return error_reply(migrating_ ? std::string("a migration is already running here (another migrate request is "
@@ -808,7 +808,7 @@ json MigrationEngine::resolve(const json& req) {
 json MigrationEngine::release(const json& req) {
   auto unfence = json_bool(req, "unfence", false, "release");
   if (!unfence) return error_reply(unfence.status().message());
-  std::lock_guard ops(ops_mu_);
+  MutexLock ops(ops_mu_);
   EngineState st = machine_.state();
   Session s = current_session();
   if (*unfence) return unfence_released(st);
@@ -839,7 +839,7 @@ json MigrationEngine::release(const json& req) {
   return {{"ok", true}, {"was", phase_name(st.phase)}, {"fenced", to.io == IoMode::Fenced}};
 }
 
-// REQUIRES: ops_mu_ held. The operator's word that a released former
+// The operator's word that a released former
 // source's stale copy is now a disk of its own (its VM runs elsewhere).
 json MigrationEngine::unfence_released(const EngineState& st) {
   if (st.role != Role::None || st.phase != Phase::Idle || st.io != IoMode::Fenced)

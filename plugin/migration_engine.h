@@ -40,6 +40,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/mutex.h"
 #include "plugin/destination_session.h"
 #include "plugin/engine_context.h"
 #include "plugin/source_session.h"
@@ -113,7 +114,7 @@ class MigrationEngine {
   DestinationSession* destination() const;
   Session current_session() const;
   // Stops and drops the session; the gate has drained. Not on the io thread.
-  void retire_session();
+  void retire_session() REQUIRES(ops_mu_);
 
   void start_link(const std::shared_ptr<PeerLink>& link);
   void on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame);
@@ -122,11 +123,11 @@ class MigrationEngine {
   void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const StartPayload& p,
                        const nlohmann::json& params);
   Status accept_start(const std::shared_ptr<PeerLink>& link, const StartPayload& p, bool* had_copy);
-  Status check_incoming(const EngineState& st, bool* had_copy);
+  Status check_incoming(const EngineState& st, bool* had_copy) REQUIRES(ops_mu_);
   void measure_guest_baseline(MigrationParams& p) const;
   Result<MigrationParams> destination_params(const StartPayload& p);
   Status check_base(const std::string& identity) const;
-  nlohmann::json unfence_released(const EngineState& st);
+  nlohmann::json unfence_released(const EngineState& st) REQUIRES(ops_mu_);
   Result<std::shared_ptr<PeerLink>> connect(const std::string& address);
   Status recover_source(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);
   Status recover_destination(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);
@@ -153,13 +154,13 @@ class MigrationEngine {
 
   // Serializes the operations that start or end a session (migrate, START,
   // release); may be held while a session stops. Never taken on the io thread.
-  std::mutex ops_mu_;
+  Mutex ops_mu_;
   // Guards session_ briefly (the io thread takes it). The data path reads
   // session_ without it while the io mode names the session (see above).
   mutable std::mutex session_mu_;
   Session session_;
   std::atomic<bool> migrating_{false};  // a migrate request is between its checks and its start
-  bool received_migration_ = false;     // guarded by ops_mu_: this process accepted a START
+  bool received_migration_ GUARDED_BY(ops_mu_) = false;  // this process accepted a START
 };
 
 }  // namespace livemig

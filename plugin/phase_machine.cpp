@@ -142,27 +142,27 @@ const Edge* find_edge(const EngineState& from, const EngineState& to) {
 }
 
 EngineState PhaseMachine::state() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return state_;
 }
 
 MigrationRecord PhaseMachine::record() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return file_ ? file_->record() : MigrationRecord{};
 }
 
 bool PhaseMachine::has_file() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return file_ != nullptr;
 }
 
 StateFile* PhaseMachine::file() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return file_.get();
 }
 
 void PhaseMachine::restore(const EngineState& s, std::unique_ptr<StateFile> file) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   state_ = s;
   file_ = std::move(file);
   gate_.set_mode(s.io);
@@ -175,11 +175,11 @@ Status PhaseMachine::check_edge(const EngineState& from, const EngineState& to, 
 }
 
 Status PhaseMachine::begin(std::unique_ptr<StateFile> file, const EngineState& to) {
-  std::lock_guard serial(transition_mu_);
+  MutexLock serial(transition_mu_);
   const Edge* edge;
   if (Status s = check_edge(state(), to, &edge); !s) return s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     file_ = std::move(file);
   }
   publish(to, *edge);
@@ -188,7 +188,7 @@ Status PhaseMachine::begin(std::unique_ptr<StateFile> file, const EngineState& t
 }
 
 Status PhaseMachine::transition(const EngineState& to, const RecordUpdate& update, Persist how) {
-  std::lock_guard serial(transition_mu_);
+  MutexLock serial(transition_mu_);
   const Edge* edge;
   if (Status s = check_edge(state(), to, &edge); !s) return s;
   Status persisted = persist(to, update, how);
@@ -199,13 +199,12 @@ Status PhaseMachine::transition(const EngineState& to, const RecordUpdate& updat
 }
 
 Status PhaseMachine::update_record(const RecordUpdate& update) {
-  std::lock_guard serial(transition_mu_);
+  MutexLock serial(transition_mu_);
   return persist(state(), update, Persist::Write);
 }
 
-// REQUIRES: transition_mu_ held.
 Status PhaseMachine::persist(const EngineState& to, const RecordUpdate& update, Persist how) {
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   if (!file_ || how == Persist::Keep) return Status::ok();
   if (how == Persist::Remove) {
     std::string path = file_->path();
@@ -219,10 +218,9 @@ Status PhaseMachine::persist(const EngineState& to, const RecordUpdate& update, 
   return file_->write_record(rec);
 }
 
-// REQUIRES: transition_mu_ held.
 void PhaseMachine::publish(const EngineState& to, const Edge&) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     state_ = to;
     gate_.set_mode(to.io);
   }
@@ -231,8 +229,8 @@ void PhaseMachine::publish(const EngineState& to, const Edge&) {
 
 bool PhaseMachine::wait_for(const std::function<bool(const EngineState&)>& pred,
                             std::chrono::milliseconds timeout) const {
-  std::unique_lock lock(mu_);
-  return cv_.wait_for(lock, timeout, [&] { return pred(state_); });
+  UniqueLock lock(mu_);
+  return cv_.wait_for(lock, timeout, [&]() REQUIRES(mu_) { return pred(state_); });
 }
 
 }  // namespace livemig

@@ -37,6 +37,7 @@
 #include <span>
 #include <string>
 
+#include "common/mutex.h"
 #include "common/state_file.h"
 #include "common/status.h"
 #include "plugin/io_gate.h"
@@ -119,15 +120,15 @@ class PhaseMachine {
 
  private:
   Status check_edge(const EngineState& from, const EngineState& to, const Edge** edge) const;
-  Status persist(const EngineState& to, const RecordUpdate& update, Persist persist);
-  void publish(const EngineState& to, const Edge& edge);
+  Status persist(const EngineState& to, const RecordUpdate& update, Persist persist) REQUIRES(transition_mu_);
+  void publish(const EngineState& to, const Edge& edge) REQUIRES(transition_mu_);
 
   IoGate& gate_;
-  std::mutex transition_mu_;  // one transition at a time, drain included
-  mutable std::mutex mu_;     // guards state_ and file_
-  mutable std::condition_variable_any cv_;
-  EngineState state_;
-  std::unique_ptr<StateFile> file_;
+  Mutex transition_mu_;  // one transition at a time, drain included
+  mutable Mutex mu_;
+  mutable CondVar cv_;
+  EngineState state_ GUARDED_BY(mu_);
+  std::unique_ptr<StateFile> file_ GUARDED_BY(mu_);
 };
 
 }  // namespace livemig

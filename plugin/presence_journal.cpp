@@ -15,7 +15,7 @@ PresenceJournal::PresenceJournal(ImageFile& image, StateFile* file, BlockBitmap 
 
 void PresenceJournal::mark(IndexRange blocks) {
   if (blocks.empty()) return;
-  std::lock_guard lock(batch_mu_);
+  MutexLock lock(batch_mu_);
   present_.set_range(blocks);
   if (mark_delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(mark_delay_ms_));
   batch_.push_back(blocks);
@@ -25,11 +25,11 @@ Status PresenceJournal::persist() {
   std::lock_guard serial(persist_mu_);
   std::vector<IndexRange> runs;
   {
-    std::lock_guard lock(batch_mu_);
+    MutexLock lock(batch_mu_);
     runs.swap(batch_);
   }
   auto put_back = [&] {
-    std::lock_guard lock(batch_mu_);
+    MutexLock lock(batch_mu_);
     batch_.insert(batch_.end(), runs.begin(), runs.end());
   };
   // Data first, then the bits that claim it.

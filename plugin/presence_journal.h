@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common/block_bitmap.h"
+#include "common/mutex.h"
 #include "common/state_file.h"
 #include "common/status.h"
 #include "plugin/image_file.h"
@@ -61,7 +62,7 @@ class PresenceJournal {
   void mark(IndexRange blocks);
   // Blocks were marked since the last persist() took its batch.
   bool has_unpersisted() {
-    std::lock_guard lock(batch_mu_);
+    MutexLock lock(batch_mu_);
     return !batch_.empty();
   }
   // Makes every mark() that returned before this call durable, with the data
@@ -74,8 +75,8 @@ class PresenceJournal {
   BlockBitmap present_;
   const int mark_delay_ms_;  // test hook, 0 normally
 
-  std::mutex batch_mu_;
-  std::vector<IndexRange> batch_;  // guarded by batch_mu_: marked, not yet persisted
+  Mutex batch_mu_;
+  std::vector<IndexRange> batch_ GUARDED_BY(batch_mu_);  // marked, not yet persisted
   std::mutex persist_mu_;          // persist() calls take turns
 };
 

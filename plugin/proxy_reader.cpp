@@ -9,7 +9,7 @@ namespace livemig {
 int ProxyReader::read(PeerLink& link, void* buf, uint64_t count, uint64_t offset) {
   std::vector<uint64_t> ids;
   std::vector<PullPayload> pulls;
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   for (uint64_t done = 0; done < count; done += kProxyChunk) {
     uint64_t n = std::min(kProxyChunk, count - done);
     uint64_t id = link.next_request_id();
@@ -20,19 +20,19 @@ int ProxyReader::read(PeerLink& link, void* buf, uint64_t count, uint64_t offset
   lock.unlock();
   for (size_t i = 0; i < ids.size(); ++i) link.send(pulls[i], ids[i], true);
   lock.lock();
-  auto complete = [&] {
+  auto complete = [&]() REQUIRES(mu_) {
     for (uint64_t id : ids)
       if (pieces_.at(id).bytes_left > 0) return false;
     return true;
   };
-  auto failed = [&] {
+  auto failed = [&]() REQUIRES(mu_) {
     for (uint64_t id : ids)
       if (pieces_.at(id).error) return true;
     return false;
   };
   // A link that closed before the PULLs were queued never calls fail_all()
   // for them: check it too (fail_all wakes us for one that closes later).
-  bool in_time = cv_.wait_for(lock, timeout_, [&] { return complete() || failed() || link.closed(); });
+  bool in_time = cv_.wait_for(lock, timeout_, [&]() REQUIRES(mu_) { return complete() || failed() || link.closed(); });
   int error = !in_time ? ETIMEDOUT : complete() ? 0 : failed() ? 0 : EIO;
   for (uint64_t id : ids) {
     if (!error) error = pieces_.at(id).error;
@@ -46,7 +46,7 @@ int ProxyReader::read(PeerLink& link, void* buf, uint64_t count, uint64_t offset
 }
 
 bool ProxyReader::on_data(uint64_t id, const DataPayload& d) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto it = pieces_.find(id);
   if (it == pieces_.end()) return false;
   Piece& p = it->second;
@@ -66,7 +66,7 @@ bool ProxyReader::on_data(uint64_t id, const DataPayload& d) {
 }
 
 bool ProxyReader::on_error(uint64_t id, const Status& why) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto it = pieces_.find(id);
   if (it == pieces_.end()) return false;
   it->second.error = why.errno_value() ? why.errno_value() : EIO;
@@ -75,13 +75,13 @@ bool ProxyReader::on_error(uint64_t id, const Status& why) {
 }
 
 void ProxyReader::fail_all(const Status&) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   for (auto& [id, p] : pieces_) p.error = EIO;
   cv_.notify_all();
 }
 
 size_t ProxyReader::pending() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return pieces_.size();
 }
 

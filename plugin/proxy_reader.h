@@ -23,6 +23,7 @@
 #include <mutex>
 
 #include "common/frame_codec.h"
+#include "common/mutex.h"
 #include "common/peer_link.h"
 #include "common/status.h"
 
@@ -57,9 +58,9 @@ class ProxyReader {
   };
 
   const std::chrono::milliseconds timeout_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::map<uint64_t, Piece> pieces_;  // guarded by mu_, by request id
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::map<uint64_t, Piece> pieces_ GUARDED_BY(mu_);  // by request id
 };
 
 }  // namespace livemig

@@ -11,19 +11,19 @@ uint64_t wire_bytes(const PeerLink& link) { return link.bytes_sent() + link.byte
 }  // namespace
 
 bool SessionLink::owns(const PeerLink* link) const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return link_.get() == link;
 }
 
 std::shared_ptr<PeerLink> SessionLink::get() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return link_;
 }
 
 void SessionLink::adopt(const std::shared_ptr<PeerLink>& link) {
   std::shared_ptr<PeerLink> old;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     old = std::exchange(link_, link);
     if (old && old != link) closed_bytes_ += wire_bytes(*old);
   }
@@ -33,7 +33,7 @@ void SessionLink::adopt(const std::shared_ptr<PeerLink>& link) {
 
 bool SessionLink::drop(const std::shared_ptr<PeerLink>& link) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (link_ != link) return false;
     closed_bytes_ += wire_bytes(*link_);
     link_.reset();
@@ -46,7 +46,7 @@ bool SessionLink::drop(const std::shared_ptr<PeerLink>& link) {
 std::shared_ptr<PeerLink> SessionLink::take() {
   std::shared_ptr<PeerLink> link;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     link = std::exchange(link_, nullptr);
     if (link) closed_bytes_ += wire_bytes(*link);
   }
@@ -55,18 +55,18 @@ std::shared_ptr<PeerLink> SessionLink::take() {
 }
 
 std::shared_ptr<PeerLink> SessionLink::wait_up(std::chrono::milliseconds timeout, const std::atomic<bool>& stopping) {
-  std::unique_lock lock(mu_);
-  cv_.wait_for(lock, timeout, [&] { return stopping.load() || (link_ && !link_->closed()); });
+  UniqueLock lock(mu_);
+  cv_.wait_for(lock, timeout, [&]() REQUIRES(mu_) { return stopping.load() || (link_ && !link_->closed()); });
   return link_;
 }
 
 Clock::time_point SessionLink::down_since() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return down_since_;
 }
 
 void SessionLink::describe(nlohmann::json& j) const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   j["link_up"] = link_ && !link_->closed();
   j["wire_bytes"] = closed_bytes_ + (link_ ? wire_bytes(*link_) : 0);
   if (!link_) j["link_down_seconds"] = std::chrono::duration<double>(Clock::now() - down_since_).count();

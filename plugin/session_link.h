@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/frame_codec.h"
+#include "common/mutex.h"
 #include "common/peer_link.h"
 #include "common/status.h"
 
@@ -42,15 +43,15 @@ class SessionLink {
   void describe(nlohmann::json& j) const;
 
  private:
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::shared_ptr<PeerLink> link_;                      // guarded by mu_
-  std::chrono::steady_clock::time_point down_since_;    // guarded by mu_
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::shared_ptr<PeerLink> link_ GUARDED_BY(mu_);
+  std::chrono::steady_clock::time_point down_since_ GUARDED_BY(mu_);
   // Wire bytes of the links that left this session (dropped, replaced or
   // taken), so that a session's figure is its own: the engine's stats
   // outlive sessions, and a link's close handler may run after the next
   // migration started.
-  uint64_t closed_bytes_ = 0;  // guarded by mu_
+  uint64_t closed_bytes_ GUARDED_BY(mu_) = 0;
 };
 
 // What a call_for_reply() answer means: the payload if it is a T; else the

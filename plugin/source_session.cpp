@@ -88,7 +88,7 @@ SourceSession::~SourceSession() { stop(); }
 void SourceSession::start(std::shared_ptr<PeerLink> link, bool resync) {
   if (link) link_.adopt(link);
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     needs_resync_ = resync || begin_ == Begin::Restarted || begin_ == Begin::InWindow;
   }
   worker_ = std::thread([this] { run(); });
@@ -157,7 +157,7 @@ std::shared_ptr<PeerLink> SourceSession::forwarding_link() {
 Result<SourceSession::DialAnswer> SourceSession::dial_destination(bool probe) {
   uint64_t gen;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     gen = generation_;
   }
   auto connected = s_.connect(params_.to);
@@ -183,7 +183,7 @@ void SourceSession::follow_post_copy() {
   std::string last_answer;
   while (!stopping_) {
     {
-      std::unique_lock lock(mu_);
+      UniqueLock lock(mu_);
       cv_.wait_for(lock, s_.ctx.peer_timeout, [&] { return stopping_.load(); });
     }
     EngineState st = s_.machine.state();
@@ -237,7 +237,7 @@ std::shared_ptr<PeerLink> SourceSession::current_link() const { return link_.get
 
 void SourceSession::adopt_link(const std::shared_ptr<PeerLink>& link) {
   {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     pushed_frames_ = 0;
   }
   link_.adopt(link);
@@ -247,7 +247,7 @@ void SourceSession::adopt_link(const std::shared_ptr<PeerLink>& link) {
 void SourceSession::confirm_commit(const std::shared_ptr<PeerLink>& link) {
   uint64_t gen = s_.machine.record().committed_generation;
   if (gen == 0) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     gen = generation_;
   }
   link->send(ProgressPayload{json{{"committed_generation", gen}}.dump()}, 0);
@@ -268,7 +268,7 @@ void SourceSession::on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Fr
   } else if (std::holds_alternative<DonePayload>(frame.message)) {
     on_done();
   } else if (auto* progress = std::get_if<ProgressPayload>(&frame.message)) {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     peer_progress_ = parse_json_object(progress->json);
     if (peer_progress_.is_discarded()) peer_progress_ = json();
   } else if (!std::holds_alternative<CancelPullPayload>(frame.message)) {
@@ -282,7 +282,7 @@ void SourceSession::on_link_closed(const std::shared_ptr<PeerLink>& link, const 
   s_.log(fmt::format("migration {}: link to the destination lost: {}", id_, why.message()));
   // What was pushed but not acknowledged durable is owed again.
   {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     for (const Push& p : unacked_) owed_.set_range(p.blocks);
     unacked_.clear();
     pushed_frames_ = 0;
@@ -292,7 +292,7 @@ void SourceSession::on_link_closed(const std::shared_ptr<PeerLink>& link, const 
 }
 
 void SourceSession::on_push_ack(uint64_t frames) {
-  std::lock_guard lock(push_mu_);
+  MutexLock lock(push_mu_);
   while (!unacked_.empty() && unacked_.front().frames_end <= frames) unacked_.pop_front();
 }
 
@@ -347,7 +347,7 @@ void SourceSession::on_resume_start(const std::shared_ptr<PeerLink>& link, uint6
   EngineState st = s_.machine.state();
   uint64_t generation;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     generation = generation_;
   }
   if (s_.machine.record().aborted_generation == committed_generation && committed_generation != 0) {
@@ -390,13 +390,13 @@ void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t i
 nlohmann::json SourceSession::request_handover() {
   uint64_t target;
   {
-    std::unique_lock lock(mu_);
+    UniqueLock lock(mu_);
     target = attempt_.number + 1;
     handover_requested_ = true;
   }
   cv_.notify_all();
-  std::unique_lock lock(mu_);
-  bool answered = cv_.wait_for(lock, std::chrono::seconds(120), [&] {
+  UniqueLock lock(mu_);
+  bool answered = cv_.wait_for(lock, std::chrono::seconds(120), [&]() REQUIRES(mu_) {
     EngineState st = s_.machine.state();
     return attempt_.done >= target || stopping_ || st.role != Role::Source ||
            st.phase == Phase::Done || st.phase == Phase::PostCopy;
@@ -418,7 +418,7 @@ nlohmann::json SourceSession::request_cancel() {
                                    st.phase == Phase::PostCopy ? "the destination is authoritative after handover"
                                                                : "no migration runs"));
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     cancel_requested_ = true;
   }
   cv_.notify_all();
@@ -438,7 +438,7 @@ nlohmann::json SourceSession::resolve_abort() {
                                    "inside an unresolved handover window)",
                                    describe(st)));
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     abort_requested_ = true;
   }
   cv_.notify_all();
@@ -462,7 +462,7 @@ void SourceSession::on_last_client_closed() {
                                    st.phase == Phase::Sync))
     return;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     handover_requested_ = true;
   }
   cv_.notify_all();
@@ -471,8 +471,8 @@ void SourceSession::on_last_client_closed() {
 // ------------------------------------------------------------ worker
 
 bool SourceSession::wait_worker(std::chrono::milliseconds d) {
-  std::unique_lock lock(mu_);
-  cv_.wait_for(lock, d, [&] { return stopping_ || cancel_requested_ || abort_requested_; });
+  UniqueLock lock(mu_);
+  cv_.wait_for(lock, d, [&]() REQUIRES(mu_) { return stopping_ || cancel_requested_ || abort_requested_; });
   return !stopping_;
 }
 
@@ -504,7 +504,7 @@ void SourceSession::migrate() {
     if (st.phase != Phase::Monitoring && st.phase != Phase::PreCopy && st.phase != Phase::Sync) return;
     bool cancel, compare;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       cancel = cancel_requested_;
       compare = needs_resync_;
       ready = ready_;
@@ -532,7 +532,7 @@ void SourceSession::migrate() {
 // Starts pushing without a monitoring period (a restarted source): ranks
 // from the decayed history.
 bool SourceSession::begin_pushing() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   rank_heat_ = s_.heat().decayed_snapshot();
   send_set_ = initial_send_set(params_.policy, rank_heat_);
   resends_.assign(send_set_.size(), 0);
@@ -552,9 +552,9 @@ bool SourceSession::monitor() {
   } else if (pol.mode == MigrationMode::Livefs && pol.monitor_period > 0) {
     std::vector<HeatCounts> before = s_.heat().cumulative_snapshot();
     {
-      std::unique_lock lock(mu_);
+      UniqueLock lock(mu_);
       cv_.wait_for(lock, std::chrono::duration<double>(pol.monitor_period),
-                   [&] {
+                   [&]() REQUIRES(mu_) {
                      return cancel_requested_ || destination_io_fired_locked() || handover_requested_ ||
                             stopping_.load();
                    });
@@ -571,7 +571,7 @@ bool SourceSession::monitor() {
     window.assign(s_.geometry().segment_count(), HeatCounts{});
   }
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     rank_heat_ = window;
     send_set_ = initial_send_set(pol, window);
     resends_.assign(send_set_.size(), 0);
@@ -585,7 +585,7 @@ bool SourceSession::monitor() {
 }
 
 bool SourceSession::handover_due() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return destination_io_fired_locked() || handover_requested_ || (ready_ && params_.handover == HandoverPolicy::Auto);
 }
 
@@ -602,7 +602,7 @@ bool SourceSession::destination_io_fired_locked() {
 
 void SourceSession::set_ready(bool converged, std::string why) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     ready_ = true;
     converged_ = converged;
     ready_reason_ = std::move(why);
@@ -615,7 +615,7 @@ void SourceSession::push_round(bool* ready, uint64_t* prev_left, int* not_shrink
   const SegmentGeometry& g = s_.geometry();
   bool pushing;
   {
-    std::unique_lock lock(mu_);
+    UniqueLock lock(mu_);
     pushing = std::any_of(send_set_.begin(), send_set_.end(), [](auto& d) { return d.push; });
     if (!pushing && !*ready) {
       lock.unlock();
@@ -663,7 +663,7 @@ bool SourceSession::push_pass(bool* interrupted) {
   std::vector<bool> push(g.segment_count());
   std::vector<uint64_t> order;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     for (uint64_t seg = 0; seg < g.segment_count(); ++seg) push[seg] = send_set_[seg].push;
     order = push_order(params_.policy, segment_loads());
   }
@@ -692,7 +692,7 @@ bool SourceSession::push_pass(bool* interrupted) {
     for (IndexRange unit = next_unit(blocks, blocks.first); !unit.empty() && unit.first < blocks.last;
          unit = next_unit(blocks, unit.last)) {
       {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         if (cancel_requested_ || destination_io_fired_locked() || handover_requested_ || stopping_) {
           *interrupted = true;
           return true;
@@ -718,7 +718,7 @@ bool SourceSession::push_unit(IndexRange unit) {
   // Listed before it is claimed and sent: a link that closes meanwhile puts
   // it back into owed.
   auto it = [&] {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     unacked_.push_back({unit, UINT64_MAX});
     return std::prev(unacked_.end());
   }();
@@ -728,7 +728,7 @@ bool SourceSession::push_unit(IndexRange unit) {
   uint64_t before = link->bytes_enqueued();
   auto sent = s_.sender.send_blocks(*link, unit, 0, false, encoding());
   {
-    std::lock_guard lock(push_mu_);
+    MutexLock lock(push_mu_);
     pushed_frames_ += sent ? sent->frames : 0;
     // The entry is the last one still queuing (only this thread pushes),
     // unless the link closed and on_link_closed emptied the list.
@@ -757,7 +757,7 @@ bool SourceSession::push_unit(IndexRange unit) {
 // included, are still to be pushed in this pass.
 bool SourceSession::still_pushed(uint64_t seg, uint64_t bytes_left) {
   const SegmentGeometry& g = s_.geometry();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   double seconds_to_handover = double(bytes_left) / push_throughput();
   auto why = defer_before_push(params_.policy, segment_load(seg), g.segment_size(), seconds_to_handover);
   if (!why && pushes_measured() &&
@@ -785,7 +785,7 @@ double SourceSession::push_throughput() const {
 
 uint64_t SourceSession::owed_in_send_set() {
   const SegmentGeometry& g = s_.geometry();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   uint64_t n = 0;
   for (uint64_t seg = 0; seg < g.segment_count(); ++seg)
     if (send_set_[seg].push) n += owed_.count_range(g.blocks_of_segment(seg));
@@ -828,7 +828,7 @@ void SourceSession::after_round(double seconds, uint64_t bytes_sent) {
   // After a whole pass, an owed block of a pushed segment was written again
   // after it was sent.
   for (uint64_t seg = 0; seg < g.segment_count(); ++seg) redirtied[seg] = owed_.count_range(g.blocks_of_segment(seg));
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   uint64_t owed_bytes = 0;
   for (uint64_t seg = 0; seg < g.segment_count(); ++seg)
     if (send_set_[seg].push) owed_bytes += redirtied[seg] * g.block_size();
@@ -843,7 +843,7 @@ bool SourceSession::reconnect_before_handover() {
   const Clock::time_point since = link_.down_since();
   while (!stopping_) {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       if (cancel_requested_) return true;  // the loop ends the migration
     }
     if (seconds_since(since) > params_.resume_timeout) {
@@ -868,10 +868,10 @@ bool SourceSession::reconnect_before_handover() {
         end_before_handover(Phase::Failed, fmt::format("the destination cannot resume: {}", why.message()));
         return false;
       }
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       last_error_ = fmt::format("resuming: {}", why.message());
     } else {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       last_error_ = fmt::format("reconnecting to the destination: {}", link.status().message());
     }
     if (!wait_worker(kRetryPause)) return false;
@@ -907,7 +907,7 @@ bool SourceSession::resync() {
   // compares some twice; counting here counts each once).
   const uint64_t owed_after = owed_.count();
   if (owed_before > owed_after) s_.stats.blocks_resynced.fetch_add(owed_before - owed_after);
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   needs_resync_ = stopping_;
   return !stopping_;
 }
@@ -932,7 +932,7 @@ bool SourceSession::compare_level(PeerLink& link, const std::vector<Span>& spans
     for (size_t r = 0; r < batch.size(); ++r) {
       auto reply = expect_reply<SumsReplyPayload>(std::move(replies[r]));
       if (!reply) {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         last_error_ = fmt::format("checksum resync: {}", reply.status().message());
         return false;
       }
@@ -962,7 +962,7 @@ std::vector<HandoverRange> SourceSession::remaining_ranges() {
   // The fetch order after handover, as a rank per segment (higher first).
   std::vector<double> prio;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     prio = fetch_priority(params_.policy, rank_heat_, writes_since_start());
   }
   std::vector<uint64_t> order = fetch_order(prio);
@@ -983,7 +983,7 @@ std::vector<HandoverRange> SourceSession::remaining_ranges() {
 
 void SourceSession::finish_attempt(std::string outcome) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     attempt_.done = attempt_.number;
     attempt_.outcome = std::move(outcome);
     handover_requested_ = false;
@@ -1001,7 +1001,7 @@ void SourceSession::do_handover() {
   }
   uint64_t gen = s_.machine.record().handover_generation + 1;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     attempt_.number++;
   }
   // Writes most of the guest's dirty pages out while it still runs, so the
@@ -1019,7 +1019,7 @@ void SourceSession::do_handover() {
     return;
   }
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     generation_ = gen;
     resolution_.clear();
   }
@@ -1054,7 +1054,7 @@ void SourceSession::do_handover() {
   Status why = ack ? Status::error(fmt::format("acknowledged generation {}, not {}", ack->generation, gen), EPROTO)
                    : ack.status();
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     resolution_ = fmt::format("handover {} unanswered: {}", gen, why.message());
   }
   link->close(Status::error("handover unanswered", ETIMEDOUT));
@@ -1079,7 +1079,7 @@ void SourceSession::committed(uint64_t generation) {
   // migration on its own from now on (a resolve --abort is no longer possible).
   if (auto link = current_link()) confirm_commit(link);
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     resolution_.clear();
   }
   finish_attempt("committed");
@@ -1095,7 +1095,7 @@ void SourceSession::refused(const Status& why) {
 // migration fails, this side serves its image again, the link closes.
 void SourceSession::unfence_failed(const std::string& message, const Status& why) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     last_error_ = message;
     resolution_.clear();
   }
@@ -1110,19 +1110,19 @@ void SourceSession::unfence_failed(const std::string& message, const Status& why
 void SourceSession::resolve_handover() {
   uint64_t gen;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     gen = generation_;
   }
   while (!stopping_ && s_.machine.state().phase == Phase::Handover) {
     bool abort;
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       abort = abort_requested_;
     }
     if (abort) {
       Status s = s_.machine.transition({Role::None, Phase::Failed, IoMode::Local},
                                        [gen](MigrationRecord& r) { r.aborted_generation = gen; });
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       last_error_ = s ? fmt::format("handover {} aborted by the operator", gen)
                       : fmt::format("aborting handover {}: {}", gen, s.message());
       abort_requested_ = false;
@@ -1137,7 +1137,7 @@ void SourceSession::resolve_handover() {
     if (!link) {
       auto connected = s_.connect(params_.to);
       if (!connected) {
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         resolution_ = fmt::format("the destination {} cannot be reached: {}", params_.to,
                                   connected.status().message());
       } else {
@@ -1163,11 +1163,11 @@ void SourceSession::resolve_handover() {
           finish_attempt(fmt::format("not committed: the destination did not commit handover {}; the source "
                                      "resumed the migration{}",
                                      gen, s ? "" : ": " + s.message()));
-          std::lock_guard lock(mu_);
+          MutexLock lock(mu_);
           resolution_.clear();
           return;
         }
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         resolution_ = fmt::format("the destination answered {} (committed {}), not handover {}", answer.dump(),
                                   committed_gen, gen);
       } else {
@@ -1179,7 +1179,7 @@ void SourceSession::resolve_handover() {
           refused(why);
           return;
         }
-        std::lock_guard lock(mu_);
+        MutexLock lock(mu_);
         resolution_ = fmt::format("asking the destination about handover {}: {}", gen, why.message());
       }
     }
@@ -1190,7 +1190,7 @@ void SourceSession::resolve_handover() {
 void SourceSession::end_before_handover(Phase end, const std::string& why) {
   s_.log(fmt::format("migration {} {}: {}", id_, end == Phase::Cancelled ? "cancelled" : "failed", why));
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     last_error_ = why;
   }
   std::shared_ptr<PeerLink> link = current_link();
@@ -1208,7 +1208,7 @@ void SourceSession::end_before_handover(Phase end, const std::string& why) {
 
 nlohmann::json SourceSession::progress_json() {
   EngineState st = s_.machine.state();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   uint64_t left = owed_.count();
   // After handover the destination knows what is left; the source shows
   // what it last reported.
@@ -1246,7 +1246,7 @@ nlohmann::json SourceSession::progress_json() {
 
 nlohmann::json SourceSession::segments_json(size_t limit) {
   const SegmentGeometry& g = s_.geometry();
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   json out = json::array();
   if (send_set_.empty()) return out;
   std::vector<double> writes = writes_since_start();

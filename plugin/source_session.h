@@ -56,6 +56,7 @@
 #include "common/block_bitmap.h"
 #include "common/migration_params.h"
 #include "common/migration_policy.h"
+#include "common/mutex.h"
 #include "common/peer_link.h"
 #include "plugin/destination_io_trigger.h"
 #include "plugin/engine_context.h"
@@ -158,7 +159,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void record_pause();
   bool handover_due();
   // handover=on-destination-io and its rule holds (sets handover_requested_).
-  bool destination_io_fired_locked();
+  bool destination_io_fired_locked() REQUIRES(mu_);
   void set_ready(bool converged, std::string why);
   void finish_attempt(std::string outcome);
   bool wait_worker(std::chrono::milliseconds d);
@@ -200,22 +201,22 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::thread worker_;
   std::atomic<bool> stopping_{false};
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool handover_requested_ = false;           // guarded by mu_
-  bool cancel_requested_ = false;             // guarded by mu_
-  bool abort_requested_ = false;              // guarded by mu_
-  bool needs_resync_ = false;                 // guarded by mu_
-  bool ready_ = false;                        // guarded by mu_
-  bool converged_ = false;                    // guarded by mu_
-  std::string ready_reason_;                  // guarded by mu_
-  std::string last_error_;                    // guarded by mu_
-  std::string resolution_;                    // guarded by mu_: why the window is unresolved
-  uint64_t generation_;                       // guarded by mu_: the current or last handover
-  Attempt attempt_;                           // guarded by mu_
-  nlohmann::json peer_progress_;              // guarded by mu_
-  std::vector<SegmentDecision> send_set_;     // guarded by mu_
-  std::vector<HeatCounts> rank_heat_;         // guarded by mu_: the ranking window
+  mutable Mutex mu_;
+  CondVar cv_;
+  bool handover_requested_ GUARDED_BY(mu_) = false;
+  bool cancel_requested_ GUARDED_BY(mu_) = false;
+  bool abort_requested_ GUARDED_BY(mu_) = false;
+  bool needs_resync_ GUARDED_BY(mu_) = false;
+  bool ready_ GUARDED_BY(mu_) = false;
+  bool converged_ GUARDED_BY(mu_) = false;
+  std::string ready_reason_ GUARDED_BY(mu_);
+  std::string last_error_ GUARDED_BY(mu_);
+  std::string resolution_ GUARDED_BY(mu_);  // why the window is unresolved
+  uint64_t generation_ GUARDED_BY(mu_);  // the current or last handover
+  Attempt attempt_ GUARDED_BY(mu_);
+  nlohmann::json peer_progress_ GUARDED_BY(mu_);
+  std::vector<SegmentDecision> send_set_ GUARDED_BY(mu_);
+  std::vector<HeatCounts> rank_heat_ GUARDED_BY(mu_);  // the ranking window
   std::vector<unsigned> resends_;             // worker only
   // Set when pushing starts (after monitoring), read by the worker and
   // (under mu_) by status.
@@ -228,9 +229,9 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   // One thread at a time dials the destination for forwarding (forwarding_link).
   std::mutex dial_mu_;
 
-  std::mutex push_mu_;
-  std::deque<Push> unacked_;    // guarded by push_mu_
-  uint64_t pushed_frames_ = 0;  // guarded by push_mu_: on the current link
+  Mutex push_mu_;
+  std::deque<Push> unacked_ GUARDED_BY(push_mu_);
+  uint64_t pushed_frames_ GUARDED_BY(push_mu_) = 0;  // on the current link
 
   TransferPacer pacer_;  // max_rate and the guest-first bound (worker only)
   CompressionGovernor compression_;

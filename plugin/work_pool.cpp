@@ -8,7 +8,7 @@ WorkPool::WorkPool(std::string name, size_t threads, size_t max_queued)
     : name_(std::move(name)), thread_count_(threads), max_queued_(max_queued) {}
 
 void WorkPool::start() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (!threads_.empty() || stopping_) return;
   for (size_t i = 0; i < thread_count_; ++i) {
     threads_.emplace_back([this] { run(); });
@@ -20,7 +20,7 @@ WorkPool::~WorkPool() { stop(); }
 
 bool WorkPool::try_post(std::function<void()> job) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (stopping_ || jobs_.size() >= max_queued_) return false;
     jobs_.push_back(std::move(job));
   }
@@ -30,7 +30,7 @@ bool WorkPool::try_post(std::function<void()> job) {
 
 void WorkPool::stop() {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (stopping_ && threads_.empty()) return;
     stopping_ = true;
   }
@@ -41,19 +41,19 @@ void WorkPool::stop() {
 }
 
 size_t WorkPool::queued() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return jobs_.size();
 }
 
 size_t WorkPool::running() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return running_;
 }
 
 void WorkPool::run() {
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   for (;;) {
-    cv_.wait(lock, [&] { return stopping_ || !jobs_.empty(); });
+    cv_.wait(lock, [&]() REQUIRES(mu_) { return stopping_ || !jobs_.empty(); });
     if (jobs_.empty()) return;  // stopping, and nothing left to run
     auto job = std::move(jobs_.front());
     jobs_.pop_front();

@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/mutex.h"
+
 namespace livemig {
 
 class WorkPool {
@@ -41,11 +43,11 @@ class WorkPool {
   const std::string name_;
   const size_t thread_count_;
   const size_t max_queued_;
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> jobs_;  // guarded by mu_
-  size_t running_ = 0;                      // guarded by mu_
-  bool stopping_ = false;                   // guarded by mu_
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::deque<std::function<void()>> jobs_ GUARDED_BY(mu_);
+  size_t running_ GUARDED_BY(mu_) = 0;
+  bool stopping_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
 

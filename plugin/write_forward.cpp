@@ -56,7 +56,7 @@ int forward_request(PeerLink& link, const ForwardPayload& request, std::chrono::
 
 void ForwardedWrites::acknowledged(const std::shared_ptr<PeerLink>& link, bool fua) {
   if (fua) return;
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (acknowledged_ == flushed_) {
     on_ = link;
   } else if (on_.lock() != link) {
@@ -66,7 +66,7 @@ void ForwardedWrites::acknowledged(const std::shared_ptr<PeerLink>& link, bool f
 }
 
 bool ForwardedWrites::flush_may_cover(const std::shared_ptr<PeerLink>& link, uint64_t* mark) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   *mark = acknowledged_;
   if (failing_) return false;
   if (acknowledged_ == flushed_) return true;
@@ -76,19 +76,19 @@ bool ForwardedWrites::flush_may_cover(const std::shared_ptr<PeerLink>& link, uin
 }
 
 void ForwardedWrites::clients_gone() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   failing_ = false;
   crossed_links_ = false;
   flushed_ = acknowledged_;
 }
 
 bool ForwardedWrites::failing() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return failing_;
 }
 
 void ForwardedWrites::flushed(uint64_t mark) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   flushed_ = std::max(flushed_, mark);
   if (flushed_ == acknowledged_) crossed_links_ = false;
 }

@@ -30,6 +30,7 @@
 #include <mutex>
 
 #include "common/frame_codec.h"
+#include "common/mutex.h"
 #include "common/peer_link.h"
 #include "plugin/engine_stats.h"
 
@@ -78,12 +79,12 @@ class ForwardedWrites {
   bool failing() const;
 
  private:
-  mutable std::mutex mu_;
-  uint64_t acknowledged_ = 0;        // writes acknowledged so far
-  uint64_t flushed_ = 0;             // of which covered by a good flush
-  std::weak_ptr<PeerLink> on_;       // the link of the unflushed ones
-  bool crossed_links_ = false;       // unflushed writes on two links
-  bool failing_ = false;             // writes were lost: flushes fail
+  mutable Mutex mu_;
+  uint64_t acknowledged_ GUARDED_BY(mu_) = 0;        // writes acknowledged so far
+  uint64_t flushed_ GUARDED_BY(mu_) = 0;             // of which covered by a good flush
+  std::weak_ptr<PeerLink> on_ GUARDED_BY(mu_);       // the link of the unflushed ones
+  bool crossed_links_ GUARDED_BY(mu_) = false;       // unflushed writes on two links
+  bool failing_ GUARDED_BY(mu_) = false;             // writes were lost: flushes fail
 };
 
 }  // namespace livemig

@@ -113,7 +113,7 @@ class HostMonitor {
   }
   ~HostMonitor() {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       stop_ = true;
     }
     cv_.notify_all();
@@ -131,7 +131,7 @@ class HostMonitor {
   };
 
   Snapshot snapshot() {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     Snapshot s;
     s.known = known_;
     auto silent = Clock::now() - last_ok_;
@@ -146,7 +146,7 @@ class HostMonitor {
 
  private:
   void run() {
-    std::unique_lock lock(mu_);
+    UniqueLock lock(mu_);
     while (!stop_) {
       auto next = Clock::now() + interval_;
       lock.unlock();
@@ -170,7 +170,7 @@ class HostMonitor {
             if (stats->contains(key)) stats_[key] = std::move((*stats)[key]);
         }
       }
-      cv_.wait_until(lock, next, [&] { return stop_; });
+      cv_.wait_until(lock, next, [&]() REQUIRES(mu_) { return stop_; });
     }
   }
 
@@ -178,14 +178,14 @@ class HostMonitor {
   const milliseconds interval_, timeout_;
   const bool with_stats_;
   std::unique_ptr<client::ControlClient> client_;  // the monitor thread's only
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool stop_ = false;               // GUARDED_BY(mu_)
-  bool known_ = false;              // GUARDED_BY(mu_)
-  Clock::time_point last_ok_;       // GUARDED_BY(mu_)
-  json status_;                     // GUARDED_BY(mu_)
-  json stats_;                      // GUARDED_BY(mu_)
-  std::string error_;               // GUARDED_BY(mu_)
+  Mutex mu_;
+  CondVar cv_;
+  bool stop_ GUARDED_BY(mu_) = false;
+  bool known_ GUARDED_BY(mu_) = false;
+  Clock::time_point last_ok_ GUARDED_BY(mu_);
+  json status_ GUARDED_BY(mu_);
+  json stats_ GUARDED_BY(mu_);
+  std::string error_ GUARDED_BY(mu_);
   std::thread thread_;
 };
 
@@ -245,12 +245,12 @@ void Daemon::stop() {
   }
   wake_.notify_all();
   {
-    std::lock_guard lock(mu_);  // a cancel request waiting for its task gives up
+    MutexLock lock(mu_);  // a cancel request waiting for its task gives up
   }
   changed_.notify_all();
   if (scheduler_.joinable()) scheduler_.join();
   if (server_) server_->stop();
-  std::lock_guard lock(monitors_mu_);
+  MutexLock lock(monitors_mu_);
   monitors_.clear();
 }
 
@@ -261,7 +261,7 @@ void Daemon::log(const std::string& message) {
 
 template <typename Fn>
 void Daemon::modify(int64_t id, Fn&& fn) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto t = store_->get(id);
   if (!t || !*t) {
     if (!t) log(t.status().message());
@@ -299,7 +299,7 @@ void Daemon::watch_addresses(const std::vector<Task>& running) {
   }
   std::vector<std::unique_ptr<HostMonitor>> gone;  // joined outside the lock
   {
-    std::lock_guard lock(monitors_mu_);
+    MutexLock lock(monitors_mu_);
     for (auto it = monitors_.begin(); it != monitors_.end();) {
       if (!wanted.count(it->first)) {
         gone.push_back(std::move(it->second));
@@ -318,7 +318,7 @@ void Daemon::watch_addresses(const std::vector<Task>& running) {
 PluginView Daemon::view_of(const std::string& address, double* down_since, Clock::time_point* answered_at) {
   HostMonitor::Snapshot s;
   {
-    std::lock_guard lock(monitors_mu_);
+    MutexLock lock(monitors_mu_);
     auto it = monitors_.find(address);
     if (it == monitors_.end()) return {};
     s = it->second->snapshot();
@@ -369,8 +369,8 @@ void Daemon::tend(const Task& task) {
   else if (ours_src) phase = src.phase;
   json src_status, dst_status;
   {
-    std::lock_guard lock(monitors_mu_);
-    auto pick = [&](const std::string& a) -> json {
+    MutexLock lock(monitors_mu_);
+    auto pick = [&](const std::string& a) REQUIRES(monitors_mu_) -> json {
       auto it = monitors_.find(a);
       if (it == monitors_.end()) return json();
       return it->second->snapshot().status;
@@ -384,7 +384,7 @@ void Daemon::tend(const Task& task) {
                                     : json();
   if (!config_.metrics_listen.empty()) record_figures(task, src_status, dst_status, ours_src, ours_dst, handed_over);
 
-  modify(task.id, [&](Task& t) {
+  modify(task.id, [&](Task& t) REQUIRES(mu_) {
     if (t.state != TaskState::Running) return false;
     Task before = t;
     if (!unknown) {
@@ -425,7 +425,7 @@ void Daemon::tend(const Task& task) {
   });
   if (v.action == Action::Start) {
     {
-      std::lock_guard lock(mu_);
+      MutexLock lock(mu_);
       auto it = retry_at_.find(task.id);
       if (it != retry_at_.end() && Clock::now() < it->second) return;
       // A status older than our last migrate predates the migration it
@@ -461,7 +461,7 @@ void Daemon::issue_migrate(int64_t id, bool first) {
   std::string why = !reply ? reply.status().message()
                     : refused ? fmt::format("{}: {}", task.source, reply->value("error", std::string("refused")))
                               : "";
-  modify(id, [&](Task& t) {
+  modify(id, [&](Task& t) REQUIRES(mu_) {
     if (t.state != TaskState::Running) return false;
     if (why.empty()) {
       issued_at_[t.id] = Clock::now();
@@ -543,7 +543,7 @@ void Daemon::start_queued() {
 
 void Daemon::record_figures(const Task& task, const json& source_status, const json& destination_status,
                             bool ours_source, bool ours_destination, bool handed_over) {
-  std::lock_guard lock(figures_mu_);
+  MutexLock lock(figures_mu_);
   TaskFigures& f = figures_[task.id];
   if (ours_source) f.source = source_status.value("migration", json());
   if (ours_destination) f.destination = destination_status.value("migration", json());
@@ -558,7 +558,7 @@ MetricsSnapshot Daemon::metrics_snapshot() {
   if (!tasks) throw std::runtime_error(tasks.status().message());
   const double now = now_unix();
   {
-    std::lock_guard lock(figures_mu_);
+    MutexLock lock(figures_mu_);
     std::map<int64_t, TaskFigures> shown;
     for (Task& t : *tasks) {
       if (is_final(t.state) && now - t.finished_at > kFinishedShown) continue;
@@ -570,7 +570,7 @@ MetricsSnapshot Daemon::metrics_snapshot() {
     }
     figures_ = std::move(shown);  // forgets the tasks no longer shown
   }
-  std::lock_guard lock(monitors_mu_);
+  MutexLock lock(monitors_mu_);
   for (const auto& [address, monitor] : monitors_) {
     HostMonitor::Snapshot s = monitor->snapshot();
     snap.plugins.push_back({address, s.known && !s.down, std::move(s.stats)});
@@ -658,7 +658,7 @@ json Daemon::op_submit(const json& req) {
   }
   if (task.name.empty()) task.name = *from;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     auto active = store_->list(true);
     if (!active) return error_reply(active.status().message());
     for (const Task& t : *active)
@@ -691,7 +691,7 @@ json Daemon::op_show(const json& req) {
   if (!t) return error_reply(t.status().message());
   if (!*t) return error_reply(fmt::format("no task {}", req["id"].get<int64_t>()));
   json j = {{"ok", true}, {"task", (*t)->to_json()}, {"time", now_unix()}};
-  std::lock_guard lock(monitors_mu_);
+  MutexLock lock(monitors_mu_);
   for (const auto& [key, address] : {std::pair<std::string, std::string>{"source_status", (*t)->source},
                                      {"destination_status", (*t)->destination}}) {
     auto it = monitors_.find(address);
@@ -737,7 +737,7 @@ json Daemon::op_cancel(const json& req) {
   }
   wake_.notify_all();
   // Wait for the scheduler to carry it out.
-  std::unique_lock lock(mu_);
+  UniqueLock lock(mu_);
   changed_.wait_for(lock, kCancelWait, [&] {
     auto t = store_->get(id);
     return stopping_ || !t || !*t || (*t)->state != TaskState::Running;

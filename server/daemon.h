@@ -32,6 +32,7 @@
 
 #include "client/control_client.h"
 #include "common/control_server.h"
+#include "common/mutex.h"
 #include "common/status.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -108,19 +109,19 @@ class Daemon {
   std::shared_ptr<const client::SecretChoice> secret_;
   std::unique_ptr<ControlServer> server_;
 
-  std::mutex mu_;  // guards read-modify-write of tasks and retry_at_
-  std::condition_variable changed_;  // a task changed state
-  std::map<int64_t, std::chrono::steady_clock::time_point> retry_at_;  // GUARDED_BY(mu_)
+  Mutex mu_;  // also serializes read-modify-writes of tasks
+  CondVar changed_;  // a task changed state
+  std::map<int64_t, std::chrono::steady_clock::time_point> retry_at_ GUARDED_BY(mu_);
   // When migrate was last answered for a task (statuses older than that
   // cannot show its migration).
-  std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_;  // GUARDED_BY(mu_)
+  std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_ GUARDED_BY(mu_);
 
-  std::mutex monitors_mu_;
-  std::map<std::string, std::unique_ptr<HostMonitor>> monitors_;  // GUARDED_BY(monitors_mu_)
+  Mutex monitors_mu_;
+  std::map<std::string, std::unique_ptr<HostMonitor>> monitors_ GUARDED_BY(monitors_mu_);
 
   // The last migration figures per task, kept past its end for the metrics.
-  std::mutex figures_mu_;
-  std::map<int64_t, TaskFigures> figures_;  // GUARDED_BY(figures_mu_)
+  Mutex figures_mu_;
+  std::map<int64_t, TaskFigures> figures_ GUARDED_BY(figures_mu_);
   // Null without metrics-listen; set before start(), reset first by stop()
   // (other threads test config_.metrics_listen instead).
   std::unique_ptr<MetricsExporter> metrics_;

@@ -164,7 +164,7 @@ Result<std::unique_ptr<TaskStore>> TaskStore::open(const std::string& path) {
 }
 
 Status TaskStore::add(Task& task) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   task.state = TaskState::Queued;
   task.submitted_at = now_unix();
   auto st = db_->prepare(
@@ -179,7 +179,7 @@ Status TaskStore::add(Task& task) {
 }
 
 Result<std::optional<Task>> TaskStore::get(int64_t id) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto st = db_->prepare(fmt::format("SELECT {} FROM tasks WHERE id = ?1", kColumns));
   if (!st) return st.status();
   st->bind(1, id);
@@ -192,7 +192,7 @@ Result<std::optional<Task>> TaskStore::get(int64_t id) {
 }
 
 Result<std::vector<Task>> TaskStore::list(bool active_only) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto st = db_->prepare(fmt::format("SELECT {} FROM tasks {} ORDER BY id", kColumns,
                                      active_only ? "WHERE state IN ('queued', 'running')" : ""));
   if (!st) return st.status();
@@ -209,7 +209,7 @@ Result<std::vector<Task>> TaskStore::list(bool active_only) {
 }
 
 Status TaskStore::update(const Task& t) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   auto cur = db_->prepare("SELECT state FROM tasks WHERE id = ?1");
   if (!cur) return cur.status();
   cur->bind(1, t.id);

@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/mutex.h"
 #include "common/status.h"
 #include "server/sqlite_db.h"
 
@@ -79,8 +80,8 @@ class TaskStore {
 
  private:
   explicit TaskStore(std::unique_ptr<SqliteDb> db) : db_(std::move(db)) {}
-  std::mutex mu_;
-  std::unique_ptr<SqliteDb> db_;  // GUARDED_BY(mu_)
+  Mutex mu_;
+  std::unique_ptr<SqliteDb> db_ GUARDED_BY(mu_);
 };
 
 }  // namespace livemig::daemon

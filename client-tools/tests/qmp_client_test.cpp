@@ -19,6 +19,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/mutex.h"
+
 using namespace livemig::qmp;
 using nlohmann::json;
 using std::chrono::milliseconds;
@@ -30,12 +32,12 @@ const char* kGreeting = R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2,
 // Catch2's assertions are not thread-safe: what the fake monitor's thread
 // finds wrong is recorded here, and ~FakeMonitor reports it on the test's
 // thread (TSan saw the races the direct CHECKs made).
-std::mutex script_failures_mu;
-std::vector<std::string> script_failures;  // guarded by script_failures_mu
+livemig::Mutex script_failures_mu;
+std::vector<std::string> script_failures GUARDED_BY(script_failures_mu);
 
 void script_check(bool ok, const char* what, int line) {
   if (ok) return;
-  std::lock_guard lock(script_failures_mu);
+  livemig::MutexLock lock(script_failures_mu);
   script_failures.push_back("line " + std::to_string(line) + ": " + what);
 }
 
@@ -89,7 +91,7 @@ class FakeMonitor {
     ::rmdir(dir_.c_str());
     std::vector<std::string> failures;
     {
-      std::lock_guard lock(script_failures_mu);
+      livemig::MutexLock lock(script_failures_mu);
       failures.swap(script_failures);
     }
     for (const std::string& f : failures) FAIL_CHECK("the fake monitor's script: " << f);
