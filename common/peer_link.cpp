@@ -402,7 +402,6 @@ awaitable<void> PeerLink::heartbeat_loop(std::shared_ptr<PeerLink> self) {
   uint64_t seq = 0;
   while (!closed_) {
     timer.expires_after(options_.heartbeat);
-    boost::system::error_code ec;
     try {
       co_await timer.async_wait(use_awaitable);
     } catch (const boost::system::system_error&) {

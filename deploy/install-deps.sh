@@ -20,13 +20,10 @@ PACKAGES=(
   # tests/packaging: man and groff render the pages; bash-completion's .pc
   # names the completions directory (the build's too) and it has the loader
   man-db groff-base bash-completion
-<<<<<<< HEAD
   # the Python integration tests' runner (tests/integration, ctest -R integration)
   python3-pytest
-=======
   # a real Prometheus server (and promtool) scrapes livemigd in test_livemigd_metrics
   prometheus
->>>>>>> lib
   # TLS test credentials (x509 certificates, good and bad)
   python3-cryptography
   # faultfs (tests/faults): the FUSE file system that fails on command
