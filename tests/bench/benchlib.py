@@ -392,6 +392,41 @@ def remove_image(path):
             pass
 
 
+def forget_migration(image):
+    """The plugin's state file beside `image` goes, the image stays (a source
+    image migrated again by the next contender would otherwise start fenced)."""
+    try:
+        os.unlink(image + ".livemig-state")
+    except FileNotFoundError:
+        pass
+
+
+def add_contender_option(ap):
+    ap.add_argument("--contender", action="append", default=[], metavar="NAME=PLUGIN",
+                    help="a plugin to measure (repeatable; default: this build's, as 'this')")
+
+
+def contenders(args):
+    """--contender NAME=PATH options as (name, real path) pairs; this build's
+    plugin as 'this' when none is given."""
+    given = args.contender or [f"this={os.path.join(args.build, 'plugin', 'livemig.so')}"]
+    out = []
+    for c in given:
+        name, sep, path = c.partition("=")
+        if not sep or not os.path.exists(path):
+            die(f"--contender {c!r}: want NAME=PATH to an existing livemig.so")
+        out.append((name, os.path.realpath(path)))
+    return out
+
+
+def link_bytes_per_second(rate):
+    """tc's rate words (10gbit, 500mbit, 100kbit: decimal) in bytes/s."""
+    for unit, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1)):
+        if rate.endswith(unit):
+            return float(rate[:-len(unit)]) * mult / 8
+    die(f"--link {rate!r}: want a tc rate such as 1gbit or 500mbit")
+
+
 # --------------------------------------------------------------------------
 # Status polling
 
