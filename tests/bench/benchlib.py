@@ -392,6 +392,36 @@ def remove_image(path):
             pass
 
 
+def writer_argv(lm_workload, uri, journal, region, rate, switch, json_out, duration):
+    """The verifying writer (lm-workload write): random 4 KiB writes at
+    `rate` per second over region (offset, length), journalled, moving to
+    the URI written into `switch`; its summary in json_out."""
+    return [lm_workload, "write", "--uri", uri, "--journal", journal, "--region", f"{region[0]}:{region[1]}",
+            "--pattern", "random", "--rate", str(rate), "--queue-depth", "8", "--flush-every", "1000",
+            "--switch-file", switch, "--stats-interval", "0", "--overwrite", "--json-out", json_out,
+            "--duration", str(duration)]
+
+
+def switch_writer(switch, uri):
+    """Moves a verifying writer to uri (atomically, as it polls the file)."""
+    tmp = switch + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(uri + "\n")
+    os.rename(tmp, switch)
+
+
+def verify_journal(lm_workload, journal, image, region, log_path, timeout=600):
+    """lm-workload verify of an image file (nbdkit file, read-only) against
+    the writer's journal: every block the writer acknowledged must hold what
+    it wrote. True when it does; the verifier's output goes to log_path."""
+    with open(log_path, "wb") as f:
+        p = subprocess.run(["nbdkit", "-r", "-U", "-", "file", image, "--run",
+                            f"{lm_workload} verify --uri \"$uri\" --journal {journal} "
+                            f"--region {region[0]}:{region[1]} --initial any"],
+                           stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    return p.returncode == 0
+
+
 def forget_migration(image):
     """The plugin's state file beside `image` goes, the image stays (a source
     image migrated again by the next contender would otherwise start fenced)."""
@@ -707,16 +737,18 @@ c.close()
 """
 
 
-def link_throughput(env, nbytes, port=PEER_PORT + 7):
+def link_throughput(env, nbytes, port=PEER_PORT + 7, via=None):
     """Bytes/s of one TCP stream of nbytes from the source namespace to the
-    destination's address (the receiver times first byte -> end)."""
+    destination's address (the receiver times first byte -> end); via:
+    (addr, port) the sender dials instead, a proxy on the way to it."""
     rx = subprocess.Popen(pinned(["ip", "netns", "exec", env["LM_TB_DST_NS"], sys.executable, "-c", _STREAM_RX,
                                   env["LM_TB_DST_ADDR"], str(port)]), stdout=subprocess.PIPE, text=True)
     _procs[rx.pid] = rx
     try:
         rx.stdout.readline()
         subprocess.run(pinned(["ip", "netns", "exec", env["LM_TB_SRC_NS"], sys.executable, "-c", _STREAM_TX,
-                               env["LM_TB_DST_ADDR"], str(port), str(nbytes)]), check=True, timeout=300)
+                               *(map(str, via) if via else (env["LM_TB_DST_ADDR"], str(port))), str(nbytes)]),
+                       check=True, timeout=300)
         n, secs = rx.stdout.readline().split()
         rx.wait(10)
     finally:
