@@ -35,6 +35,11 @@ int64_t now_ns() {
 // How long a closing link keeps its socket open to finish writing its last
 // ERROR frame to a peer that is slow to read it.
 constexpr std::chrono::milliseconds kLastWordTimeout{2000};
+// Frames from this size on have their buffers reused (DATA frames: 256 KiB
+// of payload each). The writer returns a buffer as the pusher takes one, so
+// a few spares suffice; they cost their memory for the link's life (2 MiB).
+constexpr size_t kSpareFrameMin = 64u << 10;
+constexpr size_t kMaxSpareFrames = 8;
 
 // True for an encoded ERROR frame.
 bool is_error_frame(const std::string& frame) {
@@ -432,9 +437,25 @@ bool PeerLink::deliver_reply(Frame& frame) {
 }
 
 void PeerLink::send_data(const DataPayload& p, uint64_t request_id, bool priority) {
-  std::string frame = encode_data_prefix(p, request_id);
+  std::string frame = p.bytes.size() >= kSpareFrameMin ? take_spare_frame() : std::string();
+  frame.append(encode_data_prefix(p, request_id));
   frame.append(reinterpret_cast<const char*>(p.bytes.data()), p.bytes.size());
   send_raw(std::move(frame), priority);
+}
+
+std::string PeerLink::take_spare_frame() {
+  MutexLock lock(mu_);
+  if (spare_frames_.empty()) return {};
+  std::string frame = std::move(spare_frames_.back());
+  spare_frames_.pop_back();
+  frame.clear();  // keeps the capacity
+  return frame;
+}
+
+void PeerLink::keep_spare_frame(std::string frame) {
+  if (frame.capacity() < kSpareFrameMin) return;
+  MutexLock lock(mu_);
+  if (spare_frames_.size() < kMaxSpareFrames) spare_frames_.push_back(std::move(frame));
 }
 
 void PeerLink::send_raw(std::string frame, bool priority) {
@@ -482,6 +503,7 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
     }
     queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
     cv_.notify_all();
+    keep_spare_frame(std::move(frame));
   }
 }
 

@@ -36,6 +36,7 @@
 #include "common/status.h"
 #include "common/tls_context.h"
 #include "common/tls_stream.h"
+#include "common/uninitialized_buffer.h"
 
 namespace livemig {
 
@@ -54,7 +55,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
  public:
   struct Frame {
     FrameHeader header;
-    std::vector<uint8_t> payload;  // keeps DataPayload::bytes valid
+    UninitializedBytes payload;  // keeps DataPayload::bytes valid; read into, never zeroed first
     AnyPayload message;
   };
   using FrameHandler = std::function<void(const std::shared_ptr<PeerLink>&, Frame&)>;
@@ -171,6 +172,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   std::vector<Result<Frame>> call_raw_all(std::vector<std::pair<std::string, uint64_t>> frames,
                                           std::chrono::milliseconds timeout);
   boost::asio::awaitable<Result<Frame>> read_frame(uint32_t max_payload);
+  std::string take_spare_frame();
+  void keep_spare_frame(std::string frame);
   boost::asio::awaitable<void> read_loop(std::shared_ptr<PeerLink> self);
   boost::asio::awaitable<void> write_loop(std::shared_ptr<PeerLink> self);
   boost::asio::awaitable<void> heartbeat_loop(std::shared_ptr<PeerLink> self);
@@ -204,6 +207,11 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   std::deque<std::string> priority_queue_ GUARDED_BY(mu_);
   std::deque<std::string> normal_queue_ GUARDED_BY(mu_);
   bool writing_ GUARDED_BY(mu_) = false;
+  // Large frames already written, kept for their buffers: a DATA frame is
+  // built in one of them, not in fresh memory. The pusher allocates frames
+  // and the io thread frees them, so malloc does not reuse them: each
+  // 256 KiB frame was a new mapping, page faults and zeroed pages.
+  std::vector<std::string> spare_frames_ GUARDED_BY(mu_);
   Status close_reason_ GUARDED_BY(mu_);
   struct Waiter {
     bool done = false;
