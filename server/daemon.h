@@ -10,7 +10,8 @@
 //     (common/control_server.h): submit, list, show, cancel, status;
 //   - the scheduler thread: every 200 ms, judges the running tasks from the
 //     heartbeats and acts (migrate, cancel), then starts queued tasks;
-//   - one heartbeat thread per plugin address in use (HostMonitor);
+//   - the heartbeat thread: one loop polls every plugin in use, whatever
+//     their number (server/heartbeat.h);
 //   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
 //     the tasks and the monitors' last replies (server/metrics.h).
 // The plugin-side migration runs on without the daemon: a restarted daemon
@@ -34,6 +35,7 @@
 #include "common/control_server.h"
 #include "common/mutex.h"
 #include "common/status.h"
+#include "server/heartbeat.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/task_store.h"
@@ -53,8 +55,6 @@ struct DaemonConfig {
   double retry_delay = 2;          // seconds between two restarts of a task
   std::string metrics_listen;      // Prometheus metrics on HOST:PORT; empty: none
 };
-
-class HostMonitor;
 
 class Daemon {
  public:
@@ -116,8 +116,9 @@ class Daemon {
   // cannot show its migration).
   std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_ GUARDED_BY(mu_);
 
-  Mutex monitors_mu_;
-  std::map<std::string, std::unique_ptr<HostMonitor>> monitors_ GUARDED_BY(monitors_mu_);
+  // The plugins' heartbeats (thread-safe itself); set by start() before
+  // any thread that uses it, reset by stop() after they ended.
+  std::unique_ptr<HeartbeatLoop> heartbeats_;
 
   // The last migration figures per task, kept past its end for the metrics.
   Mutex figures_mu_;
