@@ -91,6 +91,7 @@ std::string render_task(const json& t, double now) {
   if (total) line("progress", progress_bar(total, t.value("blocks_left", uint64_t{0}), 30));
   uint64_t cap = t.value("rate_cap", uint64_t{0});
   line("rate cap", cap ? format_rate(static_cast<double>(cap)) : "none");
+  if (int p = t.value("priority", 0)) line("priority", std::to_string(p));
   line("attempts", std::to_string(t.value("attempts", 0)));
   line("submitted", clock_of(t.value("submitted_at", 0.0)));
   line("started", clock_of(t.value("started_at", 0.0)));
@@ -115,6 +116,7 @@ int cmd_submit(const DaemonCommands& d) {
   }
   json submit = {{"op", "submit"}, {"request", *req}};
   if (!d.name.empty()) submit["name"] = d.name;
+  if (d.priority) submit["priority"] = d.priority;
   auto reply = ask(d, submit);
   if (!reply) {
     print_error(reply.status().message());
@@ -310,6 +312,13 @@ void add_daemon_commands(CLI::App& app, DaemonCommands& d, std::map<std::string,
   d.submit_cmd->add_option("--to", d.submit.to, "the destination plugin's peer port")->required()->type_name("HOST:PORT");
   d.submit_cmd->add_option("--name", d.name, "a name for people (default: the source image's file name)")
       ->type_name("NAME");
+  d.submit_cmd
+      ->add_option("--priority", d.priority,
+                   "0 normal (default) .. 9 most urgent: a queued task of a higher priority starts first, and "
+                   "with --host-bandwidth a task starting with others gets priority + 1 shares of its hosts' "
+                   "bandwidth")
+      ->type_name("N")
+      ->check(CLI::Range(0, 9));
   add_migration_options(d.submit_cmd, d.submit);
   d.submit_cmd->add_flag("--wait", d.submit.wait, "show the task's progress until it ends; exit 0 only if done");
   d.submit_cmd->add_option("--interval", d.submit.interval, "seconds between updates with --wait (default 1)")

@@ -27,6 +27,7 @@ struct DaemonCommands {
   double timeout = 0;
   StartOptions submit;
   std::string name;
+  int priority = 0;    // submit: 0 normal .. 9 most urgent
   bool all = false;    // list: also the ended tasks
   bool watch = false;  // list: redraw until no task is queued or running
   double interval = 1;

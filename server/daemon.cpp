@@ -392,7 +392,8 @@ void Daemon::start_queued() {
   std::vector<TaskSlot> running, queued;
   std::map<int64_t, const Task*> by_id;
   for (const Task& t : *active) {
-    TaskSlot s{t.id, t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}), t.rate_cap};
+    TaskSlot s{t.id,      t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}),
+               t.rate_cap, t.priority};
     (t.state == TaskState::Running ? running : queued).push_back(s);
     by_id[t.id] = &t;
   }
@@ -499,6 +500,13 @@ json Daemon::op_submit(const json& req) {
   if (!m.contains("mode")) return error_reply("submit: \"mode\" is required (precopy, postcopy, livefs, hybrid or auto)");
   auto params = MigrationParams::from_json(m, HandoverPolicy::Explicit);
   if (!params) return error_reply("bad migration: " + params.status().message());
+  int priority = 0;
+  if (auto p = req.find("priority"); p != req.end()) {
+    if (!p->is_number_integer() || p->get<int64_t>() < 0 || p->get<int64_t>() > kMaxPriority)
+      return error_reply(fmt::format("submit: \"priority\" must be an integer from 0 (normal) to {} (most urgent)",
+                                     kMaxPriority));
+    priority = p->get<int>();
+  }
 
   // Both plugins must answer status now.
   json src_status;
@@ -527,6 +535,7 @@ json Daemon::op_submit(const json& req) {
   task.destination = *to;
   task.mode = mode_name(params->mode());
   task.request = m;
+  task.priority = priority;
   task.name = req.value("name", "");
   if (task.name.empty()) {
     std::string image = src_status.value("image", "");
@@ -544,8 +553,8 @@ json Daemon::op_submit(const json& req) {
                                        t.name, t.source, state_name(t.state), t.id, t.destination));
     if (Status s = store_->add(task); !s) return error_reply(s.message());
   }
-  log(fmt::format("task {} ({}): queued: {} from {} to {}", task.id, task.name, task.mode, task.source,
-                  task.destination));
+  log(fmt::format("task {} ({}): queued: {} from {} to {}{}", task.id, task.name, task.mode, task.source,
+                  task.destination, task.priority ? fmt::format(", priority {}", task.priority) : ""));
   {
     std::lock_guard lock(wake_mu_);
   }
