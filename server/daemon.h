@@ -1,9 +1,10 @@
 // livemigd: the migrations daemon (DESIGN.md, "Control"). It takes migration
 // tasks from `migrate-nbd submit` on its Unix socket, keeps them in SQLite
-// (server/task_store.h), starts them in FIFO order within max-concurrent and
-// the per-host bandwidth limit (server/scheduler.h), watches both plugins of
-// every running task with heartbeats (the status op), and carries a task
-// through plugin failures by the recovery rules (scheduler.h, judge()).
+// (server/task_store.h), starts them by priority (FIFO within one) within
+// max-concurrent and the per-host bandwidth limit (server/scheduler.h),
+// watches both plugins of every running task with heartbeats (the status
+// op), and carries a task through plugin failures by the recovery rules
+// (scheduler.h, judge()).
 //
 // Threads:
 //   - the control socket's I/O thread, and one short-lived thread per request
@@ -13,7 +14,7 @@
 //   - the heartbeat thread: one loop polls every plugin in use, whatever
 //     their number (server/heartbeat.h);
 //   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
-//     the tasks and the monitors' last replies (server/metrics.h).
+//     the tasks and the heartbeats' last replies (server/metrics.h).
 // The plugin-side migration runs on without the daemon: a restarted daemon
 // finds its running tasks in the database and re-attaches to them through
 // the same judge() rules.
