@@ -40,9 +40,9 @@ def test_a_hung_plugin_never_delays_the_other_plugins_heartbeats():
     """Two running tasks (pre-copy done, waiting for an explicit handover);
     SIGSTOP of the first task's source: its connections are still accepted
     by the kernel but never answered. For three heartbeat-timeouts the other
-    task's statuses stay as fresh as one heartbeat-interval allows (a loop
-    that waits out the hung plugin's calls would let them age to the
-    timeout), the other task is never marked down, and the stopped plugin is
+    task's statuses stay fresh (at most 3/4 of the timeout old, heartbeats
+    every 1/8 of it; a loop that waits out the hung plugin's calls lets them
+    age to the timeout), the other task is never marked down, and the stopped plugin is
     marked down after the timeout, as before."""
     interval, timeout = 0.25, 2.0
     with exports(2, 4 * MiB) as (hung, live):
@@ -61,7 +61,9 @@ def test_a_hung_plugin_never_delays_the_other_plugins_heartbeats():
                     assert t["state"] == "running" and not t["source_down_since"] and \
                         not t["destination_down_since"], f"the live task suffers from the hung plugin: {t}"
                     time.sleep(0.05)
-                assert worst <= interval + 0.75, \
+                # A loop that waits for the hung plugin lets them age to the
+                # timeout and past it; a busy machine may delay one answer.
+                assert worst <= 0.75 * timeout, \
                     f"the live plugins' status aged {worst:.2f} s while another plugin hung (heartbeat every " \
                     f"{interval} s, timeout {timeout} s)"
                 t = d.task(hung_id)
