@@ -1,7 +1,9 @@
 #include "client-tools/migrate_nbd_daemon.h"
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 #include <cstdio>
@@ -89,6 +91,7 @@ std::string render_task(const json& t, double now) {
   if (total) line("progress", progress_bar(total, t.value("blocks_left", uint64_t{0}), 30));
   uint64_t cap = t.value("rate_cap", uint64_t{0});
   line("rate cap", cap ? format_rate(static_cast<double>(cap)) : "none");
+  if (int p = t.value("priority", 0)) line("priority", std::to_string(p));
   line("attempts", std::to_string(t.value("attempts", 0)));
   line("submitted", clock_of(t.value("submitted_at", 0.0)));
   line("started", clock_of(t.value("started_at", 0.0)));
@@ -98,14 +101,6 @@ std::string render_task(const json& t, double now) {
   if (dd > 0) line("dest down", fmt::format("since {} ({})", clock_of(dd), format_seconds(now - dd)));
   line("note", t.value("note", ""));
   line("error", t.value("error", ""));
-  return out;
-}
-
-// The list screen: a header and a line per task.
-std::string render_list(const json& tasks, double now) {
-  std::string out = fmt::format("{:>4}  {:<9}  {:<9}  {:<27}  {}\n", "ID", "STATE", "PHASE", "PROGRESS",
-                                "NAME  FROM -> TO  (NOTE)");
-  for (const json& t : tasks) out += render_task_line(t, now) + "\n";
   return out;
 }
 
@@ -121,6 +116,7 @@ int cmd_submit(const DaemonCommands& d) {
   }
   json submit = {{"op", "submit"}, {"request", *req}};
   if (!d.name.empty()) submit["name"] = d.name;
+  if (d.priority) submit["priority"] = d.priority;
   auto reply = ask(d, submit);
   if (!reply) {
     print_error(reply.status().message());
@@ -186,7 +182,9 @@ int cmd_list(const DaemonCommands& d) {
     } else if (tty) {
       std::printf("\033[H\033[J%s", fmt::format("migrate-nbd list --watch   {}   every {:g} s   Ctrl-C to quit\n\n",
                                                clock_of(now), d.interval).c_str());
-      std::fputs(render_list(tasks, now).c_str(), stdout);
+      winsize ws{};
+      const size_t columns = ::ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 ? ws.ws_col : 0;
+      std::fputs(render_list(tasks, now, columns).c_str(), stdout);
     } else {
       for (const json& t : tasks) std::printf("%s %s\n", clock_of(now).c_str(), render_task_line(t, now).c_str());
     }
@@ -240,7 +238,7 @@ std::string progress_bar(uint64_t total, uint64_t left, int width) {
   return fmt::format("[{}{}] {:3.0f}%", std::string(filled, '#'), std::string(width - filled, '-'), done * 100);
 }
 
-std::string render_task_line(const json& t, double now) {
+std::string render_task_line(const json& t, double now, const ListColumns& columns) {
   std::string progress;
   const std::string state = t.value("state", "");
   uint64_t total = t.value("blocks_total", uint64_t{0});
@@ -250,10 +248,53 @@ std::string render_task_line(const json& t, double now) {
   double dd = t.value("destination_down_since", 0.0), sd = t.value("source_down_since", 0.0);
   if (dd > 0) note = fmt::format("destination down for {}{}", format_seconds(now - dd), note.empty() ? "" : "; " + note);
   if (sd > 0) note = fmt::format("source down for {}{}", format_seconds(now - sd), note.empty() ? "" : "; " + note);
-  return fmt::format("{:>4}  {:<9}  {:<9}  {:<27}  {}  {} -> {}{}", t.value("id", int64_t{0}), state,
+  const std::string route = t.value("source", "") + " -> " + t.value("destination", "");
+  return fmt::format("{:>4}  {:<9}  {:<9}  {:<27}  {:<{}}  {:<{}}{}", t.value("id", int64_t{0}), state,
                      t.value("phase", "").empty() ? "-" : t.value("phase", ""), progress.empty() ? "-" : progress,
-                     t.value("name", ""), t.value("source", ""), t.value("destination", ""),
+                     t.value("name", ""), columns.name, route, note.empty() ? 0 : columns.route,
                      note.empty() ? "" : "  (" + note + ")");
+}
+
+std::string render_list(const json& tasks, double now, size_t width) {
+  // Names beyond this are cut on the screen; the address pair never is.
+  constexpr size_t kMaxName = 24;
+  ListColumns columns{4, 0};
+  std::map<std::string, int> states;
+  uint64_t total = 0, left = 0;
+  for (const json& t : tasks) {
+    columns.name = std::max(columns.name, std::min(kMaxName, t.value("name", "").size()));
+    columns.route = std::max(columns.route, t.value("source", "").size() + 4 + t.value("destination", "").size());
+    ++states[t.value("state", "")];
+    total += t.value("blocks_total", uint64_t{0});
+    left += std::min(t.value("blocks_left", uint64_t{0}), t.value("blocks_total", uint64_t{0}));
+  }
+  std::string summary = fmt::format("{} task{}:", tasks.size(), tasks.size() == 1 ? "" : "s");
+  const char* sep = " ";
+  for (const char* s : {"running", "queued", "done", "failed", "cancelled"}) {
+    if (!states.count(s)) continue;
+    summary += fmt::format("{}{} {}", sep, states[s], s);
+    sep = ", ";
+  }
+  if (total) summary += fmt::format("; blocks moved {}", progress_bar(total, left, 20));
+  std::string out = summary + "\n";
+  out += fmt::format("{:>4}  {:<9}  {:<9}  {:<27}  {:<{}}  {}\n", "ID", "STATE", "PHASE", "PROGRESS", "NAME",
+                     columns.name, "FROM -> TO  (NOTE)");
+  for (const json& t : tasks) {
+    json shown = t;
+    std::string name = t.value("name", "");
+    if (name.size() > kMaxName) shown["name"] = name.substr(0, kMaxName - 1) + "~";
+    out += render_task_line(shown, now, columns) + "\n";
+  }
+  if (width == 0) return out;
+  std::string cut;  // every line at most `width` characters
+  for (size_t at = 0; at < out.size();) {
+    size_t nl = out.find('\n', at);
+    std::string line = out.substr(at, nl - at);
+    if (line.size() > width) line = line.substr(0, width > 1 ? width - 1 : 0) + (width > 1 ? "~" : "");
+    cut += line + "\n";
+    at = nl + 1;
+  }
+  return cut;
 }
 
 void add_daemon_commands(CLI::App& app, DaemonCommands& d, std::map<std::string, std::string>& examples) {
@@ -271,6 +312,13 @@ void add_daemon_commands(CLI::App& app, DaemonCommands& d, std::map<std::string,
   d.submit_cmd->add_option("--to", d.submit.to, "the destination plugin's peer port")->required()->type_name("HOST:PORT");
   d.submit_cmd->add_option("--name", d.name, "a name for people (default: the source image's file name)")
       ->type_name("NAME");
+  d.submit_cmd
+      ->add_option("--priority", d.priority,
+                   "0 normal (default) .. 9 most urgent: a queued task of a higher priority starts first, and "
+                   "under livemigd's host-bandwidth limit a task starting with others gets priority + 1 shares "
+                   "of its hosts' bandwidth")
+      ->type_name("N")
+      ->check(CLI::Range(0, 9));
   add_migration_options(d.submit_cmd, d.submit);
   d.submit_cmd->add_flag("--wait", d.submit.wait, "show the task's progress until it ends; exit 0 only if done");
   d.submit_cmd->add_option("--interval", d.submit.interval, "seconds between updates with --wait (default 1)")

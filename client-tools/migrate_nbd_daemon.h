@@ -27,6 +27,7 @@ struct DaemonCommands {
   double timeout = 0;
   StartOptions submit;
   std::string name;
+  int priority = 0;    // submit: 0 normal .. 9 most urgent
   bool all = false;    // list: also the ended tasks
   bool watch = false;  // list: redraw until no task is queued or running
   double interval = 1;
@@ -45,9 +46,21 @@ void add_daemon_commands(CLI::App& app, DaemonCommands& d, std::map<std::string,
 // Runs the one that was parsed; nullopt if none of them was.
 std::optional<int> run_daemon_command(const DaemonCommands& d);
 
+// Widths of list's NAME and FROM -> TO columns, the same on every line
+// (0: as wide as the value).
+struct ListColumns {
+  size_t name = 0;
+  size_t route = 0;
+};
+
 // Text for people: one task's line in `list` (without '\n'), and a progress
 // bar "[#####-----]  50%" of `width` characters between the brackets.
-std::string render_task_line(const nlohmann::json& task, double now);
+std::string render_task_line(const nlohmann::json& task, double now, const ListColumns& columns = {});
 std::string progress_bar(uint64_t total, uint64_t left, int width);
+
+// The list screen: a summary line (tasks per state, the blocks moved of all
+// of them), a header, and a line per task with its columns aligned. With
+// `width` > 0 (a terminal's columns) no line is longer.
+std::string render_list(const nlohmann::json& tasks, double now, size_t width = 0);
 
 }  // namespace livemig::mig

@@ -102,6 +102,27 @@ std::string strip_address(const std::string& message, const std::string& address
   return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
 }
 
+// The JSON text of a CONTROL_REPLY frame.
+Result<std::string> reply_text(Result<PeerLink::Frame> frame) {
+  if (!frame) return frame.status();
+  auto* reply = std::get_if<ControlReplyPayload>(&frame->message);
+  if (!reply)
+    return Status::error(fmt::format("unexpected {} frame in reply to a CONTROL request",
+                                     frame_type_name(frame->header.type)),
+                         EPROTO);
+  return reply->json;
+}
+
+Result<json> parse_reply(const Result<std::string>& text, const std::string& label) {
+  if (!text) return Status::error(fmt::format("{}: {}", label, text.status().message()), text.status().errno_value());
+  json reply = parse_json_object(*text);
+  if (reply.is_discarded())
+    return Status::error(fmt::format("{}: the reply is not a JSON object (of at most {} levels): {:.120}", label,
+                                     kMaxJsonDepth, *text),
+                         EPROTO);
+  return reply;
+}
+
 // CONTROL frames over the peer port. Owns an io_context and the one thread
 // that runs it, as PeerLink requires (connect and call block; they run here,
 // on the caller's thread, never on the io thread).
@@ -129,25 +150,7 @@ class RemoteChannel final : public ControlClient::Channel {
     // Long requests (handover, verify) are answered late; heartbeats keep
     // the link alive meanwhile, so a silent peer is still a dead peer.
     auto link = PeerLink::connect(io_, where, secret.secret, kPurposeControl, opts, timeout);
-    const std::string addr = where.str();
-    if (!link) {
-      const Status& s = link.status();
-      std::string why = strip_address(s.message(), addr);
-      if (s.errno_value() == EKEYREJECTED)
-        return Status::error(fmt::format("TLS with {} failed: {}", addr, why), EKEYREJECTED);
-      if (s.errno_value() == EACCES)
-        return Status::error(fmt::format("authentication failed at {}: wrong secret (this side used {}; the "
-                                         "plugin uses its secret= file)",
-                                         addr, secret.source),
-                             EACCES);
-      if (s.errno_value() == ETIMEDOUT)
-        return Status::error(fmt::format("cannot reach {}: no answer within {:.3g} s", addr, timeout.count() / 1000.0),
-                             ETIMEDOUT);
-      if (is_protocol_errno(s.errno_value()))
-        return Status::error(fmt::format("cannot talk to {}: it does not speak the livemig peer protocol ({})", addr, why),
-                             s.errno_value());
-      return Status::error(fmt::format("cannot reach {}: {}", addr, why), s.errno_value());
-    }
+    if (!link) return describe_connect_failure(link.status(), where, secret, timeout);
     link_ = *link;
     link_->start([](const std::shared_ptr<PeerLink>&, PeerLink::Frame&) {},  // only replies matter
                  [](const std::shared_ptr<PeerLink>&, const Status&) {});
@@ -155,14 +158,7 @@ class RemoteChannel final : public ControlClient::Channel {
   }
 
   Result<std::string> exchange(const std::string& request, milliseconds timeout) override {
-    auto frame = link_->call(ControlPayload{request}, timeout);
-    if (!frame) return frame.status();
-    auto* reply = std::get_if<ControlReplyPayload>(&frame->message);
-    if (!reply)
-      return Status::error(fmt::format("unexpected {} frame in reply to a CONTROL request",
-                                       frame_type_name(frame->header.type)),
-                           EPROTO);
-    return reply->json;
+    return reply_text(link_->call(ControlPayload{request}, timeout));
   }
 
  private:
@@ -266,16 +262,32 @@ Status ControlClient::connect() {
 Result<json> ControlClient::call_raw(const json& request, std::optional<milliseconds> reply_timeout) {
   if (Status s = connect(); !s) return s;  // the message names the target
   auto text = channel_->exchange(request.dump(), reply_timeout.value_or(timeouts_.reply));
-  if (!text) {
-    channel_.reset();  // the next call starts on a fresh connection
-    return Status::error(fmt::format("{}: {}", target_.label(), text.status().message()), text.status().errno_value());
-  }
-  json reply = parse_json_object(*text);
-  if (reply.is_discarded())
-    return Status::error(fmt::format("{}: the reply is not a JSON object (of at most {} levels): {:.120}",
-                                     target_.label(), kMaxJsonDepth, *text),
-                         EPROTO);
-  return reply;
+  if (!text) channel_.reset();  // the next call starts on a fresh connection
+  return parse_reply(text, target_.label());
+}
+
+Status describe_connect_failure(const Status& s, const HostPort& where, const SecretChoice& secret,
+                                milliseconds timeout) {
+  const std::string addr = where.str();
+  std::string why = strip_address(s.message(), addr);
+  if (s.errno_value() == EKEYREJECTED)
+    return Status::error(fmt::format("TLS with {} failed: {}", addr, why), EKEYREJECTED);
+  if (s.errno_value() == EACCES)
+    return Status::error(fmt::format("authentication failed at {}: wrong secret (this side used {}; the "
+                                     "plugin uses its secret= file)",
+                                     addr, secret.source),
+                         EACCES);
+  if (s.errno_value() == ETIMEDOUT)
+    return Status::error(fmt::format("cannot reach {}: no answer within {:.3g} s", addr, timeout.count() / 1000.0),
+                         ETIMEDOUT);
+  if (is_protocol_errno(s.errno_value()))
+    return Status::error(fmt::format("cannot talk to {}: it does not speak the livemig peer protocol ({})", addr, why),
+                         s.errno_value());
+  return Status::error(fmt::format("cannot reach {}: {}", addr, why), s.errno_value());
+}
+
+Result<json> control_reply_json(Result<PeerLink::Frame> reply, const std::string& label) {
+  return parse_reply(reply_text(std::move(reply)), label);
 }
 
 Result<json> ControlClient::call(const json& request, std::optional<milliseconds> reply_timeout) {

@@ -56,6 +56,16 @@ struct SecretChoice {
 // as `tls` says. A key file readable by others sets *warning.
 Result<SecretChoice> choose_secret(const std::string& secret_file, const TlsSettings& tls, std::string* warning);
 
+// What a failed PeerLink::connect() to a plugin's peer port means, for
+// people: "cannot reach ...", "authentication failed at ... (this side used
+// ...)", "TLS with ... failed", "... does not speak the livemig peer protocol".
+Status describe_connect_failure(const Status& failure, const HostPort& where, const SecretChoice& secret,
+                                std::chrono::milliseconds timeout);
+
+// The JSON object a CONTROL request was answered with: `reply` must hold a
+// CONTROL_REPLY frame. Errors start with `label` (the target).
+Result<nlohmann::json> control_reply_json(Result<PeerLink::Frame> reply, const std::string& label);
+
 struct Timeouts {
   std::chrono::milliseconds connect{10'000};
   std::chrono::milliseconds reply{30'000};

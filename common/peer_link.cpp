@@ -302,10 +302,18 @@ Result<std::shared_ptr<PeerLink>> PeerLink::connect(asio::io_context& io, const 
                                                     std::chrono::milliseconds timeout) {
   auto promise = std::make_shared<std::promise<Result<std::shared_ptr<PeerLink>>>>();
   auto future = promise->get_future();
+  async_connect(io, where, secret, purpose, options, timeout,
+                [promise](Result<std::shared_ptr<PeerLink>> r) { promise->set_value(std::move(r)); });
+  return future.get();
+}
+
+void PeerLink::async_connect(asio::io_context& io, const HostPort& where, const Secret& secret,
+                             std::string_view purpose, const Options& options, std::chrono::milliseconds timeout,
+                             ConnectHandler done) {
   std::string purpose_copy(purpose);
   asio::co_spawn(
       io,
-      [&io, where, secret, purpose_copy, options, timeout, promise]() -> awaitable<void> {
+      [&io, where, secret, purpose_copy, options, timeout, done = std::move(done)]() -> awaitable<void> {
         auto link = std::make_shared<PeerLink>(tcp::socket(io), options);
         asio::steady_timer deadline(io, timeout);
         bool timed_out = false;
@@ -332,14 +340,13 @@ Result<std::shared_ptr<PeerLink>> PeerLink::connect(asio::io_context& io, const 
         deadline.cancel();
         if (timed_out) status = Status::error("timed out", ETIMEDOUT);
         if (!status) {
-          promise->set_value(Status::error(fmt::format("{}: {}", where.str(), status.message()), status.errno_value()));
+          done(Status::error(fmt::format("{}: {}", where.str(), status.message()), status.errno_value()));
           co_return;
         }
         link->purpose_ = purpose_copy;
-        promise->set_value(link);
+        done(link);
       },
       asio::detached);
-  return future.get();
 }
 
 awaitable<Result<std::shared_ptr<PeerLink>>> PeerLink::accept(tcp::socket socket, const Secret& secret,
@@ -426,14 +433,40 @@ awaitable<void> PeerLink::heartbeat_loop(std::shared_ptr<PeerLink> self) {
 
 bool PeerLink::deliver_reply(Frame& frame) {
   if (!is_reply_type(frame.header.type) || frame.header.request_id == 0) return false;
-  MutexLock lock(mu_);
-  auto it = waiters_.find(frame.header.request_id);
-  if (it == waiters_.end()) return false;
-  it->second->result = std::move(frame);
-  it->second->done = true;
-  waiters_.erase(it);
-  cv_.notify_all();
+  ReplyHandler callback;
+  {
+    MutexLock lock(mu_);
+    auto it = waiters_.find(frame.header.request_id);
+    if (it == waiters_.end()) return false;
+    callback = std::move(it->second->callback);
+    if (!callback) {
+      it->second->result = std::move(frame);
+      it->second->done = true;
+    }
+    waiters_.erase(it);
+  }
+  if (callback) callback(std::move(frame));  // on the io thread, no lock held
+  else cv_.notify_all();
   return true;
+}
+
+void PeerLink::call_raw_async(std::string frame, uint64_t id, ReplyHandler on_reply) {
+  {
+    MutexLock lock(mu_);
+    if (closed_) {
+      fail_later(std::move(on_reply),
+                 Status::error(fmt::format("link to {} is closed: {}", remote_, close_reason_.message()), EPIPE));
+      return;
+    }
+    auto w = std::make_shared<Waiter>();
+    w->callback = std::move(on_reply);
+    waiters_[id] = std::move(w);
+  }
+  send_raw(std::move(frame), false);
+}
+
+void PeerLink::fail_later(ReplyHandler on_reply, Status why) {
+  asio::post(socket_.get_executor(), [cb = std::move(on_reply), why = std::move(why)] { cb(why); });
 }
 
 void PeerLink::send_data(const DataPayload& p, uint64_t request_id, bool priority) {
@@ -549,6 +582,10 @@ bool PeerLink::wait_queue_below(size_t limit, std::chrono::milliseconds timeout)
 
 void PeerLink::fail_waiters(const Status& why) {
   for (auto& [id, w] : waiters_) {
+    if (w->callback) {
+      fail_later(std::move(w->callback), why);
+      continue;
+    }
     w->result = why;
     w->done = true;
   }

@@ -60,6 +60,8 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   };
   using FrameHandler = std::function<void(const std::shared_ptr<PeerLink>&, Frame&)>;
   using CloseHandler = std::function<void(const std::shared_ptr<PeerLink>&, const Status&)>;
+  using ConnectHandler = std::function<void(Result<std::shared_ptr<PeerLink>>)>;
+  using ReplyHandler = std::function<void(Result<Frame>)>;
   struct Options {
     std::string local_name = "livemig";
     std::chrono::milliseconds read_timeout{15000};  // no frame for this long: dead peer
@@ -77,6 +79,11 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
                                                    const Secret& secret, std::string_view purpose,
                                                    const Options& options,
                                                    std::chrono::milliseconds timeout);
+  // connect() without blocking: `done` runs once, on io's thread, with the
+  // link or the failure (within `timeout`). Any thread, io's included.
+  static void async_connect(boost::asio::io_context& io, const HostPort& where, const Secret& secret,
+                            std::string_view purpose, const Options& options, std::chrono::milliseconds timeout,
+                            ConnectHandler done);
   // Authenticates an accepted connection (server side). On failure an ERROR
   // frame has been sent and the socket closed.
   // A coroutine: `secret` and `options` must outlive it (GCC 12 miscompiles
@@ -142,6 +149,21 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
     return call_raw_all(std::move(frames), timeout);
   }
 
+  // call_for_reply() without blocking: `on_reply` runs once, on the io
+  // thread, with the reply (an ERROR reply as a frame) or, when the link
+  // closes first, its failure. No deadline of its own: close() the link to
+  // give up. Any thread.
+  template <Payload T>
+  void call_async(const T& p, ReplyHandler on_reply) {
+    uint64_t id = next_request_id();
+    auto frame = encode_message(p, id);
+    if (!frame) {
+      fail_later(std::move(on_reply), frame.status());
+      return;
+    }
+    call_raw_async(std::move(*frame), id, std::move(on_reply));
+  }
+
   uint64_t next_request_id() { return next_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // Closes the connection; the close handler runs once with `why`.
@@ -171,6 +193,9 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   Result<Frame> call_raw(std::string frame, uint64_t id, std::chrono::milliseconds timeout, bool error_as_status);
   std::vector<Result<Frame>> call_raw_all(std::vector<std::pair<std::string, uint64_t>> frames,
                                           std::chrono::milliseconds timeout);
+  void call_raw_async(std::string frame, uint64_t id, ReplyHandler on_reply);
+  // Runs on_reply(why) on the io thread, later.
+  void fail_later(ReplyHandler on_reply, Status why);
   boost::asio::awaitable<Result<Frame>> read_frame(uint32_t max_payload);
   std::string take_spare_frame();
   void keep_spare_frame(std::string frame);
@@ -216,6 +241,7 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   struct Waiter {
     bool done = false;
     Result<Frame> result = Status::error("no reply yet");
+    ReplyHandler callback;  // call_async(): runs instead of a wait
   };
   std::map<uint64_t, std::shared_ptr<Waiter>> waiters_ GUARDED_BY(mu_);
   CondVar cv_;  // waiters, queue drain

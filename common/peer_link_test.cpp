@@ -127,6 +127,47 @@ TEST_CASE("pipelined calls get their replies in the requests' order, whatever or
   for (auto& r : closed) CHECK_FALSE(r.is_ok());
 }
 
+TEST_CASE("call_async runs its handler on the io thread with the reply, or once with the link's failure", "[peer_link]") {
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  // The server answers "a" and holds "hang" for ever.
+  pair.server->start(
+      [](const std::shared_ptr<PeerLink>& l, PeerLink::Frame& f) {
+        auto* c = std::get_if<ControlPayload>(&f.message);
+        if (c && c->json != "hang") l->send(ControlReplyPayload{"re:" + c->json}, f.header.request_id);
+      },
+      [](auto&, auto&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+  std::promise<std::string> answered, failed;
+  std::promise<bool> answered_on_io;
+  const auto io_thread = pair.thread.get_id();
+  pair.client->call_async(ControlPayload{"hang"}, [&](Result<PeerLink::Frame> r) {
+    failed.set_value(r ? "a reply" : r.status().message());
+  });
+  pair.client->call_async(ControlPayload{"a"}, [&](Result<PeerLink::Frame> r) {
+    answered_on_io.set_value(std::this_thread::get_id() == io_thread);
+    answered.set_value(r ? std::get<ControlReplyPayload>(r->message).json : r.status().message());
+  });
+  // The held call does not delay the answered one.
+  auto a = answered.get_future();
+  REQUIRE(a.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
+  CHECK(a.get() == "re:a");
+  CHECK(answered_on_io.get_future().get());
+  auto f = failed.get_future();
+  CHECK(f.wait_for(std::chrono::milliseconds(200)) == std::future_status::timeout);
+  pair.client->close(Status::error("the caller gives up", ETIMEDOUT));
+  REQUIRE(f.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
+  CHECK(f.get().find("the caller gives up") != std::string::npos);
+  // On a closed link the handler still runs, once, with the failure.
+  std::promise<std::string> late;
+  pair.client->call_async(ControlPayload{"a"}, [&](Result<PeerLink::Frame> r) {
+    late.set_value(r ? "a reply" : r.status().message());
+  });
+  auto l = late.get_future();
+  REQUIRE(l.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
+  CHECK(l.get().find("closed") != std::string::npos);
+}
+
 TEST_CASE("a wrong secret fails the connection on the client side", "[peer_link]") {
   Status st;
   LinkPair pair(secret("0123456789abcdef-key"), secret("another-secret-0123456"), &st);

@@ -92,103 +92,6 @@ PluginView view_from_status(const json& st) {
 
 }  // namespace
 
-// ---------------------------------------------------------------- HostMonitor
-
-// Polls one plugin's status every heartbeat-interval on a thread of its own
-// (a call may block for up to heartbeat-timeout). The plugin is down when it
-// has not answered for heartbeat-timeout, whether its calls fail or hang.
-// With `with_stats` (metrics on) it asks for the plugin's stats too, and
-// keeps their request counters and latency.
-class HostMonitor {
- public:
-  HostMonitor(std::string address, std::shared_ptr<const client::SecretChoice> secret, double interval, double timeout,
-              bool with_stats)
-      : address_(std::move(address)), interval_(to_ms(interval)), timeout_(to_ms(timeout)), with_stats_(with_stats) {
-    client::Timeouts t;
-    t.connect = t.reply = timeout_;
-    client_ = std::make_unique<client::ControlClient>(client::Target::remote(parse_host_port(address_).value()),
-                                                   std::move(secret), t);
-    last_ok_ = Clock::now();
-    thread_ = std::thread([this] { run(); });
-  }
-  ~HostMonitor() {
-    {
-      MutexLock lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
-  struct Snapshot {
-    bool known = false;  // an answer arrived since monitoring began
-    bool down = false;
-    double down_since = 0;  // Unix time the silence began (last answer, or start)
-    Clock::time_point answered_at{};  // when the status below arrived
-    json status;
-    json stats;  // requests, connections, latency of the last stats reply
-    std::string error;
-  };
-
-  Snapshot snapshot() {
-    MutexLock lock(mu_);
-    Snapshot s;
-    s.known = known_;
-    auto silent = Clock::now() - last_ok_;
-    s.down = silent > timeout_;
-    if (s.down) s.down_since = now_unix() - std::chrono::duration<double>(silent).count() + timeout_.count() / 1000.0;
-    s.answered_at = known_ ? last_ok_ : Clock::time_point{};
-    s.status = status_;
-    s.stats = stats_;
-    s.error = error_;
-    return s;
-  }
-
- private:
-  void run() {
-    UniqueLock lock(mu_);
-    while (!stop_) {
-      auto next = Clock::now() + interval_;
-      lock.unlock();
-      auto reply = client_->call({{"op", "status"}});
-      lock.lock();
-      if (reply) {
-        last_ok_ = Clock::now();
-        known_ = true;
-        status_ = std::move(*reply);
-        error_.clear();
-      } else {
-        error_ = reply.status().message();
-      }
-      if (reply && with_stats_) {
-        lock.unlock();
-        auto stats = client_->call({{"op", "stats"}, {"top", 0}});
-        lock.lock();
-        if (stats) {
-          stats_ = json::object();
-          for (const char* key : {"requests", "connections", "latency"})
-            if (stats->contains(key)) stats_[key] = std::move((*stats)[key]);
-        }
-      }
-      cv_.wait_until(lock, next, [&]() REQUIRES(mu_) { return stop_; });
-    }
-  }
-
-  const std::string address_;
-  const milliseconds interval_, timeout_;
-  const bool with_stats_;
-  std::unique_ptr<client::ControlClient> client_;  // the monitor thread's only
-  Mutex mu_;
-  CondVar cv_;
-  bool stop_ GUARDED_BY(mu_) = false;
-  bool known_ GUARDED_BY(mu_) = false;
-  Clock::time_point last_ok_ GUARDED_BY(mu_);
-  json status_ GUARDED_BY(mu_);
-  json stats_ GUARDED_BY(mu_);
-  std::string error_ GUARDED_BY(mu_);
-  std::thread thread_;
-};
-
 // ---------------------------------------------------------------- life cycle
 
 Result<std::unique_ptr<Daemon>> Daemon::create(const DaemonConfig& config) {
@@ -233,6 +136,8 @@ void Daemon::start() {
     log(fmt::format("{} task(s) queued or running; {} running re-attach through their plugins' status", running->size(),
                     n));
   }
+  heartbeats_ = std::make_unique<HeartbeatLoop>(secret_, to_ms(config_.heartbeat_interval),
+                                                to_ms(config_.heartbeat_timeout), !config_.metrics_listen.empty());
   server_->start(nullptr, std::chrono::seconds(3600));
   scheduler_ = std::thread([this] { scheduler_loop(); });
 }
@@ -250,8 +155,7 @@ void Daemon::stop() {
   changed_.notify_all();
   if (scheduler_.joinable()) scheduler_.join();
   if (server_) server_->stop();
-  MutexLock lock(monitors_mu_);
-  monitors_.clear();
+  heartbeats_.reset();
 }
 
 void Daemon::log(const std::string& message) {
@@ -297,32 +201,13 @@ void Daemon::watch_addresses(const std::vector<Task>& running) {
     wanted.insert(t.source);
     wanted.insert(t.destination);
   }
-  std::vector<std::unique_ptr<HostMonitor>> gone;  // joined outside the lock
-  {
-    MutexLock lock(monitors_mu_);
-    for (auto it = monitors_.begin(); it != monitors_.end();) {
-      if (!wanted.count(it->first)) {
-        gone.push_back(std::move(it->second));
-        it = monitors_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    for (const std::string& a : wanted)
-      if (!monitors_.count(a))
-        monitors_[a] = std::make_unique<HostMonitor>(a, secret_, config_.heartbeat_interval, config_.heartbeat_timeout,
-                                                     !config_.metrics_listen.empty());
-  }
+  heartbeats_->watch(wanted);
 }
 
 PluginView Daemon::view_of(const std::string& address, double* down_since, Clock::time_point* answered_at) {
-  HostMonitor::Snapshot s;
-  {
-    MutexLock lock(monitors_mu_);
-    auto it = monitors_.find(address);
-    if (it == monitors_.end()) return {};
-    s = it->second->snapshot();
-  }
+  auto watched = heartbeats_->snapshot(address);
+  if (!watched) return {};
+  const HeartbeatLoop::Snapshot& s = *watched;
   *down_since = s.down ? s.down_since : 0;
   *answered_at = s.answered_at;
   if (s.down || !s.known) {
@@ -367,17 +252,11 @@ void Daemon::tend(const Task& task) {
   std::string phase = task.phase;
   if (ours_dst && handed_over_phase(dst.phase)) phase = dst.phase;
   else if (ours_src) phase = src.phase;
-  json src_status, dst_status;
-  {
-    MutexLock lock(monitors_mu_);
-    auto pick = [&](const std::string& a) REQUIRES(monitors_mu_) -> json {
-      auto it = monitors_.find(a);
-      if (it == monitors_.end()) return json();
-      return it->second->snapshot().status;
-    };
-    src_status = pick(task.source);
-    dst_status = pick(task.destination);
-  }
+  auto status_of = [&](const std::string& a) -> json {
+    auto s = heartbeats_->snapshot(a);
+    return s ? std::move(s->status) : json();
+  };
+  const json src_status = status_of(task.source), dst_status = status_of(task.destination);
   const bool handed_over = ours_dst && handed_over_phase(dst.phase);
   const json progress = handed_over ? dst_status.value("migration", json())
                         : ours_src  ? src_status.value("migration", json())
@@ -513,7 +392,8 @@ void Daemon::start_queued() {
   std::vector<TaskSlot> running, queued;
   std::map<int64_t, const Task*> by_id;
   for (const Task& t : *active) {
-    TaskSlot s{t.id, t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}), t.rate_cap};
+    TaskSlot s{t.id,      t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}),
+               t.rate_cap, t.priority};
     (t.state == TaskState::Running ? running : queued).push_back(s);
     by_id[t.id] = &t;
   }
@@ -570,11 +450,8 @@ MetricsSnapshot Daemon::metrics_snapshot() {
     }
     figures_ = std::move(shown);  // forgets the tasks no longer shown
   }
-  MutexLock lock(monitors_mu_);
-  for (const auto& [address, monitor] : monitors_) {
-    HostMonitor::Snapshot s = monitor->snapshot();
+  for (auto& [address, s] : heartbeats_->snapshots())
     snap.plugins.push_back({address, s.known && !s.down, std::move(s.stats)});
-  }
   return snap;
 }
 
@@ -623,6 +500,13 @@ json Daemon::op_submit(const json& req) {
   if (!m.contains("mode")) return error_reply("submit: \"mode\" is required (precopy, postcopy, livefs, hybrid or auto)");
   auto params = MigrationParams::from_json(m, HandoverPolicy::Explicit);
   if (!params) return error_reply("bad migration: " + params.status().message());
+  int priority = 0;
+  if (auto p = req.find("priority"); p != req.end()) {
+    if (!p->is_number_integer() || p->get<int64_t>() < 0 || p->get<int64_t>() > kMaxPriority)
+      return error_reply(fmt::format("submit: \"priority\" must be an integer from 0 (normal) to {} (most urgent)",
+                                     kMaxPriority));
+    priority = p->get<int>();
+  }
 
   // Both plugins must answer status now.
   json src_status;
@@ -651,6 +535,7 @@ json Daemon::op_submit(const json& req) {
   task.destination = *to;
   task.mode = mode_name(params->mode());
   task.request = m;
+  task.priority = priority;
   task.name = req.value("name", "");
   if (task.name.empty()) {
     std::string image = src_status.value("image", "");
@@ -668,8 +553,8 @@ json Daemon::op_submit(const json& req) {
                                        t.name, t.source, state_name(t.state), t.id, t.destination));
     if (Status s = store_->add(task); !s) return error_reply(s.message());
   }
-  log(fmt::format("task {} ({}): queued: {} from {} to {}", task.id, task.name, task.mode, task.source,
-                  task.destination));
+  log(fmt::format("task {} ({}): queued: {} from {} to {}{}", task.id, task.name, task.mode, task.source,
+                  task.destination, task.priority ? fmt::format(", priority {}", task.priority) : ""));
   {
     std::lock_guard lock(wake_mu_);
   }
@@ -691,14 +576,14 @@ json Daemon::op_show(const json& req) {
   if (!t) return error_reply(t.status().message());
   if (!*t) return error_reply(fmt::format("no task {}", req["id"].get<int64_t>()));
   json j = {{"ok", true}, {"task", (*t)->to_json()}, {"time", now_unix()}};
-  MutexLock lock(monitors_mu_);
   for (const auto& [key, address] : {std::pair<std::string, std::string>{"source_status", (*t)->source},
                                      {"destination_status", (*t)->destination}}) {
-    auto it = monitors_.find(address);
-    if (it == monitors_.end()) continue;
-    auto s = it->second->snapshot();
-    j[key] = s.status;
-    if (!s.error.empty()) j[key + "_error"] = s.error;
+    auto s = heartbeats_ ? heartbeats_->snapshot(address) : std::nullopt;
+    if (!s) continue;
+    j[key] = s->status;
+    // How old that status is (seconds): heartbeats keep it fresh.
+    if (s->known) j[key + "_age"] = std::chrono::duration<double>(Clock::now() - s->answered_at).count();
+    if (!s->error.empty()) j[key + "_error"] = s->error;
   }
   return j;
 }

@@ -1,18 +1,20 @@
 // livemigd: the migrations daemon (DESIGN.md, "Control"). It takes migration
 // tasks from `migrate-nbd submit` on its Unix socket, keeps them in SQLite
-// (server/task_store.h), starts them in FIFO order within max-concurrent and
-// the per-host bandwidth limit (server/scheduler.h), watches both plugins of
-// every running task with heartbeats (the status op), and carries a task
-// through plugin failures by the recovery rules (scheduler.h, judge()).
+// (server/task_store.h), starts them by priority (FIFO within one) within
+// max-concurrent and the per-host bandwidth limit (server/scheduler.h),
+// watches both plugins of every running task with heartbeats (the status
+// op), and carries a task through plugin failures by the recovery rules
+// (scheduler.h, judge()).
 //
 // Threads:
 //   - the control socket's I/O thread, and one short-lived thread per request
 //     (common/control_server.h): submit, list, show, cancel, status;
 //   - the scheduler thread: every 200 ms, judges the running tasks from the
 //     heartbeats and acts (migrate, cancel), then starts queued tasks;
-//   - one heartbeat thread per plugin address in use (HostMonitor);
+//   - the heartbeat thread: one loop polls every plugin in use, whatever
+//     their number (server/heartbeat.h);
 //   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
-//     the tasks and the monitors' last replies (server/metrics.h).
+//     the tasks and the heartbeats' last replies (server/metrics.h).
 // The plugin-side migration runs on without the daemon: a restarted daemon
 // finds its running tasks in the database and re-attaches to them through
 // the same judge() rules.
@@ -34,6 +36,7 @@
 #include "common/control_server.h"
 #include "common/mutex.h"
 #include "common/status.h"
+#include "server/heartbeat.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 #include "server/task_store.h"
@@ -53,8 +56,6 @@ struct DaemonConfig {
   double retry_delay = 2;          // seconds between two restarts of a task
   std::string metrics_listen;      // Prometheus metrics on HOST:PORT; empty: none
 };
-
-class HostMonitor;
 
 class Daemon {
  public:
@@ -116,8 +117,9 @@ class Daemon {
   // cannot show its migration).
   std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_ GUARDED_BY(mu_);
 
-  Mutex monitors_mu_;
-  std::map<std::string, std::unique_ptr<HostMonitor>> monitors_ GUARDED_BY(monitors_mu_);
+  // The plugins' heartbeats (thread-safe itself); set by start() before
+  // any thread that uses it, reset by stop() after they ended.
+  std::unique_ptr<HeartbeatLoop> heartbeats_;
 
   // The last migration figures per task, kept past its end for the metrics.
   Mutex figures_mu_;

@@ -87,6 +87,17 @@ CLI::Validator seconds(bool zero_ok) {
       zero_ok ? "NONNEGATIVE" : "POSITIVE");
 }
 
+// A whole number of at least 1, with no upper bound but the type's.
+CLI::Validator at_least_one() {
+  return CLI::Validator(
+      [](std::string& v) -> std::string {
+        unsigned x = 0;
+        if (CLI::detail::lexical_cast(v, x) && x >= 1) return {};
+        return fmt::format("expected a whole number of at least 1, got '{}'", v);
+      },
+      "N>=1");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -95,9 +106,9 @@ int main(int argc, char** argv) {
   std::string config_path;
   CLI::App app(
       "livemigd: the livemig migrations daemon. Takes migration tasks from `migrate-nbd submit` on its Unix\n"
-      "socket, keeps them in SQLite, runs them in FIFO order within --max-concurrent and --host-bandwidth,\n"
-      "polls both plugins of every running task (heartbeats) and resumes tasks after a plugin or livemigd\n"
-      "itself restarts.\n\nExample: livemigd --config /etc/livemig/livemigd.conf",
+      "socket, keeps them in SQLite, runs them by priority (FIFO within one) within --max-concurrent and\n"
+      "--host-bandwidth, polls both plugins of every running task (heartbeats, one loop for all) and resumes\n"
+      "tasks after a plugin or livemigd itself restarts.\n\nExample: livemigd --config /etc/livemig/livemigd.conf",
       "livemigd");
   app.set_version_flag("--version", std::string("livemigd ") + livemig::kVersion, "print livemigd's version and exit");
   app.add_option("--config", config_path,
@@ -109,9 +120,9 @@ int main(int argc, char** argv) {
   app.add_option("--socket", c.socket, "the control socket for migrate-nbd (created with mode 0600)")
       ->type_name("PATH")
       ->capture_default_str();
-  app.add_option("--max-concurrent", c.max_concurrent, "migrations running at once at most")
+  app.add_option("--max-concurrent", c.max_concurrent, "migrations running at once at most (any number)")
       ->type_name("N")
-      ->check(CLI::Range(1u, 1000u))
+      ->check(at_least_one())
       ->capture_default_str();
   app.add_option("--host-bandwidth", bandwidth,
                  "bandwidth limit per host, summed over the migrations it takes part in (as source or destination): "

@@ -11,6 +11,9 @@ namespace {
 
 std::set<std::string> hosts_of(const TaskSlot& t) { return {t.source_host, t.destination_host}; }
 
+// A task's part of its hosts' bandwidth when it starts with others.
+uint64_t weight(const TaskSlot& t) { return static_cast<uint64_t>(std::clamp(t.priority, 0, kMaxPriority)) + 1; }
+
 bool active(const std::string& phase) {
   return phase == "Monitoring" || phase == "PreCopy" || phase == "Sync" || phase == "Handover" || phase == "PostCopy";
 }
@@ -19,8 +22,12 @@ bool handed_over(const std::string& phase) { return phase == "Handover" || phase
 
 }  // namespace
 
-StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& queued,
+StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& fifo,
                       const SchedulerLimits& limits) {
+  // Higher priority first; FIFO within a priority.
+  std::vector<TaskSlot> queued = fifo;
+  std::stable_sort(queued.begin(), queued.end(),
+                   [](const TaskSlot& a, const TaskSlot& b) { return weight(a) > weight(b); });
   StartPlan plan;
   const uint64_t L = limits.host_bandwidth;
   const unsigned m = std::max(1u, limits.max_concurrent);
@@ -40,12 +47,16 @@ StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<Ta
     if (L > 0) {
       const uint64_t free_slots = m - n;
       for (const std::string& h : hosts_of(q)) {
-        uint64_t behind = 0;
-        for (size_t j = i + 1; j < queued.size(); ++j)
-          if (hosts_of(queued[j]).count(h)) ++behind;
-        uint64_t sharers = std::max<uint64_t>(1, std::min<uint64_t>(free_slots, 1 + behind));
+        // The weights of this task and of those behind it on h that may
+        // start with it (at most the free slots).
+        uint64_t weights = weight(q), sharers = 1;
+        for (size_t j = i + 1; j < queued.size() && sharers < free_slots; ++j)
+          if (hosts_of(queued[j]).count(h)) {
+            weights += weight(queued[j]);
+            ++sharers;
+          }
         uint64_t left = used[h] >= L ? 0 : L - used[h];
-        uint64_t share = left / sharers;
+        uint64_t share = static_cast<uint64_t>(static_cast<unsigned __int128>(left) * weight(q) / weights);
         if (share < std::max<uint64_t>(1, L / (4 * uint64_t{m}))) {
           short_host = h;
           break;

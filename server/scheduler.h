@@ -3,8 +3,11 @@
 // (plan_starts), and what a running task needs given what both plugins say
 // (judge: the recovery rules of DESIGN.md, "Phases").
 //
-// Starting. Tasks start strictly in FIFO order: a task never starts before
-// one submitted earlier, and at most max_concurrent run at once.
+// Starting. Tasks start by priority (0 normal .. kMaxPriority, the operator's
+// "urgent"), higher first, and in FIFO order within a priority: a task
+// never starts before one of its priority submitted earlier, nor before a
+// queued one of a higher priority. At most max_concurrent run at once; any
+// number may (30 at once to evacuate a host is the case issue #15 names).
 //
 // Bandwidth. With a per-host limit L, every running task has a rate cap
 // (passed to the plugin's migrate op as max_rate) and, for every host, the
@@ -13,10 +16,12 @@
 // decided at start: a starting task gets, on each of its hosts, the
 // bandwidth still free there divided among the tasks that may run there
 // together (itself, plus the queued tasks behind it on that host, at most
-// the free slots), and the smaller of its two hosts' shares (and of its own
-// max_rate). A lone task gets all of L; a task that would get less than
-// L / (4 * max_concurrent) waits (and, FIFO, so does everything behind it)
-// until bandwidth frees up.
+// the free slots) in proportion to their weights (priority + 1: an urgent
+// task of priority 1 gets twice a normal one's share), and the smaller of
+// its two hosts' shares (and of its own max_rate). Tasks of equal priority
+// starting together get equal shares. A lone task gets all of L; a task
+// that would get less than L / (4 * max_concurrent) waits (and so does
+// everything behind it) until bandwidth frees up.
 #pragma once
 
 #include <cstdint>
@@ -33,11 +38,14 @@ struct SchedulerLimits {
 };
 
 // What the planner needs to know of a task.
+inline constexpr int kMaxPriority = 9;
+
 struct TaskSlot {
   int64_t id = 0;
   std::string source_host, destination_host;
   uint64_t max_rate = 0;  // the submitter's own cap, 0 = none
   uint64_t rate_cap = 0;  // running tasks: the cap they were started with
+  int priority = 0;       // 0 .. kMaxPriority; higher starts first
 };
 
 struct StartDecision {
@@ -52,7 +60,7 @@ struct StartPlan {
   int64_t waiting_id = 0;
 };
 
-// `running` and `queued` (in FIFO order) as they are now.
+// `running` and `queued` (in FIFO order: submission) as they are now.
 StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& queued,
                       const SchedulerLimits& limits);
 

@@ -1,13 +1,15 @@
 #include "server/scheduler.h"
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 
 using namespace livemig::daemon;
 
 namespace {
 
-TaskSlot slot(int64_t id, const std::string& src, const std::string& dst, uint64_t max_rate = 0, uint64_t cap = 0) {
-  return {id, src, dst, max_rate, cap};
+TaskSlot slot(int64_t id, const std::string& src, const std::string& dst, uint64_t max_rate = 0, uint64_t cap = 0,
+              int priority = 0) {
+  return {id, src, dst, max_rate, cap, priority};
 }
 
 constexpr uint64_t M = 1u << 20;
@@ -106,6 +108,58 @@ TEST_CASE("scheduler: a task waits when its host's bandwidth is taken, and so do
   // as using all of it.
   auto uncapped = plan_starts({slot(1, "a", "b", 0, 0)}, {slot(2, "a", "c")}, {4, 100 * M});
   CHECK(uncapped.start.empty());
+}
+
+TEST_CASE("scheduler: 30 tasks at once (issue #15) all start together with equal shares of the link") {
+  // 30 pairs between two hosts, as in tests/bench/many; 1 Gbit/s.
+  const uint64_t L = 125'000'000;
+  std::vector<TaskSlot> queued;
+  for (int i = 1; i <= 30; ++i) queued.push_back(slot(i, "src", "dst"));
+  auto plan = plan_starts({}, queued, {30, L});
+  REQUIRE(plan.start.size() == 30);
+  CHECK(plan.waiting_id == 0);
+  uint64_t sum = 0;
+  for (auto& d : plan.start) {
+    CHECK(d.rate_cap >= L / 30);  // equal but for the rounding of L / 30
+    CHECK(d.rate_cap <= L / 30 + 1);
+    sum += d.rate_cap;
+  }
+  CHECK(sum <= L);
+  // Ten more than max-concurrent: 30 start, the 31st waits for a slot.
+  for (int i = 31; i <= 40; ++i) queued.push_back(slot(i, "src", "dst"));
+  auto more = plan_starts({}, queued, {30, L});
+  CHECK(more.start.size() == 30);
+  CHECK(more.waiting_id == 31);
+  // No cap on max-concurrent but the operator's: 2000 at once start.
+  std::vector<TaskSlot> lots;
+  for (int i = 1; i <= 2000; ++i) lots.push_back(slot(i, fmt::format("s{}", i % 50), fmt::format("d{}", i % 70)));
+  CHECK(plan_starts({}, lots, {5000, 0}).start.size() == 2000);
+}
+
+TEST_CASE("scheduler: a task the operator marks urgent starts before earlier ones, FIFO within a priority") {
+  std::vector<TaskSlot> queued = {slot(1, "a", "b"), slot(2, "c", "d"), slot(3, "e", "f", 0, 0, 1),
+                                  slot(4, "g", "h", 0, 0, 5), slot(5, "i", "j", 0, 0, 1)};
+  auto plan = plan_starts({}, queued, {3, 0});
+  REQUIRE(plan.start.size() == 3);
+  CHECK(plan.start[0].id == 4);
+  CHECK(plan.start[1].id == 3);
+  CHECK(plan.start[2].id == 5);
+  CHECK(plan.waiting_id == 1);
+  // Equal priorities: plain FIFO, as before.
+  auto fifo = plan_starts({}, {slot(7, "a", "b", 0, 0, 2), slot(8, "c", "d", 0, 0, 2)}, {1, 0});
+  REQUIRE(fifo.start.size() == 1);
+  CHECK(fifo.start[0].id == 7);
+}
+
+TEST_CASE("scheduler: tasks starting together split a host's bandwidth by priority + 1") {
+  // An urgent task (priority 1) and two normal ones on host a: weights 2, 1, 1.
+  std::vector<TaskSlot> queued = {slot(1, "a", "b"), slot(2, "a", "c"), slot(3, "a", "d", 0, 0, 1)};
+  auto plan = plan_starts({}, queued, {3, 100 * M});
+  REQUIRE(plan.start.size() == 3);
+  CHECK(plan.start[0].id == 3);
+  CHECK(plan.start[0].rate_cap == 50 * M);
+  CHECK(plan.start[1].rate_cap == 25 * M);
+  CHECK(plan.start[2].rate_cap == 25 * M);
 }
 
 TEST_CASE("judge: before handover a source running our migration is left alone") {

@@ -13,7 +13,7 @@ using nlohmann::json;
 
 namespace {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;  // 2: priority
 
 constexpr const char* kSchema = R"(
 CREATE TABLE IF NOT EXISTS tasks (
@@ -37,14 +37,15 @@ CREATE TABLE IF NOT EXISTS tasks (
   source_down_since REAL NOT NULL DEFAULT 0,
   destination_down_since REAL NOT NULL DEFAULT 0,
   blocks_total INTEGER NOT NULL DEFAULT 0,
-  blocks_left INTEGER NOT NULL DEFAULT 0);
+  blocks_left INTEGER NOT NULL DEFAULT 0,
+  priority INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state);
 )";
 
 constexpr const char* kColumns =
     "id, name, source, destination, mode, request, state, migration_id, rate_cap, attempts, cancel_requested, "
     "phase, error, note, submitted_at, started_at, finished_at, source_down_since, destination_down_since, "
-    "blocks_total, blocks_left";
+    "blocks_total, blocks_left, priority";
 
 double now_unix() {
   return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -64,6 +65,7 @@ Result<Task> read_row(const SqliteStmt& s) {
   t.state = *st;
   t.migration_id = s.column_text(7);
   t.rate_cap = static_cast<uint64_t>(s.column_int64(8));
+  t.priority = static_cast<int>(s.column_int64(21));
   t.attempts = static_cast<int>(s.column_int64(9));
   t.cancel_requested = s.column_int64(10) != 0;
   t.phase = s.column_text(11);
@@ -138,7 +140,8 @@ json Task::to_json() const {
             {"source_down_since", source_down_since},
             {"destination_down_since", destination_down_since},
             {"blocks_total", blocks_total},
-            {"blocks_left", blocks_left}};
+            {"blocks_left", blocks_left},
+            {"priority", priority}};
   return j;
 }
 
@@ -158,6 +161,9 @@ Result<std::unique_ptr<TaskStore>> TaskStore::open(const std::string& path) {
     return Status::error(fmt::format("database {}: schema version {} is newer than this livemigd's ({})", path,
                                      version, kSchemaVersion),
                          EIO);
+  // Version 1 had no priority: every task it kept has the default, 0.
+  if (version == 1)
+    if (Status s = (*db)->exec("ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;"); !s) return s;
   if (Status s = (*db)->exec(std::string(kSchema) + fmt::format("PRAGMA user_version={};", kSchemaVersion)); !s)
     return s;
   return std::unique_ptr<TaskStore>(new TaskStore(std::move(*db)));
@@ -168,11 +174,12 @@ Status TaskStore::add(Task& task) {
   task.state = TaskState::Queued;
   task.submitted_at = now_unix();
   auto st = db_->prepare(
-      "INSERT INTO tasks (name, source, destination, mode, request, state, submitted_at) VALUES (?1, ?2, ?3, ?4, ?5, "
-      "?6, ?7)");
+      "INSERT INTO tasks (name, source, destination, mode, request, state, submitted_at, priority) VALUES (?1, ?2, "
+      "?3, ?4, ?5, ?6, ?7, ?8)");
   if (!st) return st.status();
   st->bind(1, task.name).bind(2, task.source).bind(3, task.destination).bind(4, task.mode);
   st->bind(5, task.request.dump()).bind(6, std::string(state_name(task.state))).bind(7, task.submitted_at);
+  st->bind(8, int64_t{task.priority});
   if (Status s = st->run(); !s) return s;
   task.id = db_->last_insert_rowid();
   return Status::ok();

@@ -7,7 +7,8 @@
 //   queued   -> running | cancelled
 //   running  -> done | failed | cancelled
 //   done, failed, cancelled: final.
-// FIFO: tasks start in the order of their ids (the submission order).
+// Order: tasks start by priority (higher first), and in the order of their
+// ids (the submission order) within a priority.
 // Threading: a TaskStore serializes its calls with its own mutex.
 #pragma once
 
@@ -58,6 +59,7 @@ struct Task {
   double destination_down_since = 0;
   uint64_t blocks_total = 0;
   uint64_t blocks_left = 0;
+  int priority = 0;          // 0 normal .. kMaxPriority most urgent (scheduler.h)
 
   // The host part of source/destination: the unit of the bandwidth limit.
   std::string source_host() const;

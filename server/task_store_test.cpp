@@ -158,3 +158,39 @@ TEST_CASE("task store: the database is in WAL mode") {
   REQUIRE(*row);
   CHECK(st->column_text(0) == "wal");
 }
+
+TEST_CASE("task store: a task's priority is kept, and a schema-1 database opens with priority 0 for its tasks") {
+  TempDb db;
+  {
+    // What livemigd kept before priorities (schema version 1).
+    auto old = SqliteDb::open(db.path);
+    REQUIRE(old);
+    REQUIRE((*old)->exec(R"(
+CREATE TABLE tasks (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
+  mode TEXT NOT NULL, request TEXT NOT NULL, state TEXT NOT NULL, migration_id TEXT NOT NULL DEFAULT '',
+  rate_cap INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+  cancel_requested INTEGER NOT NULL DEFAULT 0, phase TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
+  note TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, started_at REAL NOT NULL DEFAULT 0,
+  finished_at REAL NOT NULL DEFAULT 0, source_down_since REAL NOT NULL DEFAULT 0,
+  destination_down_since REAL NOT NULL DEFAULT 0, blocks_total INTEGER NOT NULL DEFAULT 0,
+  blocks_left INTEGER NOT NULL DEFAULT 0);
+INSERT INTO tasks (name, source, destination, mode, request, state, submitted_at)
+  VALUES ('old', '10.0.0.1:1', '10.0.0.2:1', 'precopy', '{}', 'queued', 1);
+PRAGMA user_version=1;)"));
+  }
+  auto store = TaskStore::open(db.path);
+  REQUIRE(store);
+  auto old = (*store)->get(1);
+  REQUIRE(old);
+  REQUIRE(*old);
+  CHECK((*old)->priority == 0);
+  Task urgent = make_task("10.0.0.3:10809");
+  urgent.priority = 5;
+  REQUIRE((*store)->add(urgent));
+  auto back = (*store)->get(urgent.id);
+  REQUIRE(back);
+  REQUIRE(*back);
+  CHECK((*back)->priority == 5);
+  CHECK((*back)->to_json()["priority"] == 5);
+}

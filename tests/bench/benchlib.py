@@ -166,9 +166,10 @@ def control(path, obj, timeout=130):
 
 class Plugin:
     """nbdkit with livemig.so in a network namespace (ip netns exec execs,
-    so the PID is nbdkit's). args needs .work, .logs and .plugin."""
+    so the PID is nbdkit's), its peer port on addr:port. args needs .work,
+    .logs and .plugin."""
 
-    def __init__(self, args, ns, addr, image, tag, secret, extra=()):
+    def __init__(self, args, ns, addr, image, tag, secret, extra=(), port=PEER_PORT):
         self.dir = os.path.join(args.work, tag)
         os.makedirs(self.dir, exist_ok=True)
         self.sock = os.path.join(self.dir, "nbd.sock")
@@ -176,7 +177,8 @@ class Plugin:
         self.pidfile = os.path.join(self.dir, "nbdkit.pid")
         self.log = os.path.join(args.logs, f"{tag}.nbdkit.log")
         self.image = image
-        argv = nbdkit_argv(args.plugin, [f"image={image}", f"control={self.ctl}", f"listen={addr}:{PEER_PORT}",
+        self.peer = f"{addr}:{port}"
+        argv = nbdkit_argv(args.plugin, [f"image={image}", f"control={self.ctl}", f"listen={addr}:{port}",
                                          f"secret={secret}", *tls_keys(args), *extra],
                            sock=self.sock, pidfile=self.pidfile, ns=ns)
         self.proc = spawn(argv, self.log)
@@ -303,6 +305,11 @@ def tc_bytes(ns, dev):
     p = subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show", "dev", dev],
                        stdout=subprocess.PIPE, check=True)
     return sum(q.get("bytes", 0) for q in json.loads(p.stdout or b"[]") if q.get("root"))
+
+
+def wire_bytes(env):
+    """Bytes the test bed's link carried so far, both veth ends (tc)."""
+    return tc_bytes(env["LM_TB_SRC_NS"], env["LM_TB_SRC_DEV"]) + tc_bytes(env["LM_TB_DST_NS"], env["LM_TB_DST_DEV"])
 
 
 def testbed_up(name, rate, subnet=None):

@@ -62,6 +62,26 @@ def test_never_more_than_max_concurrent_running():
                 ex.assert_copied()
 
 
+def test_an_urgent_task_starts_before_earlier_normal_ones():
+    """max-concurrent 1: while a capped task runs, a normal task and then
+    one submitted with --priority 1 queue; the urgent one starts next, the
+    normal one after it, and all end done with equal images (issue #15)."""
+    with exports(3, 8 * MiB) as exs:
+        with Livemigd(max_concurrent=1) as d:
+            first = d.submit(exs[0], "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "4M")
+            d.wait_state(first, ("running",), timeout=20)
+            normal = d.submit(exs[1], "precopy", "--handover", "auto", "--handover-size", "64K")
+            urgent = d.submit(exs[2], "precopy", "--handover", "auto", "--handover-size", "64K", "--priority", "1")
+            assert d.task(urgent)["priority"] == 1
+            tasks = {i: d.wait_state(i, ("done",), timeout=60) for i in (first, normal, urgent)}
+            assert tasks[first]["started_at"] < tasks[urgent]["started_at"] < tasks[normal]["started_at"], \
+                f"start order {sorted(tasks, key=lambda i: tasks[i]['started_at'])}; want {[first, urgent, normal]}"
+            shown = d.cli("show", urgent)
+            assert "priority      1" in shown.stdout, shown.stdout
+            for ex in exs:
+                ex.assert_copied()
+
+
 def test_host_bandwidth_is_never_exceeded():
     """--host-bandwidth 8M with max-concurrent 2 and three tasks on one host
     (loopback): every migration the plugins run has a cap (max_rate), and the
