@@ -16,6 +16,7 @@
 
 #include "client-tools/interrupt_scope.h"
 #include "client-tools/migrate_nbd_options.h"
+#include "client-tools/migrate_nbd_output.h"
 #include "client/control_client.h"
 #include "client/units.h"
 
@@ -206,7 +207,7 @@ int cmd_show(const DaemonCommands& d) {
     return kExitFailure;
   }
   if (d.json) print_json(*reply);
-  else std::fputs(render_task(reply->value("task", json::object()), reply->value("time", 0.0)).c_str(), stdout);
+  else std::fputs(render_show(*reply).c_str(), stdout);
   return kExitOk;
 }
 
@@ -230,6 +231,15 @@ void add_daemon_options(CLI::App* sub, DaemonCommands& d) {
 }
 
 }  // namespace
+
+std::string render_show(const json& reply) {
+  std::string out = render_task(reply.value("task", json::object()), reply.value("time", 0.0));
+  // What the source plugin last said of its guest-first pacing.
+  const json& st = reply.value("source_status", json::object());
+  if (st.contains("migration") && st["migration"].contains("pacing"))
+    out += fmt::format("{:<13} {}\n", "guest first", pacing_text(st["migration"]));
+  return out;
+}
 
 std::string progress_bar(uint64_t total, uint64_t left, int width) {
   if (total == 0) return "";

@@ -58,6 +58,10 @@ struct ListColumns {
 std::string render_task_line(const nlohmann::json& task, double now, const ListColumns& columns = {});
 std::string progress_bar(uint64_t total, uint64_t left, int width);
 
+// The show screen: the task, and what the source plugin's last status says
+// of its guest-first pacing (reply: livemigd's answer to show).
+std::string render_show(const nlohmann::json& reply);
+
 // The list screen: a summary line (tasks per state, the blocks moved of all
 // of them), a header, and a line per task with its columns aligned. With
 // `width` > 0 (a terminal's columns) no line is longer.

@@ -124,6 +124,9 @@ std::string read_delay_text(const json& m) {
                      num(d, "p50"), num(d, "p99"), num(d, "max"), count(d, "count"));
 }
 
+
+}  // namespace
+
 // Guest-first pacing: the rate it holds the transfer to, and why.
 std::string pacing_text(const json& m) {
   const json& pc = object(m, "pacing");
@@ -133,6 +136,8 @@ std::string pacing_text(const json& m) {
                      num(pc, "window_p99_ms"), num(pc, "guest_latency_bound"), num(pc, "baseline_p99_ms"),
                      count(pc, "windows_over_bound"), count(pc, "windows"));
 }
+
+namespace {
 
 // Compression on the link: what it saved, and (at the source) what auto
 // decided and why.

@@ -29,6 +29,10 @@ bool is_final_phase(const std::string& phase);
 // The "status" subcommand's layout of one side.
 std::string render_status(const SideStatus& s);
 
+// Guest-first pacing of one side's migration status (its "pacing"): the
+// rate it holds the transfer to, and why.
+std::string pacing_text(const nlohmann::json& migration);
+
 // The "stats" subcommand: request counters, the hottest segments, and during
 // a migration each segment's score, send set and why.
 std::string render_stats(const nlohmann::json& stats);

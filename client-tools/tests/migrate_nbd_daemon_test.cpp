@@ -86,3 +86,24 @@ TEST_CASE("daemon output: list with 30 tasks (issue #15) has a summary and the s
   // In an 80-column terminal no line wraps.
   for (const std::string& line : lines_of(render_list(tasks, 100.0, 80))) CHECK(line.size() <= 80);
 }
+
+TEST_CASE("daemon output: show says what the source's guest-first pacing does") {
+  json reply = {{"task", {{"id", 3}, {"name", "vm3.img"}, {"state", "running"}, {"phase", "PreCopy"}}},
+                {"time", 100.0}};
+  CHECK(livemig::mig::render_show(reply).find("guest first") == std::string::npos);  // no status yet
+  reply["source_status"] = {{"phase", "PreCopy"},
+                            {"migration",
+                             {{"pacing",
+                               {{"active", true},
+                                {"rate", 16.0 * 1024 * 1024},
+                                {"window_p99_ms", 3.5},
+                                {"guest_latency_bound", 1.2},
+                                {"baseline_p99_ms", 2.0},
+                                {"windows_over_bound", 4},
+                                {"windows", 40}}}}}};
+  const std::string text = livemig::mig::render_show(reply);
+  CHECK(text.find("task          3 (vm3.img)") != std::string::npos);
+  CHECK(text.find("guest first   held to 16") != std::string::npos);
+  CHECK(text.find("MiB/s: guest p99 3.50 ms, bound 1.2x its 2.00 ms before (4 of 40 windows over)\n") !=
+        std::string::npos);
+}
