@@ -402,6 +402,12 @@ void StateFile::mark_present(IndexRange blocks) {
   dirty_pages_.set_range({blocks.first / kBlocksPerPage, (blocks.last - 1) / kBlocksPerPage + 1});
 }
 
+void StateFile::mark_missing(IndexRange blocks) {
+  if (blocks.empty()) return;
+  present_.clear_range(blocks);
+  dirty_pages_.set_range({blocks.first / kBlocksPerPage, (blocks.last - 1) / kBlocksPerPage + 1});
+}
+
 Status StateFile::write_pages(IndexRange run) {
   const uint64_t total_bytes = bitmap_bytes_of(present_.size());
   const uint64_t byte_first = run.first * kPageBytes;

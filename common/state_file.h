@@ -39,8 +39,9 @@
 // sync either makes it into the written words or leaves its page marked for
 // the next sync: it is never dropped.
 //
-// What a crash can lose: while a migration runs, presence bits only ever go
-// 0 -> 1, and every page write carries a superset of the bits of the last
+// What a crash can lose: once a handover has committed, presence bits only
+// ever go 0 -> 1 (before it, the commit clears the bits of the blocks it still
+// owes, mark_missing(), and syncs that before its record), and every page write carries a superset of the bits of the last
 // completed write of that page. A page write torn by a crash (or never made)
 // can therefore only lose bits set after the last sync() that returned ok;
 // every bit marked before a caller's sync() started is on disk once that
@@ -159,6 +160,13 @@ class StateFile {
   // Sets the blocks' presence bits and marks their bitmap pages for the next
   // sync(). Lock-free, any thread. REQUIRES: blocks.last <= block_count()
   void mark_present(IndexRange blocks);
+
+  // Clears the blocks' presence bits and marks their pages, as mark_present()
+  // sets them. Only before a commit (the header's "What a crash can lose"):
+  // a handover that synced its bits and then failed leaves them for the next
+  // attempt, whose owed blocks must read as missing. REQUIRES: no concurrent
+  // mark_present() on the same blocks; blocks.last <= block_count()
+  void mark_missing(IndexRange blocks);
 
   // Writes every marked bitmap page and fdatasync()s (skipped if no page was
   // marked). Ok means every mark_present() that returned before this call

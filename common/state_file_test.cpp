@@ -142,6 +142,28 @@ TEST_CASE("a created state file opens with the same record and bitmap", "[state]
   CHECK_FALSE(sf->present().test(1));
 }
 
+TEST_CASE("blocks marked missing after a sync read as missing once synced again", "[state]") {
+  TempDir dir;
+  std::string path = dir.file("vm.img.livemig-state");
+  MigrationRecord r = sample_record();
+  const uint64_t page = StateFile::kBlocksPerPage;
+  {
+    auto sf = must_create(path, r);
+    sf->mark_present({0, 3 * page});
+    REQUIRE(sf->sync().is_ok());
+    sf->mark_missing({page - 2, page + 2});  // straddles pages 0/1
+    sf->mark_missing({2 * page + 7, 2 * page + 8});
+    REQUIRE(sf->sync().is_ok());
+  }
+  auto sf = must_open(path);
+  CHECK(sf->present().count() == 3 * page - 5);
+  CHECK(sf->present().none_set({page - 2, page + 2}));
+  CHECK_FALSE(sf->present().test(2 * page + 7));
+  CHECK(sf->present().test(page - 3));
+  CHECK(sf->present().test(page + 2));
+  CHECK(sf->present().test(2 * page + 8));
+}
+
 TEST_CASE("the on-disk bitmap is BlockBitmap::serialize()'s layout", "[state]") {
   TempDir dir;
   std::string path = dir.file("s");

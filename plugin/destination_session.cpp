@@ -407,6 +407,9 @@ void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t 
     priority[seg] = std::max(priority[seg], double(r.heat));
   }
   if (StateFile* file = s_.machine.file()) {
+    // An earlier attempt of this migration that synced its bits and then
+    // failed may have marked some of these blocks present: they are owed now.
+    for (const HandoverRange& r : pending_) file->mark_missing({r.first_block, r.first_block + r.block_count});
     for (IndexRange r : set_runs(present)) file->mark_present(r);
     if (Status s = file->sync(); !s) {
       refuse(link, request_id, s);
