@@ -147,6 +147,7 @@ const std::map<std::string, Handler, std::less<>>& handlers() {
       {"resolve", [](PluginState& st, const json& r) { return st.engine->resolve(r); }},
       {"release", [](PluginState& st, const json& r) { return st.engine->release(r); }},
       {"verify", [](PluginState& st, const json& r) { return st.engine->verify(r); }},
+      {"set-rate", [](PluginState& st, const json& r) { return st.engine->set_rate(r); }},
   };
   return table;
 }

@@ -898,6 +898,7 @@ nlohmann::json DestinationSession::progress_json() {
             {"committed_generation", s_.machine.record().committed_generation},
             {"pacing", pacer_.to_json()},
             {"pull_window", window}};
+  j["params"]["max_rate"] = pacer_.max_rate();  // set-rate may have changed it
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

@@ -111,6 +111,8 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
 
   // ---- status
   nlohmann::json progress_json();
+  // A new max_rate for the background pulls (any thread; the puller applies it).
+  void set_max_rate(uint64_t bytes_per_second) { pacer_.set_max_rate(bytes_per_second); }
   bool link_up() const;
   uint64_t blocks_received() const { return s_.stats.blocks_received.load(); }
 

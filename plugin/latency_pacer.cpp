@@ -1,13 +1,23 @@
 #include "plugin/latency_pacer.h"
 
 #include <algorithm>
+#include <thread>
 
 namespace livemig {
 
 LatencyPacer::LatencyPacer(PacerConfig config)
     : config_(config),
       active_(config.bound > 0 && config.baseline_p99_ns > 0 && config.baseline_requests >= kMinBaselineRequests),
-      rate_(config.max_rate) {}
+      rate_(config.max_rate),
+      max_rate_(config.max_rate) {}
+
+void LatencyPacer::set_max_rate(uint64_t max_rate) {
+  const uint64_t old = max_rate_.exchange(max_rate, std::memory_order_relaxed);
+  uint64_t rate = rate_.load(std::memory_order_relaxed);
+  if (!active_ || rate == old) rate = max_rate;  // at the ceiling: follows it
+  else if (max_rate != 0 && (rate == 0 || rate > max_rate)) rate = max_rate;
+  rate_.store(rate, std::memory_order_relaxed);
+}
 
 uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds) {
   if (!active_ || seconds <= 0) return rate();
@@ -30,13 +40,16 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
     rate_before_probe_ = rate;
     rate = config_.min_rate;
   }
+  // The ceiling last: it may be below min_rate once the operator lowered it.
+  if (const uint64_t ceiling = max_rate(); ceiling != 0 && (rate == 0 || rate > ceiling)) rate = ceiling;
   rate_.store(rate, std::memory_order_relaxed);
   return rate;
 }
 
 uint64_t LatencyPacer::next_rate(uint64_t p99_ns, uint64_t moved) {
   uint64_t rate = rate_.load(std::memory_order_relaxed);
-  const bool capped_by_us = rate != 0 && rate != config_.max_rate;
+  const uint64_t max_rate = max_rate_.load(std::memory_order_relaxed);
+  const bool capped_by_us = rate != 0 && rate != max_rate;
   if (!capped_by_us) fastest_unpaced_ = std::max(fastest_unpaced_, moved);
   const uint64_t baseline = std::max(config_.baseline_p99_ns, local_baseline_ns_.load(std::memory_order_relaxed));
   const bool over = p99_ns > config_.bound * double(baseline);
@@ -48,7 +61,6 @@ uint64_t LatencyPacer::next_rate(uint64_t p99_ns, uint64_t moved) {
     rate += std::max(config_.min_rate, fastest_unpaced_ / 16);
     if (rate > 2 * fastest_unpaced_) rate = 0;  // lifted
   }
-  if (config_.max_rate != 0 && (rate == 0 || rate > config_.max_rate)) rate = config_.max_rate;
   if (rate != 0) rate = std::max(rate, floor());
   return rate;
 }
@@ -59,9 +71,22 @@ uint64_t LatencyPacer::floor() const {
 }
 
 TransferPacer::TransferPacer(const GuestLatency* guest, PacerConfig config)
-    : guest_(guest), pacer_(guest ? config : PacerConfig{.max_rate = config.max_rate}), limiter_(config.max_rate) {}
+    : guest_(guest),
+      pacer_(guest ? config : PacerConfig{.max_rate = config.max_rate}),
+      limiter_(config.max_rate),
+      wanted_max_rate_(config.max_rate),
+      applied_max_rate_(config.max_rate) {}
+
+void TransferPacer::apply_max_rate() {
+  if (const uint64_t wanted = wanted_max_rate_.load(std::memory_order_relaxed); wanted != applied_max_rate_) {
+    applied_max_rate_ = wanted;
+    pacer_.set_max_rate(wanted);
+    limiter_.set_rate(pacer_.rate());
+  }
+}
 
 void TransferPacer::take(uint64_t bytes) {
+  apply_max_rate();
   if (pacer_.active()) {
     const auto now = std::chrono::steady_clock::now();
     window_bytes_ += bytes;
@@ -79,7 +104,10 @@ void TransferPacer::take(uint64_t bytes) {
       window_bytes_ = 0;
     }
   }
-  limiter_.take(bytes);
+  limiter_.charge(bytes);
+  // Slices of at most 50 ms: a ceiling raised meanwhile ends the wait early.
+  for (double owed; (owed = limiter_.seconds_owed()) > 0; apply_max_rate())
+    std::this_thread::sleep_for(std::chrono::duration<double>(std::min(owed, 0.05)));
 }
 
 nlohmann::json LatencyPacer::to_json() const {
@@ -91,6 +119,7 @@ nlohmann::json LatencyPacer::to_json() const {
           {"probes", probes_.load(std::memory_order_relaxed)},
           {"window_p99_ms", double(last_p99_ns_.load(std::memory_order_relaxed)) / 1e6},
           {"rate", rate()},
+          {"max_rate", max_rate()},
           {"min_rate", config_.min_rate},
           {"max_slowdown", config_.max_slowdown},
           {"windows", windows_.load(std::memory_order_relaxed)},

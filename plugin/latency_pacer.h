@@ -16,7 +16,9 @@
 // A window with fewer than kMinRequests guest requests says nothing about
 // the guest (it is idle: nothing to protect), and neither does a baseline of
 // fewer than kMinBaselineRequests: the pacer then leaves the rate alone.
-// `max_rate`, when set, stays the ceiling.
+// `max_rate`, when set, stays the ceiling, above min_rate too; the operator
+// (livemigd sharing a host's bandwidth) may change it while the transfer
+// runs (set_max_rate).
 // The destination's guest runs on another disk than the source's, often
 // slower while blocks are being allocated: judged against the source's
 // baseline alone it would hold post-copy at min_rate for nothing. So it
@@ -71,6 +73,11 @@ class LatencyPacer {
   uint64_t on_window(uint64_t requests, uint64_t p99_ns, uint64_t bytes, double seconds);
   uint64_t rate() const { return rate_.load(std::memory_order_relaxed); }
   bool probing() const { return probing_; }
+  // A new ceiling (0 = none), on the thread that calls on_window(). A rate
+  // the guest's latency lowered stays lower; one at the old ceiling moves
+  // to the new.
+  void set_max_rate(uint64_t max_rate);
+  uint64_t max_rate() const { return max_rate_.load(std::memory_order_relaxed); }
 
   // For status (any thread).
   nlohmann::json to_json() const;
@@ -79,6 +86,7 @@ class LatencyPacer {
   const PacerConfig config_;
   const bool active_;
   std::atomic<uint64_t> rate_;         // 0 = no cap
+  std::atomic<uint64_t> max_rate_;     // the ceiling, 0 = none (config's, then set_max_rate's)
   uint64_t fastest_unpaced_ = 0;       // bytes/s
   uint64_t next_rate(uint64_t p99_ns, uint64_t moved);
   uint64_t floor() const;  // min_rate, or the max_slowdown budget's rate if higher
@@ -93,7 +101,8 @@ class LatencyPacer {
 
 // The rate of one background transfer (the source's pushes, the
 // destination's background pulls): max_rate, lowered while the guest
-// suffers. One thread calls take(); to_json() from any.
+// suffers. One thread calls take(); set_max_rate(), max_rate() and
+// to_json() from any (a new ceiling applies at the next take()).
 class TransferPacer {
  public:
   // `guest` may be null (no measure: max_rate only).
@@ -101,15 +110,22 @@ class TransferPacer {
   // The transfer moved `bytes` more: decides the rate again once a window,
   // then sleeps as long as the rate requires.
   void take(uint64_t bytes);
+  void set_max_rate(uint64_t bytes_per_second) { wanted_max_rate_.store(bytes_per_second, std::memory_order_relaxed); }
+  uint64_t max_rate() const { return wanted_max_rate_.load(std::memory_order_relaxed); }
   nlohmann::json to_json() const { return pacer_.to_json(); }
 
  private:
+  // A ceiling set_max_rate() asked for, applied (take()'s thread).
+  void apply_max_rate();
+
   const GuestLatency* const guest_;
   LatencyPacer pacer_;
   RateLimiter limiter_;
   CumulativeHistogram::Counts window_start_counts_{};
   std::chrono::steady_clock::time_point window_start_{};
   uint64_t window_bytes_ = 0;
+  std::atomic<uint64_t> wanted_max_rate_;  // set_max_rate()'s, applied by take()
+  uint64_t applied_max_rate_;              // take()'s thread only
 };
 
 }  // namespace livemig

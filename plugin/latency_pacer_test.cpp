@@ -112,6 +112,43 @@ TEST_CASE("pacer: max_rate stays the ceiling, paced or not") {
   CHECK(p.rate() == 40 * MiB);
 }
 
+TEST_CASE("pacer: a ceiling changed while the transfer runs holds at once, also below min_rate and in a probe") {
+  LatencyPacer p(config(1.2, 40 * MiB));
+  CHECK(window(p, 40 * MiB, kBaseline) == 40 * MiB);
+  p.set_max_rate(8 * MiB);  // below min_rate (16 MiB): the operator's limit wins
+  CHECK(p.rate() == 8 * MiB);
+  for (int i = 0; i < 20; ++i) CHECK(window(p, 8 * MiB, kBaseline) <= 8 * MiB);
+  CHECK(window(p, 8 * MiB, kBaseline * 3) <= 8 * MiB);
+  // Raised: a rate at the old ceiling follows it up.
+  p.set_max_rate(8 * MiB);
+  CHECK(window(p, 8 * MiB, kBaseline) == 8 * MiB);
+  p.set_max_rate(64 * MiB);
+  CHECK(p.rate() == 64 * MiB);
+  CHECK(p.max_rate() == 64 * MiB);
+  // A rate the guest lowered stays lower when the ceiling rises.
+  CHECK(window(p, 64 * MiB, kBaseline * 3) == 32 * MiB);
+  p.set_max_rate(0);
+  CHECK(p.rate() == 32 * MiB);
+  // Lifted: no ceiling, and the pacer alone decides.
+  CHECK(p.to_json()["max_rate"] == 0);
+
+  PacerConfig probing = config(1.2, 40 * MiB);
+  probing.probe_every = 4;
+  LatencyPacer q(probing);
+  CHECK(window(q, 40 * MiB, kBaseline) == 16 * MiB);  // the first window probes at min_rate
+  q.set_max_rate(4 * MiB);
+  CHECK(window(q, 4 * MiB, kBaseline) == 4 * MiB);  // the probe ends: back to the rate before, under the new ceiling
+}
+
+TEST_CASE("pacer: without a guest measure, set_max_rate is the rate") {
+  LatencyPacer p(PacerConfig{.max_rate = 10 * MiB});
+  p.set_max_rate(3 * MiB);
+  CHECK(p.rate() == 3 * MiB);
+  CHECK(p.on_window(1000, kBaseline * 10, 3 * MiB, 1) == 3 * MiB);
+  p.set_max_rate(0);
+  CHECK(p.rate() == 0);
+}
+
 TEST_CASE("pacer: an idle guest, a thin baseline or no bound pace nothing") {
   LatencyPacer idle(config());
   CHECK(idle.on_window(5, kBaseline * 10, 25 * MiB, 0.25) == 0);  // 5 requests: not a signal

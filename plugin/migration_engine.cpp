@@ -796,6 +796,21 @@ json MigrationEngine::cancel(const json&) {
   return (*src)->request_cancel();
 }
 
+json MigrationEngine::set_rate(const json& req) {
+  if (!req.contains("max_rate")) return error_reply("set-rate takes \"max_rate\": bytes per second (0: no cap)");
+  auto rate = json_uint(req, "max_rate", 0, "set-rate");
+  if (!rate) return error_reply(rate.status().message());
+  EngineState st = machine_.state();
+  if (!is_active(st.phase))
+    return error_reply(fmt::format("no migration to pace (phase {})", phase_name(st.phase)));
+  Session s = current_session();
+  if (auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s)) (*src)->set_max_rate(*rate);
+  else if (auto* dst = std::get_if<std::shared_ptr<DestinationSession>>(&s)) (*dst)->set_max_rate(*rate);
+  else return error_reply(fmt::format("no migration to pace: this side is {}", describe(st)));
+  ctx_.log(fmt::format("max_rate set to {} bytes/s", *rate));
+  return {{"ok", true}, {"max_rate", *rate}};
+}
+
 json MigrationEngine::resolve(const json& req) {
   if (!req.value("abort", false))
     return error_reply("resolve takes \"abort\": true (the operator's decision that the destination is gone)");

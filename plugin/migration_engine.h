@@ -87,6 +87,10 @@ class MigrationEngine {
   nlohmann::json resolve(const nlohmann::json& request);
   nlohmann::json release(const nlohmann::json& request);
   nlohmann::json verify(const nlohmann::json& request);
+  // A running migration's max_rate, changed (livemigd sharing a host's
+  // bandwidth between the migrations it runs). Not persisted: a restarted
+  // side starts again from the migrate request's.
+  nlohmann::json set_rate(const nlohmann::json& request);
   nlohmann::json segments_json(size_t limit);
 
   // ---- peer side (io thread)

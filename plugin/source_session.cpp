@@ -780,7 +780,7 @@ double SourceSession::push_throughput() const {
   double sent = double(s_.stats.payload_bytes_sent.load());
   double seconds = seconds_since(precopy_started_at_);
   if (sent >= kMinPushSample && seconds > 0) return sent / seconds;
-  return params_.max_rate ? double(params_.max_rate) : 125e6;
+  return pacer_.max_rate() ? double(pacer_.max_rate()) : 125e6;
 }
 
 uint64_t SourceSession::owed_in_send_set() {
@@ -1226,6 +1226,7 @@ nlohmann::json SourceSession::progress_json() {
             {"handover_generation", generation_},
             {"pacing", pacer_.to_json()},
             {"compression", compression_.to_json()}};
+  j["params"]["max_rate"] = pacer_.max_rate();  // set-rate may have changed it
   link_.describe(j);
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;

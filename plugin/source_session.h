@@ -114,6 +114,8 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   // ---- control (any thread but the io thread)
   nlohmann::json request_handover();
   nlohmann::json request_cancel();
+  // A new max_rate for the pushes (any thread; the pusher applies it).
+  void set_max_rate(uint64_t bytes_per_second) { pacer_.set_max_rate(bytes_per_second); }
   nlohmann::json resolve_abort();
   void on_last_client_closed();
   // Status of this migration (the "migration" object of status).

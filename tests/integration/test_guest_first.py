@@ -111,5 +111,42 @@ def test_bad_pacing_parameters_are_refused_with_the_field_named():
             mig.status(src)
 
 
+
+def test_set_rate_changes_a_running_migrations_cap_at_once_and_a_bad_one_names_the_problem():
+    """livemigd's share of a host's bandwidth changes with the migrations
+    running (issue #15): the set-rate op lowers a running pre-copy's 1 MiB/s
+    cap to 1 KiB/s, then lifts it; the migration then ends in a fraction of
+    the time the old cap needs (a pusher that had begun a frame's wait at
+    1 KiB/s, 256 s, must not sit it out)."""
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+        reply = src.control({"op": "set-rate", "max_rate": MiB})
+        assert not reply["ok"] and "no migration to pace" in reply["error"], reply
+        mig.migrate(src, dst, "precopy", handover="auto", max_rate=1 * MiB)
+        time.sleep(1.0)
+        for bad in ({}, {"max_rate": -1}, {"max_rate": "fast"}, {"max_rate": 1.5}):
+            reply = src.control({"op": "set-rate", **bad})
+            assert not reply["ok"] and "max_rate" in reply["error"], (bad, reply)
+        st = mig.status(src)
+        assert st["migration"]["params"]["max_rate"] == MiB, st["migration"]["params"]
+        left = st["migration"]["blocks_left"] * 4096
+        assert left > 8 * MiB, f"only {left} bytes left: the cap did not hold"
+        reply = src.control({"op": "set-rate", "max_rate": 1024})
+        assert reply["ok"] and reply["max_rate"] == 1024, reply
+        time.sleep(1.5)
+        st = mig.status(src)
+        assert st["migration"]["params"]["max_rate"] == 1024, st["migration"]["params"]
+        left = st["migration"]["blocks_left"] * 4096
+        t0 = time.monotonic()
+        reply = src.control({"op": "set-rate", "max_rate": 0})
+        assert reply["ok"] and reply["max_rate"] == 0, reply
+        st = mig.status(src)
+        if st["phase"] != "Done":
+            assert st["migration"]["params"]["max_rate"] == 0, st["migration"]["params"]
+        mig.wait_phase(dst, ["Done"], timeout=60)
+        seconds = time.monotonic() - t0
+        assert seconds < left / MiB / 3, f"{left // MiB} MiB took {seconds:.1f} s after the cap was lifted"
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))
