@@ -325,7 +325,7 @@ void add_daemon_commands(CLI::App& app, DaemonCommands& d, std::map<std::string,
   d.submit_cmd
       ->add_option("--priority", d.priority,
                    "0 normal (default) .. 9 most urgent: a queued task of a higher priority starts first, and "
-                   "under livemigd's host-bandwidth limit a task starting with others gets priority + 1 shares "
+                   "under livemigd's host-bandwidth limit a running task gets priority + 1 shares "
                    "of its hosts' bandwidth")
       ->type_name("N")
       ->check(CLI::Range(0, 9));

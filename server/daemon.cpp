@@ -365,6 +365,34 @@ void Daemon::issue_migrate(int64_t id, bool first) {
   });
 }
 
+bool Daemon::issue_set_rate(int64_t id, uint64_t cap) {
+  auto got = store_->get(id);
+  if (!got || !*got || (*got)->state != TaskState::Running) return false;
+  const Task task = **got;
+  const bool after_handover = task.phase == "PostCopy" || task.phase == "Done";
+  bool applied = false;
+  std::string why;
+  for (const std::string& address : {task.source, task.destination}) {
+    client::ControlClient client(client::Target::remote(parse_host_port(address).value()), secret_, client::Timeouts{});
+    auto reply = client.call_raw({{"op", "set-rate"}, {"max_rate", cap}});
+    // A side that answers without a running migration (between attempts,
+    // or done) moves nothing: the next migrate request carries the cap.
+    if (reply && (address == task.source) != after_handover) applied = true;
+    if (!reply) why = reply.status().message();
+  }
+  if (!applied) {
+    log(fmt::format("task {}: rate cap {} not applied ({})", id, cap, why));
+    return false;
+  }
+  modify(id, [&](Task& t) {
+    if (t.rate_cap == cap) return false;
+    log(fmt::format("task {} ({}): rate cap {} -> {} bytes/s", t.id, t.name, t.rate_cap, cap));
+    t.rate_cap = cap;
+    return true;
+  });
+  return true;
+}
+
 void Daemon::issue_cancel(int64_t id) {
   auto got = store_->get(id);
   if (!got || !*got) return;
@@ -398,6 +426,17 @@ void Daemon::start_queued() {
     by_id[t.id] = &t;
   }
   StartPlan plan = plan_starts(running, queued, {config_.max_concurrent, config_.host_bandwidth});
+  // The host limit holds throughout: running tasks whose share falls are
+  // lowered before anything starts (and nothing starts if one could not be);
+  // those whose share rises are raised after.
+  auto by_cap = [&](bool lower) {
+    bool all = true;
+    for (const StartDecision& d : plan.rerate)
+      if ((d.rate_cap < by_id[d.id]->rate_cap || by_id[d.id]->rate_cap == 0) == lower)
+        all = issue_set_rate(d.id, d.rate_cap) && all;
+    return all;
+  };
+  if (!by_cap(true)) plan.start.clear();
   for (const StartDecision& d : plan.start) {
     bool started = false;
     modify(d.id, [&](Task& t) {
@@ -411,6 +450,7 @@ void Daemon::start_queued() {
     });
     if (started) issue_migrate(d.id, true);
   }
+  by_cap(false);
   if (plan.waiting_id)
     modify(plan.waiting_id, [&](Task& t) {
       if (t.state != TaskState::Queued || t.note == plan.waiting) return false;

@@ -10,7 +10,8 @@
 //   - the control socket's I/O thread, and one short-lived thread per request
 //     (common/control_server.h): submit, list, show, cancel, status;
 //   - the scheduler thread: every 200 ms, judges the running tasks from the
-//     heartbeats and acts (migrate, cancel), then starts queued tasks;
+//     heartbeats and acts (migrate, cancel), then starts queued tasks and
+//     moves the running ones' rate caps with the running set (set-rate);
 //   - the heartbeat thread: one loop polls every plugin in use, whatever
 //     their number (server/heartbeat.h);
 //   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
@@ -90,6 +91,10 @@ class Daemon {
   // Sends migrate for `task` at its source. first: the task's first start.
   void issue_migrate(int64_t id, bool first);
   void issue_cancel(int64_t id);
+  // Changes a running task's cap at its plugins (set-rate); true once the
+  // side moving its data took it (the source before handover, the
+  // destination after), and then records it in the task.
+  bool issue_set_rate(int64_t id, uint64_t cap);
   // Reads the task, applies fn, writes it back if fn returns true. Under mu_.
   template <typename Fn>
   void modify(int64_t id, Fn&& fn);

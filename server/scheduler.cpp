@@ -1,6 +1,7 @@
 #include "server/scheduler.h"
 
 #include <algorithm>
+#include <limits>
 #include <set>
 
 #include <fmt/format.h>
@@ -22,6 +23,75 @@ bool handed_over(const std::string& phase) { return phase == "Handover" || phase
 
 }  // namespace
 
+std::map<int64_t, uint64_t> share_bandwidth(const std::vector<TaskSlot>& tasks, uint64_t L) {
+  std::map<int64_t, uint64_t> caps;
+  if (L == 0) {
+    for (const TaskSlot& t : tasks) caps[t.id] = t.max_rate;
+    return caps;
+  }
+  // Progressive filling: every unfrozen task holds level x its weight; the
+  // level rises until a host is full or a task reaches its own max_rate,
+  // which freezes the tasks concerned at their part.
+  struct Filling {
+    const TaskSlot* task;
+    std::set<std::string> hosts;
+    double weight;
+    bool frozen = false;
+    double cap = 0;
+  };
+  std::vector<Filling> f;
+  std::map<std::string, double> left;
+  for (const TaskSlot& t : tasks) {
+    f.push_back({&t, hosts_of(t), double(weight(t))});
+    for (const std::string& h : hosts_of(t)) left[h] = double(L);
+  }
+  double level = 0;
+  for (size_t unfrozen = f.size(); unfrozen > 0;) {
+    std::map<std::string, double> weights;
+    for (const Filling& x : f)
+      if (!x.frozen)
+        for (const std::string& h : x.hosts) weights[h] += x.weight;
+    double step = std::numeric_limits<double>::infinity();
+    for (const auto& [h, w] : weights) step = std::min(step, left[h] / w);
+    for (const Filling& x : f)
+      if (!x.frozen && x.task->max_rate != 0) step = std::min(step, double(x.task->max_rate) / x.weight - level);
+    step = std::max(step, 0.0);
+    level += step;
+    for (const auto& [h, w] : weights) left[h] -= step * w;
+    const size_t before = unfrozen;
+    for (Filling& x : f) {
+      if (x.frozen) continue;
+      bool full = x.task->max_rate != 0 && level * x.weight >= double(x.task->max_rate) * (1 - 1e-12);
+      for (const std::string& h : x.hosts) full = full || left[h] <= double(L) * 1e-12;
+      if (!full) continue;
+      x.frozen = true;
+      x.cap = level * x.weight;
+      --unfrozen;
+    }
+    if (unfrozen == before) {  // a round always fills something, rounding aside: stop there
+      for (Filling& x : f)
+        if (!x.frozen) x.cap = level * x.weight;
+      break;
+    }
+  }
+  for (const Filling& x : f) {
+    uint64_t cap = std::max<uint64_t>(1, static_cast<uint64_t>(x.cap));
+    if (x.task->max_rate != 0) cap = std::min(cap, x.task->max_rate);
+    caps[x.task->id] = cap;
+  }
+  // Rounding must not take a host over its limit.
+  std::map<std::string, uint64_t> used;
+  for (const TaskSlot& t : tasks)
+    for (const std::string& h : hosts_of(t)) used[h] += caps[t.id];
+  for (const TaskSlot& t : tasks)
+    for (const std::string& h : hosts_of(t))
+      while (used[h] > L && caps[t.id] > 1) {
+        --caps[t.id];
+        for (const std::string& g : hosts_of(t)) --used[g];
+      }
+  return caps;
+}
+
 StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& fifo,
                       const SchedulerLimits& limits) {
   // Higher priority first; FIFO within a priority.
@@ -31,50 +101,49 @@ StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<Ta
   StartPlan plan;
   const uint64_t L = limits.host_bandwidth;
   const unsigned m = std::max(1u, limits.max_concurrent);
-  std::map<std::string, uint64_t> used;  // bytes/s granted per host
+  std::map<std::string, uint64_t> weights;  // of the tasks running (or starting) on each host
   for (const TaskSlot& r : running)
-    for (const std::string& h : hosts_of(r)) used[h] += r.rate_cap == 0 ? L : r.rate_cap;  // uncapped: all of it
-  size_t n = running.size();
+    for (const std::string& h : hosts_of(r)) weights[h] += weight(r);
+  std::vector<TaskSlot> together = running;
   for (size_t i = 0; i < queued.size(); ++i) {
     const TaskSlot& q = queued[i];
-    if (n >= m) {
-      plan.waiting = fmt::format("waiting for a free slot ({} of max-concurrent {} running)", n, m);
+    if (together.size() >= m) {
+      plan.waiting = fmt::format("waiting for a free slot ({} of max-concurrent {} running)", together.size(), m);
       plan.waiting_id = q.id;
       break;
     }
-    uint64_t cap = q.max_rate;
     std::string short_host;
     if (L > 0) {
-      const uint64_t free_slots = m - n;
+      const uint64_t free_slots = m - together.size();
       for (const std::string& h : hosts_of(q)) {
-        // The weights of this task and of those behind it on h that may
-        // start with it (at most the free slots).
-        uint64_t weights = weight(q), sharers = 1;
+        // Those behind it on h that may start with it (at most the free slots).
+        uint64_t w = weights[h] + weight(q), sharers = 1;
         for (size_t j = i + 1; j < queued.size() && sharers < free_slots; ++j)
           if (hosts_of(queued[j]).count(h)) {
-            weights += weight(queued[j]);
+            w += weight(queued[j]);
             ++sharers;
           }
-        uint64_t left = used[h] >= L ? 0 : L - used[h];
-        uint64_t share = static_cast<uint64_t>(static_cast<unsigned __int128>(left) * weight(q) / weights);
+        uint64_t share = static_cast<uint64_t>(static_cast<unsigned __int128>(L) * weight(q) / w);
         if (share < std::max<uint64_t>(1, L / (4 * uint64_t{m}))) {
           short_host = h;
           break;
         }
-        cap = cap == 0 ? share : std::min(cap, share);
       }
     }
     if (!short_host.empty()) {
-      plan.waiting = fmt::format("waiting for bandwidth on host {} (its limit is taken by running migrations)",
+      plan.waiting = fmt::format("waiting for bandwidth on host {} (its limit is shared by the migrations running there)",
                                  short_host);
       plan.waiting_id = q.id;
       break;
     }
-    plan.start.push_back({q.id, cap});
-    ++n;
-    if (L > 0)
-      for (const std::string& h : hosts_of(q)) used[h] += cap;
+    together.push_back(q);
+    for (const std::string& h : hosts_of(q)) weights[h] += weight(q);
   }
+  const std::map<int64_t, uint64_t> caps = share_bandwidth(together, L);
+  for (size_t i = running.size(); i < together.size(); ++i) plan.start.push_back({together[i].id, caps.at(together[i].id)});
+  if (L > 0)
+    for (const TaskSlot& r : running)
+      if (caps.at(r.id) != r.rate_cap) plan.rerate.push_back({r.id, caps.at(r.id)});
   return plan;
 }
 

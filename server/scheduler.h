@@ -10,18 +10,21 @@
 // number may (30 at once to evacuate a host is the case issue #15 names).
 //
 // Bandwidth. With a per-host limit L, every running task has a rate cap
-// (passed to the plugin's migrate op as max_rate) and, for every host, the
-// caps of the tasks touching it (as source or destination) add up to at most
-// L. A plugin cannot change a running migration's cap, so the split is
-// decided at start: a starting task gets, on each of its hosts, the
-// bandwidth still free there divided among the tasks that may run there
-// together (itself, plus the queued tasks behind it on that host, at most
-// the free slots) in proportion to their weights (priority + 1: an urgent
-// task of priority 1 gets twice a normal one's share), and the smaller of
-// its two hosts' shares (and of its own max_rate). Tasks of equal priority
-// starting together get equal shares. A lone task gets all of L; a task
-// that would get less than L / (4 * max_concurrent) waits (and so does
-// everything behind it) until bandwidth frees up.
+// (passed to the plugin's migrate op as max_rate, changed later with its
+// set-rate op) and, for every host, the caps of the tasks touching it (as
+// source or destination) add up to at most L. The caps follow the set of
+// running tasks (share_bandwidth): weighted max-min fairness, the weight
+// being priority + 1 (an urgent task of priority 1 gets twice a normal
+// one's share), each task also held to its own max_rate; what a task cannot
+// use on one host (its other host, or its own max_rate, is tighter) goes to
+// the others. Tasks of equal priority get equal shares; a lone task gets
+// all of L; when one ends, the others get its share. A queued task starts
+// when a slot is free and its share on each of its hosts (among the tasks
+// running there, itself and those behind it that may start with it) would
+// be at least L / (4 * max_concurrent); otherwise it waits, and so does
+// everything behind it. When tasks start, the running ones whose caps fall
+// are lowered (set-rate) before the new ones start, so that a host's limit
+// holds throughout.
 #pragma once
 
 #include <cstdint>
@@ -55,10 +58,17 @@ struct StartDecision {
 
 struct StartPlan {
   std::vector<StartDecision> start;
+  // Running tasks whose cap changes (new cap), once those in `start` run
+  // too: lower the ones that fall before starting, raise the rest after.
+  std::vector<StartDecision> rerate;
   // Why the first queued task that does not start waits; empty if none waits.
   std::string waiting;
   int64_t waiting_id = 0;
 };
+
+// Each task's cap (id -> bytes/s, 0 = none) when `tasks` run together under
+// a per-host limit (0: each its own max_rate).
+std::map<int64_t, uint64_t> share_bandwidth(const std::vector<TaskSlot>& tasks, uint64_t host_bandwidth);
 
 // `running` and `queued` (in FIFO order: submission) as they are now.
 StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<TaskSlot>& queued,

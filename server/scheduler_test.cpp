@@ -1,5 +1,8 @@
 #include "server/scheduler.h"
 
+#include <map>
+#include <random>
+
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
@@ -84,30 +87,84 @@ TEST_CASE("scheduler: tasks starting together on a host split its bandwidth and 
 }
 
 TEST_CASE("scheduler: a task's cap is the smaller share of its two hosts and of its own max_rate") {
-  // Host b already carries 75 of 100 for a running task: the new a->b task
-  // gets what is left on b, though a is free.
+  // Host b carries a running task (75 of 100): the new a->b task and it
+  // share b, 50 each, and the running one is lowered to 50 first.
   auto plan = plan_starts({slot(1, "c", "b", 0, 75 * M)}, {slot(2, "a", "b")}, {4, 100 * M});
   REQUIRE(plan.start.size() == 1);
-  CHECK(plan.start[0].rate_cap == 25 * M);
-  // Its own max_rate is lower still.
+  CHECK(plan.start[0].rate_cap == 50 * M);
+  REQUIRE(plan.rerate.size() == 1);
+  CHECK(plan.rerate[0].id == 1);
+  CHECK(plan.rerate[0].rate_cap == 50 * M);
+  // Its own max_rate is lower still: the running task gets the rest of b.
   auto own = plan_starts({slot(1, "c", "b", 0, 75 * M)}, {slot(2, "a", "b", 10 * M)}, {4, 100 * M});
   REQUIRE(own.start.size() == 1);
   CHECK(own.start[0].rate_cap == 10 * M);
-  // Disjoint hosts do not share.
+  REQUIRE(own.rerate.size() == 1);
+  CHECK(own.rerate[0].rate_cap == 90 * M);
+  // Disjoint hosts do not share: nothing running changes.
   auto other = plan_starts({slot(1, "c", "d", 0, 100 * M)}, {slot(2, "a", "b")}, {4, 100 * M});
   REQUIRE(other.start.size() == 1);
   CHECK(other.start[0].rate_cap == 100 * M);
+  CHECK(other.rerate.empty());
 }
 
-TEST_CASE("scheduler: a task waits when its host's bandwidth is taken, and so does everything behind it") {
-  auto plan = plan_starts({slot(1, "a", "b", 0, 100 * M)}, {slot(2, "a", "c"), slot(3, "x", "y")}, {4, 100 * M});
+TEST_CASE("scheduler: shares follow the running set: what one task cannot use goes to the others, and an ended task's share too") {
+  // a->b and a->c share a; b is also carried by x->b: a->b is held to 50 on
+  // b, and a->c takes the other 50 of a.
+  auto caps = share_bandwidth({slot(1, "a", "b"), slot(2, "a", "c"), slot(3, "x", "b")}, 100 * M);
+  CHECK(caps[1] == 50 * M);
+  CHECK(caps[2] == 50 * M);
+  CHECK(caps[3] == 50 * M);
+  // a->b held to 20 by its own max_rate: a->c gets 80, not 50.
+  auto held = share_bandwidth({slot(1, "a", "b", 20 * M), slot(2, "a", "c")}, 100 * M);
+  CHECK(held[1] == 20 * M);
+  CHECK(held[2] == 80 * M);
+  // One of three ends: the two left get half each, and plan_starts says to raise them.
+  auto plan = plan_starts({slot(2, "a", "c", 0, 30 * M), slot(3, "a", "d", 0, 30 * M)}, {}, {3, 90 * M});
+  REQUIRE(plan.rerate.size() == 2);
+  CHECK(plan.rerate[0].rate_cap == 45 * M);
+  CHECK(plan.rerate[1].rate_cap == 45 * M);
+  // Weighted: priority 2 (weight 3) against a normal task.
+  auto weighted = share_bandwidth({slot(1, "a", "b", 0, 0, 2), slot(2, "a", "c")}, 100 * M);
+  CHECK(weighted[1] == 75 * M);
+  CHECK(weighted[2] == 25 * M);
+  // A task started before the limit was set (no cap) is given one.
+  auto uncapped = plan_starts({slot(1, "a", "b", 0, 0)}, {}, {4, 100 * M});
+  REQUIRE(uncapped.rerate.size() == 1);
+  CHECK(uncapped.rerate[0].rate_cap == 100 * M);
+  // Random sets never take a host over its limit nor leave a task without a cap.
+  std::mt19937 rng(7);
+  for (int round = 0; round < 200; ++round) {
+    std::vector<TaskSlot> tasks;
+    int n = 1 + int(rng() % 40);
+    for (int i = 0; i < n; ++i)
+      tasks.push_back(slot(i, fmt::format("h{}", rng() % 5), fmt::format("h{}", 5 + rng() % 5),
+                           rng() % 3 ? 0 : (1 + rng() % 50) * M, 0, int(rng() % 10)));
+    const uint64_t L = (1 + rng() % 200) * M;
+    auto c = share_bandwidth(tasks, L);
+    std::map<std::string, uint64_t> used;
+    for (const TaskSlot& t : tasks) {
+      REQUIRE(c[t.id] > 0);
+      if (t.max_rate) REQUIRE(c[t.id] <= t.max_rate);
+      used[t.source_host] += c[t.id];
+      used[t.destination_host] += c[t.id];
+    }
+    for (auto& [h, u] : used) REQUIRE(u <= L);
+  }
+}
+
+TEST_CASE("scheduler: a task waits when its share of a host would be too thin, and so does everything behind it") {
+  // Three urgent tasks (weight 10 each) run on a; a normal one would get
+  // 1/31 of it, less than L / (4 x max-concurrent 4).
+  auto plan = plan_starts({slot(1, "a", "b", 0, 33 * M, 9), slot(2, "a", "c", 0, 33 * M, 9),
+                           slot(3, "a", "d", 0, 33 * M, 9)},
+                          {slot(4, "a", "e"), slot(5, "x", "y")}, {4, 100 * M});
   CHECK(plan.start.empty());
-  CHECK(plan.waiting_id == 2);
+  CHECK(plan.waiting_id == 4);
   CHECK(plan.waiting.find("bandwidth on host a") != std::string::npos);
-  // A running task without a cap (started before the limit was set) counts
-  // as using all of it.
-  auto uncapped = plan_starts({slot(1, "a", "b", 0, 0)}, {slot(2, "a", "c")}, {4, 100 * M});
-  CHECK(uncapped.start.empty());
+  // A normal task beside one running normal task shares: it starts.
+  auto shared = plan_starts({slot(1, "a", "b", 0, 100 * M)}, {slot(2, "a", "c"), slot(3, "x", "y")}, {4, 100 * M});
+  CHECK(shared.start.size() == 2);
 }
 
 TEST_CASE("scheduler: 30 tasks at once (issue #15) all start together with equal shares of the link") {

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import lmtest
 import migration as mig
 from lmtest import MiB
 from daemonlib import Livemigd, active_phase, exports
@@ -105,6 +106,44 @@ def test_host_bandwidth_is_never_exceeded():
                 assert 0 < d.task(i)["rate_cap"] <= limit, d.task(i)
             for ex in exs:
                 ex.assert_copied()
+
+
+
+def test_a_finished_task_leaves_its_bandwidth_to_the_one_still_running():
+    """--host-bandwidth 8M with max-concurrent 2: a large and a small task
+    share the host at 4M each; once the small one is done, the large one's
+    running migration is raised to all 8M (set-rate), at its source plugin,
+    and its caps never add up to more than the limit (issue #15: the budget
+    follows the running set, not only each task's start)."""
+    limit = 8 * MiB
+    with exports(1, 48 * MiB) as (large,), exports(1, 4 * MiB) as (small,):
+        with Livemigd(max_concurrent=2, host_bandwidth="8M") as d:
+            big = d.submit(large, "precopy", "--handover", "auto", "--handover-size", "64K")
+            little = d.submit(small, "precopy", "--handover", "auto", "--handover-size", "64K")
+            caps_seen = set()
+            deadline = time.monotonic() + 60
+            def cap(ex):
+                return mig.status(ex.src)["migration"]["params"]["max_rate"] if active_phase(ex.src) else None
+            while d.task(little)["state"] != "done":
+                # The large one read before and after the small one: the
+                # lower of the two was its cap while the small one's held.
+                first, other, second = cap(large), cap(small), cap(large)
+                caps = [c for c in (min(first or 0, second or 0) or first or second, other) if c]
+                assert sum(caps) <= limit, f"caps {caps} add up to more than the host's {limit}"
+                if len(caps) == 2:
+                    caps_seen.update(caps)
+                assert time.monotonic() < deadline, d.task(little)
+                time.sleep(0.05)
+            assert caps_seen == {limit // 2}, f"two tasks together ran with caps {caps_seen}, not half each"
+            def raised():
+                st = mig.status(large.src)
+                return active_phase(large.src) and st["migration"]["params"]["max_rate"] == limit
+            lmtest.wait_until(raised, timeout=10, what="the large task's source raised to the whole 8M")
+            assert d.task(big)["rate_cap"] == limit, d.task(big)
+            assert "rate cap 4194304 -> 8388608" in d.log(), d.log()
+            d.wait_state(big, ("done",), timeout=60)
+            large.assert_copied()
+            small.assert_copied()
 
 
 if __name__ == "__main__":
