@@ -226,12 +226,13 @@ uint64_t BlockBitmap::count_range(IndexRange r) const {
 }
 
 // Skips a page whose bits are all equal in one step.
-uint64_t BlockBitmap::find_next(uint64_t from, bool value) const {
+uint64_t BlockBitmap::find_next(uint64_t from, bool value, uint64_t limit) const {
   const uint64_t hit = value ? kSet : kClear;  // a page whose every bit equals value
   const uint64_t flip = value ? 0 : kAllOnes;  // words to look for set bits in
-  while (from < bits_) {
+  const uint64_t end = std::min(limit, bits_);
+  while (from < end) {
     const uint64_t p = from / kPageBits;
-    const uint64_t page_last = std::min((p + 1) * kPageBits, bits_);
+    const uint64_t page_last = std::min((p + 1) * kPageBits, end);
     const uint64_t kind = entry(p) & kKindMask;
     if (kind == hit) return from;
     if (kind == kMixed) {
@@ -239,22 +240,20 @@ uint64_t BlockBitmap::find_next(uint64_t from, bool value) const {
       uint64_t w = from >> 6;
       uint64_t v = ((word_ref(w).load(std::memory_order_acquire) ^ flip) & valid_mask(w)) & (kAllOnes << (from & 63));
       while (true) {
-        if (v) return std::min(bits_, (w << 6) + std::countr_zero(v));
+        if (v) return std::min(end, (w << 6) + std::countr_zero(v));
         if (++w >= last_word) break;
         v = (word_ref(w).load(std::memory_order_acquire) ^ flip) & valid_mask(w);
       }
     }
     from = page_last;
   }
-  return bits_;
+  return end;
 }
 
 IndexRange BlockBitmap::next_set_run(uint64_t from, uint64_t max_len) const {
   uint64_t first = find_next_set(from);
   if (first >= bits_) return {bits_, bits_};
-  uint64_t last = find_next_clear(first);
-  if (last - first > max_len) last = first + max_len;
-  return {first, last};
+  return {first, find_next_clear(first, max_len > bits_ - first ? bits_ : first + max_len)};
 }
 
 std::string BlockBitmap::serialize() const {

@@ -66,9 +66,12 @@ class BlockBitmap {
   // Number of set bits (a snapshot; exact only while nobody writes).
   uint64_t count() const { return count_range({0, bits_}); }
 
-  // Index of the first set (clear) bit at or after `from`, or size() if none.
-  uint64_t find_next_set(uint64_t from) const { return find_next(from, true); }
-  uint64_t find_next_clear(uint64_t from) const { return find_next(from, false); }
+  // Index of the first set (clear) bit at or after `from` and before
+  // `limit`, or min(limit, size()) if none. A limit keeps the search short:
+  // without one, a run that goes on to the end of a 1 TiB disk's bitmap is
+  // walked to its end.
+  uint64_t find_next_set(uint64_t from, uint64_t limit = UINT64_MAX) const { return find_next(from, true, limit); }
+  uint64_t find_next_clear(uint64_t from, uint64_t limit = UINT64_MAX) const { return find_next(from, false, limit); }
   // The first run of contiguous set bits starting at or after `from`, at most
   // max_len long; empty (first == last == size()) if there is none.
   IndexRange next_set_run(uint64_t from, uint64_t max_len = UINT64_MAX) const;
@@ -118,7 +121,7 @@ class BlockBitmap {
   void for_each_page(IndexRange r, Fn&& fn) const;
   uint64_t change_range(IndexRange r, bool set);
   uint64_t change_bit(uint64_t i, bool set);
-  uint64_t find_next(uint64_t from, bool value) const;
+  uint64_t find_next(uint64_t from, bool value, uint64_t limit) const;
   void unmap();
 
   uint64_t bits_;

@@ -586,6 +586,10 @@ TEST_CASE("random operations across page boundaries match a plain model") {
       while (next_clear < bits && model[next_clear]) ++next_clear;
       REQUIRE(b.find_next_set(q.first) == next_set);
       REQUIRE(b.find_next_clear(q.first) == next_clear);
+      // Bounded: the first before q.last, or q.last.
+      REQUIRE(b.find_next_set(q.first, q.last) == std::min(next_set, q.last));
+      REQUIRE(b.find_next_clear(q.first, q.last) == std::min(next_clear, q.last));
+      REQUIRE(b.find_next_set(q.first, bits + 5) == next_set);
     }
   }
   for (uint64_t i = 0; i < bits; ++i)

@@ -9,12 +9,11 @@ namespace livemig {
 IndexRange next_transfer_unit_in(const BlockBitmap& bits, const SegmentGeometry& g, IndexRange limit,
                                  uint64_t from, uint64_t max_blocks) {
   const uint64_t none = bits.size();
-  uint64_t first = bits.find_next_set(std::max(from, limit.first));
+  uint64_t first = bits.find_next_set(std::max(from, limit.first), limit.last);
   if (first >= limit.last || first >= none) return {none, none};
   uint64_t seg_end = g.blocks_of_segment(g.segment_of_block(first)).last;
   uint64_t cap = std::min({seg_end, limit.last, first + max_blocks});
-  uint64_t last = std::min(bits.find_next_clear(first), cap);
-  return {first, last};
+  return {first, bits.find_next_clear(first, cap)};
 }
 
 IndexRange next_transfer_unit(const BlockBitmap& bits, const SegmentGeometry& g, uint64_t from,
