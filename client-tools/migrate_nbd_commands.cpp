@@ -28,6 +28,7 @@ using client::Target;
 using client::Timeouts;
 using client::choose_secret;
 using client::format_ms;
+using client::format_rate;
 using client::parse_rate;
 using client::parse_size;
 
@@ -525,6 +526,25 @@ int run_cancel(const CommonOptions& o) {
   else
     std::printf("migration cancelled (phase %s); %s keeps serving its image\n",
                 reply->value("phase", std::string("?")).c_str(), sides[0].client->target().label().c_str());
+  return kExitOk;
+}
+
+int run_set_rate(const CommonOptions& o, const std::string& rate_text) {
+  auto rate = parse_rate(rate_text, "RATE");
+  if (!rate) return usage(rate.status().message());
+  Context ctx(o);
+  std::vector<Side> sides;
+  if (auto rc = open_sides(ctx, &sides)) return *rc;
+  json replies = json::object();
+  for (Side& side : sides) {
+    auto reply = side.client->call({{"op", "set-rate"}, {"max_rate", *rate}});
+    if (!reply) return failure(reply.status().message());
+    replies[side.name] = *reply;
+    if (!o.json)
+      std::printf("%s: max_rate now %s\n", side.client->target().label().c_str(),
+                  *rate ? format_rate(double(*rate)).c_str() : "no cap");
+  }
+  if (o.json) print_json(replies);
   return kExitOk;
 }
 

@@ -96,6 +96,9 @@ int run_stats(const CommonOptions& o, size_t top);
 int run_watch(const WatchOptions& o);
 int run_handover(const CommonOptions& o);
 int run_cancel(const CommonOptions& o);
+// set-rate RATE: a running migration's max_rate, at the source (and at the
+// destination with --to: its post-copy pulls).
+int run_set_rate(const CommonOptions& o, const std::string& rate);
 // resolve --abort: unfences a source whose handover is unresolved.
 int run_resolve(const CommonOptions& o, bool abort);
 int run_release(const CommonOptions& o, bool unfence);

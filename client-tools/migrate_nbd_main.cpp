@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
       {"watch", "migrate-nbd watch --from src:10809 --to dst:10809 --interval 1"},
       {"handover", "migrate-nbd handover --from src:10809"},
       {"cancel", "migrate-nbd cancel --from src:10809"},
+      {"set-rate", "migrate-nbd set-rate --from src:10809 --to dst:10809 200M"},
       {"resolve", "migrate-nbd resolve --abort --from src:10809"},
       {"release", "migrate-nbd release --from src:10809 --to dst:10809"},
       {"verify", "migrate-nbd verify --from src:10809 --to dst:10809 --range-size 64M"},
@@ -155,6 +156,16 @@ int main(int argc, char** argv) {
                                "Cancels a migration before handover; the source keeps its image.");
   add_common(c, cancel, false, "the source plugin's peer port");
 
+  mig::CommonOptions set_rate;
+  std::string set_rate_value;
+  auto* sr = app.add_subcommand("set-rate",
+                                "Changes a running migration's bandwidth cap (the source's pushes; with --to, the "
+                                "destination's post-copy pulls too).");
+  add_common(sr, set_rate, true, "the source plugin's peer port");
+  sr->add_option("RATE", set_rate_value, "bytes/s as a SIZE (100M) or bits/s (500Mbit); 0 = no cap")
+      ->required()
+      ->type_name("RATE");
+
   mig::CommonOptions resolve;
   bool resolve_abort = false;
   auto* rs = app.add_subcommand("resolve",
@@ -213,6 +224,7 @@ int main(int argc, char** argv) {
   if (w->parsed()) return mig::run_watch(watch);
   if (h->parsed()) return mig::run_handover(handover);
   if (c->parsed()) return mig::run_cancel(cancel);
+  if (sr->parsed()) return mig::run_set_rate(set_rate, set_rate_value);
   if (rs->parsed()) return mig::run_resolve(resolve, resolve_abort);
   if (r->parsed()) return mig::run_release(release, release_unfence);
   if (v->parsed()) return mig::run_verify(verify);

@@ -3,12 +3,14 @@
 the guest's request latency is above guest_latency_bound times its latency
 before the migration, never below min_rate, and still ends."""
 
+import json
 import os
 import sys
 import time
 
 import pytest
 
+import daemonlib
 import lmtest
 import migration as mig
 from lmtest import MiB
@@ -137,8 +139,9 @@ def test_set_rate_changes_a_running_migrations_cap_at_once_and_a_bad_one_names_t
         assert st["migration"]["params"]["max_rate"] == 1024, st["migration"]["params"]
         left = st["migration"]["blocks_left"] * 4096
         t0 = time.monotonic()
-        reply = src.control({"op": "set-rate", "max_rate": 0})
-        assert reply["ok"] and reply["max_rate"] == 0, reply
+        # As an operator would: migrate-nbd set-rate (0 lifts the cap).
+        out = daemonlib.migrate_nbd("set-rate", "--from", f"127.0.0.1:{mig.peer_port(src)}", "--json", "0")
+        assert out.returncode == 0 and json.loads(out.stdout)["from"]["max_rate"] == 0, out
         st = mig.status(src)
         if st["phase"] != "Done":
             assert st["migration"]["params"]["max_rate"] == 0, st["migration"]["params"]
