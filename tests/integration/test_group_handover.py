@@ -222,6 +222,30 @@ def test_the_coordinator_killed_after_recording_commit_commits_every_disk_after_
             expect_image(d.dst_image, d.data, f"disk {i}'s data")
 
 
+def test_a_source_restarted_in_the_window_follows_its_group_not_its_destination():
+    """Disk 1's source is killed while prepared and the coordinator is down
+    with commit recorded. Restarted, the source asks its destination (alive,
+    prepared, not committed): alone, that answer would send it back to Sync,
+    writable, while disk 0 commits later: split. It persisted its group with
+    the fence, so it stays fenced until the coordinator says commit."""
+    with vm_disks(2, dst_env={0: {"LIVEMIG_TEST_CRASH_AT": "coordinator-after-commit"}}) as disks:
+        start_all(disks)
+        r, out = group_handover(disks, "--group-timeout", "1")
+        assert out["decision"] == "unknown", out
+        lmtest.wait_until(lambda: not disks[0].dst.alive(), timeout=20, what="the coordinator to die")
+        mig.restart(disks[1].src)  # kill -9 and start again: same image, same state file
+        time.sleep(3)
+        st = mig.status(disks[1].src)
+        assert st["phase"] == "Handover" and st["fenced"], st
+        assert st["migration"]["group"]["id"] == out["group"], st
+        mig.restart(disks[0].dst, env={})
+        for d in disks:
+            mig.wait_phase(d.src, ["PostCopy", "Done"], timeout=30)
+        wait_all_done(disks)
+        for i, d in enumerate(disks):
+            expect_image(d.dst_image, d.data, f"disk {i}'s data")
+
+
 def orchestrator_killed_at(disks, point):
     """migrate-nbd killed (as kill -9) at `point`, with a 2 s group timeout."""
     r, out = group_handover(disks, "--group-timeout", "2", env={"LIVEMIG_TEST_CRASH_AT": point})
