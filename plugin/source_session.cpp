@@ -103,7 +103,11 @@ void SourceSession::start(std::shared_ptr<PeerLink> link, bool resync) {
         group_ = *group;
         prepared_at_ = Clock::now();
       } else {
-        resolution_ = fmt::format("the state file's handover group is unreadable: {}", group.status().message());
+        // Commit may be recorded for it: never ask the destination alone.
+        group_unreadable_ = true;
+        resolution_ = fmt::format("the state file's handover group is unreadable ({}): only the operator can "
+                                  "decide (`migrate-nbd resolve --abort`)",
+                                  group.status().message());
       }
     }
   }
@@ -560,12 +564,18 @@ void SourceSession::migrate() {
     EngineState st = s_.machine.state();
     if (st.role != Role::Source) return;
     if (st.phase == Phase::Handover) {
-      bool in_group;
+      bool in_group, unreadable, abort;
+      uint64_t gen;
       {
         MutexLock lock(mu_);
         in_group = group_.has_value();
+        unreadable = group_unreadable_;
+        abort = abort_requested_;
+        gen = generation_;
       }
       if (in_group) follow_group();
+      else if (unreadable && abort) operator_abort(gen);
+      else if (unreadable) wait_worker(kRetryPause);
       else resolve_handover();
       continue;
     }

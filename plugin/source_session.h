@@ -255,6 +255,7 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::optional<Group> group_ GUARDED_BY(mu_);  // set by a group handover request
   std::chrono::steady_clock::time_point prepared_at_ GUARDED_BY(mu_){};  // PREPARE sent
   bool group_poke_ GUARDED_BY(mu_) = false;  // group-resolve: ask the coordinator now
+  bool group_unreadable_ GUARDED_BY(mu_) = false;  // restarted with a group it cannot read: fenced
   uint64_t generation_ GUARDED_BY(mu_);  // the current or last handover
   Attempt attempt_ GUARDED_BY(mu_);
   nlohmann::json peer_progress_ GUARDED_BY(mu_);
