@@ -88,6 +88,16 @@ def start_all(disks, mode="precopy"):
         mig.wait_ready(d.src)
 
 
+def settle(disks):
+    """Until every push is made durable at its destination (nothing left to
+    push, and the destination's once-a-second sync of pushes done): a disk
+    fault injected after this hits the handover, not a push before it."""
+    for d in disks:
+        lmtest.wait_until(lambda: mig.status(d.src)["migration"]["blocks_left"] == 0, timeout=30,
+                          what="the source to push everything")
+    time.sleep(1.5)
+
+
 def group_handover(disks, *extra, env=None):
     args = ["handover", "--json"]
     for d in disks:
@@ -182,6 +192,7 @@ def test_a_destination_killed_during_prepare_aborts_the_group_and_a_retry_succee
 def test_a_refused_prepare_aborts_the_group_for_every_disk():
     with faultfs.FaultFS() as fs, vm_disks(2, dst_dirs={1: fs.mountpoint}) as disks:
         start_all(disks)
+        settle(disks)
         fs.set_faults("fsync eio path=dst1.img\n")
         r, out = group_handover(disks)
         assert r.returncode == 1, r.stdout + r.stderr
@@ -314,6 +325,7 @@ def test_the_coordinator_records_the_first_decision_only():
 def test_naive_orchestration_of_two_independent_handovers_can_leave_the_disks_split():
     with faultfs.FaultFS() as fs, vm_disks(2, dst_dirs={1: fs.mountpoint}) as disks:
         start_all(disks)
+        settle(disks)
         assert disks[0].src.control({"op": "handover"})["ok"]
         fs.set_faults("fsync eio path=dst1.img\n")
         assert not disks[1].src.control({"op": "handover"})["ok"]
