@@ -17,6 +17,7 @@
 #include "common/version.h"
 #include "client-tools/migrate_nbd_commands.h"
 #include "client-tools/migrate_nbd_daemon.h"
+#include "client-tools/migrate_nbd_group.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/migrate_nbd_qemu.h"
 #include "client/tls_options.h"
@@ -79,7 +80,7 @@ int main(int argc, char** argv) {
       {"stats", "migrate-nbd stats --from src:10809 --top 10"},
       {"status", "migrate-nbd status --from src:10809 --to dst:10809"},
       {"watch", "migrate-nbd watch --from src:10809 --to dst:10809 --interval 1"},
-      {"handover", "migrate-nbd handover --from src:10809"},
+      {"handover", "migrate-nbd handover --from src:10809   (a group: --disk src:10809,dst:10809 --disk ...)"},
       {"cancel", "migrate-nbd cancel --from src:10809"},
       {"set-rate", "migrate-nbd set-rate --from src:10809 --to dst:10809 200M"},
       {"resolve", "migrate-nbd resolve --abort --from src:10809"},
@@ -97,7 +98,13 @@ int main(int argc, char** argv) {
        "line per interval when stdout is not a terminal, one JSON object per line with\n"
        "--json. Exits 0 on Done or Idle, 1 on Failed or Cancelled."},
       {"handover",
-       "Waits until the handover is done: from then on the destination is authoritative."},
+       "Waits until the handover is done: from then on the destination is authoritative.\n"
+       "With --disk FROM,TO (repeatable; instead of --from), the disks of one VM are handed\n"
+       "over as a group, all or none: every source prepares, then the first disk's\n"
+       "destination records the decision (commit if all prepared, else abort) and every\n"
+       "source follows it. Each disk's migration must run with --handover explicit. A\n"
+       "prepared source whose orchestrator vanished records abort after --group-timeout\n"
+       "(unless commit was recorded first). See docs/handover.md, \"Groups\"."},
       {"verify",
        "Each plugin hashes its own image (xxh3-64) range by range; only the hashes\n"
        "cross the network. Images of different sizes are not hashed."},
@@ -146,10 +153,16 @@ int main(int argc, char** argv) {
   add_common(w, watch, true, "the (source) plugin's peer port");
   w->add_option("--interval", watch.interval, "seconds between updates (default 1)")->type_name("SECONDS");
 
-  mig::CommonOptions handover;
+  mig::GroupHandoverOptions handover;
   auto* h = app.add_subcommand("handover",
 "Hands storage over to the destination and prints the storage pause.");
   add_common(h, handover, false, "the source plugin's peer port");
+  h->add_option("--disk", handover.disks,
+                "a disk of a group handed over together: its source's and destination's peer ports (repeatable)")
+      ->type_name("FROM,TO");
+  h->add_option("--group-timeout", handover.group_timeout,
+                "seconds a prepared source waits for the group's decision before it records abort (default 30)")
+      ->type_name("SECONDS");
 
   mig::CommonOptions cancel;
   auto* c = app.add_subcommand("cancel",
@@ -222,7 +235,7 @@ int main(int argc, char** argv) {
   if (st->parsed()) return mig::run_status(status);
   if (sts->parsed()) return mig::run_stats(stats, stats_top);
   if (w->parsed()) return mig::run_watch(watch);
-  if (h->parsed()) return mig::run_handover(handover);
+  if (h->parsed()) return handover.disks.empty() ? mig::run_handover(handover) : mig::run_group_handover(handover);
   if (c->parsed()) return mig::run_cancel(cancel);
   if (sr->parsed()) return mig::run_set_rate(set_rate, set_rate_value);
   if (rs->parsed()) return mig::run_resolve(resolve, resolve_abort);

@@ -1,5 +1,6 @@
 #include "client-tools/migrate_nbd_qemu.h"
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "client-tools/interrupt_scope.h"
+#include "client-tools/migrate_nbd_group.h"
 #include "client-tools/migrate_nbd_options.h"
 #include "client-tools/qmp_client.h"
 #include "client/control_client.h"
@@ -22,6 +24,7 @@
 
 namespace livemig::mig {
 
+using client::ControlClient;
 using client::format_bytes;
 using client::format_ms;
 using client::parse_rate;
@@ -52,6 +55,13 @@ CLI::App* add_qemu_migrate_command(CLI::App& app, QemuMigrateOptions& o) {
       ->type_name("SECONDS");
   q->add_option("--qemu-timeout", o.qemu_timeout,
                 "seconds for QEMU to reach pre-switchover, and again to complete (default 600)")
+      ->type_name("SECONDS");
+  q->add_option("--disk", o.disks,
+                "a disk of the VM (instead of --from/--to): its source's and destination's peer ports; repeatable, "
+                "every disk handed over together")
+      ->type_name("FROM,TO");
+  q->add_option("--group-timeout", o.group_timeout,
+                "with several disks: seconds a prepared source waits for the group's decision (default 30)")
       ->type_name("SECONDS");
   q->add_flag("--no-wait-storage", o.no_wait_storage,
               "return once the VM runs at the destination, while the disk still arrives post-copy");
@@ -86,9 +96,22 @@ struct Failure {
 
 // One run of the subcommand. Each step returns nullopt or the failure;
 // run() rolls back after a failure.
+// One disk's storage migration: its plugins and its migration.
+struct StorageDisk {
+  std::unique_ptr<ControlClient> from, to;
+  std::string from_address, to_address;  // as the migrate request names them
+  std::string id;                        // the migration, once started
+  bool started = false;
+  std::string label() const { return from->target().label() + " -> " + to_address; }
+};
+
 class QemuMigration {
  public:
-  QemuMigration(const QemuMigrateOptions& o, PluginPair& plugins) : o_(o), plugins_(plugins) {}
+  // One disk, or several handed over as one group (coordinator: the first
+  // disk's destination).
+  QemuMigration(const QemuMigrateOptions& o, std::vector<StorageDisk> disks, milliseconds long_timeout,
+                std::unique_ptr<ControlClient> coordinator)
+      : o_(o), disks_(std::move(disks)), long_timeout_(long_timeout), coordinator_(std::move(coordinator)) {}
 
   int run() {
     t0_ = Clock::now();
@@ -147,8 +170,10 @@ class QemuMigration {
 
   std::optional<Failure> connect_qmp() {
     const char* step = "connect QMP";
-    auto to = plugins_.to->call({{"op", "status"}});
-    if (!to) return Failure{step, to.status().message()};
+    for (StorageDisk& d : disks_) {
+      auto to = d.to->call({{"op", "status"}});
+      if (!to) return Failure{step, to.status().message()};
+    }
     auto s = QmpClient::connect(o_.qmp_src, kQmpConnect);
     if (!s) return Failure{step, "source QEMU: " + s.status().message()};
     src_ = std::move(*s);
@@ -219,29 +244,36 @@ class QemuMigration {
 
   std::optional<Failure> start_storage() {
     const char* step = "start the storage migration";
-    json req;
-    if (make_migrate_request(o_, &req)) return Failure{step, "bad storage options"};  // checked before
-    req["handover"] = "explicit";
-    auto reply = plugins_.from->call(req, plugins_.long_timeout);
-    if (!reply) return Failure{step, reply.status().message()};
-    storage_started_ = true;
-    storage_id_ = reply->value("id", reply->value("migration_id", std::string("?")));
-    progress(step,
-             fmt::format("storage migration {} started: {} from {} to {}", storage_id_, o_.mode,
-                         plugins_.from->target().label(), o_.to),
-             {{"migration", storage_id_}, {"mode", o_.mode}});
+    for (StorageDisk& d : disks_) {
+      QemuMigrateOptions one = o_;
+      one.from = d.from_address;
+      one.to = d.to_address;
+      json req;
+      if (make_migrate_request(one, &req)) return Failure{step, "bad storage options"};  // checked before
+      req["handover"] = "explicit";
+      auto reply = d.from->call(req, long_timeout_);
+      if (!reply) return Failure{step, reply.status().message()};
+      storage_started_ = d.started = true;
+      d.id = reply->value("id", reply->value("migration_id", std::string("?")));
+      progress(step,
+               fmt::format("storage migration {} started: {} from {} to {}", d.id, o_.mode,
+                           d.from->target().label(), d.to_address),
+               {{"migration", d.id}, {"mode", o_.mode}});
+    }
     return std::nullopt;
   }
 
   // The source plugin's status; a migration that ended Failed or Cancelled
   // is an error.
-  Result<json> storage_status() {
-    auto st = plugins_.from->call({{"op", "status"}});
+  Result<json> storage_status(StorageDisk& d) {
+    auto st = d.from->call({{"op", "status"}});
     if (!st) return st.status();
     std::string phase = st->value("phase", std::string());
     if (phase == "Failed" || phase == "Cancelled") {
       std::string why = st->value("last_error", st->value("migration", json::object()).value("last_error", ""));
-      return Status::error(fmt::format("the storage migration is {}{}", phase, why.empty() ? "" : ": " + why));
+      return Status::error(fmt::format("the storage migration{} is {}{}",
+                                       disks_.size() > 1 ? " of " + d.label() : "", phase,
+                                       why.empty() ? "" : ": " + why));
     }
     return st;
   }
@@ -263,25 +295,31 @@ class QemuMigration {
     const char* step = "wait for the storage to be ready";
     const auto deadline = Clock::now() + seconds_ms(o_.ready_timeout);
     auto next_line = Clock::now();
+    std::vector<bool> ready(disks_.size(), false);
     for (;;) {
-      auto st = storage_status();
-      if (!st) return Failure{step, st.status().message()};
-      const json m = st->value("migration", json::object());
-      if (m.value("ready", false)) {
-        progress(step,
-                 fmt::format("storage ready ({}): {} left", m.value("ready_reason", std::string("ready")),
-                             format_bytes(m.value("bytes_left", 0.0))),
-                 {{"phase", st->value("phase", "")}, {"bytes_left", m.value("bytes_left", 0)},
-                  {"ready_reason", m.value("ready_reason", "")}});
-        return std::nullopt;
+      bool line = Clock::now() >= next_line;
+      for (size_t i = 0; i < disks_.size(); ++i) {
+        if (ready[i]) continue;
+        auto st = storage_status(disks_[i]);
+        if (!st) return Failure{step, st.status().message()};
+        const json m = st->value("migration", json::object());
+        const std::string which = disks_.size() > 1 ? fmt::format(" {}", disks_[i].label()) : "";
+        if (m.value("ready", false)) {
+          ready[i] = true;
+          progress(step,
+                   fmt::format("storage{} ready ({}): {} left", which, m.value("ready_reason", std::string("ready")),
+                               format_bytes(m.value("bytes_left", 0.0))),
+                   {{"phase", st->value("phase", "")}, {"bytes_left", m.value("bytes_left", 0)},
+                    {"ready_reason", m.value("ready_reason", "")}});
+        } else if (line) {
+          progress(step,
+                   fmt::format("storage{} {}: {} left, {} on the wire", which, st->value("phase", std::string("?")),
+                               format_bytes(m.value("bytes_left", 0.0)), format_bytes(m.value("wire_bytes", 0.0))),
+                   {{"phase", st->value("phase", "")}, {"bytes_left", m.value("bytes_left", 0)}});
+        }
       }
-      if (Clock::now() >= next_line) {
-        progress(step,
-                 fmt::format("storage {}: {} left, {} on the wire", st->value("phase", std::string("?")),
-                             format_bytes(m.value("bytes_left", 0.0)), format_bytes(m.value("wire_bytes", 0.0))),
-                 {{"phase", st->value("phase", "")}, {"bytes_left", m.value("bytes_left", 0)}});
-        next_line = Clock::now() + seconds_ms(o_.interval);
-      }
+      if (std::all_of(ready.begin(), ready.end(), [](bool r) { return r; })) return std::nullopt;
+      if (line) next_line = Clock::now() + seconds_ms(o_.interval);
       if (Clock::now() > deadline)
         return Failure{step, fmt::format("not ready after {:g} s (see --ready-timeout)", o_.ready_timeout)};
       if (auto e = watch_qemus(milliseconds(200))) return Failure{step, *e};
@@ -337,8 +375,10 @@ class QemuMigration {
         next_line = Clock::now() + seconds_ms(o_.interval);
       }
       if (Clock::now() >= next_storage) {  // the storage must still be able to hand over
-        auto st = storage_status();
-        if (!st) return Failure{step, st.status().message()};
+        for (StorageDisk& d : disks_) {
+          auto st = storage_status(d);
+          if (!st) return Failure{step, st.status().message()};
+        }
         next_storage = Clock::now() + milliseconds(1000);
       }
       if (Clock::now() > deadline)
@@ -356,20 +396,46 @@ class QemuMigration {
     if (dt->value("status", std::string()) != "inmigrate")
       return Failure{step, fmt::format("the destination QEMU is in state '{}' (not handing over)",
                                        dt->value("status", std::string("?")))};
-    auto reply = plugins_.from->call({{"op", "handover"}}, plugins_.long_timeout);
+    if (disks_.size() > 1) return hand_over_group(step);
+    StorageDisk& d = disks_[0];
+    auto reply = d.from->call({{"op", "handover"}}, long_timeout_);
     if (!reply) {
       // Did the source fence itself before it failed? Then the destination
       // may hold the truth, and nothing may be rolled back.
-      auto st = plugins_.from->call({{"op", "status"}});
+      auto st = d.from->call({{"op", "status"}});
       if (!st || !st->value("authoritative", false)) handed_over_ = true;
       return Failure{step, reply.status().message()};
     }
     handed_over_ = true;
     progress(step,
-             fmt::format("storage handed over: storage paused for {}; {} is authoritative", 
-                         format_ms(reply->value("handover_pause_ms", int64_t{-1})), o_.to),
+             fmt::format("storage handed over: storage paused for {}; {} is authoritative",
+                         format_ms(reply->value("handover_pause_ms", int64_t{-1})), d.to_address),
              {{"handover_pause_ms", reply->value("handover_pause_ms", int64_t{-1})},
               {"phase", reply->value("phase", "")}});
+    return std::nullopt;
+  }
+
+  // Several disks: one group, all or none (migrate_nbd_group.h).
+  std::optional<Failure> hand_over_group(const char* step) {
+    std::vector<GroupDisk> group;
+    std::vector<std::unique_ptr<ControlClient>> sources;
+    for (StorageDisk& d : disks_) {
+      group.push_back({d.from_address, d.to_address});
+      sources.push_back(std::move(d.from));
+    }
+    GroupOutcome g = run_group(group, sources, *coordinator_, o_.group_timeout, long_timeout_,
+                               [&](const std::string& line) { progress(step, line); });
+    for (size_t i = 0; i < disks_.size(); ++i) disks_[i].from = std::move(sources[i]);
+    if (g.decision == "commit") handed_over_ = true;
+    if (g.decision == "unknown") {
+      // The coordinator may hold commit: the disks may be the destinations'.
+      handed_over_ = true;
+      return Failure{step, g.error};
+    }
+    if (!g.all_done) return Failure{step, g.error};
+    progress(step, fmt::format("storage handed over: {} disks, group {}; every destination is authoritative",
+                               disks_.size(), g.group),
+             {{"group", g.group}, {"disks", g.disks}});
     return std::nullopt;
   }
 
@@ -437,36 +503,43 @@ class QemuMigration {
     const char* step = "wait for the storage migration to finish";
     json m;
     std::string phase;
-    for (auto next_line = Clock::now() + seconds_ms(o_.interval);;) {
-      auto st = plugins_.from->call({{"op", "status"}});
-      if (!st) return Failure{step, st.status().message()};
-      phase = st->value("phase", std::string());
-      m = st->value("migration", json::object());
-      if (phase == "Done" || o_.no_wait_storage) break;
-      if (InterruptScope::interrupted()) return Failure{step, "interrupted; the VM runs at the destination and the storage migration goes on"};
-      if (phase == "Failed" || phase == "Cancelled")
-        return Failure{step, fmt::format("the storage migration is {}: {}", phase,
-                                         st->value("last_error", m.value("last_error", std::string())))};
-      if (Clock::now() >= next_line) {
-        progress(step, fmt::format("storage {}: {} left", phase, format_bytes(m.value("bytes_left", 0.0))),
-                 {{"phase", phase}, {"bytes_left", m.value("bytes_left", 0)}});
-        next_line = Clock::now() + seconds_ms(o_.interval);
+    json storage = json::array();
+    for (StorageDisk& d : disks_) {
+      for (auto next_line = Clock::now() + seconds_ms(o_.interval);;) {
+        auto st = d.from->call({{"op", "status"}});
+        if (!st) return Failure{step, st.status().message()};
+        phase = st->value("phase", std::string());
+        m = st->value("migration", json::object());
+        if (phase == "Done" || o_.no_wait_storage) break;
+        if (InterruptScope::interrupted()) return Failure{step, "interrupted; the VM runs at the destination and the storage migration goes on"};
+        if (phase == "Failed" || phase == "Cancelled")
+          return Failure{step, fmt::format("the storage migration is {}: {}", phase,
+                                           st->value("last_error", m.value("last_error", std::string())))};
+        if (Clock::now() >= next_line) {
+          progress(step, fmt::format("storage{} {}: {} left", disks_.size() > 1 ? " " + d.label() : "", phase,
+                                     format_bytes(m.value("bytes_left", 0.0))),
+                   {{"phase", phase}, {"bytes_left", m.value("bytes_left", 0)}});
+          next_line = Clock::now() + seconds_ms(o_.interval);
+        }
+        std::this_thread::sleep_for(milliseconds(200));
       }
-      std::this_thread::sleep_for(milliseconds(200));
+      storage.push_back(m);
     }
     if (o_.json) {
-      print({{"result", "completed"},
-             {"qemu", {{"total_time_ms", ram_done_.value("total-time", int64_t{-1})},
-                       {"downtime_ms", ram_done_.value("downtime", int64_t{-1})}}},
-             {"storage", m},
-             {"storage_phase", phase}});
+      json result = {{"result", "completed"},
+                     {"qemu", {{"total_time_ms", ram_done_.value("total-time", int64_t{-1})},
+                               {"downtime_ms", ram_done_.value("downtime", int64_t{-1})}}},
+                     {"storage", disks_.size() > 1 ? storage : m},
+                     {"storage_phase", phase}};
+      print(result);
     } else {
-      std::printf("VM migrated in %.1f s: QEMU downtime %s, storage pause %s, storage %s%s\n", since(t0_),
+      std::printf("VM migrated in %.1f s: QEMU downtime %s, storage pause %s, storage %s%s%s\n", since(t0_),
                   format_ms(ram_done_.value("downtime", int64_t{-1})).c_str(),
                   format_ms(m.value("handover_pause_ms", int64_t{-1})).c_str(), phase.c_str(),
                   phase == "Done" ? fmt::format(" (total time {})", format_ms(m.value("total_time_ms", int64_t{-1})))
                                         .c_str()
-                                  : "; the rest of the disk arrives post-copy");
+                                  : "; the rest of the disk arrives post-copy",
+                  disks_.size() > 1 ? fmt::format(" ({} disks; the last one's figures)", disks_.size()).c_str() : "");
     }
     return std::nullopt;
   }
@@ -482,7 +555,8 @@ class QemuMigration {
       // now: stop it rather than let the guest see write errors.
       if (src_ && src_->usable()) {
         auto r = src_->execute("stop", {}, kQmpCommand);
-        done.push_back(r ? "source VM stopped: its disk is fenced, the destination plugin " + o_.to +
+        done.push_back(r ? "source VM stopped: its disk is fenced, the destination plugin " + disks_[0].to_address +
+                               (disks_.size() > 1 ? " (and the other disks' destinations)" : "") +
                                " holds the disk now"
                          : "could not stop the source VM: " + r.status().message());
       }
@@ -504,11 +578,12 @@ class QemuMigration {
         done.push_back("QEMU migration cancelled on the source (status " + status + ")");
       }
     }
-    if (storage_started_) {
-      auto r = plugins_.from->call({{"op", "cancel"}}, plugins_.long_timeout);
-      done.push_back(r ? "storage migration " + storage_id_ + " cancelled; " + plugins_.from->target().label() +
+    for (StorageDisk& d : disks_) {
+      if (!d.started || !d.from) continue;
+      auto r = d.from->call({{"op", "cancel"}}, long_timeout_);
+      done.push_back(r ? "storage migration " + d.id + " cancelled; " + d.from->target().label() +
                              " keeps serving the disk"
-                       : "cancelling the storage migration: " + r.status().message());
+                       : "cancelling the storage migration " + d.id + ": " + r.status().message());
     }
     if (src_ && src_->usable()) {
       auto st = src_->execute("query-status", {}, kQmpCommand);
@@ -523,7 +598,9 @@ class QemuMigration {
   }
 
   const QemuMigrateOptions& o_;
-  PluginPair& plugins_;
+  std::vector<StorageDisk> disks_;
+  milliseconds long_timeout_;
+  std::unique_ptr<ControlClient> coordinator_;  // several disks: disks_[0]'s destination
   Clock::time_point t0_;
   std::unique_ptr<QmpClient> src_, dst_;
   bool src_was_running_ = false;
@@ -531,7 +608,6 @@ class QemuMigration {
   bool ram_started_ = false;
   bool handed_over_ = false;
   bool qemu_completed_ = false;
-  std::string storage_id_;
   json ram_done_;
 };
 
@@ -539,7 +615,13 @@ class QemuMigration {
 
 int run_qemu_migrate(const QemuMigrateOptions& o) {
   json req;
-  if (auto rc = make_migrate_request(o, &req)) return *rc;
+  {
+    // The storage options, checked once (with several disks, each disk's
+    // request differs only in from and to).
+    QemuMigrateOptions check = o;
+    if (!o.disks.empty() && check.to.empty()) check.to = o.disks[0].substr(o.disks[0].find(',') + 1);
+    if (auto rc = make_migrate_request(check, &req)) return *rc;
+  }
   if (!o.max_bandwidth.empty()) {
     if (auto r = parse_rate(o.max_bandwidth, "--max-bandwidth"); !r) {
       print_error(r.status().message());
@@ -550,9 +632,32 @@ int run_qemu_migrate(const QemuMigrateOptions& o) {
     print_error("--ready-timeout and --qemu-timeout must be more than 0 seconds");
     return kExitUsage;
   }
-  PluginPair plugins;
-  if (auto rc = open_plugin_pair(o, &plugins)) return *rc;
-  return QemuMigration(o, plugins).run();
+  std::vector<StorageDisk> disks;
+  std::unique_ptr<ControlClient> coordinator;
+  milliseconds long_timeout{0};
+  if (o.disks.empty()) {
+    PluginPair plugins;
+    if (auto rc = open_plugin_pair(o, &plugins)) return *rc;
+    disks.push_back({std::move(plugins.from), std::move(plugins.to), o.from, o.to, "", false});
+    long_timeout = plugins.long_timeout;
+  } else {
+    if (!o.from.empty() || !o.to.empty() || !o.socket.empty()) {
+      print_error("give --disk FROM,TO for each disk, or --from and --to for one, not both");
+      return kExitUsage;
+    }
+    std::vector<GroupDisk> group;
+    if (auto rc = parse_group_disks(o.disks, o.group_timeout, &group)) return *rc;
+    std::vector<std::unique_ptr<ControlClient>> sources, destinations;
+    if (auto rc = open_group_clients(o, group, &sources, &coordinator)) return *rc;
+    std::vector<GroupDisk> reversed;  // destinations' clients: the same helper, sides swapped
+    for (const GroupDisk& d : group) reversed.push_back({d.to, d.from});
+    std::unique_ptr<ControlClient> unused;
+    if (auto rc = open_group_clients(o, reversed, &destinations, &unused)) return *rc;
+    for (size_t i = 0; i < group.size(); ++i)
+      disks.push_back({std::move(sources[i]), std::move(destinations[i]), group[i].from, group[i].to, "", false});
+    long_timeout = o.timeout > 0 ? milliseconds(static_cast<int64_t>(o.timeout * 1000)) : milliseconds(300'000);
+  }
+  return QemuMigration(o, std::move(disks), long_timeout, std::move(coordinator)).run();
 }
 
 }  // namespace livemig::mig

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "client-tools/migrate_nbd_commands.h"
 
@@ -46,6 +47,11 @@ struct QemuMigrateOptions : StartOptions {
   double ready_timeout = 600;  // seconds for the storage to become ready
   double qemu_timeout = 600;   // seconds for QEMU to reach pre-switchover, and to complete
   bool no_wait_storage = false;
+  // Several disks (--disk FROM,TO, repeatable; instead of --from/--to): one
+  // storage migration each, handed over as one group at pre-switchover
+  // (migrate_nbd_group.h).
+  std::vector<std::string> disks;
+  double group_timeout = 30;
 };
 
 inline constexpr const char* kQemuMigrateExample =
@@ -56,7 +62,10 @@ inline constexpr const char* kQemuMigrateDetails =
     "destination QEMU runs with -incoming defer. QEMU migrates RAM and devices only\n"
     "(no block migration); the storage is handed over while QEMU waits at\n"
     "pre-switchover. A failure before the handover cancels both migrations, so the\n"
-    "source VM keeps running; errors name the step that failed.";
+    "source VM keeps running; errors name the step that failed.\n"
+    "A VM with several disks: --disk FROM,TO for each (instead of --from/--to), one\n"
+    "plugin pair per disk; every disk is handed over at the one switchover as a\n"
+    "group, all or none (migrate-nbd handover --help, docs/handover.md \"Groups\").";
 
 // Adds the subcommand and its own options (the storage options of `start`,
 // the QMP sockets and URIs) to `app`; the caller adds the common ones.

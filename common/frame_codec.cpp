@@ -559,6 +559,9 @@ Result<AnyPayload> decode_message(const FrameHeader& h, std::span<const uint8_t>
   if (Status s = verify_payload(h, payload); !s) return s;
   Result<AnyPayload> p = decode_as(h.type, payload);
   if (!p) return p;
+  // PREPARE lives in the header only: the payload takes it from there.
+  if (auto* hp = std::get_if<HandoverPayload>(&*p)) hp->prepare = (h.flags & kFlagPrepare) != 0;
+  if (auto* ap = std::get_if<HandoverAckPayload>(&*p)) ap->prepare = (h.flags & kFlagPrepare) != 0;
   uint32_t implied = std::visit([](const auto& v) { return frame_flags(v); }, *p);
   if (implied != h.flags) {
     return protocol_error(

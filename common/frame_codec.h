@@ -136,6 +136,9 @@ struct HandoverPayload {
   uint64_t generation = 0;
   uint64_t remaining_blocks = 0;
   std::vector<HandoverRange> ranges;  // <= kMaxHandoverRanges; u32 count first
+  // A group's first phase (docs/handover.md, "Groups"): check and sync, do
+  // not commit. Carried as the header's PREPARE flag, not in the payload.
+  bool prepare = false;
   bool operator==(const HandoverPayload&) const = default;
 };
 
@@ -193,10 +196,12 @@ struct ControlReplyPayload {
   bool operator==(const ControlReplyPayload&) const = default;
 };
 
-// The destination committed handover `generation` (it is authoritative now).
+// The destination committed handover `generation` (it is authoritative now),
+// or, with prepare (the header's PREPARE flag), is prepared to commit it.
 struct HandoverAckPayload {
   static constexpr FrameType kType = FrameType::HandoverAck;
   uint64_t generation = 0;
+  bool prepare = false;  // the header's PREPARE flag
   bool operator==(const HandoverAckPayload&) const = default;
 };
 
@@ -283,13 +288,16 @@ inline FrameType frame_type_of(const AnyPayload& p) {
   return static_cast<FrameType>(p.index() + 1);
 }
 
-// The header flags that go with p (DATA's flags, PULL's priority; else 0).
+// The header flags that go with p (DATA's flags, PULL's priority, HANDOVER's
+// and HANDOVER_ACK's prepare; else 0).
 template <Payload T>
 uint32_t frame_flags(const T& p) {
   if constexpr (std::is_same_v<T, DataPayload>)
     return p.flags;
   else if constexpr (std::is_same_v<T, PullPayload>)
     return p.priority != 0 ? kFlagPriority : 0;
+  else if constexpr (std::is_same_v<T, HandoverPayload> || std::is_same_v<T, HandoverAckPayload>)
+    return p.prepare ? kFlagPrepare : 0;
   else
     return 0;
 }

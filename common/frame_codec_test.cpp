@@ -642,3 +642,35 @@ TEST_CASE("a SUMS asking for nothing, too many hashes or too many bytes is refus
   w.u64(1);
   CHECK(code_of(decode_payload<SumsReplyPayload>(bytes_of(p))) == "BadFrame");
 }
+
+TEST_CASE("a group's PREPARE flag travels in the header of HANDOVER and HANDOVER_ACK only", "[frame]") {
+  HandoverPayload prepare{4, 100, {{0, 100, 1}}, /*prepare=*/true};
+  auto frame = encode_message(prepare, 9);
+  REQUIRE(frame.is_ok());
+  auto h = header_of(*frame);
+  REQUIRE(h.is_ok());
+  CHECK(h->flags == kFlagPrepare);
+  auto decoded = decode_frame(*frame);
+  REQUIRE(decoded.is_ok());
+  CHECK(std::get<HandoverPayload>(*decoded) == prepare);
+  // Without the flag it is the commit: the payload bytes are the same.
+  HandoverPayload commit = prepare;
+  commit.prepare = false;
+  CHECK(encode_payload(commit) == encode_payload(prepare));
+  auto plain = decode_frame(*encode_message(commit, 9));
+  REQUIRE(plain.is_ok());
+  CHECK_FALSE(std::get<HandoverPayload>(*plain).prepare);
+
+  auto ack = decode_frame(*encode_message(HandoverAckPayload{4, true}, 9));
+  REQUIRE(ack.is_ok());
+  CHECK(std::get<HandoverAckPayload>(*ack).prepare);
+  CHECK_FALSE(std::get<HandoverAckPayload>(*decode_frame(*encode_message(HandoverAckPayload{4}, 9))).prepare);
+
+  // Any other type with the bit, or HANDOVER with another bit, is a bad frame.
+  std::string pull = *encode_message(PullPayload{0, 4096, 0}, 1);
+  store_be32(reinterpret_cast<uint8_t*>(pull.data()) + kHeaderFlagsOffset, kFlagPrepare);
+  CHECK(code_of(header_of(pull)) == "BadFrame");
+  std::string other = *frame;
+  store_be32(reinterpret_cast<uint8_t*>(other.data()) + kHeaderFlagsOffset, kFlagPrepare | kFlagZero);
+  CHECK(code_of(header_of(other)) == "BadFrame");
+}

@@ -77,11 +77,14 @@ inline constexpr uint32_t kFlagZero = 1;        // DATA: the range reads as zero
 inline constexpr uint32_t kFlagCompressed = 2;  // DATA: the bytes are zstd-compressed
 inline constexpr uint32_t kFlagPriority = 4;    // PULL: a demand read, served before background
 inline constexpr uint32_t kFlagBase = 8;        // DATA: equal to the base image; the bytes are block checksums
+inline constexpr uint32_t kFlagPrepare = 16;    // HANDOVER, HANDOVER_ACK: a group's prepare, not the commit
 // The header flags that a frame of `type` may carry (others are a bad frame).
 inline constexpr uint32_t allowed_flags(FrameType type) {
   switch (type) {
     case FrameType::Data: return kFlagZero | kFlagCompressed | kFlagBase;
     case FrameType::Pull: return kFlagPriority;
+    case FrameType::Handover:
+    case FrameType::HandoverAck: return kFlagPrepare;
     default: return 0;
   }
 }

@@ -10,9 +10,11 @@
 #include "common/version.h"
 #include "common/heat_map.h"
 #include "common/json_limits.h"
+#include "plugin/group_decisions.h"
 #include "plugin/guest_latency.h"
 #include "plugin/migration_engine.h"
 #include "plugin/peer_server.h"
+#include "plugin/test_hooks.h"
 
 namespace livemig {
 namespace {
@@ -135,6 +137,54 @@ json stats(PluginState& st, const json& req) {
           {"migration_segments", st.engine->segments_json(4096)}};
 }
 
+// ---- handover groups (docs/handover.md, "Groups"): this plugin as the
+// coordinator that records each group's decision.
+
+Result<std::string> group_of(const json& req) {
+  auto g = req.find("group");
+  if (g == req.end() || !g->is_string()) return Status::error("\"group\" (a group id string) is required");
+  std::string group = g->get<std::string>();
+  if (Status s = check_group_id(group); !s) return s;
+  return group;
+}
+
+// {group, decision: commit|abort} -> the recorded decision. The first
+// decision for a group wins; a different later one is refused, with the
+// recorded one in "decision".
+json group_decide(PluginState& st, const json& req) {
+  auto group = group_of(req);
+  if (!group) return error_reply(group.status().message());
+  if (!st.groups) return error_reply("this plugin keeps no group decisions");
+  auto d = req.find("decision");
+  if (d == req.end() || !d->is_string()) return error_reply("\"decision\" (\"commit\" or \"abort\") is required");
+  auto decision = parse_group_decision(d->get<std::string>());
+  if (!decision) return error_reply(decision.status().message());
+  auto recorded = st.groups->decide(*group, *decision);
+  if (!recorded) return error_reply(fmt::format("recording the decision of group {}: {}", *group,
+                                                recorded.status().message()));
+  if (recorded->now && recorded->decision == GroupDecision::Commit) crash_point("coordinator-after-commit");
+  json j = {{"group", *group}, {"decision", group_decision_name(recorded->decision)}, {"recorded_now", recorded->now}};
+  if (recorded->decision != *decision) {
+    j["ok"] = false;
+    j["error"] = fmt::format("group {} is already decided: {}", *group, group_decision_name(recorded->decision));
+    return j;
+  }
+  st.engine->log(fmt::format("group {}: {} ({})", *group, group_decision_name(recorded->decision),
+                             recorded->now ? "recorded" : "already recorded"));
+  j["ok"] = true;
+  return j;
+}
+
+// {group} -> decision: commit, abort or undecided.
+json group_outcome(PluginState& st, const json& req) {
+  auto group = group_of(req);
+  if (!group) return error_reply(group.status().message());
+  if (!st.groups) return error_reply("this plugin keeps no group decisions");
+  auto o = st.groups->outcome(*group);
+  if (!o) return error_reply(o.status().message());
+  return {{"ok", true}, {"group", *group}, {"decision", o->has_value() ? group_decision_name(**o) : "undecided"}};
+}
+
 using Handler = std::function<json(PluginState&, const json&)>;
 
 const std::map<std::string, Handler, std::less<>>& handlers() {
@@ -143,6 +193,9 @@ const std::map<std::string, Handler, std::less<>>& handlers() {
       {"stats", stats},
       {"migrate", [](PluginState& st, const json& r) { return st.engine->migrate(r); }},
       {"handover", [](PluginState& st, const json& r) { return st.engine->handover(r); }},
+      {"group-decide", group_decide},
+      {"group-outcome", group_outcome},
+      {"group-resolve", [](PluginState& st, const json& r) { return st.engine->group_resolve(r); }},
       {"cancel", [](PluginState& st, const json& r) { return st.engine->cancel(r); }},
       {"resolve", [](PluginState& st, const json& r) { return st.engine->resolve(r); }},
       {"release", [](PluginState& st, const json& r) { return st.engine->release(r); }},

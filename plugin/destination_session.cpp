@@ -359,6 +359,8 @@ void DestinationSession::on_handover(const std::shared_ptr<PeerLink>& link, uint
   else if (p.generation == 0 || (pending_generation_ != 0 && p.generation != pending_generation_))
     status = protocol_error(ErrorCode::BadFrame, fmt::format("HANDOVER generation {} (this handover is {})",
                                                           p.generation, pending_generation_));
+  else if (pending_generation_ != 0 && p.prepare != pending_prepare_)
+    status = protocol_error(ErrorCode::BadFrame, "HANDOVER frames of one handover differ in their PREPARE flag");
   uint64_t end = pending_.empty() ? 0 : pending_.back().first_block + pending_.back().block_count;
   for (const HandoverRange& r : p.ranges) {
     if (!status.is_ok()) break;
@@ -379,12 +381,37 @@ void DestinationSession::on_handover(const std::shared_ptr<PeerLink>& link, uint
     return;
   }
   pending_generation_ = p.generation;
+  pending_prepare_ = p.prepare;
   for (const HandoverRange& r : p.ranges) {
     pending_.push_back(r);
     pending_blocks_ += r.block_count;
   }
   if (pending_blocks_ < p.remaining_blocks) return;  // more frames follow
+  if (p.prepare) return prepare(link, request_id, p.generation);
   commit(link, request_id, p.generation);
+}
+
+// A handover group's first phase (docs/handover.md, "Groups"): the ranges
+// were checked as for a commit; the image and the record are synced (a disk
+// that fails now refuses here, before the group decides), and nothing is
+// committed: this side stays in PreCopy, not authoritative. If the group
+// commits, the source sends HANDOVER(g) again without PREPARE.
+void DestinationSession::prepare(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) {
+  crash_point("destination-before-prepare");
+  if (s_.image().flush() < 0) {
+    refuse(link, request_id, protocol_error(ErrorCode::Internal, fmt::format("syncing {}: {}", s_.image().path(),
+                                                                              std::strerror(errno))));
+    return;
+  }
+  if (Status s = s_.machine.update_record({}); !s) {
+    refuse(link, request_id, s);
+    return;
+  }
+  pending_.clear();
+  pending_generation_ = pending_blocks_ = 0;
+  crash_point("destination-after-prepare");
+  link->send(HandoverAckPayload{generation, /*prepare=*/true}, request_id);
+  s_.log(fmt::format("migration {}: prepared handover {} (not committed)", id_, generation));
 }
 
 void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) {

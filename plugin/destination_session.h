@@ -130,6 +130,8 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void maybe_sync_pushes(const std::shared_ptr<PeerLink>& link, bool force);
   void on_handover(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const HandoverPayload& p);
   void commit(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) REQUIRES(commit_mu_);
+  // A handover group's PREPARE: commit's checks and syncs, no commit.
+  void prepare(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) REQUIRES(commit_mu_);
   void refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why) REQUIRES(commit_mu_);
   void on_source_error(const std::shared_ptr<PeerLink>& link, const ErrorPayload& e);
   void serve_sums(const std::shared_ptr<PeerLink>& link, uint64_t id, const SumsPayload& p);
@@ -175,6 +177,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   Mutex commit_mu_;                      // a commit and a resume START exclude each other
   std::vector<HandoverRange> pending_ GUARDED_BY(commit_mu_);
   uint64_t pending_generation_ GUARDED_BY(commit_mu_) = 0;
+  bool pending_prepare_ GUARDED_BY(commit_mu_) = false;  // its frames carry PREPARE
   uint64_t pending_blocks_ GUARDED_BY(commit_mu_) = 0;
   Mutex push_mu_;
   uint64_t pushed_frames_ GUARDED_BY(push_mu_) = 0;  // pushed DATA frames received on the current link

@@ -86,6 +86,9 @@ struct EngineServices {
   // Connects to HOST:PORT as a peer; the link is started, its frames and its
   // close go to the engine, which hands them to the session that owns it.
   std::function<Result<std::shared_ptr<PeerLink>>(const std::string& address)> connect;
+  // One control request to the plugin at HOST:PORT (CONTROL frames, this
+  // side's key): its JSON reply. A handover group's coordinator is asked so.
+  std::function<Result<nlohmann::json>(const std::string& address, const nlohmann::json& request)> control;
 
   const SegmentGeometry& geometry() const { return *ctx.geometry; }
   ImageFile& image() const { return *ctx.image; }

@@ -19,6 +19,7 @@
 #include "common/version.h"
 #include "common/peer_auth.h"
 #include "plugin/control_ops.h"
+#include "plugin/group_decisions.h"
 #include "common/control_server.h"
 #include "plugin/migration_engine.h"
 #include "plugin/peer_server.h"
@@ -139,6 +140,13 @@ Status make_engine(PluginState& st) {
              !is_loopback_host(parse_host_port(st.config.listen, true).value().host)) {
     nbdkit_error("warning: tls=off on listen=%s: the disk crosses the network in clear text", st.config.listen.c_str());
   }
+  // Group decisions this plugin records as a coordinator: beside the state
+  // file (IMAGE.livemig-groups by default).
+  const std::string& sp = ctx.state_path;
+  const std::string suffix = ".livemig-state";
+  st.groups = std::make_unique<GroupDecisions>(
+      sp.size() > suffix.size() && sp.ends_with(suffix) ? GroupDecisions::path_for_image(sp.substr(0, sp.size() - suffix.size()))
+                                                        : sp + ".groups");
   st.engine = std::make_unique<MigrationEngine>(std::move(ctx));
   return st.engine->recover();
 }

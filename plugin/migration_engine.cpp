@@ -69,7 +69,8 @@ MigrationEngine::MigrationEngine(EngineContext ctx)
     : ctx_(std::move(ctx)),
       sender_(*ctx_.image, *ctx_.geometry, stats_),
       services_{ctx_, io_, gate_, machine_, stats_, disk_pool_, sender_,
-                [this](const std::string& address) { return connect(address); }} {}
+                [this](const std::string& address) { return connect(address); },
+                [this](const std::string& address, const json& request) { return control_call(address, request); }} {}
 
 MigrationEngine::~MigrationEngine() { stop(); }
 
@@ -406,17 +407,42 @@ void MigrationEngine::on_last_client_closed() {
 
 // ---------------------------------------------------------------- links
 
-Result<std::shared_ptr<PeerLink>> MigrationEngine::connect(const std::string& address) {
-  auto where = parse_host_port(address);
-  if (!where) return Status::error(fmt::format("peer address '{}': {}", address, where.status().message()));
+PeerLink::Options MigrationEngine::link_options() const {
   PeerLink::Options opts;
   opts.local_name = ctx_.node_name;
   opts.read_timeout = ctx_.peer_timeout;
   opts.tls = ctx_.tls;
-  auto link = PeerLink::connect(io_, *where, ctx_.secret, kPurposePeer, opts, kConnectTimeout);
+  return opts;
+}
+
+Result<std::shared_ptr<PeerLink>> MigrationEngine::connect(const std::string& address) {
+  auto where = parse_host_port(address);
+  if (!where) return Status::error(fmt::format("peer address '{}': {}", address, where.status().message()));
+  auto link = PeerLink::connect(io_, *where, ctx_.secret, kPurposePeer, link_options(), kConnectTimeout);
   if (!link) return link.status();
   start_link(*link);
   return link;
+}
+
+// A control request to another plugin (a handover group's coordinator): a
+// connection of its own, closed after the reply.
+Result<json> MigrationEngine::control_call(const std::string& address, const json& request) {
+  auto where = parse_host_port(address);
+  if (!where) return Status::error(fmt::format("address '{}': {}", address, where.status().message()));
+  auto link = PeerLink::connect(io_, *where, ctx_.secret, kPurposeControl, link_options(), kConnectTimeout);
+  if (!link) return link.status();
+  (*link)->start([](const std::shared_ptr<PeerLink>&, PeerLink::Frame&) {},  // only the reply matters
+                 [](const std::shared_ptr<PeerLink>&, const Status&) {});
+  auto reply = (*link)->call(ControlPayload{request.dump()}, ctx_.peer_timeout);
+  (*link)->close(Status::error("control request answered", ECONNRESET));
+  if (!reply) return reply.status();
+  auto* text = std::get_if<ControlReplyPayload>(&reply->message);
+  if (!text) return Status::error(fmt::format("unexpected {} frame in reply to a CONTROL request",
+                                              frame_type_name(reply->header.type)),
+                                  EPROTO);
+  json j = parse_json_object(text->json);
+  if (j.is_discarded()) return Status::error("the control reply is not a JSON object", EPROTO);
+  return j;
 }
 
 void MigrationEngine::on_peer_link(const std::shared_ptr<PeerLink>& link) { start_link(link); }
@@ -774,7 +800,15 @@ json MigrationEngine::migrate(const json& req) {
           {"to", params->to}, {"resync", resync}};
 }
 
-json MigrationEngine::handover(const json&) {
+json MigrationEngine::group_resolve(const json&) {
+  Session s = current_session();
+  auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s);
+  if (!src) return error_reply(fmt::format("group-resolve is for a group member's source; this side is {}",
+                                           describe(machine_.state())));
+  return (*src)->group_resolve();
+}
+
+json MigrationEngine::handover(const json& req) {
   Session s = current_session();
   auto* src = std::get_if<std::shared_ptr<SourceSession>>(&s);
   EngineState st = machine_.state();
@@ -783,7 +817,7 @@ json MigrationEngine::handover(const json&) {
   if (!(st.phase == Phase::Monitoring || st.phase == Phase::PreCopy || st.phase == Phase::Sync ||
         st.phase == Phase::Handover))
     return error_reply(fmt::format("nothing to hand over in phase {}", phase_name(st.phase)));
-  return (*src)->request_handover();
+  return (*src)->request_handover(req);
 }
 
 json MigrationEngine::cancel(const json&) {

@@ -83,6 +83,10 @@ class MigrationEngine {
   nlohmann::json status_json();
   nlohmann::json migrate(const nlohmann::json& request);
   nlohmann::json handover(const nlohmann::json& request);
+  // A handover group's member (the source): asks its coordinator now and
+  // waits for the outcome.
+  nlohmann::json group_resolve(const nlohmann::json& request);
+  void log(const std::string& message) const { ctx_.log(message); }
   nlohmann::json cancel(const nlohmann::json& request);
   nlohmann::json resolve(const nlohmann::json& request);
   nlohmann::json release(const nlohmann::json& request);
@@ -132,7 +136,10 @@ class MigrationEngine {
   Result<MigrationParams> destination_params(const StartPayload& p);
   Status check_base(const std::string& identity) const;
   nlohmann::json unfence_released(const EngineState& st) REQUIRES(ops_mu_);
+  // How this side dials a peer (its name, timeouts, TLS).
+  PeerLink::Options link_options() const;
   Result<std::shared_ptr<PeerLink>> connect(const std::string& address);
+  Result<nlohmann::json> control_call(const std::string& address, const nlohmann::json& request);
   Status recover_source(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);
   Status recover_destination(const MigrationRecord& rec, Phase phase, std::unique_ptr<StateFile> file);
   nlohmann::json progress_json();

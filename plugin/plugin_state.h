@@ -12,6 +12,7 @@
 #include "common/heat_map.h"
 #include "common/segment_geometry.h"
 #include "plugin/base_image.h"
+#include "plugin/group_decisions.h"
 #include "plugin/guest_latency.h"
 #include "plugin/image_file.h"
 #include "plugin/plugin_config.h"
@@ -52,6 +53,7 @@ struct PluginState {
   std::atomic<int64_t> connections{0};
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   std::unique_ptr<MigrationEngine> engine;  // set in config_complete
+  std::unique_ptr<GroupDecisions> groups;   // handover groups it coordinates; set in config_complete
   std::unique_ptr<PeerServer> peer;         // set in get_ready when listen= is given
   std::unique_ptr<ControlServer> control;   // set in get_ready when control= is given
 

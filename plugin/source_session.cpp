@@ -9,6 +9,7 @@
 #include "common/json_limits.h"
 #include "common/thread_name.h"
 #include "common/transfer_planner.h"
+#include "plugin/group_decisions.h"
 #include "plugin/test_hooks.h"
 #include "plugin/write_forward.h"
 
@@ -90,6 +91,25 @@ void SourceSession::start(std::shared_ptr<PeerLink> link, bool resync) {
   {
     MutexLock lock(mu_);
     needs_resync_ = resync || begin_ == Begin::Restarted || begin_ == Begin::InWindow;
+  }
+  if (begin_ == Begin::InWindow) {
+    // A group member restarted inside the window follows the group's
+    // decision (the record is restored by now).
+    json g = s_.machine.record().extra.value("group", json());
+    if (!g.is_null()) {
+      auto group = Group::from_json(g);
+      MutexLock lock(mu_);
+      if (group) {
+        group_ = *group;
+        prepared_at_ = Clock::now();
+      } else {
+        // Commit may be recorded for it: never ask the destination alone.
+        group_unreadable_ = true;
+        resolution_ = fmt::format("the state file's handover group is unreadable ({}): only the operator can "
+                                  "decide (`migrate-nbd resolve --abort`)",
+                                  group.status().message());
+      }
+    }
   }
   worker_ = std::thread([this] { run(); });
   name_thread(worker_, "livemig-push");
@@ -387,10 +407,31 @@ void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t i
 
 // ------------------------------------------------------------ control
 
-nlohmann::json SourceSession::request_handover() {
+nlohmann::json SourceSession::request_handover(const nlohmann::json& request) {
+  std::optional<Group> group;
+  if (request.contains("group") || request.contains("coordinator")) {
+    json g = {{"id", request.value("group", json())}, {"coordinator", request.value("coordinator", json())},
+              {"timeout_ms", request.contains("group_timeout") && request["group_timeout"].is_number()
+                                 ? json(static_cast<int64_t>(request["group_timeout"].get<double>() * 1000))
+                                 : json(30'000)}};
+    auto parsed = Group::from_json(g);
+    if (!parsed) return error_reply(fmt::format("group handover: {}", parsed.status().message()));
+    if (params_.handover != HandoverPolicy::Explicit)
+      return error_reply(fmt::format("group handover: migration {} runs with handover={}; a group member must be "
+                                     "migrated with handover=explicit, so that only the group hands it over",
+                                     id_, handover_policy_name(params_.handover)));
+    if (s_.machine.state().phase == Phase::Handover)
+      return error_reply("group handover: a handover is already in its window here");
+    group = std::move(*parsed);
+  }
   uint64_t target;
   {
     UniqueLock lock(mu_);
+    if (group_ && s_.machine.state().phase == Phase::Handover)
+      return error_reply(fmt::format("migration {} is prepared in group {}: it follows that group's decision "
+                                     "(group-resolve), not a handover request",
+                                     id_, group_->id));
+    group_ = std::move(group);
     target = attempt_.number + 1;
     handover_requested_ = true;
   }
@@ -404,8 +445,33 @@ nlohmann::json SourceSession::request_handover() {
   EngineState st = s_.machine.state();
   if (st.phase == Phase::PostCopy || st.phase == Phase::Done)
     return {{"ok", true}, {"phase", phase_name(st.phase)}, {"handover_pause_ms", s_.stats.handover_pause_ms.load()}};
+  if (answered && group_ && attempt_.outcome == "prepared")
+    return {{"ok", true},      {"prepared", true},          {"phase", phase_name(st.phase)},
+            {"group", group_->id}, {"generation", generation_}, {"migration_id", id_}};
   std::string why = !answered ? "no outcome within 120 s" : attempt_.outcome.empty() ? last_error_ : attempt_.outcome;
-  return error_reply(fmt::format("handover did not complete ({}): {}", describe(st), why));
+  return error_reply(fmt::format("{} did not complete ({}): {}", group_ ? "the group's prepare" : "handover",
+                                 describe(st), why));
+}
+
+nlohmann::json SourceSession::group_resolve() {
+  {
+    MutexLock lock(mu_);
+    if (!group_ || s_.machine.state().phase != Phase::Handover) {
+      EngineState st = s_.machine.state();
+      json j = {{"ok", true}, {"phase", phase_name(st.phase)}, {"outcome", attempt_.outcome}};
+      if (!group_ && st.phase == Phase::Handover)
+        return error_reply(fmt::format("migration {} is in a handover window of no group", id_));
+      return j;
+    }
+    group_poke_ = true;
+  }
+  cv_.notify_all();
+  s_.machine.wait_for([](const EngineState& s) { return s.phase != Phase::Handover; }, std::chrono::seconds(120));
+  EngineState st = s_.machine.state();
+  MutexLock lock(mu_);
+  if (st.phase == Phase::Handover)
+    return error_reply(fmt::format("still in the handover window after 120 s: {}", resolution_));
+  return {{"ok", true}, {"phase", phase_name(st.phase)}, {"outcome", attempt_.outcome}};
 }
 
 nlohmann::json SourceSession::request_cancel() {
@@ -498,7 +564,19 @@ void SourceSession::migrate() {
     EngineState st = s_.machine.state();
     if (st.role != Role::Source) return;
     if (st.phase == Phase::Handover) {
-      resolve_handover();
+      bool in_group, unreadable, abort;
+      uint64_t gen;
+      {
+        MutexLock lock(mu_);
+        in_group = group_.has_value();
+        unreadable = group_unreadable_;
+        abort = abort_requested_;
+        gen = generation_;
+      }
+      if (in_group) follow_group();
+      else if (unreadable && abort) operator_abort(gen);
+      else if (unreadable) wait_worker(kRetryPause);
+      else resolve_handover();
       continue;
     }
     if (st.phase != Phase::Monitoring && st.phase != Phase::PreCopy && st.phase != Phase::Sync) return;
@@ -991,6 +1069,21 @@ void SourceSession::finish_attempt(std::string outcome) {
   cv_.notify_all();
 }
 
+Result<PeerLink::Frame> SourceSession::send_handover(PeerLink& link, uint64_t gen, bool prepare) {
+  std::vector<HandoverRange> ranges = remaining_ranges();
+  const uint64_t remaining = owed_.count();
+  size_t sent = 0;
+  Result<PeerLink::Frame> reply = Status::error("no HANDOVER sent");
+  do {
+    size_t n = std::min(kHandoverRangesPerFrame, ranges.size() - sent);
+    HandoverPayload hp{gen, remaining, {ranges.begin() + sent, ranges.begin() + sent + n}, prepare};
+    sent += n;
+    if (sent < ranges.size()) link.send(hp, link.next_request_id());
+    else reply = link.call_for_reply(hp, kReplyTimeout);
+  } while (sent < ranges.size());
+  return reply;
+}
+
 void SourceSession::do_handover() {
   auto link = current_link();
   if (!link) return;
@@ -1000,9 +1093,11 @@ void SourceSession::do_handover() {
   while (!link->closed() && !link->wait_queue_below(kHandoverDrainBytes, std::chrono::milliseconds(200))) {
   }
   uint64_t gen = s_.machine.record().handover_generation + 1;
+  std::optional<Group> group;
   {
     MutexLock lock(mu_);
     attempt_.number++;
+    group = group_;
   }
   // Writes most of the guest's dirty pages out while it still runs, so the
   // sync inside the fence below has little left (an error here is sticky:
@@ -1012,8 +1107,15 @@ void SourceSession::do_handover() {
   crash_point("source-before-fence");
   // Durable before the fence: a source restarted from here on knows it may
   // no longer be authoritative. The transition drains in-flight writes.
+  // A group member records its group with the fence: restarted inside the
+  // window, it follows the group's decision (never the destination's word
+  // that it did not commit: that is true until the group says commit).
   Status fenced = s_.machine.transition({Role::Source, Phase::Handover, IoMode::SourceHandover},
-                                        [gen](MigrationRecord& r) { r.handover_generation = gen; });
+                                        [gen, &group](MigrationRecord& r) {
+                                          r.handover_generation = gen;
+                                          if (group) r.extra["group"] = group->to_json();
+                                          else r.extra.erase("group");
+                                        });
   if (!fenced) {
     finish_attempt(fmt::format("refused: cannot record the handover: {}", fenced.message()));
     return;
@@ -1022,6 +1124,7 @@ void SourceSession::do_handover() {
     MutexLock lock(mu_);
     generation_ = gen;
     resolution_.clear();
+    prepared_at_ = Clock::now();
   }
   crash_point("source-after-fence");
   // Every write acknowledged here is on disk before the destination may
@@ -1034,20 +1137,41 @@ void SourceSession::do_handover() {
     link->refuse(0, protocol_error(ErrorCode::Internal, "migration failed at the source: " + why));
     return unfence_failed(why, Status::error(why, EIO));
   }
-  std::vector<HandoverRange> ranges = remaining_ranges();
-  const uint64_t remaining = owed_.count();
-  size_t sent = 0;
-  Result<PeerLink::Frame> reply = Status::error("no HANDOVER sent");
-  do {
-    size_t n = std::min(kHandoverRangesPerFrame, ranges.size() - sent);
-    HandoverPayload hp{gen, remaining, {ranges.begin() + sent, ranges.begin() + sent + n}};
-    sent += n;
-    if (sent < ranges.size()) link->send(hp, link->next_request_id());
-    else reply = link->call_for_reply(hp, kReplyTimeout);
-  } while (sent < ranges.size());
+  Result<PeerLink::Frame> reply = send_handover(*link, gen, group.has_value());
   crash_point("source-after-handover-reply");
   const bool refusal = is_refusal(reply);
   auto ack = expect_reply<HandoverAckPayload>(std::move(reply));
+  if (group) {
+    if (ack && ack->generation == gen && ack->prepare) {
+      crash_point("source-after-prepare");
+      s_.log(fmt::format("migration {}: prepared handover {} in group {}; waiting for the decision at {}", id_, gen,
+                         group->id, group->coordinator));
+      return finish_attempt("prepared");  // follow_group() takes it from here
+    }
+    if (ack && ack->generation == gen) {
+      // A destination that committed on a PREPARE: it is authoritative, whatever the group does.
+      s_.log(fmt::format("migration {}: the destination committed handover {} on a PREPARE (group {})", id_, gen,
+                         group->id));
+      return committed(gen);
+    }
+    if (refusal) {
+      // The destination refused: it never commits g. The group cannot
+      // commit without this member: say so at the coordinator (best effort;
+      // the orchestrator does too), then serve the image again.
+      (void)ask_coordinator(*group, /*decide_abort=*/true);
+      return refused(ack.status());
+    }
+    // No answer: the destination did not commit (a PREPARE never does), but
+    // the group's decision is the coordinator's; follow_group() asks it.
+    {
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("the prepare of handover {} was not answered: {}", gen, ack.status().message());
+    }
+    link->close(Status::error("prepare unanswered", ETIMEDOUT));
+    return finish_attempt(fmt::format("unresolved: the prepare was not answered ({}); the source follows group {}'s "
+                                      "decision",
+                                      ack.status().message(), group->id));
+  }
   if (ack && ack->generation == gen) return committed(gen);
   if (refusal) return refused(ack.status());
   // No answer: the destination may or may not have committed.
@@ -1119,20 +1243,7 @@ void SourceSession::resolve_handover() {
       MutexLock lock(mu_);
       abort = abort_requested_;
     }
-    if (abort) {
-      Status s = s_.machine.transition({Role::None, Phase::Failed, IoMode::Local},
-                                       [gen](MigrationRecord& r) { r.aborted_generation = gen; });
-      MutexLock lock(mu_);
-      last_error_ = s ? fmt::format("handover {} aborted by the operator", gen)
-                      : fmt::format("aborting handover {}: {}", gen, s.message());
-      abort_requested_ = false;
-      if (s) {
-        attempt_.done = attempt_.number;
-        attempt_.outcome = last_error_;
-      }
-      cv_.notify_all();
-      return;
-    }
+    if (abort) return operator_abort(gen);
     auto link = current_link();
     if (!link) {
       auto connected = s_.connect(params_.to);
@@ -1187,6 +1298,176 @@ void SourceSession::resolve_handover() {
   }
 }
 
+// ------------------------------------------------------------ groups
+
+json SourceSession::Group::to_json() const {
+  return {{"id", id}, {"coordinator", coordinator}, {"timeout_ms", timeout.count()}};
+}
+
+Result<SourceSession::Group> SourceSession::Group::from_json(const json& j) {
+  if (!j.is_object()) return Status::error("not an object");
+  Group g;
+  auto id = j.find("id");
+  if (id == j.end() || !id->is_string()) return Status::error("\"group\" (a group id string) is required");
+  g.id = id->get<std::string>();
+  if (Status s = check_group_id(g.id); !s) return s;
+  auto c = j.find("coordinator");
+  if (c == j.end() || !c->is_string()) return Status::error("\"coordinator\" (HOST:PORT) is required");
+  g.coordinator = c->get<std::string>();
+  if (auto hp = parse_host_port(g.coordinator); !hp)
+    return Status::error(fmt::format("coordinator {}", hp.status().message()));
+  auto t = j.find("timeout_ms");
+  if (t != j.end()) {
+    if (!t->is_number() || t->get<double>() < 100 || t->get<double>() > 86'400'000)
+      return Status::error("group_timeout must be 0.1 to 86400 seconds");
+    g.timeout = std::chrono::milliseconds(t->get<int64_t>());
+  }
+  return g;
+}
+
+Result<std::string> SourceSession::ask_coordinator(const Group& g, bool decide_abort) {
+  json req = decide_abort ? json{{"op", "group-decide"}, {"group", g.id}, {"decision", "abort"}}
+                          : json{{"op", "group-outcome"}, {"group", g.id}};
+  auto reply = s_.control(g.coordinator, req);
+  if (!reply) return Status::error(fmt::format("asking the coordinator {}: {}", g.coordinator, reply.status().message()),
+                                   reply.status().errno_value());
+  // group-decide answers a decision recorded before (even a different one)
+  // in "decision"; anything else without one is an error.
+  auto d = reply->find("decision");
+  if (d != reply->end() && d->is_string()) {
+    std::string decision = d->get<std::string>();
+    if (decision == "commit" || decision == "abort" || (!decide_abort && decision == "undecided")) return decision;
+  }
+  return Status::error(fmt::format("the coordinator {} answered {:.200}", g.coordinator, reply->dump()), EPROTO);
+}
+
+// Inside the window, a group member does what the group decided. It never
+// unfences on its own: only an abort recorded at the coordinator (by the
+// orchestrator, or by this side once group_timeout passed undecided) lets
+// it, because a commit may be recorded there that it has not heard of.
+void SourceSession::follow_group() {
+  Group g;
+  uint64_t gen;
+  Clock::time_point deadline;
+  {
+    MutexLock lock(mu_);
+    g = *group_;
+    gen = generation_;
+    deadline = prepared_at_ + g.timeout;
+  }
+  bool presumed = false;
+  while (!stopping_ && s_.machine.state().phase == Phase::Handover) {
+    bool abort;
+    {
+      MutexLock lock(mu_);
+      abort = abort_requested_;
+      group_poke_ = false;
+    }
+    if (abort) return operator_abort(gen);
+    const bool decide_abort = Clock::now() >= deadline;
+    auto decision = ask_coordinator(g, decide_abort);
+    if (decision && decide_abort && !presumed) {
+      presumed = true;
+      s_.log(fmt::format("migration {}: group {} undecided {} ms after the prepare: recorded abort at {} (it says {})",
+                         id_, g.id, g.timeout.count(), g.coordinator, *decision));
+    }
+    if (!decision) {
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("group {}: {}; the source stays fenced until the coordinator answers "
+                                "(or `migrate-nbd resolve --abort`)",
+                                g.id, decision.status().message());
+    } else if (*decision == "commit") {
+      if (commit_group(gen)) return;
+    } else if (*decision == "abort") {
+      // Nothing was committed (a PREPARE never commits, and the commit
+      // HANDOVER goes only after a commit decision): back to Sync.
+      Status s = s_.machine.transition({Role::Source, Phase::Sync, IoMode::SourceTracking},
+                                       [](MigrationRecord& r) { r.extra.erase("group"); });
+      s_.log(fmt::format("migration {}: group {} aborted: handover {} not committed; the source serves its image and "
+                         "goes on{}",
+                         id_, g.id, gen, s ? "" : ": " + s.message()));
+      {
+        MutexLock lock(mu_);
+        group_.reset();
+        resolution_.clear();
+      }
+      return finish_attempt(fmt::format("aborted: group {} decided abort; the migration goes on", g.id));
+    } else {
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("group {}: waiting for the decision at {}", g.id, g.coordinator);
+    }
+    UniqueLock lock(mu_);
+    auto pause = decision && *decision == "undecided" ? std::chrono::milliseconds(200) : std::chrono::milliseconds(1000);
+    cv_.wait_for(lock, pause, [&]() REQUIRES(mu_) { return stopping_ || abort_requested_ || group_poke_; });
+  }
+}
+
+bool SourceSession::commit_group(uint64_t gen) {
+  auto link = current_link();
+  if (!link || link->closed()) {
+    auto connected = s_.connect(params_.to);
+    if (!connected) {
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("the group decided commit; the destination {} cannot be reached: {}", params_.to,
+                                connected.status().message());
+      return false;
+    }
+    auto ok = expect_reply<StartOkPayload>(
+        (*connected)->call_for_reply(resume_start(s_.geometry(), id_, params_, gen), kReplyTimeout));
+    if (!ok) {
+      (*connected)->close(ok.status());
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("the group decided commit; asking the destination: {}", ok.status().message());
+      return false;
+    }
+    json answer = parse_json_object(ok->json);
+    adopt_link(*connected);
+    link = *connected;
+    if (json_uint(answer, "committed_generation", 0, "START_OK").value_or(0) == gen) {
+      committed(gen);
+      return true;
+    }
+    if (phase_of(answer) != "PreCopy") {
+      MutexLock lock(mu_);
+      resolution_ = fmt::format("the group decided commit; the destination answered {}", answer.dump());
+      return false;
+    }
+  }
+  Result<PeerLink::Frame> reply = send_handover(*link, gen, /*prepare=*/false);
+  const bool refusal = is_refusal(reply);
+  auto ack = expect_reply<HandoverAckPayload>(std::move(reply));
+  if (ack && ack->generation == gen && !ack->prepare) {
+    committed(gen);
+    return true;
+  }
+  // Refused after the group decided commit (its disk failed since the
+  // prepare, say): the other disks are the destinations' now. This one
+  // stays fenced for the operator; asked again meanwhile.
+  Status why = ack ? Status::error(fmt::format("answered generation {} (prepare {})", ack->generation, ack->prepare))
+                   : ack.status();
+  {
+    MutexLock lock(mu_);
+    resolution_ = fmt::format("the group decided commit, but the destination {} handover {}: {}",
+                              refusal ? "refused" : "did not answer", gen, why.message());
+  }
+  if (!refusal) link->close(Status::error("commit unanswered", ETIMEDOUT));
+  return false;
+}
+
+void SourceSession::operator_abort(uint64_t gen) {
+  Status s = s_.machine.transition({Role::None, Phase::Failed, IoMode::Local},
+                                   [gen](MigrationRecord& r) { r.aborted_generation = gen; });
+  MutexLock lock(mu_);
+  last_error_ = s ? fmt::format("handover {} aborted by the operator", gen)
+                  : fmt::format("aborting handover {}: {}", gen, s.message());
+  abort_requested_ = false;
+  if (s) {
+    attempt_.done = attempt_.number;
+    attempt_.outcome = last_error_;
+  }
+  cv_.notify_all();
+}
+
 void SourceSession::end_before_handover(Phase end, const std::string& why) {
   s_.log(fmt::format("migration {} {}: {}", id_, end == Phase::Cancelled ? "cancelled" : "failed", why));
   {
@@ -1231,6 +1512,7 @@ nlohmann::json SourceSession::progress_json() {
   if (!peer_progress_.is_null()) j["peer_progress"] = peer_progress_;
   if (!last_error_.empty()) j["last_error"] = last_error_;
   if (!attempt_.outcome.empty()) j["handover_outcome"] = attempt_.outcome;
+  if (group_ && st.phase == Phase::Handover) j["group"] = group_->to_json();
   if (forwarded_writes_.failing()) j["forwarded_flushes_fail"] = true;
   if (params_.handover == HandoverPolicy::OnDestinationIo)
     j["destination_io"] = {{"forwarded_requests", destination_io_.forwarded_requests()},

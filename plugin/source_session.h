@@ -35,6 +35,20 @@
 //                    answer; a destination that later comes back with g
 //                    committed is told it lost (ERROR HandoverLost).
 //
+// A group member (docs/handover.md, "Groups"; handover request with group
+// and coordinator) sends HANDOVER(g) with PREPARE first: the destination
+// checks and syncs but does not commit. Then the source stays fenced and
+// follows the group's decision, which the coordinator records:
+//   commit           HANDOVER(g) again without PREPARE (the usual commit,
+//                    over a new link if need be);
+//   abort            back to Sync, unfenced (the migration goes on);
+//   undecided        asked again; after group_timeout the source records
+//                    abort itself (presumed abort; the first decision wins).
+// A coordinator that cannot be reached is asked again: the source never
+// unfences on its own word, since commit may be recorded. The group is
+// persisted with phase Handover (record extra "group"), so a restarted
+// source follows it too.
+//
 // Threads: one worker runs the migration (monitor, push rounds, handover,
 // reconnects, resolution); frames arrive on the io thread; PULLs are served
 // on the disk pool. mu_ guards what they share.
@@ -47,6 +61,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -112,7 +127,11 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   void on_resume_start(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t committed);
 
   // ---- control (any thread but the io thread)
-  nlohmann::json request_handover();
+  // A handover; with "group" and "coordinator" (and "group_timeout"
+  // seconds), a group member's prepare: answers once prepared.
+  nlohmann::json request_handover(const nlohmann::json& request);
+  // A group member: asks the coordinator now and waits for the outcome.
+  nlohmann::json group_resolve();
   nlohmann::json request_cancel();
   // A new max_rate for the pushes (any thread; the pusher applies it).
   void set_max_rate(uint64_t bytes_per_second) { pacer_.set_max_rate(bytes_per_second); }
@@ -127,6 +146,14 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   struct Push {
     IndexRange blocks;
     uint64_t frames_end;  // pushed frames on the link once queued; UINT64_MAX while queuing
+  };
+  // The handover group this side's handover belongs to.
+  struct Group {
+    std::string id;
+    std::string coordinator;  // HOST:PORT of the plugin that records the decision
+    std::chrono::milliseconds timeout{30'000};  // undecided this long after prepare: abort
+    nlohmann::json to_json() const;
+    static Result<Group> from_json(const nlohmann::json& j);
   };
   struct Attempt {
     uint64_t number = 0;  // handover attempts started
@@ -153,7 +180,20 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   bool compare_level(PeerLink& link, const std::vector<Span>& spans, uint64_t unit, std::vector<Span>& finer);
   SendEncoding encoding();
   void do_handover();
+  // HANDOVER(gen) with the owed set (several frames if need be); the
+  // answer to its last frame.
+  Result<PeerLink::Frame> send_handover(PeerLink& link, uint64_t gen, bool prepare);
   void resolve_handover();
+  // A group member inside the window: follows the coordinator's decision.
+  void follow_group();
+  // The group decided commit: HANDOVER(g) without PREPARE. False: not yet
+  // (the destination cannot be reached, or refused; resolution_ says why).
+  bool commit_group(uint64_t gen);
+  // Asks the coordinator (decide: records abort first). "commit", "abort"
+  // or "undecided".
+  Result<std::string> ask_coordinator(const Group& g, bool decide_abort);
+  // The operator's resolve --abort inside the window.
+  void operator_abort(uint64_t gen);
   void committed(uint64_t generation);
   void refused(const Status& why);
   void unfence_failed(const std::string& message, const Status& why);
@@ -214,6 +254,10 @@ class SourceSession : public std::enable_shared_from_this<SourceSession> {
   std::string ready_reason_ GUARDED_BY(mu_);
   std::string last_error_ GUARDED_BY(mu_);
   std::string resolution_ GUARDED_BY(mu_);  // why the window is unresolved
+  std::optional<Group> group_ GUARDED_BY(mu_);  // set by a group handover request
+  std::chrono::steady_clock::time_point prepared_at_ GUARDED_BY(mu_){};  // PREPARE sent
+  bool group_poke_ GUARDED_BY(mu_) = false;  // group-resolve: ask the coordinator now
+  bool group_unreadable_ GUARDED_BY(mu_) = false;  // restarted with a group it cannot read: fenced
   uint64_t generation_ GUARDED_BY(mu_);  // the current or last handover
   Attempt attempt_ GUARDED_BY(mu_);
   nlohmann::json peer_progress_ GUARDED_BY(mu_);

@@ -47,9 +47,12 @@ livemig::PluginState::~PluginState() = default;
 namespace {
 
 // Ops that would connect to a peer or start, end or change a migration.
-constexpr std::string_view kNetworkOps[] = {"migrate", "handover", "cancel", "resolve"};
-// Ops that only read state or hash the local image.
-constexpr std::string_view kLocalOps[] = {"status", "stats", "release", "verify"};
+// (group-resolve asks a group's coordinator.)
+constexpr std::string_view kNetworkOps[] = {"migrate", "handover", "cancel", "resolve", "group-resolve"};
+// Ops that only read state or hash the local image. (group-decide and
+// group-outcome: this Plugin keeps no group decisions, so they check their
+// request and answer an error, writing nothing.)
+constexpr std::string_view kLocalOps[] = {"status", "stats", "release", "verify", "group-decide", "group-outcome"};
 
 // Open findings (tests/fuzz/open/fuzz_control/) step aside when
 // $LIVEMIG_FUZZ_SKIP_KNOWN is set (tests/fuzz/run --skip-known), so that a
