@@ -32,7 +32,15 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
     probing_ = false;
     rate = rate_before_probe_;
   } else {
-    rate = next_rate(p99_ns, static_cast<uint64_t>(double(bytes) / seconds));
+    const uint64_t cap = rate_.load(std::memory_order_relaxed);
+    const uint64_t moved = static_cast<uint64_t>(double(bytes) / seconds);
+    rate = next_rate(p99_ns, moved);
+    // The budget's reference measured again (header): one window unpaced.
+    if (config_.max_slowdown >= 1 && n % kRemeasureEvery == 0 && rate != 0 && cap != 0 && cap != max_rate() &&
+        moved * 10 >= cap * 9) {
+      remeasures_.fetch_add(1, std::memory_order_relaxed);
+      rate = 0;
+    }
   }
   if (config_.probe_every != 0 && (n == 1 || n % config_.probe_every == 0)) {
     probes_.fetch_add(1, std::memory_order_relaxed);
@@ -123,7 +131,8 @@ nlohmann::json LatencyPacer::to_json() const {
           {"min_rate", config_.min_rate},
           {"max_slowdown", config_.max_slowdown},
           {"windows", windows_.load(std::memory_order_relaxed)},
-          {"windows_over_bound", windows_over_.load(std::memory_order_relaxed)}};
+          {"windows_over_bound", windows_over_.load(std::memory_order_relaxed)},
+          {"remeasures", remeasures_.load(std::memory_order_relaxed)}};
 }
 
 }  // namespace livemig

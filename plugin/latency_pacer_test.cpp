@@ -185,6 +185,27 @@ TEST_CASE("pacer: without probes the source's baseline alone judges the guest") 
   CHECK(p.to_json()["probes"] == 0);
 }
 
+TEST_CASE("pacer: a fastest rate first measured low is measured again, so the time budget follows the link") {
+  PacerConfig c = config();
+  c.max_slowdown = 1.3;
+  LatencyPacer p(c);
+  // The first window moves 40 MiB/s (the link starting up, holes crossing
+  // as notes), the guest over its bound from the start and throughout.
+  uint64_t rate = window(p, 40 * MiB, kBaseline * 3);
+  CHECK(rate == 40 * MiB * 10 / 13);
+  bool unpaced = false;
+  for (int i = 0; i < 2 * int(LatencyPacer::kRemeasureEvery) && !unpaced; ++i) {
+    rate = window(p, rate, kBaseline * 3);  // the cap binds: the window moves all it allows
+    unpaced = rate == 0;
+  }
+  REQUIRE(unpaced);  // one window unpaced, in which the link shows 120 MiB/s
+  rate = window(p, 120 * MiB, kBaseline * 3);
+  CHECK(rate >= 120 * MiB * 10 / 13);
+  CHECK(p.to_json()["remeasures"] == 1);
+  // A cap that does not bind (the link moves less) is no reason to measure again.
+  for (int i = 0; i < 3 * int(LatencyPacer::kRemeasureEvery); ++i) CHECK(window(p, rate / 2, kBaseline * 3) != 0);
+}
+
 TEST_CASE("pacer: max_slowdown keeps the rate at the fastest unpaced rate / max_slowdown at least") {
   PacerConfig c = config();
   c.max_slowdown = 1.25;
