@@ -15,6 +15,7 @@
 #include <boost/asio/io_context.hpp>
 #include <fmt/format.h>
 
+#include "common/control_reply.h"
 #include "common/frame_codec.h"
 #include "common/json_limits.h"
 #include "common/protocol_format.h"
@@ -102,27 +103,6 @@ std::string strip_address(const std::string& message, const std::string& address
   return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
 }
 
-// The JSON text of a CONTROL_REPLY frame.
-Result<std::string> reply_text(Result<PeerLink::Frame> frame) {
-  if (!frame) return frame.status();
-  auto* reply = std::get_if<ControlReplyPayload>(&frame->message);
-  if (!reply)
-    return Status::error(fmt::format("unexpected {} frame in reply to a CONTROL request",
-                                     frame_type_name(frame->header.type)),
-                         EPROTO);
-  return reply->json;
-}
-
-Result<json> parse_reply(const Result<std::string>& text, const std::string& label) {
-  if (!text) return Status::error(fmt::format("{}: {}", label, text.status().message()), text.status().errno_value());
-  json reply = parse_json_object(*text);
-  if (reply.is_discarded())
-    return Status::error(fmt::format("{}: the reply is not a JSON object (of at most {} levels): {:.120}", label,
-                                     kMaxJsonDepth, *text),
-                         EPROTO);
-  return reply;
-}
-
 // CONTROL frames over the peer port. Owns an io_context and the one thread
 // that runs it, as PeerLink requires (connect and call block; they run here,
 // on the caller's thread, never on the io thread).
@@ -158,7 +138,7 @@ class RemoteChannel final : public ControlClient::Channel {
   }
 
   Result<std::string> exchange(const std::string& request, milliseconds timeout) override {
-    return reply_text(link_->call(ControlPayload{request}, timeout));
+    return control_reply_text(link_->call(ControlPayload{request}, timeout));
   }
 
  private:
@@ -263,7 +243,7 @@ Result<json> ControlClient::call_raw(const json& request, std::optional<millisec
   if (Status s = connect(); !s) return s;  // the message names the target
   auto text = channel_->exchange(request.dump(), reply_timeout.value_or(timeouts_.reply));
   if (!text) channel_.reset();  // the next call starts on a fresh connection
-  return parse_reply(text, target_.label());
+  return parse_control_reply(text, target_.label());
 }
 
 Status describe_connect_failure(const Status& s, const HostPort& where, const SecretChoice& secret,
@@ -284,10 +264,6 @@ Status describe_connect_failure(const Status& s, const HostPort& where, const Se
     return Status::error(fmt::format("cannot talk to {}: it does not speak the livemig peer protocol ({})", addr, why),
                          s.errno_value());
   return Status::error(fmt::format("cannot reach {}: {}", addr, why), s.errno_value());
-}
-
-Result<json> control_reply_json(Result<PeerLink::Frame> reply, const std::string& label) {
-  return parse_reply(reply_text(std::move(reply)), label);
 }
 
 Result<json> ControlClient::call(const json& request, std::optional<milliseconds> reply_timeout) {

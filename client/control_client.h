@@ -62,9 +62,6 @@ Result<SecretChoice> choose_secret(const std::string& secret_file, const TlsSett
 Status describe_connect_failure(const Status& failure, const HostPort& where, const SecretChoice& secret,
                                 std::chrono::milliseconds timeout);
 
-// The JSON object a CONTROL request was answered with: `reply` must hold a
-// CONTROL_REPLY frame. Errors start with `label` (the target).
-Result<nlohmann::json> control_reply_json(Result<PeerLink::Frame> reply, const std::string& label);
 
 struct Timeouts {
   std::chrono::milliseconds connect{10'000};

@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "common/control_reply.h"
 #include "common/enum_names.h"
 #include "common/json_limits.h"
 #include "common/thread_name.h"
@@ -435,14 +436,7 @@ Result<json> MigrationEngine::control_call(const std::string& address, const jso
                  [](const std::shared_ptr<PeerLink>&, const Status&) {});
   auto reply = (*link)->call(ControlPayload{request.dump()}, ctx_.peer_timeout);
   (*link)->close(Status::error("control request answered", ECONNRESET));
-  if (!reply) return reply.status();
-  auto* text = std::get_if<ControlReplyPayload>(&reply->message);
-  if (!text) return Status::error(fmt::format("unexpected {} frame in reply to a CONTROL request",
-                                              frame_type_name(reply->header.type)),
-                                  EPROTO);
-  json j = parse_json_object(text->json);
-  if (j.is_discarded()) return Status::error("the control reply is not a JSON object", EPROTO);
-  return j;
+  return control_reply_json(std::move(reply), address);
 }
 
 void MigrationEngine::on_peer_link(const std::shared_ptr<PeerLink>& link) { start_link(link); }

@@ -6,6 +6,7 @@
 #include <boost/asio/post.hpp>
 #include <fmt/format.h>
 
+#include "common/control_reply.h"
 #include "common/protocol_format.h"
 #include "common/thread_name.h"
 
@@ -208,7 +209,7 @@ void HeartbeatLoop::ask_status(const std::shared_ptr<Plugin>& p) {
   p->busy_since = Clock::now();
   p->link->call_async(ControlPayload{json{{"op", "status"}}.dump()}, [this, p](Result<PeerLink::Frame> frame) {
     const bool link_failed = !frame;
-    auto reply = client::control_reply_json(std::move(frame), p->address);
+    auto reply = control_reply_json(std::move(frame), p->address);
     if (!reply || reply->value("ok", false) != true) {
       p->failed(!reply ? reply.status().message()
                        : fmt::format("{}: {}", p->address,
@@ -230,7 +231,7 @@ void HeartbeatLoop::ask_status(const std::shared_ptr<Plugin>& p) {
     p->link->call_async(ControlPayload{json{{"op", "stats"}, {"top", 0}}.dump()},
                         [p](Result<PeerLink::Frame> frame) {
                           const bool failed = !frame;
-                          auto stats = client::control_reply_json(std::move(frame), p->address);
+                          auto stats = control_reply_json(std::move(frame), p->address);
                           if (stats && stats->value("ok", false) == true) {
                             MutexLock lock(p->mu);
                             p->stats = json::object();
