@@ -398,11 +398,7 @@ void DestinationSession::on_handover(const std::shared_ptr<PeerLink>& link, uint
 // commits, the source sends HANDOVER(g) again without PREPARE.
 void DestinationSession::prepare(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) {
   crash_point("destination-before-prepare");
-  if (s_.image().flush() < 0) {
-    refuse(link, request_id, protocol_error(ErrorCode::Internal, fmt::format("syncing {}: {}", s_.image().path(),
-                                                                              std::strerror(errno))));
-    return;
-  }
+  if (!flush_or_refuse(link, request_id)) return;
   if (Status s = s_.machine.update_record({}); !s) {
     refuse(link, request_id, s);
     return;
@@ -418,11 +414,7 @@ void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t 
   const SegmentGeometry& g = s_.geometry();
   crash_point("destination-before-commit");
   // Everything the source pushed is durable before we claim it present.
-  if (s_.image().flush() < 0) {
-    refuse(link, request_id, protocol_error(ErrorCode::Internal, fmt::format("syncing {}: {}", s_.image().path(),
-                                                                              std::strerror(errno))));
-    return;
-  }
+  if (!flush_or_refuse(link, request_id)) return;
   BlockBitmap present(g.block_count());
   present.set_range({0, g.block_count()});
   std::vector<double> priority(g.segment_count(), 0.0);
@@ -458,6 +450,14 @@ void DestinationSession::commit(const std::shared_ptr<PeerLink>& link, uint64_t 
   link->send(HandoverAckPayload{generation}, request_id);
   s_.log(fmt::format("migration {}: committed handover {}", id_, generation));
   start_pulling();
+}
+
+// The image synced, or the handover refused (false) because it could not be.
+bool DestinationSession::flush_or_refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id) {
+  if (s_.image().flush() >= 0) return true;
+  refuse(link, request_id,
+         protocol_error(ErrorCode::Internal, fmt::format("syncing {}: {}", s_.image().path(), std::strerror(errno))));
+  return false;
 }
 
 // This side did not commit: it says so, and keeps

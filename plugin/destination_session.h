@@ -133,6 +133,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   // A handover group's PREPARE: commit's checks and syncs, no commit.
   void prepare(const std::shared_ptr<PeerLink>& link, uint64_t request_id, uint64_t generation) REQUIRES(commit_mu_);
   void refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id, const Status& why) REQUIRES(commit_mu_);
+  bool flush_or_refuse(const std::shared_ptr<PeerLink>& link, uint64_t request_id) REQUIRES(commit_mu_);
   void on_source_error(const std::shared_ptr<PeerLink>& link, const ErrorPayload& e);
   void serve_sums(const std::shared_ptr<PeerLink>& link, uint64_t id, const SumsPayload& p);
   // after the commit
