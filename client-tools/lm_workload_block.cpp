@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include "common/byte_order.h"
+
 namespace livemig::workload {
 namespace {
 
@@ -12,19 +14,8 @@ constexpr size_t kWordsPerSector = kSectorSize / 8;  // 64
 constexpr size_t kChecksumWord = 5;                  // bytes 40..47
 constexpr size_t kFirstFillWord = 6;                 // bytes 48..511
 
-uint64_t load64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-
 void store64(uint8_t* p, uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
-uint32_t load32(const uint8_t* p) {
-  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
-         static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
 }
 
 void store32(uint8_t* p, uint32_t v) {
@@ -43,7 +34,7 @@ uint64_t sector_checksum(const uint8_t* sector) {
   uint64_t h = 0xcbf29ce484222325ULL;
   for (size_t w = 0; w < kWordsPerSector; ++w) {
     if (w == kChecksumWord) continue;
-    h = mix64(h ^ (load64(sector + 8 * w) + w * 0x9e3779b97f4a7c15ULL));
+    h = mix64(h ^ (load_le64(sector + 8 * w) + w * 0x9e3779b97f4a7c15ULL));
   }
   return h;
 }
@@ -89,20 +80,20 @@ SectorInfo decode_sector(const uint8_t* s, uint32_t block_size, uint32_t index) 
     info.kind = SectorInfo::Kind::kZero;
     return info;
   }
-  if (load64(s) != kBlockMagic) {
+  if (load_le64(s) != kBlockMagic) {
     info.why = "not lm-workload data";
     return info;
   }
-  if (load64(s + 8 * kChecksumWord) != sector_checksum(s)) {
+  if (load_le64(s + 8 * kChecksumWord) != sector_checksum(s)) {
     info.why = "bad checksum";
     return info;
   }
-  BlockId id{load64(s + 8), load64(s + 16), load64(s + 24)};
-  if (load32(s + 32) != block_size) {
+  BlockId id{load_le64(s + 8), load_le64(s + 16), load_le64(s + 24)};
+  if (load_le32(s + 32) != block_size) {
     info.why = "written with another block size";
     return info;
   }
-  if (load32(s + 36) != index) {
+  if (load_le32(s + 36) != index) {
     info.why = "sector from another position in its block";
     return info;
   }

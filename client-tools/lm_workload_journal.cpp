@@ -12,20 +12,13 @@
 
 #include <fmt/format.h>
 
+#include "common/byte_order.h"
+
 #include "client-tools/lm_workload_block.h"
 
 namespace livemig::workload {
 namespace {
 
-uint64_t load64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-uint32_t load32(const uint8_t* p) {
-  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
-         static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
-}
 void put64(std::vector<uint8_t>& out, uint64_t v) {
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
 }
@@ -35,7 +28,7 @@ void put32(std::vector<uint8_t>& out, uint32_t v) {
 
 uint64_t header_checksum(const uint8_t* h) {
   uint64_t c = 0x4c4d574c4a524e31ULL;
-  for (int w = 0; w < 7; ++w) c = mix64(c ^ load64(h + 8 * w));
+  for (int w = 0; w < 7; ++w) c = mix64(c ^ load_le64(h + 8 * w));
   return c;
 }
 
@@ -85,22 +78,22 @@ Status scan(const std::string& path, JournalSummary& s,
   }
   if (got < sizeof h)
     return Status::error(fmt::format("journal {} is too short to be an lm-workload journal", path));
-  if (load64(h) != kJournalMagic)
+  if (load_le64(h) != kJournalMagic)
     return Status::error(fmt::format("{} is not an lm-workload journal (bad magic)", path));
-  if (load32(h + 8) == 1)
+  if (load_le32(h + 8) == 1)
     return Status::error(fmt::format(
         "journal {} has version 1, which does not record connections, so the writes a flush made durable "
         "cannot be told from those a killed server lost; start a new journal (write --overwrite)",
         path));
-  if (load32(h + 8) != kJournalVersion)
-    return Status::error(fmt::format("journal {} has unsupported version {}", path, load32(h + 8)));
-  if (load32(h + 12) != kJournalHeaderSize || load32(h + 20) != kJournalRecordSize ||
-      load64(h + 56) != header_checksum(h))
+  if (load_le32(h + 8) != kJournalVersion)
+    return Status::error(fmt::format("journal {} has unsupported version {}", path, load_le32(h + 8)));
+  if (load_le32(h + 12) != kJournalHeaderSize || load_le32(h + 20) != kJournalRecordSize ||
+      load_le64(h + 56) != header_checksum(h))
     return Status::error(fmt::format("journal {} has a corrupt header", path));
-  s.header.block_size = load32(h + 16);
-  s.header.seed = load64(h + 24);
-  s.header.export_size = load64(h + 32);
-  s.header.created = load64(h + 40);
+  s.header.block_size = load_le32(h + 16);
+  s.header.seed = load_le64(h + 24);
+  s.header.export_size = load_le64(h + 32);
+  s.header.created = load_le64(h + 40);
 
   std::vector<uint8_t> buf(kJournalRecordSize * 4096);
   size_t have = 0;
@@ -115,8 +108,8 @@ Status scan(const std::string& path, JournalSummary& s,
     size_t off = 0;
     while (have - off >= kJournalRecordSize) {
       const uint8_t* r = buf.data() + off;
-      RawRecord rec{load32(r), load64(r + 8), load64(r + 16)};
-      bool good = load32(r + 4) == record_check(rec.type, rec.a, rec.b) && rec.type >= 1 &&
+      RawRecord rec{load_le32(r), load_le64(r + 8), load_le64(r + 16)};
+      bool good = load_le32(r + 4) == record_check(rec.type, rec.a, rec.b) && rec.type >= 1 &&
                   rec.type <= static_cast<uint32_t>(RecordType::kConnect);
       if (good && bad_bytes > 0)
         return Status::error(fmt::format(

@@ -57,8 +57,6 @@ int failure(const std::string& message) {
   return kExitFailure;
 }
 
-void print_json(const json& j) { std::printf("%s\n", j.dump(-1, ' ', false, json::error_handler_t::replace).c_str()); }
-
 json error_json(const Status& s) { return {{"ok", false}, {"error", s.message()}}; }
 
 // What every subcommand shares: its targets, the secret and the timeouts.

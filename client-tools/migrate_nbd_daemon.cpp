@@ -45,8 +45,6 @@ std::string socket_of(const DaemonCommands& d) {
   return kDefaultSocket;
 }
 
-void print_json(const json& j) { std::printf("%s\n", j.dump(-1, ' ', false, json::error_handler_t::replace).c_str()); }
-
 // One request to livemigd; an "ok": false reply becomes its error alone.
 Result<json> ask(const DaemonCommands& d, const json& request) {
   Timeouts t;

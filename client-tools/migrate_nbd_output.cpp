@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include <fmt/format.h>
 
@@ -420,6 +421,10 @@ std::string render_stats(const nlohmann::json& st) {
                          s.value("set", std::string()), s.value("why", std::string()));
   }
   return out;
+}
+
+void print_json(const nlohmann::json& j) {
+  std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
 }
 
 }  // namespace livemig::mig

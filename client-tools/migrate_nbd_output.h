@@ -61,4 +61,7 @@ Result<VerifyResult> compare_verify(const nlohmann::json& from, const nlohmann::
 // ranges, each line ending in '\n'.
 std::string render_verify(const VerifyResult& v);
 
+// `j` on stdout as one line of JSON (invalid UTF-8 replaced), for --json.
+void print_json(const nlohmann::json& j);
+
 }  // namespace livemig::mig

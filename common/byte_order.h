@@ -46,6 +46,18 @@ inline uint64_t load_be64(const uint8_t* p) {
   return v;
 }
 
+// Little-endian loads (lm-workload's on-disk block and journal formats).
+inline uint32_t load_le32(const uint8_t* p) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+inline uint64_t load_le64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
 // A view of a string's bytes as unsigned bytes.
 inline std::span<const uint8_t> byte_span(std::string_view s) {
   return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};

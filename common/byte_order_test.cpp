@@ -68,3 +68,10 @@ TEST_CASE("big-endian loads invert stores", "[frame]") {
   store_be16(b, 0xBEEF);
   CHECK(load_be16(b) == 0xBEEF);
 }
+
+TEST_CASE("little-endian loads read the low byte first", "[frame]") {
+  const uint8_t bytes[8] = {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x88};
+  CHECK(load_le32(bytes) == 0x04030201u);
+  CHECK(load_le64(bytes) == 0x8807060504030201ull);
+  CHECK(load_be32(bytes) == 0x01020304u);
+}

@@ -1,6 +1,8 @@
 #include "common/frame_codec.h"
 
 #include <catch2/catch.hpp>
+
+#include "tests/support/strings.h"
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -24,10 +26,6 @@ std::string code_of(const Status& s) {
 template <typename T>
 std::string code_of(const Result<T>& r) {
   return r.is_ok() ? "ok" : code_of(r.status());
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 std::span<const uint8_t> bytes_of(const std::string& s) { return byte_span(s); }

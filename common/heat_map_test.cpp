@@ -12,6 +12,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/strings.h"
+
 using livemig::HeatCounts;
 using livemig::HeatMap;
 using livemig::HeatWeights;
@@ -19,6 +21,8 @@ using livemig::RankedSegment;
 using livemig::SegmentGeometry;
 using livemig::heat_score;
 using livemig::rank_segments;
+
+using livemig::contains;
 
 namespace {
 
@@ -28,10 +32,6 @@ SegmentGeometry geometry(uint64_t image, uint64_t block = 4096, uint64_t segment
   auto g = SegmentGeometry::make(image, block, segment);
   REQUIRE(g.is_ok());
   return *g;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 std::vector<uint64_t> order_of(const std::vector<RankedSegment>& ranked) {

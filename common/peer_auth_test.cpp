@@ -14,6 +14,9 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/strings.h"
+#include "tests/support/temp_dir.h"
+
 using livemig::AuthClient;
 using livemig::AuthServer;
 using livemig::Mac;
@@ -21,11 +24,10 @@ using livemig::Nonce;
 using livemig::Secret;
 using livemig::Status;
 
-namespace {
+using livemig::contains;
+using livemig::TempDir;
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+namespace {
 
 Secret secret_of(const std::string& bytes) {
   auto s = Secret::from_bytes(bytes);
@@ -43,28 +45,16 @@ std::string hex(const Mac& m) {
   return out;
 }
 
-// A scratch directory removed when the test ends.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "livemig-auth-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
+// Writes `content` to `name` in `dir` with file mode `mode`; its path.
+std::string write_file(const TempDir& dir, const std::string& name, const std::string& content, mode_t mode = 0600) {
+  std::string p = dir / name;
+  {
+    std::ofstream f(p, std::ios::binary | std::ios::trunc);
+    f << content;
   }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string write(const std::string& name, const std::string& content, mode_t mode = 0600) {
-    std::string p = (path / name).string();
-    {
-      std::ofstream f(p, std::ios::binary | std::ios::trunc);
-      f << content;
-    }
-    REQUIRE(::chmod(p.c_str(), mode) == 0);
-    return p;
-  }
-};
+  REQUIRE(::chmod(p.c_str(), mode) == 0);
+  return p;
+}
 
 // Runs a whole handshake; returns {client side status, server side status}.
 std::pair<Status, Status> handshake(const Secret& client_key, const Secret& server_key) {
@@ -321,13 +311,13 @@ TEST_CASE("random nonces differ", "[auth]") {
 TEST_CASE("load_secret reads the key and trims one trailing newline", "[auth]") {
   TempDir dir;
   std::string warning = "stale";
-  auto s = livemig::load_secret(dir.write("psk", "0123456789abcdef\n"), &warning);
+  auto s = livemig::load_secret(write_file(dir, "psk", "0123456789abcdef\n"), &warning);
   REQUIRE(s.is_ok());
   CHECK(s->size() == 16);
   CHECK(std::string(reinterpret_cast<const char*>(s->data()), s->size()) == "0123456789abcdef");
   CHECK(warning.empty());
 
-  auto crlf = livemig::load_secret(dir.write("crlf", "0123456789abcdef\r\n"));
+  auto crlf = livemig::load_secret(write_file(dir, "crlf", "0123456789abcdef\r\n"));
   REQUIRE(crlf.is_ok());
   CHECK(crlf->size() == 16);
 
@@ -340,27 +330,27 @@ TEST_CASE("load_secret reads the key and trims one trailing newline", "[auth]") 
 TEST_CASE("load_secret errors name the path and what is wrong", "[auth]") {
   TempDir dir;
   SECTION("missing file") {
-    std::string p = (dir.path / "nope").string();
+    std::string p = dir / "nope";
     auto s = livemig::load_secret(p);
     REQUIRE_FALSE(s.is_ok());
     CHECK(contains(s.status().message(), p));
     CHECK(s.status().errno_value() == ENOENT);
   }
   SECTION("empty file") {
-    std::string p = dir.write("empty", "");
+    std::string p = write_file(dir, "empty", "");
     auto s = livemig::load_secret(p);
     REQUIRE_FALSE(s.is_ok());
     CHECK(contains(s.status().message(), p));
     CHECK(contains(s.status().message(), "empty"));
   }
   SECTION("only a newline") {
-    std::string p = dir.write("nl", "\n");
+    std::string p = write_file(dir, "nl", "\n");
     auto s = livemig::load_secret(p);
     REQUIRE_FALSE(s.is_ok());
     CHECK(contains(s.status().message(), "empty"));
   }
   SECTION("short key: 15 bytes after the newline is trimmed") {
-    std::string p = dir.write("short", "0123456789abcde\n");
+    std::string p = write_file(dir, "short", "0123456789abcde\n");
     auto s = livemig::load_secret(p);
     REQUIRE_FALSE(s.is_ok());
     CHECK(contains(s.status().message(), p));
@@ -368,22 +358,22 @@ TEST_CASE("load_secret errors name the path and what is wrong", "[auth]") {
     CHECK(contains(s.status().message(), "at least 16"));
   }
   SECTION("a directory") {
-    auto s = livemig::load_secret(dir.path.string());
+    auto s = livemig::load_secret(dir.path());
     REQUIRE_FALSE(s.is_ok());
-    CHECK(contains(s.status().message(), dir.path.string()));
+    CHECK(contains(s.status().message(), dir.path()));
   }
   SECTION("unreadable file") {
     if (::geteuid() == 0) {
       SUCCEED("root reads files whatever their mode");
     } else {
-      std::string p = dir.write("locked", "0123456789abcdef", 0000);
+      std::string p = write_file(dir, "locked", "0123456789abcdef", 0000);
       auto s = livemig::load_secret(p);
       REQUIRE_FALSE(s.is_ok());
       CHECK(contains(s.status().message(), p));
     }
   }
   SECTION("too long") {
-    std::string p = dir.write("huge", std::string(Secret::kMaxBytes + 10, 'x'));
+    std::string p = write_file(dir, "huge", std::string(Secret::kMaxBytes + 10, 'x'));
     auto s = livemig::load_secret(p);
     REQUIRE_FALSE(s.is_ok());
     CHECK(contains(s.status().message(), p));
@@ -393,17 +383,17 @@ TEST_CASE("load_secret errors name the path and what is wrong", "[auth]") {
 TEST_CASE("load_secret warns when the key file is readable by group or others", "[auth]") {
   TempDir dir;
   std::string warning;
-  std::string p = dir.write("psk", "0123456789abcdef0123", 0644);
+  std::string p = write_file(dir, "psk", "0123456789abcdef0123", 0644);
   auto s = livemig::load_secret(p, &warning);
   REQUIRE(s.is_ok());
   CHECK(contains(warning, p));
   CHECK(contains(warning, "0644"));
 
-  std::string p2 = dir.write("psk2", "0123456789abcdef0123", 0640);
+  std::string p2 = write_file(dir, "psk2", "0123456789abcdef0123", 0640);
   REQUIRE(livemig::load_secret(p2, &warning).is_ok());
   CHECK(contains(warning, p2));
 
-  std::string p3 = dir.write("psk3", "0123456789abcdef0123", 0400);
+  std::string p3 = write_file(dir, "psk3", "0123456789abcdef0123", 0400);
   REQUIRE(livemig::load_secret(p3, &warning).is_ok());
   CHECK(warning.empty());
 }

@@ -5,9 +5,13 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/strings.h"
+
 using livemig::IndexRange;
 using livemig::SegmentGeometry;
 using livemig::Status;
+
+using livemig::contains;
 
 namespace {
 
@@ -20,10 +24,6 @@ SegmentGeometry geometry(uint64_t image, uint64_t block, uint64_t segment) {
   INFO("image=" << image << " block=" << block << " segment=" << segment);
   REQUIRE(g.is_ok());
   return *g;
-}
-
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
 }
 
 }  // namespace

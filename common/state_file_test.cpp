@@ -17,32 +17,20 @@
 
 #include <catch2/catch.hpp>
 
+#include "tests/support/strings.h"
+#include "tests/support/temp_dir.h"
+
 using livemig::BlockBitmap;
 using livemig::IndexRange;
 using livemig::MigrationRecord;
 using livemig::StateFile;
 using livemig::Status;
 
+using livemig::contains;
+using livemig::TempDir;
+
 namespace {
 
-bool contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
-
-// A scratch directory removed when the test ends.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "livemig-state-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 MigrationRecord sample_record(uint64_t blocks = 3 * StateFile::kBlocksPerPage + 100) {
   MigrationRecord r;
@@ -112,7 +100,7 @@ TEST_CASE("the state file belongs beside its image", "[state]") {
 
 TEST_CASE("a created state file opens with the same record and bitmap", "[state]") {
   TempDir dir;
-  std::string path = dir.file("vm.img.livemig-state");
+  std::string path = dir / "vm.img.livemig-state";
   MigrationRecord r = sample_record();
   uint64_t blocks = 3 * StateFile::kBlocksPerPage + 100;
   {
@@ -144,7 +132,7 @@ TEST_CASE("a created state file opens with the same record and bitmap", "[state]
 
 TEST_CASE("blocks marked missing after a sync read as missing once synced again", "[state]") {
   TempDir dir;
-  std::string path = dir.file("vm.img.livemig-state");
+  std::string path = dir / "vm.img.livemig-state";
   MigrationRecord r = sample_record();
   const uint64_t page = StateFile::kBlocksPerPage;
   {
@@ -166,7 +154,7 @@ TEST_CASE("blocks marked missing after a sync read as missing once synced again"
 
 TEST_CASE("the on-disk bitmap is BlockBitmap::serialize()'s layout", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   MigrationRecord r = sample_record(1000);
   BlockBitmap expected(1000);
   {
@@ -182,7 +170,7 @@ TEST_CASE("the on-disk bitmap is BlockBitmap::serialize()'s layout", "[state]") 
 
 TEST_CASE("write_record alternates slots and the newest record wins", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   MigrationRecord r = sample_record();
   auto sf = must_create(path, r);
   std::string bytes = read_file(path);
@@ -222,7 +210,7 @@ TEST_CASE("write_record alternates slots and the newest record wins", "[state]")
 
 TEST_CASE("a corrupt newest slot falls back to the older record", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   MigrationRecord r = sample_record();
   MigrationRecord older = r;
   {
@@ -256,7 +244,7 @@ TEST_CASE("a corrupt newest slot falls back to the older record", "[state]") {
 
 TEST_CASE("a state file with both slots corrupt is refused with a clear error", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   {
     auto sf = must_create(path, sample_record());
     REQUIRE(sf->write_record(sample_record()).is_ok());
@@ -274,7 +262,7 @@ TEST_CASE("a state file with both slots corrupt is refused with a clear error", 
 
 TEST_CASE("a state file whose bitmap length does not match its record is refused", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   uint64_t blocks = 3 * StateFile::kBlocksPerPage + 100;
   uint64_t want = (blocks + 63) / 64 * 8;
   { must_create(path, sample_record(blocks)); }
@@ -315,7 +303,7 @@ TEST_CASE("a state file whose bitmap length does not match its record is refused
 
 TEST_CASE("state file misuse and I/O errors name the path", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
 
   SECTION("opening a missing file") {
     auto sf = StateFile::open(path);
@@ -390,7 +378,7 @@ TEST_CASE("state file misuse and I/O errors name the path", "[state]") {
 
 TEST_CASE("create replaces an old state file and remove deletes it", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   {
     auto sf = must_create(path, sample_record());
     sf->mark_present({0, 100});
@@ -415,7 +403,7 @@ TEST_CASE("create replaces an old state file and remove deletes it", "[state]") 
 
 TEST_CASE("an empty image has an empty bitmap", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   MigrationRecord r = sample_record();
   r.image_size = 0;
   {
@@ -430,7 +418,7 @@ TEST_CASE("an empty image has an empty bitmap", "[state]") {
 
 TEST_CASE("marks from many threads with concurrent syncs are all durable", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   const uint64_t blocks = 5 * StateFile::kBlocksPerPage + 777;
   auto sf = must_create(path, sample_record(blocks));
   // A second descriptor that reads what sync() wrote, as another process would.
@@ -480,7 +468,7 @@ TEST_CASE("marks from many threads with concurrent syncs are all durable", "[sta
 
 TEST_CASE("marks synced before a crash survive; later marks may be lost", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   const uint64_t blocks = 4 * StateFile::kBlocksPerPage;
   BlockBitmap first(blocks);
   {
@@ -509,7 +497,7 @@ TEST_CASE("marks synced before a crash survive; later marks may be lost", "[stat
 
 TEST_CASE("a process killed with SIGKILL mid-sync keeps every acknowledged batch", "[state]") {
   TempDir dir;
-  std::string path = dir.file("s");
+  std::string path = dir / "s";
   const uint64_t blocks = 6 * StateFile::kBlocksPerPage + 5;
   { must_create(path, sample_record(blocks)); }
 

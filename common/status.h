@@ -56,4 +56,8 @@ class Result {
   std::variant<T, Status> v_;
 };
 
+// An error from a failed system call, errno read at once: "<what> <path>:
+// <strerror>", e.g. errno_error("syncing", "/img.livemig-groups").
+Status errno_error(const std::string& what, const std::string& path);
+
 }  // namespace livemig

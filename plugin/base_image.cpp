@@ -28,10 +28,6 @@ struct CacheHeader {
   uint64_t count;
 };
 
-Status io_error(const std::string& what, const std::string& path) {
-  return Status::error(fmt::format("{} {}: {}", what, path, std::strerror(errno)), errno);
-}
-
 }  // namespace
 
 uint64_t block_checksum(const void* data, size_t length) { return XXH3_64bits(data, length); }
@@ -71,9 +67,9 @@ Result<std::unique_ptr<BaseImage>> BaseImage::open(const std::string& path, uint
   b->path_ = path;
   b->block_size_ = block_size;
   b->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (b->fd_ < 0) return io_error("base image", path);
+  if (b->fd_ < 0) return errno_error("base image", path);
   struct stat st {};
-  if (fstat(b->fd_, &st) != 0) return io_error("base image", path);
+  if (fstat(b->fd_, &st) != 0) return errno_error("base image", path);
   if (!S_ISREG(st.st_mode)) return Status::error(fmt::format("base image {}: not a regular file", path), EINVAL);
   b->size_ = static_cast<uint64_t>(st.st_size);
   const uint64_t mtime_ns = uint64_t(st.st_mtim.tv_sec) * 1'000'000'000 + uint64_t(st.st_mtim.tv_nsec);
@@ -140,7 +136,7 @@ Status BaseImage::compute(const Log& log) {
   hashes_.reserve(blocks);
   for (uint64_t b = 0; b < blocks;) {
     const uint64_t n = std::min<uint64_t>(buf.size() / block_size_, blocks - b);
-    if (pread(buf.data(), n * block_size_, b * block_size_) < 0) return io_error("reading base image", path_);
+    if (pread(buf.data(), n * block_size_, b * block_size_) < 0) return errno_error("reading base image", path_);
     for (uint64_t i = 0; i < n; ++i) hashes_.push_back(block_checksum(buf.data() + i * block_size_, block_size_));
     b += n;
   }

@@ -15,19 +15,14 @@
 namespace livemig {
 namespace {
 
-Status io_error(const std::string& what, const std::string& path) {
-  int e = errno;
-  return Status::error(fmt::format("{} {}: {}", what, path, std::strerror(e)), e);
-}
-
 // fsyncs the directory that holds `path` (a new file's entry).
 Status sync_dir(const std::string& path) {
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? std::string(".") : path.substr(0, std::max<size_t>(slash, 1));
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return io_error("opening directory", dir);
+  if (fd < 0) return errno_error("opening directory", dir);
   int rc = ::fsync(fd);
-  Status s = rc < 0 ? io_error("syncing directory", dir) : Status::ok();
+  Status s = rc < 0 ? errno_error("syncing directory", dir) : Status::ok();
   ::close(fd);
   return s;
 }
@@ -62,14 +57,14 @@ Status GroupDecisions::load_locked() {
     loaded_ = true;
     return Status::ok();
   }
-  if (fd < 0) return io_error("opening", path_);
+  if (fd < 0) return errno_error("opening", path_);
   std::string text;
   char buf[65536];
   for (;;) {
     ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      Status s = io_error("reading", path_);
+      Status s = errno_error("reading", path_);
       ::close(fd);
       return s;
     }
@@ -81,7 +76,7 @@ Status GroupDecisions::load_locked() {
   size_t whole = text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1;
   if (whole != text.size()) {
     if (::ftruncate(fd, static_cast<off_t>(whole)) < 0 || ::fdatasync(fd) < 0) {
-      Status s = io_error("dropping a torn last line of", path_);
+      Status s = errno_error("dropping a torn last line of", path_);
       ::close(fd);
       return s;
     }
@@ -122,7 +117,7 @@ Result<GroupDecisions::Recorded> GroupDecisions::decide(const std::string& group
   if (auto it = decided_.find(group); it != decided_.end()) return Recorded{it->second, false};
   const bool existed = ::access(path_.c_str(), F_OK) == 0;
   int fd = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return io_error("opening", path_);
+  if (fd < 0) return errno_error("opening", path_);
   const std::string line = fmt::format("{} {}\n", group_decision_name(d), group);
   size_t done = 0;
   while (done < line.size()) {
@@ -131,8 +126,8 @@ Result<GroupDecisions::Recorded> GroupDecisions::decide(const std::string& group
     if (n < 0) break;
     done += static_cast<size_t>(n);
   }
-  Status s = done < line.size() ? io_error("writing", path_)
-             : ::fdatasync(fd) < 0 ? io_error("syncing", path_)
+  Status s = done < line.size() ? errno_error("writing", path_)
+             : ::fdatasync(fd) < 0 ? errno_error("syncing", path_)
                                    : Status::ok();
   ::close(fd);
   if (s && !existed) s = sync_dir(path_);

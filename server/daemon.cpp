@@ -30,10 +30,6 @@ constexpr milliseconds kSubmitTimeout{5'000};
 // A cancel request waits this long for the task to end.
 constexpr auto kCancelWait = std::chrono::seconds(60);
 
-double now_unix() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
 milliseconds to_ms(double seconds) { return milliseconds(static_cast<int64_t>(seconds * 1000)); }
 
 json error_reply(const std::string& message) { return {{"ok", false}, {"error", message}}; }

@@ -9,6 +9,7 @@
 #include "common/control_reply.h"
 #include "common/protocol_format.h"
 #include "common/thread_name.h"
+#include "server/task_store.h"
 
 namespace livemig::daemon {
 
@@ -16,10 +17,6 @@ using nlohmann::json;
 using std::chrono::milliseconds;
 
 namespace {
-
-double now_unix() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
 
 }  // namespace
 

@@ -9,6 +9,10 @@
 
 namespace livemig::daemon {
 
+double now_unix() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 using nlohmann::json;
 
 namespace {
@@ -46,10 +50,6 @@ constexpr const char* kColumns =
     "id, name, source, destination, mode, request, state, migration_id, rate_cap, attempts, cancel_requested, "
     "phase, error, note, submitted_at, started_at, finished_at, source_down_since, destination_down_since, "
     "blocks_total, blocks_left, priority";
-
-double now_unix() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
 
 Result<Task> read_row(const SqliteStmt& s) {
   Task t;

@@ -35,6 +35,10 @@ bool is_final(TaskState s);
 // The edges above.
 bool transition_allowed(TaskState from, TaskState to);
 
+// The time now as a Unix time in seconds (the tasks' timestamps, the
+// heartbeats' down_since).
+double now_unix();
+
 struct Task {
   int64_t id = 0;
   std::string name;         // for people: the source image's file name, or --name
