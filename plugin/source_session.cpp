@@ -410,10 +410,18 @@ void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t i
 nlohmann::json SourceSession::request_handover(const nlohmann::json& request) {
   std::optional<Group> group;
   if (request.contains("group") || request.contains("coordinator")) {
-    json g = {{"id", request.value("group", json())}, {"coordinator", request.value("coordinator", json())},
-              {"timeout_ms", request.contains("group_timeout") && request["group_timeout"].is_number()
-                                 ? json(static_cast<int64_t>(request["group_timeout"].get<double>() * 1000))
-                                 : json(30'000)}};
+    json timeout_ms = 30'000;  // group_timeout left out: 30 s
+    if (auto t = request.find("group_timeout"); t != request.end()) {
+      // Checked here, in seconds, before the conversion to an integer.
+      if (!t->is_number() || !(t->get<double>() >= 0.1 && t->get<double>() <= 86'400))
+        return error_reply(fmt::format("group handover: group_timeout must be a number of seconds from 0.1 to 86400, "
+                                       "not {:.40}",
+                                       t->dump()));
+      timeout_ms = static_cast<int64_t>(t->get<double>() * 1000);
+    }
+    json g = {{"id", request.value("group", json())},
+              {"coordinator", request.value("coordinator", json())},
+              {"timeout_ms", timeout_ms}};
     auto parsed = Group::from_json(g);
     if (!parsed) return error_reply(fmt::format("group handover: {}", parsed.status().message()));
     if (params_.handover != HandoverPolicy::Explicit)

@@ -67,6 +67,12 @@ bool is_protocol_errno(int e) {
 
 bool handed_over_phase(const std::string& p) { return p == "Handover" || p == "PostCopy" || p == "Done"; }
 
+// The plugin whose cap paces a running task's data: the source before
+// handover (its pushes), the destination after (its pulls).
+const std::string& rate_holder(const Task& t) {
+  return t.phase == "PostCopy" || t.phase == "Done" ? t.destination : t.source;
+}
+
 PluginView view_from_status(const json& st) {
   PluginView v;
   v.up = true;
@@ -361,19 +367,36 @@ void Daemon::issue_migrate(int64_t id, bool first) {
   });
 }
 
+bool Daemon::rate_holder_down(const Task& task) {
+  auto s = heartbeats_->snapshot(rate_holder(task));
+  return s && s->down;
+}
+
+// Synchronous on the scheduler thread, on purpose: start_queued must know
+// whether a falling cap was taken before it starts anything. What keeps a
+// hung plugin (the kernel takes the connection, nothing answers) from
+// stalling the thread: a plugin the heartbeats call down is not called,
+// and a call is given up after heartbeat-timeout (connect and reply alike),
+// by when the heartbeats call a hung plugin down; so it costs one timeout,
+// once, not 10 + 30 s on every tick.
 bool Daemon::issue_set_rate(int64_t id, uint64_t cap) {
   auto got = store_->get(id);
   if (!got || !*got || (*got)->state != TaskState::Running) return false;
   const Task task = **got;
-  const bool after_handover = task.phase == "PostCopy" || task.phase == "Done";
+  client::Timeouts timeouts;
+  timeouts.connect = timeouts.reply = to_ms(config_.heartbeat_timeout);
   bool applied = false;
   std::string why;
   for (const std::string& address : {task.source, task.destination}) {
-    client::ControlClient client(client::Target::remote(parse_host_port(address).value()), secret_, client::Timeouts{});
+    if (auto s = heartbeats_->snapshot(address); s && s->down) {
+      why = fmt::format("{} is down", address);
+      continue;
+    }
+    client::ControlClient client(client::Target::remote(parse_host_port(address).value()), secret_, timeouts);
     auto reply = client.call_raw({{"op", "set-rate"}, {"max_rate", cap}});
     // A side that answers without a running migration (between attempts,
     // or done) moves nothing: the next migrate request carries the cap.
-    if (reply && (address == task.source) != after_handover) applied = true;
+    if (reply && address == rate_holder(task)) applied = true;
     if (!reply) why = reply.status().message();
   }
   if (!applied) {
@@ -411,48 +434,60 @@ void Daemon::issue_cancel(int64_t id) {
 }
 
 void Daemon::start_queued() {
-  auto active = store_->list(true);
-  if (!active) return;
-  std::vector<TaskSlot> running, queued;
-  std::map<int64_t, const Task*> by_id;
-  for (const Task& t : *active) {
-    TaskSlot s{t.id,      t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}),
-               t.rate_cap, t.priority};
-    (t.state == TaskState::Running ? running : queued).push_back(s);
-    by_id[t.id] = &t;
-  }
-  StartPlan plan = plan_starts(running, queued, {config_.max_concurrent, config_.host_bandwidth});
-  // The host limit holds throughout: running tasks whose share falls are
-  // lowered before anything starts (and nothing starts if one could not be);
-  // those whose share rises are raised after.
-  auto by_cap = [&](bool lower) {
-    bool all = true;
+  // Running tasks whose cap could not be lowered in an earlier pass.
+  std::set<int64_t> refused;
+  // Each pass that does not end pins one more running task: at most one
+  // pass per running task, and one more.
+  for (;;) {
+    auto active = store_->list(true);
+    if (!active) return;
+    std::vector<TaskSlot> running, queued;
+    std::map<int64_t, const Task*> by_id;
+    for (const Task& t : *active) {
+      const bool runs = t.state == TaskState::Running;
+      TaskSlot s{t.id,       t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}),
+                 t.rate_cap, t.priority,      runs && (refused.count(t.id) || rate_holder_down(t))};
+      (runs ? running : queued).push_back(s);
+      by_id[t.id] = &t;
+    }
+    StartPlan plan = plan_starts(running, queued, {config_.max_concurrent, config_.host_bandwidth});
+    // The host limit holds throughout: running tasks whose share falls are
+    // lowered before anything starts; those whose share rises are raised
+    // after. A task whose plugin is down, or did not take its lower cap,
+    // goes on at its cap as far as we know: plan again with it pinned
+    // there (scheduler.h, "Pinned tasks").
+    auto falls = [&](const StartDecision& d) { return d.rate_cap < by_id[d.id]->rate_cap || by_id[d.id]->rate_cap == 0; };
+    bool lowered = true;
     for (const StartDecision& d : plan.rerate)
-      if ((d.rate_cap < by_id[d.id]->rate_cap || by_id[d.id]->rate_cap == 0) == lower)
-        all = issue_set_rate(d.id, d.rate_cap) && all;
-    return all;
-  };
-  if (!by_cap(true)) plan.start.clear();
-  for (const StartDecision& d : plan.start) {
-    bool started = false;
-    modify(d.id, [&](Task& t) {
-      if (t.state != TaskState::Queued) return false;
-      t.state = TaskState::Running;
-      t.rate_cap = d.rate_cap;
-      t.started_at = now_unix();
-      t.note = "starting";
-      started = true;
-      return true;
-    });
-    if (started) issue_migrate(d.id, true);
+      if (falls(d) && !issue_set_rate(d.id, d.rate_cap)) {
+        refused.insert(d.id);
+        lowered = false;
+      }
+    if (!lowered) continue;
+    for (const StartDecision& d : plan.start) {
+      bool started = false;
+      modify(d.id, [&](Task& t) {
+        if (t.state != TaskState::Queued) return false;
+        t.state = TaskState::Running;
+        t.rate_cap = d.rate_cap;
+        t.started_at = now_unix();
+        t.note = "starting";
+        started = true;
+        return true;
+      });
+      if (started) issue_migrate(d.id, true);
+    }
+    // A raise not taken leaves the task at its lower cap: the limit holds.
+    for (const StartDecision& d : plan.rerate)
+      if (!falls(d)) issue_set_rate(d.id, d.rate_cap);
+    if (plan.waiting_id)
+      modify(plan.waiting_id, [&](Task& t) {
+        if (t.state != TaskState::Queued || t.note == plan.waiting) return false;
+        t.note = plan.waiting;
+        return true;
+      });
+    return;
   }
-  by_cap(false);
-  if (plan.waiting_id)
-    modify(plan.waiting_id, [&](Task& t) {
-      if (t.state != TaskState::Queued || t.note == plan.waiting) return false;
-      t.note = plan.waiting;
-      return true;
-    });
 }
 
 // ---------------------------------------------------------------- metrics

@@ -11,7 +11,9 @@
 //     (common/control_server.h): submit, list, show, cancel, status;
 //   - the scheduler thread: every 200 ms, judges the running tasks from the
 //     heartbeats and acts (migrate, cancel), then starts queued tasks and
-//     moves the running ones' rate caps with the running set (set-rate);
+//     moves the running ones' rate caps with the running set (set-rate:
+//     never to a plugin the heartbeats call down, each call bounded by
+//     heartbeat-timeout);
 //   - the heartbeat thread: one loop polls every plugin in use, whatever
 //     their number (server/heartbeat.h);
 //   - with metrics-listen, prometheus-cpp's HTTP threads: each scrape reads
@@ -93,8 +95,11 @@ class Daemon {
   void issue_cancel(int64_t id);
   // Changes a running task's cap at its plugins (set-rate); true once the
   // side moving its data took it (the source before handover, the
-  // destination after), and then records it in the task.
+  // destination after), and then records it in the task. Calls no plugin
+  // the heartbeats call down; a call takes at most heartbeat-timeout.
   bool issue_set_rate(int64_t id, uint64_t cap);
+  // The heartbeats call down the plugin that must take the task's set-rate.
+  bool rate_holder_down(const Task& task);
   // Reads the task, applies fn, writes it back if fn returns true. Under mu_.
   template <typename Fn>
   void modify(int64_t id, Fn&& fn);

@@ -15,6 +15,9 @@ std::set<std::string> hosts_of(const TaskSlot& t) { return {t.source_host, t.des
 // A task's part of its hosts' bandwidth when it starts with others.
 uint64_t weight(const TaskSlot& t) { return static_cast<uint64_t>(std::clamp(t.priority, 0, kMaxPriority)) + 1; }
 
+// What a pinned task holds of each of its hosts under limit L (no cap: all).
+uint64_t held(const TaskSlot& t, uint64_t L) { return t.rate_cap == 0 ? L : std::min(t.rate_cap, L); }
+
 bool active(const std::string& phase) {
   return phase == "Monitoring" || phase == "PreCopy" || phase == "Sync" || phase == "Handover" || phase == "PostCopy";
 }
@@ -41,12 +44,19 @@ std::map<int64_t, uint64_t> share_bandwidth(const std::vector<TaskSlot>& tasks, 
   };
   std::vector<Filling> f;
   std::map<std::string, double> left;
+  for (const TaskSlot& t : tasks)
+    for (const std::string& h : hosts_of(t)) left[h] = double(L);
+  // Pinned tasks are frozen from the start at their cap, and hold it.
+  size_t unfrozen = tasks.size();
   for (const TaskSlot& t : tasks) {
     f.push_back({&t, hosts_of(t), double(weight(t))});
-    for (const std::string& h : hosts_of(t)) left[h] = double(L);
+    if (!t.pinned) continue;
+    f.back().frozen = true;
+    --unfrozen;
+    for (const std::string& h : hosts_of(t)) left[h] = std::max(0.0, left[h] - double(held(t, L)));
   }
   double level = 0;
-  for (size_t unfrozen = f.size(); unfrozen > 0;) {
+  while (unfrozen > 0) {
     std::map<std::string, double> weights;
     for (const Filling& x : f)
       if (!x.frozen)
@@ -75,17 +85,21 @@ std::map<int64_t, uint64_t> share_bandwidth(const std::vector<TaskSlot>& tasks, 
     }
   }
   for (const Filling& x : f) {
+    if (x.task->pinned) {
+      caps[x.task->id] = x.task->rate_cap;
+      continue;
+    }
     uint64_t cap = std::max<uint64_t>(1, static_cast<uint64_t>(x.cap));
     if (x.task->max_rate != 0) cap = std::min(cap, x.task->max_rate);
     caps[x.task->id] = cap;
   }
-  // Rounding must not take a host over its limit.
+  // Rounding must not take a host over its limit (pinned caps stay).
   std::map<std::string, uint64_t> used;
   for (const TaskSlot& t : tasks)
-    for (const std::string& h : hosts_of(t)) used[h] += caps[t.id];
+    for (const std::string& h : hosts_of(t)) used[h] += t.pinned ? held(t, L) : caps[t.id];
   for (const TaskSlot& t : tasks)
     for (const std::string& h : hosts_of(t))
-      while (used[h] > L && caps[t.id] > 1) {
+      while (!t.pinned && used[h] > L && caps[t.id] > 1) {
         --caps[t.id];
         for (const std::string& g : hosts_of(t)) --used[g];
       }
@@ -101,9 +115,14 @@ StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<Ta
   StartPlan plan;
   const uint64_t L = limits.host_bandwidth;
   const unsigned m = std::max(1u, limits.max_concurrent);
-  std::map<std::string, uint64_t> weights;  // of the tasks running (or starting) on each host
+  // On each host: the weights of the tasks that share it (running, not
+  // pinned, or starting), and what the pinned ones hold of it.
+  std::map<std::string, uint64_t> weights, pinned;
   for (const TaskSlot& r : running)
-    for (const std::string& h : hosts_of(r)) weights[h] += weight(r);
+    for (const std::string& h : hosts_of(r)) {
+      if (r.pinned) pinned[h] += held(r, L);
+      else weights[h] += weight(r);
+    }
   std::vector<TaskSlot> together = running;
   for (size_t i = 0; i < queued.size(); ++i) {
     const TaskSlot& q = queued[i];
@@ -123,7 +142,8 @@ StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<Ta
             w += weight(queued[j]);
             ++sharers;
           }
-        uint64_t share = static_cast<uint64_t>(static_cast<unsigned __int128>(L) * weight(q) / w);
+        const uint64_t rest = L - std::min(L, pinned[h]);
+        uint64_t share = static_cast<uint64_t>(static_cast<unsigned __int128>(rest) * weight(q) / w);
         if (share < std::max<uint64_t>(1, L / (4 * uint64_t{m}))) {
           short_host = h;
           break;
@@ -143,7 +163,7 @@ StartPlan plan_starts(const std::vector<TaskSlot>& running, const std::vector<Ta
   for (size_t i = running.size(); i < together.size(); ++i) plan.start.push_back({together[i].id, caps.at(together[i].id)});
   if (L > 0)
     for (const TaskSlot& r : running)
-      if (caps.at(r.id) != r.rate_cap) plan.rerate.push_back({r.id, caps.at(r.id)});
+      if (!r.pinned && caps.at(r.id) != r.rate_cap) plan.rerate.push_back({r.id, caps.at(r.id)});
   return plan;
 }
 

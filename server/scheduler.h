@@ -25,6 +25,16 @@
 // everything behind it. When tasks start, the running ones whose caps fall
 // are lowered (set-rate) before the new ones start, so that a host's limit
 // holds throughout.
+//
+// Pinned tasks. A running task whose cap cannot be changed now (the plugin
+// that must take set-rate is down, or the call failed) goes on at the cap
+// it has, as far as the planner can know: it is planned with that cap
+// (pinned), never changed, and the others share what it leaves of each of
+// its hosts' limit. A queued task starts if its share of that remainder is
+// big enough; a pinned task therefore never stops the queue by itself. A
+// pinned task without a cap (0) holds its hosts' whole limit. If the pinned
+// tasks alone fill a host, the other tasks there get the smallest cap,
+// 1 byte/s (0 would mean none).
 #pragma once
 
 #include <cstdint>
@@ -47,8 +57,9 @@ struct TaskSlot {
   int64_t id = 0;
   std::string source_host, destination_host;
   uint64_t max_rate = 0;  // the submitter's own cap, 0 = none
-  uint64_t rate_cap = 0;  // running tasks: the cap they were started with
+  uint64_t rate_cap = 0;  // running tasks: the cap they run with now
   int priority = 0;       // 0 .. kMaxPriority; higher starts first
+  bool pinned = false;    // running tasks: rate_cap cannot be changed now
 };
 
 struct StartDecision {
@@ -60,6 +71,7 @@ struct StartPlan {
   std::vector<StartDecision> start;
   // Running tasks whose cap changes (new cap), once those in `start` run
   // too: lower the ones that fall before starting, raise the rest after.
+  // Never a pinned task.
   std::vector<StartDecision> rerate;
   // Why the first queued task that does not start waits; empty if none waits.
   std::string waiting;
@@ -67,7 +79,8 @@ struct StartPlan {
 };
 
 // Each task's cap (id -> bytes/s, 0 = none) when `tasks` run together under
-// a per-host limit (0: each its own max_rate).
+// a per-host limit (0: each its own max_rate). A pinned task keeps its
+// rate_cap; the others share what it leaves.
 std::map<int64_t, uint64_t> share_bandwidth(const std::vector<TaskSlot>& tasks, uint64_t host_bandwidth);
 
 // `running` and `queued` (in FIFO order: submission) as they are now.

@@ -219,6 +219,123 @@ TEST_CASE("scheduler: tasks starting together split a host's bandwidth by priori
   CHECK(plan.start[2].rate_cap == 25 * M);
 }
 
+namespace {
+
+// A running task whose plugin cannot take set-rate now.
+TaskSlot pinned(TaskSlot t) {
+  t.pinned = true;
+  return t;
+}
+
+// Each running task's cap once `plan` is carried out, and each started one's.
+std::map<int64_t, uint64_t> caps_after(const std::vector<TaskSlot>& running, const StartPlan& plan) {
+  std::map<int64_t, uint64_t> caps;
+  for (const TaskSlot& r : running) caps[r.id] = r.rate_cap;
+  for (const StartDecision& d : plan.rerate) caps[d.id] = d.rate_cap;
+  for (const StartDecision& d : plan.start) caps[d.id] = d.rate_cap;
+  return caps;
+}
+
+}  // namespace
+
+TEST_CASE("scheduler: a pinned task (its plugin cannot take set-rate) keeps its cap, the others share the rest") {
+  // Unpinned, task 1 would fall to 50 so that task 2 starts with 50.
+  auto free_plan = plan_starts({slot(1, "a", "b", 0, 60 * M)}, {slot(2, "a", "c")}, {2, 100 * M});
+  REQUIRE(free_plan.rerate.size() == 1);
+  CHECK(free_plan.rerate[0].rate_cap == 50 * M);
+  // Pinned at 60, it is never changed: task 2 starts with the 40 left.
+  auto plan = plan_starts({pinned(slot(1, "a", "b", 0, 60 * M))}, {slot(2, "a", "c")}, {2, 100 * M});
+  CHECK(plan.rerate.empty());
+  REQUIRE(plan.start.size() == 1);
+  CHECK(plan.start[0].id == 2);
+  CHECK(plan.start[0].rate_cap == 40 * M);
+  CHECK(plan.waiting_id == 0);
+  // The others running there share the rest; those that fall are in rerate
+  // (lowered before the start), the pinned one is not.
+  std::vector<TaskSlot> running = {pinned(slot(1, "a", "b", 0, 30 * M)), slot(2, "a", "c", 0, 70 * M)};
+  auto shared = plan_starts(running, {slot(3, "a", "d")}, {3, 100 * M});
+  REQUIRE(shared.start.size() == 1);
+  CHECK(shared.start[0].rate_cap == 35 * M);
+  REQUIRE(shared.rerate.size() == 1);
+  CHECK(shared.rerate[0].id == 2);
+  CHECK(shared.rerate[0].rate_cap == 35 * M);
+  auto caps = caps_after(running, shared);
+  CHECK(caps[1] == 30 * M);
+  CHECK(caps[1] + caps[2] + caps[3] <= 100 * M);
+  // A pinned task on another host leaves this one alone.
+  auto apart = plan_starts({pinned(slot(1, "x", "y", 0, 100 * M))}, {slot(2, "a", "b")}, {2, 100 * M});
+  REQUIRE(apart.start.size() == 1);
+  CHECK(apart.start[0].rate_cap == 100 * M);
+  // share_bandwidth itself: the pinned cap stays, even when a share would raise it.
+  auto alone = share_bandwidth({pinned(slot(1, "a", "b", 0, 20 * M)), slot(2, "a", "c")}, 100 * M);
+  CHECK(alone[1] == 20 * M);
+  CHECK(alone[2] == 80 * M);
+}
+
+TEST_CASE("scheduler: a queued task starts beside a pinned one if its share of the remainder is big enough") {
+  // The hung plugin's case (6M of 8M pinned, max-concurrent 2): the new task
+  // starts with the 2M left, at least 8M / (4 x 2).
+  auto hung = plan_starts({pinned(slot(1, "a", "b", 6 * M, 6 * M))}, {slot(2, "a", "c")}, {2, 8 * M});
+  REQUIRE(hung.start.size() == 1);
+  CHECK(hung.start[0].rate_cap == 2 * M);
+  CHECK(hung.rerate.empty());
+  // 90 of 100 pinned: 10 left is less than 100 / (4 x 2): it waits.
+  auto thin = plan_starts({pinned(slot(1, "a", "b", 0, 90 * M))}, {slot(2, "a", "c")}, {2, 100 * M});
+  CHECK(thin.start.empty());
+  CHECK(thin.waiting_id == 2);
+  CHECK(thin.waiting.find("bandwidth on host a") != std::string::npos);
+  // 80 pinned: 20 left is enough.
+  auto enough = plan_starts({pinned(slot(1, "a", "b", 0, 80 * M))}, {slot(2, "a", "c")}, {2, 100 * M});
+  REQUIRE(enough.start.size() == 1);
+  CHECK(enough.start[0].rate_cap == 20 * M);
+  // A pinned task without a cap holds its hosts' whole limit.
+  auto uncapped = plan_starts({pinned(slot(1, "a", "b", 0, 0))}, {slot(2, "a", "c"), slot(3, "x", "y")}, {3, 100 * M});
+  CHECK(uncapped.start.empty());
+  CHECK(uncapped.waiting_id == 2);
+  CHECK(uncapped.rerate.empty());
+}
+
+TEST_CASE("scheduler: with pinned tasks a host's caps never add up to more than its limit") {
+  // Running sets as an earlier plan left them (caps within the limit), some
+  // pinned, some ended, new ones queued: pinned caps never change, and the
+  // caps once the plan is carried out stay within the limit on every host.
+  std::mt19937 rng(11);
+  for (int round = 0; round < 300; ++round) {
+    const uint64_t L = (1 + rng() % 200) * M;
+    const unsigned m = 1 + rng() % 12;
+    std::vector<TaskSlot> before;
+    const int n = 1 + int(rng() % m);
+    for (int i = 0; i < n; ++i)
+      before.push_back(slot(i, fmt::format("h{}", rng() % 4), fmt::format("h{}", 4 + rng() % 4),
+                            rng() % 3 ? 0 : (1 + rng() % 50) * M, 0, int(rng() % 3)));
+    const auto earlier = share_bandwidth(before, L);
+    std::vector<TaskSlot> running, queued;
+    for (TaskSlot t : before) {
+      if (rng() % 4 == 0) continue;  // ended
+      t.rate_cap = earlier.at(t.id);
+      t.pinned = rng() % 3 == 0;
+      running.push_back(t);
+    }
+    for (int i = 0; i < 5; ++i)
+      queued.push_back(slot(100 + i, fmt::format("h{}", rng() % 4), fmt::format("h{}", 4 + rng() % 4)));
+    const auto plan = plan_starts(running, queued, {m, L});
+    for (const StartDecision& d : plan.rerate)
+      for (const TaskSlot& r : running)
+        if (r.id == d.id) REQUIRE_FALSE(r.pinned);
+    auto caps = caps_after(running, plan);
+    std::map<std::string, uint64_t> used;
+    std::vector<TaskSlot> all = running;
+    for (const TaskSlot& q : queued)
+      if (caps.count(q.id)) all.push_back(q);
+    for (const TaskSlot& t : all) {
+      REQUIRE(caps[t.id] > 0);
+      used[t.source_host] += caps[t.id];
+      used[t.destination_host] += caps[t.id];
+    }
+    for (auto& [h, u] : used) REQUIRE(u <= L);
+  }
+}
+
 TEST_CASE("judge: before handover a source running our migration is left alone") {
   PluginView src = view(true, "PreCopy", "source", "m1", "10.0.0.2:1", false, "");
   PluginView dst = view(true, "PreCopy", "destination", "m1", "10.0.0.1:1", false, "");

@@ -307,6 +307,23 @@ def test_a_group_member_must_run_with_handover_explicit():
         assert not reply["ok"] and "handover=explicit" in reply["error"], reply
 
 
+def test_a_group_timeout_that_is_not_0_1_to_86400_seconds_is_refused_by_name():
+    """A group handover whose group_timeout is not a number (a string, null,
+    true, a list) or out of 0.1 .. 86400 seconds is refused with an error
+    naming group_timeout, and the source goes on unfenced (a non-number used
+    to be taken as the default 30 s, and the source prepared)."""
+    with vm_disks(1) as disks:
+        d = disks[0]
+        start_all(disks)
+        coordinator = f"127.0.0.1:{mig.peer_port(d.dst)}"
+        for bad in ("30", None, True, [30], 0, -1, 0.05, 86401, 1e30):
+            reply = d.src.control({"op": "handover", "group": "g1", "coordinator": coordinator,
+                                   "group_timeout": bad})
+            assert not reply["ok"] and "group_timeout" in reply["error"], (bad, reply)
+        st = mig.status(d.src)
+        assert st["phase"] in ("PreCopy", "Sync") and not st["fenced"], st
+
+
 def test_the_coordinator_records_the_first_decision_only():
     with vm_disks(1) as disks:
         c = disks[0].dst

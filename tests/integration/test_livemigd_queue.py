@@ -3,6 +3,7 @@
 Each test starts its own plugins (loopback TCP) and its own livemigd, and
 kills them by PID at the end, also on failure."""
 
+import signal
 import sys
 import time
 
@@ -144,6 +145,71 @@ def test_a_finished_task_leaves_its_bandwidth_to_the_one_still_running():
             d.wait_state(big, ("done",), timeout=60)
             large.assert_copied()
             small.assert_copied()
+
+
+def test_a_hung_plugin_does_not_stall_the_queue_and_keeps_its_cap_within_the_host_limit():
+    """--host-bandwidth 8M, max-concurrent 2: a task held to 6M by its own
+    --max-rate runs; its source nbdkit is stopped (SIGSTOP: the kernel still
+    takes connections, nothing answers) and a second task is submitted.
+    Sharing would lower the first to 4M, but its plugin cannot take set-rate:
+    as far as livemigd can know the first goes on at 6M, so the second starts
+    within a few seconds with the 2M left (the caps never add up to more than
+    8M), and livemigd answers list at once meanwhile. Once the plugin goes
+    on, the first is lowered to 4M, and both end done with equal images.
+    (livemigd used to wait 30 s for the hung plugin's set-rate reply on every
+    scheduler tick and started nothing while it was hung.)"""
+    limit, timeout = 8 * MiB, 2.0
+    with exports(1, 32 * MiB) as (hung,), exports(1, 24 * MiB) as (late,):
+        with Livemigd(max_concurrent=2, host_bandwidth="8M", heartbeat_interval=0.25,
+                      heartbeat_timeout=timeout) as d:
+            first = d.submit(hung, "precopy", "--handover", "auto", "--handover-size", "64K", "--max-rate", "6M")
+            lmtest.wait_until(lambda: active_phase(hung.src) and d.task(first)["rate_cap"] == 6 * MiB,
+                              timeout=20, what="the first task running at 6M")
+            hung.src.kill(signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                second = d.submit(late, "precopy", "--handover", "auto", "--handover-size", "64K")
+                submitted = time.monotonic()
+                started = None
+                slowest = 0.0
+                while started is None or time.monotonic() - stopped < 3 * timeout:
+                    t0 = time.monotonic()
+                    reply = d.request({"op": "list", "active": True})
+                    slowest = max(slowest, time.monotonic() - t0)
+                    assert reply["ok"], reply
+                    tasks = {t["id"]: t for t in reply["tasks"]}
+                    assert tasks[first]["rate_cap"] == 6 * MiB, \
+                        f"the stopped plugin's task has cap {tasks[first]['rate_cap']}: it cannot have taken a change"
+                    if started is None and tasks[second]["state"] == "running" and active_phase(late.src):
+                        started = time.monotonic() - submitted
+                    if started is not None:
+                        cap = mig.status(late.src)["migration"]["params"]["max_rate"]
+                        assert 0 < cap and 6 * MiB + cap <= limit and tasks[second]["rate_cap"] == cap, \
+                            f"the second task runs with cap {cap} (task: {tasks[second]['rate_cap']}) beside the " \
+                            f"stopped one's 6M: more than the host's {limit}"
+                    assert started is not None or time.monotonic() - submitted < 4 * timeout, \
+                        f"the second task is still {tasks[second]['state']} ({tasks[second]['note']!r}) " \
+                        f"{time.monotonic() - submitted:.1f} s after its submission, the first task's source " \
+                        f"stopped (heartbeat-timeout {timeout} s)\n{d.log()}"
+                    time.sleep(0.05)
+                print(f"  the second task started {started:.2f} s after its submission; slowest list {slowest:.3f} s")
+                assert slowest < 1.0, f"livemigd took {slowest:.2f} s to answer list while a plugin hung"
+            finally:
+                hung.src.kill(signal.SIGCONT)
+            lmtest.wait_until(lambda: d.task(first)["rate_cap"] < 6 * MiB, timeout=timeout + 10,
+                              what="the first task lowered once its plugin answers again")
+            assert "rate cap 6291456 -> 4194304" in d.log(), d.log()
+            def cap(ex):
+                return mig.status(ex.src)["migration"]["params"]["max_rate"] if active_phase(ex.src) else None
+            deadline = time.monotonic() + 90
+            while not all(d.task(i)["state"] == "done" for i in (first, second)):
+                a, b, a2 = cap(hung), cap(late), cap(hung)
+                caps = [c for c in (min(a or 0, a2 or 0) or a or a2, b) if c]
+                assert sum(caps) <= limit, f"caps {caps} add up to more than the host's {limit}"
+                assert time.monotonic() < deadline, [d.task(i) for i in (first, second)]
+                time.sleep(0.05)
+            hung.assert_copied()
+            late.assert_copied()
 
 
 if __name__ == "__main__":
