@@ -9,12 +9,8 @@
 using namespace livemig;
 using namespace std::chrono_literals;
 
-namespace {
-Secret key() { return Secret::from_bytes("0123456789abcdef-session").value(); }
-}  // namespace
-
 TEST_CASE("session link: only the adopted link is the session's; a resumed one replaces and closes it") {
-  LinkPair first(key(), key()), second(key(), key());
+  LinkPair first(test_secret(), test_secret()), second(test_secret(), test_secret());
   SessionLink link;
   CHECK_FALSE(link.owns(first.client.get()));
   link.adopt(first.client);
@@ -30,7 +26,7 @@ TEST_CASE("session link: only the adopted link is the session's; a resumed one r
 }
 
 TEST_CASE("session link: wait_up returns when a link is adopted, or empty after the timeout") {
-  LinkPair pair(key(), key());
+  LinkPair pair(test_secret(), test_secret());
   SessionLink link;
   std::atomic<bool> stopping{false};
   auto t0 = std::chrono::steady_clock::now();
@@ -59,7 +55,7 @@ TEST_CASE("session link: expect_reply tells an explicit refusal from silence") {
 }
 
 TEST_CASE("session link: wire bytes count every link the session had, replaced and dropped ones included") {
-  LinkPair first(key(), key()), second(key(), key());
+  LinkPair first(test_secret(), test_secret()), second(test_secret(), test_secret());
   for (LinkPair* p : {&first, &second})
     p->server->start([](auto&, auto&) {}, [](auto&, auto&) {});
   SessionLink link;

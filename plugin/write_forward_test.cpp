@@ -6,12 +6,8 @@
 
 using namespace livemig;
 
-namespace {
-Secret key() { return Secret::from_bytes("0123456789abcdef-forward").value(); }
-}  // namespace
-
 TEST_CASE("forwarded writes: a flush over the link that carried them covers them") {
-  LinkPair pair(key(), key());
+  LinkPair pair(test_secret(), test_secret());
   ForwardedWrites w;
   uint64_t mark = 0;
   CHECK(w.flush_may_cover(pair.client, &mark));  // nothing written
@@ -26,7 +22,7 @@ TEST_CASE("forwarded writes: a flush over the link that carried them covers them
 // Found by issue #17's tests: writes acknowledged by a destination that was
 // then killed, flushed through its restarted process, were reported durable.
 TEST_CASE("forwarded writes: unflushed writes on a replaced link fail the flush, and every flush until the clients go") {
-  LinkPair before(key(), key()), after(key(), key());
+  LinkPair before(test_secret(), test_secret()), after(test_secret(), test_secret());
   ForwardedWrites w;
   uint64_t mark = 0;
   w.acknowledged(before.client, false);
@@ -41,7 +37,7 @@ TEST_CASE("forwarded writes: unflushed writes on a replaced link fail the flush,
 }
 
 TEST_CASE("forwarded writes: FUA writes and flushed writes do not hold a later link's flush") {
-  LinkPair before(key(), key()), after(key(), key());
+  LinkPair before(test_secret(), test_secret()), after(test_secret(), test_secret());
   ForwardedWrites w;
   uint64_t mark = 0;
   w.acknowledged(before.client, true);  // FUA: durable on its own

@@ -16,6 +16,9 @@
 
 namespace livemig {
 
+// A pre-shared key both ends of a test's links use.
+inline Secret test_secret() { return Secret::from_bytes("0123456789abcdef-test-key").value(); }
+
 // A connected pair of PeerLinks over loopback TCP, on one io thread.
 struct LinkPair {
   boost::asio::io_context io;
