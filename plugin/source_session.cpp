@@ -409,6 +409,9 @@ void SourceSession::serve_pull(const std::shared_ptr<PeerLink>& link, uint64_t i
 
 nlohmann::json SourceSession::request_handover(const nlohmann::json& request) {
   std::optional<Group> group;
+  if (request.contains("group_timeout") && !request.contains("group") && !request.contains("coordinator"))
+    return error_reply("group_timeout is for a group handover only: give group and coordinator with it, or leave it "
+                       "out");
   if (request.contains("group") || request.contains("coordinator")) {
     json timeout_ms = 30'000;  // group_timeout left out: 30 s
     if (auto t = request.find("group_timeout"); t != request.end()) {

@@ -324,6 +324,19 @@ def test_a_group_timeout_that_is_not_0_1_to_86400_seconds_is_refused_by_name():
         assert st["phase"] in ("PreCopy", "Sync") and not st["fenced"], st
 
 
+def test_a_group_timeout_without_a_group_is_refused_and_nothing_is_handed_over():
+    """group_timeout on a handover that names no group is a mistake (the
+    operator meant a group): refused by name, the source not fenced (it used
+    to be ignored, and the disk handed over alone)."""
+    with vm_disks(1) as disks:
+        d = disks[0]
+        start_all(disks)
+        reply = d.src.control({"op": "handover", "group_timeout": 10})
+        assert not reply["ok"] and "group_timeout" in reply["error"], reply
+        st = mig.status(d.src)
+        assert st["phase"] in ("PreCopy", "Sync") and not st["fenced"], st
+
+
 def test_the_coordinator_records_the_first_decision_only():
     with vm_disks(1) as disks:
         c = disks[0].dst
