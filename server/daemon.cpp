@@ -156,6 +156,9 @@ void Daemon::stop() {
   }
   changed_.notify_all();
   if (scheduler_.joinable()) scheduler_.join();
+  // No call starts now; one at a hung plugin ends within its timeouts.
+  for (PluginCall& c : calls_) c.thread.join();
+  calls_.clear();
   if (server_) server_->stop();
   heartbeats_.reset();
 }
@@ -241,6 +244,9 @@ void Daemon::tick() {
 
 // One running task: record what the heartbeats say, then act on judge().
 void Daemon::tend(const Task& task) {
+  // Its migrate or cancel is still at the plugin: the statuses may not
+  // show it yet; the call's end decides what comes next.
+  if (call_in_flight(task.id)) return;
   double src_down = 0, dst_down = 0;
   Clock::time_point src_at{}, dst_at{};
   PluginView src = view_of(task.source, &src_down, &src_at);
@@ -321,11 +327,49 @@ void Daemon::tend(const Task& task) {
   }
 }
 
+bool Daemon::claim_call(int64_t id) {
+  MutexLock lock(mu_);
+  return in_flight_.insert(id).second;
+}
+
+bool Daemon::call_in_flight(int64_t id) {
+  MutexLock lock(mu_);
+  return in_flight_.count(id) != 0;
+}
+
+void Daemon::call_plugin(int64_t id, std::function<void()> fn) {
+  std::erase_if(calls_, [](PluginCall& c) {
+    if (!c.done->load()) return false;
+    c.thread.join();
+    return true;
+  });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  std::thread thread([this, id, fn = std::move(fn), done] {
+    fn();
+    {
+      MutexLock lock(mu_);
+      in_flight_.erase(id);
+    }
+    done->store(true);
+  });
+  calls_.push_back({std::move(thread), std::move(done)});
+}
+
+// The timeouts of migrate and cancel: a plugin the heartbeats saw up
+// connects at once (one that hangs is given up after heartbeat-timeout);
+// its reply may take long, which is why the call has a thread of its own.
+client::Timeouts Daemon::long_call_timeouts() const {
+  client::Timeouts timeouts;
+  timeouts.connect = to_ms(config_.heartbeat_timeout);
+  timeouts.reply = kLongReply;
+  return timeouts;
+}
+
 void Daemon::issue_migrate(int64_t id, bool first) {
   auto got = store_->get(id);
   if (!got || !*got) return;
   Task task = **got;
-  if (task.state != TaskState::Running) return;
+  if (task.state != TaskState::Running || !claim_call(id)) return;
   json req = task.request;
   req["op"] = "migrate";
   if (task.rate_cap > 0) req["max_rate"] = task.rate_cap;
@@ -334,36 +378,37 @@ void Daemon::issue_migrate(int64_t id, bool first) {
     t.note = t.attempts == 1 ? "starting" : fmt::format("restarting from pre-copy (attempt {})", t.attempts);
     return true;
   });
-  client::Timeouts timeouts;
-  timeouts.reply = kLongReply;
-  client::ControlClient client(client::Target::remote(parse_host_port(task.source).value()), secret_, timeouts);
-  auto reply = client.call_raw(req);
-  const bool refused = reply && reply->value("ok", false) != true;
-  std::string why = !reply ? reply.status().message()
-                    : refused ? fmt::format("{}: {}", task.source, reply->value("error", std::string("refused")))
-                              : "";
-  modify(id, [&](Task& t) REQUIRES(mu_) {
-    if (t.state != TaskState::Running) return false;
-    if (why.empty()) {
-      issued_at_[t.id] = Clock::now();
-      t.migration_id = reply->value("id", reply->value("migration_id", std::string()));
-      t.note.clear();
-      if (t.attempts > 1) t.error = fmt::format("restarted from pre-copy (attempt {})", t.attempts);
-      log(fmt::format("task {} ({}): migration {} started from {} to {}{}", t.id, t.name, t.migration_id, t.source,
-                      t.destination, t.rate_cap ? fmt::format(" at most {} bytes/s", t.rate_cap) : ""));
+  call_plugin(id, [this, id, first, req = std::move(req), source = task.source] {
+    client::ControlClient client(client::Target::remote(parse_host_port(source).value()), secret_,
+                                 long_call_timeouts());
+    auto reply = client.call_raw(req);
+    const bool refused = reply && reply->value("ok", false) != true;
+    std::string why = !reply ? reply.status().message()
+                      : refused ? fmt::format("{}: {}", source, reply->value("error", std::string("refused")))
+                                : "";
+    modify(id, [&](Task& t) REQUIRES(mu_) {
+      if (t.state != TaskState::Running) return false;
+      if (why.empty()) {
+        issued_at_[t.id] = Clock::now();
+        t.migration_id = reply->value("id", reply->value("migration_id", std::string()));
+        t.note.clear();
+        if (t.attempts > 1) t.error = fmt::format("restarted from pre-copy (attempt {})", t.attempts);
+        log(fmt::format("task {} ({}): migration {} started from {} to {}{}", t.id, t.name, t.migration_id, t.source,
+                        t.destination, t.rate_cap ? fmt::format(" at most {} bytes/s", t.rate_cap) : ""));
+        return true;
+      }
+      t.error = why;
+      if ((first && refused) || t.attempts >= static_cast<int>(config_.max_attempts)) {
+        t.state = TaskState::Failed;
+        t.note.clear();
+        t.finished_at = now_unix();
+        if (!first || !refused) t.error = fmt::format("gave up after {} attempts: {}", t.attempts, why);
+        return true;
+      }
+      t.note = fmt::format("migrate failed ({}); retrying in {:g} s", why, config_.retry_delay);
+      retry_at_[t.id] = Clock::now() + to_ms(config_.retry_delay);
       return true;
-    }
-    t.error = why;
-    if ((first && refused) || t.attempts >= static_cast<int>(config_.max_attempts)) {
-      t.state = TaskState::Failed;
-      t.note.clear();
-      t.finished_at = now_unix();
-      if (!first || !refused) t.error = fmt::format("gave up after {} attempts: {}", t.attempts, why);
-      return true;
-    }
-    t.note = fmt::format("migrate failed ({}); retrying in {:g} s", why, config_.retry_delay);
-    retry_at_[t.id] = Clock::now() + to_ms(config_.retry_delay);
-    return true;
+    });
   });
 }
 
@@ -414,22 +459,23 @@ bool Daemon::issue_set_rate(int64_t id, uint64_t cap) {
 
 void Daemon::issue_cancel(int64_t id) {
   auto got = store_->get(id);
-  if (!got || !*got) return;
-  client::Timeouts timeouts;
-  timeouts.reply = kLongReply;
-  client::ControlClient client(client::Target::remote(parse_host_port((*got)->source).value()), secret_, timeouts);
-  auto reply = client.call({{"op", "cancel"}});
-  modify(id, [&](Task& t) {
-    if (t.state != TaskState::Running) return false;
-    if (!reply) {
-      t.note = "cancel: " + reply.status().message();
+  if (!got || !*got || !claim_call(id)) return;
+  call_plugin(id, [this, id, source = (*got)->source] {
+    client::ControlClient client(client::Target::remote(parse_host_port(source).value()), secret_,
+                                 long_call_timeouts());
+    auto reply = client.call({{"op", "cancel"}});
+    modify(id, [&](Task& t) {
+      if (t.state != TaskState::Running) return false;
+      if (!reply) {
+        t.note = "cancel: " + reply.status().message();
+        return true;
+      }
+      t.state = TaskState::Cancelled;
+      t.phase = reply->value("phase", t.phase);
+      t.note.clear();
+      t.finished_at = now_unix();
       return true;
-    }
-    t.state = TaskState::Cancelled;
-    t.phase = reply->value("phase", t.phase);
-    t.note.clear();
-    t.finished_at = now_unix();
-    return true;
+    });
   });
 }
 
@@ -445,8 +491,9 @@ void Daemon::start_queued() {
     std::map<int64_t, const Task*> by_id;
     for (const Task& t : *active) {
       const bool runs = t.state == TaskState::Running;
+      const bool pinned = runs && (refused.count(t.id) || rate_holder_down(t) || call_in_flight(t.id));
       TaskSlot s{t.id,       t.source_host(), t.destination_host(), t.request.value("max_rate", uint64_t{0}),
-                 t.rate_cap, t.priority,      runs && (refused.count(t.id) || rate_holder_down(t))};
+                 t.rate_cap, t.priority,      pinned};
       (runs ? running : queued).push_back(s);
       by_id[t.id] = &t;
     }
@@ -455,7 +502,8 @@ void Daemon::start_queued() {
     // lowered before anything starts; those whose share rises are raised
     // after. A task whose plugin is down, or did not take its lower cap,
     // goes on at its cap as far as we know: plan again with it pinned
-    // there (scheduler.h, "Pinned tasks").
+    // there (scheduler.h, "Pinned tasks"). So does a task whose migrate is
+    // still on its way: the request carries the cap it was started with.
     auto falls = [&](const StartDecision& d) { return d.rate_cap < by_id[d.id]->rate_cap || by_id[d.id]->rate_cap == 0; };
     bool lowered = true;
     for (const StartDecision& d : plan.rerate)

@@ -27,11 +27,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -91,8 +94,17 @@ class Daemon {
   void tend(const Task& task);
   void start_queued();
   // Sends migrate for `task` at its source. first: the task's first start.
+  // Both calls run on a thread of their own (call_plugin): the scheduler
+  // thread never waits for a plugin's migrate or cancel.
   void issue_migrate(int64_t id, bool first);
   void issue_cancel(int64_t id);
+  // Claims task `id` for one plugin call; false while one is in flight.
+  bool claim_call(int64_t id);
+  bool call_in_flight(int64_t id);
+  // Runs fn on a thread of its own for the task claimed by claim_call(),
+  // and releases the claim when fn returns. Scheduler thread only.
+  void call_plugin(int64_t id, std::function<void()> fn);
+  client::Timeouts long_call_timeouts() const;
   // Changes a running task's cap at its plugins (set-rate); true once the
   // side moving its data took it (the source before handover, the
   // destination after), and then records it in the task. Calls no plugin
@@ -126,6 +138,8 @@ class Daemon {
   // When migrate was last answered for a task (statuses older than that
   // cannot show its migration).
   std::map<int64_t, std::chrono::steady_clock::time_point> issued_at_ GUARDED_BY(mu_);
+  // Tasks with a migrate or cancel call in flight: tend() sends no other.
+  std::set<int64_t> in_flight_ GUARDED_BY(mu_);
 
   // The plugins' heartbeats (thread-safe itself); set by start() before
   // any thread that uses it, reset by stop() after they ended.
@@ -142,6 +156,13 @@ class Daemon {
   std::mutex wake_mu_;
   std::condition_variable wake_;
   std::thread scheduler_;
+  // The threads of migrate and cancel calls; finished ones are joined by the
+  // next call_plugin(), the rest by stop() once the scheduler has ended.
+  struct PluginCall {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<PluginCall> calls_;  // scheduler thread, then stop()
 };
 
 }  // namespace livemig::daemon
