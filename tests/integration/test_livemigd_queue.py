@@ -5,6 +5,7 @@ kills them by PID at the end, also on failure."""
 
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -209,6 +210,63 @@ def test_a_hung_plugin_does_not_stall_the_queue_and_keeps_its_cap_within_the_hos
                 assert time.monotonic() < deadline, [d.task(i) for i in (first, second)]
                 time.sleep(0.05)
             hung.assert_copied()
+            late.assert_copied()
+
+
+def test_a_cancel_hung_at_its_source_does_not_stall_the_other_tasks():
+    """max-concurrent 2: tasks A and B run (pre-copy done, waiting for an
+    explicit handover), C is queued. A's source is stopped (SIGSTOP: the
+    kernel takes the connection, nothing answers) and A is cancelled at once,
+    before the heartbeats call its source down: livemigd sends cancel to the
+    stopped plugin. Meanwhile B is handed over: livemigd records it done
+    within a few seconds of its source ending, and C starts at once in the
+    slot B left. (livemigd used to send cancel on its scheduler thread and
+    wait for it, connect 10 s and reply 120 s: nothing else was tended, and
+    nothing started, while the stopped plugin held the call.)"""
+    timeout = 4.0
+    with exports(3, 8 * MiB) as (hung, live, late):
+        with Livemigd(max_concurrent=2, heartbeat_interval=0.25, heartbeat_timeout=timeout) as d:
+            a, b = (d.submit(ex, "precopy", "--handover", "explicit") for ex in (hung, live))
+            for ex in (hung, live):
+                mig.wait_ready(ex.src, timeout=30)
+            def seen(i):
+                t = d.task(i)
+                return t["migration_id"] and t["phase"] not in ("", "?")
+            lmtest.wait_until(lambda: all(seen(i) for i in (a, b)), timeout=10,
+                              what="both tasks' migrations seen by livemigd's heartbeats")
+            c = d.submit(late, "precopy", "--handover", "auto", "--handover-size", "64K")
+            assert d.task(c)["state"] == "queued", d.task(c)
+            hung.src.kill(signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                # A cancel request waits for its task to end: ask from a thread.
+                threading.Thread(target=lambda: d.cli("cancel", str(a), timeout=300), daemon=True).start()
+                lmtest.wait_until(lambda: d.task(a)["cancel_requested"], timeout=2, what="A's cancel asked for")
+                time.sleep(0.5)  # a few scheduler ticks: livemigd's cancel is at the stopped plugin
+                assert live.src.control({"op": "handover"})["ok"]
+                lmtest.wait_until(lambda: not active_phase(live.src), timeout=20, what="B's source ending")
+                ended = time.monotonic()
+                b_done = c_started = None
+                while c_started is None:
+                    now = time.monotonic() - ended
+                    tasks = {t["id"]: t for t in d.request({"op": "list", "active": False})["tasks"]}
+                    if b_done is None and tasks[b]["state"] == "done":
+                        b_done = now
+                    if c_started is None and tasks[c]["state"] == "running":
+                        c_started = now
+                    assert now < 30, f"B {tasks[b]['state']}, C {tasks[c]['state']} {now:.1f} s after B's source " \
+                                     f"ended, A's source stopped\n{d.log()}"
+                    time.sleep(0.05)
+                print(f"  A's source stopped {ended - stopped:.2f} s before B's source ended; B done after "
+                      f"{b_done:.2f} s, C running after {c_started:.2f} s")
+                assert b_done < 3.0 and c_started < 3.0, \
+                    f"B done {b_done:.2f} s and C running {c_started:.2f} s after B's source ended, while A's " \
+                    f"cancel hung at its stopped source\n{d.log()}"
+            finally:
+                hung.src.kill(signal.SIGCONT)
+            d.wait_state(c, ("done",), timeout=60)
+            d.wait_state(a, ("cancelled",), timeout=60)
+            live.assert_copied()
             late.assert_copied()
 
 
