@@ -52,6 +52,12 @@ def test_a_destination_whose_handover_sync_fails_refuses_and_the_source_writes_a
             Server(control=True, image=os.path.join(fs.mountpoint, "dst.img"), listen="127.0.0.1:0") as dst:
         mig.migrate(src, dst, "precopy", handover="explicit")
         mig.wait_ready(src)
+        # The fault must hit the handover's sync, not the destination's
+        # once-a-tick sync of pushed data (that fails the migration before
+        # any handover: 7 runs in 40 did so when the fault came at once).
+        lmtest.wait_until(lambda: mig.status(src)["migration"]["blocks_left"] == 0, timeout=30,
+                          what="the source to push everything")
+        time.sleep(2.5)
         fs.set_faults("fsync eio path=dst.img\n")
         reply = src.control({"op": "handover"})
         assert not reply["ok"] and "refused" in reply["error"], reply
