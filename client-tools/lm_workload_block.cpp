@@ -14,14 +14,6 @@ constexpr size_t kWordsPerSector = kSectorSize / 8;  // 64
 constexpr size_t kChecksumWord = 5;                  // bytes 40..47
 constexpr size_t kFirstFillWord = 6;                 // bytes 48..511
 
-void store64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
-void store32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-
 uint64_t fill_key(const BlockId& id, uint32_t sector) {
   uint64_t k = mix64(id.seed ^ 0x6a09e667f3bcc908ULL);
   k = mix64(k ^ id.block);
@@ -40,18 +32,18 @@ uint64_t sector_checksum(const uint8_t* sector) {
 }
 
 void encode_sector(const BlockId& id, uint32_t block_size, uint32_t index, uint8_t* s) {
-  store64(s + 0, kBlockMagic);
-  store64(s + 8, id.block);
-  store64(s + 16, id.generation);
-  store64(s + 24, id.seed);
-  store32(s + 32, block_size);
-  store32(s + 36, index);
+  store_le64(s + 0, kBlockMagic);
+  store_le64(s + 8, id.block);
+  store_le64(s + 16, id.generation);
+  store_le64(s + 24, id.seed);
+  store_le32(s + 32, block_size);
+  store_le32(s + 36, index);
   uint64_t state = fill_key(id, index);
   for (size_t w = kFirstFillWord; w < kWordsPerSector; ++w) {
     state += 0x9e3779b97f4a7c15ULL;  // splitmix64 stream
-    store64(s + 8 * w, mix64(state));
+    store_le64(s + 8 * w, mix64(state));
   }
-  store64(s + 8 * kChecksumWord, sector_checksum(s));
+  store_le64(s + 8 * kChecksumWord, sector_checksum(s));
 }
 
 // One sector read back.

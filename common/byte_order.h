@@ -46,7 +46,14 @@ inline uint64_t load_be64(const uint8_t* p) {
   return v;
 }
 
-// Little-endian loads (lm-workload's on-disk block and journal formats).
+// Little-endian (the state file's header slots, CRC-32C's table fold,
+// lm-workload's on-disk formats), whatever the host's order.
+inline void store_le32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i, v >>= 8) p[i] = static_cast<uint8_t>(v);
+}
+inline void store_le64(uint8_t* p, uint64_t v) {
+  for (int i = 0; i < 8; ++i, v >>= 8) p[i] = static_cast<uint8_t>(v);
+}
 inline uint32_t load_le32(const uint8_t* p) {
   uint32_t v = 0;
   for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];

@@ -75,3 +75,14 @@ TEST_CASE("little-endian loads read the low byte first", "[frame]") {
   CHECK(load_le64(bytes) == 0x8807060504030201ull);
   CHECK(load_be32(bytes) == 0x01020304u);
 }
+
+TEST_CASE("little-endian stores put the low byte first and load back", "[frame]") {
+  uint8_t bytes[8] = {};
+  store_le64(bytes, 0x8807060504030201ull);
+  CHECK(bytes[0] == 0x01);
+  CHECK(bytes[7] == 0x88);
+  CHECK(load_le64(bytes) == 0x8807060504030201ull);
+  store_le32(bytes, 0xa0b0c0d0u);
+  CHECK(bytes[0] == 0xd0);
+  CHECK(load_le32(bytes) == 0xa0b0c0d0u);
+}

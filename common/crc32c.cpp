@@ -7,6 +7,8 @@
 #include <nmmintrin.h>
 #endif
 
+#include "common/byte_order.h"
+
 namespace livemig {
 namespace {
 
@@ -30,13 +32,6 @@ constexpr Tables make_tables() {
 }
 
 constexpr Tables kTables = make_tables();
-
-// Little-endian load whatever the host order, so the table fold is portable.
-inline uint64_t load_le64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
 
 // The working register (already inverted) over n bytes, 8 at a time.
 uint32_t software_raw(const uint8_t* p, size_t n, uint32_t c) {

@@ -1,8 +1,6 @@
 #include "common/frame_codec.h"
 
 #include <catch2/catch.hpp>
-
-#include "tests/support/strings.h"
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -12,6 +10,7 @@
 #include "common/byte_order.h"
 #include "common/crc32c.h"
 #include "common/protocol_format.h"
+#include "tests/support/strings.h"
 
 using namespace livemig;
 

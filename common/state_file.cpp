@@ -13,29 +13,13 @@
 #include <optional>
 #include <vector>
 
+#include "common/byte_order.h"
 #include "common/crc32c.h"
 #include "common/json_limits.h"
 
 namespace livemig {
 
 namespace {
-
-void store_le32(uint8_t* p, uint32_t v) {
-  for (int i = 0; i < 4; ++i, v >>= 8) p[i] = static_cast<uint8_t>(v);
-}
-void store_le64(uint8_t* p, uint64_t v) {
-  for (int i = 0; i < 8; ++i, v >>= 8) p[i] = static_cast<uint8_t>(v);
-}
-uint32_t load_le32(const uint8_t* p) {
-  uint32_t v = 0;
-  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-uint64_t load_le64(const uint8_t* p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
 
 std::string errno_text(int e) { return std::strerror(e); }
 
