@@ -2,13 +2,16 @@
 
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/stat.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <fmt/format.h>
@@ -33,15 +36,50 @@ Result<ImageFile> ImageFile::open(const std::string& path, bool readonly, bool c
 }
 
 ImageFile::ImageFile(std::string path, int fd, uint64_t size, bool readonly)
-    : path_(std::move(path)), fd_(fd), size_(size), readonly_(readonly) {}
+    : path_(std::move(path)), fd_(fd), size_(size), readonly_(readonly) {
+  if (!readonly_) open_direct();
+}
 
 ImageFile::ImageFile(ImageFile&& other) noexcept
-    : path_(std::move(other.path_)), fd_(other.fd_), size_(other.size()), readonly_(other.readonly_) {
+    : path_(std::move(other.path_)),
+      fd_(other.fd_),
+      size_(other.size()),
+      readonly_(other.readonly_),
+      direct_fd_(other.direct_fd_),
+      direct_offset_align_(other.direct_offset_align_),
+      direct_memory_align_(other.direct_memory_align_),
+      direct_ok_(other.direct_ok_.load()) {
   other.fd_ = -1;
+  other.direct_fd_ = -1;
 }
 
 ImageFile::~ImageFile() {
   if (fd_ >= 0) ::close(fd_);
+  if (direct_fd_ >= 0) ::close(direct_fd_);
+}
+
+// Through /proc/self/fd: the same file even if its path was renamed since.
+void ImageFile::open_direct() {
+  const std::string self = fmt::format("/proc/self/fd/{}", fd_);
+  const int fd = ::open(self.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);
+  if (fd < 0) return;  // tmpfs and others: no direct I/O, writes stay cached
+  struct statx stx {};
+  // Buffers are page-aligned whatever the kernel allows: on a virtio disk,
+  // 256 KiB direct writes from 16-byte-aligned buffers (legal there) ran at
+  // 30 MiB/s in two runs of three, against 300 MiB/s page-aligned.
+  const auto page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  uint32_t offset_align = page, memory_align = page;  // where the kernel does not say
+  if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN)) {
+    if (stx.stx_dio_offset_align == 0) {  // this file cannot do direct I/O after all
+      ::close(fd);
+      return;
+    }
+    offset_align = stx.stx_dio_offset_align;
+    memory_align = std::max(stx.stx_dio_mem_align, page);
+  }
+  direct_fd_ = fd;
+  direct_offset_align_ = offset_align;
+  direct_memory_align_ = memory_align;
 }
 
 int ImageFile::pread(void* buf, uint64_t count, uint64_t offset) const {
@@ -87,6 +125,63 @@ int ImageFile::pwrite(const void* buf, uint64_t count, uint64_t offset, bool fua
     offset += r;
   }
   if (fua && flags == 0) return flush();
+  return 0;
+}
+
+namespace {
+
+// One aligned copy buffer per thread, kept: a fresh one per write would cost
+// page faults on every write (buffers this large come from mmap).
+char* aligned_scratch(uint64_t size, uint32_t align) {
+  struct Scratch {
+    std::unique_ptr<char, decltype(&std::free)> p{nullptr, &std::free};
+    uint64_t size = 0;
+    uint32_t align = 0;
+  };
+  thread_local Scratch s;
+  if (s.size < size || s.align < align) {
+    const uint64_t n = (size + align - 1) / align * align;
+    s.p.reset(static_cast<char*>(std::aligned_alloc(align, n)));
+    s.size = s.p ? n : 0;
+    s.align = s.p ? align : 0;
+  }
+  return s.p.get();
+}
+
+}  // namespace
+
+int64_t ImageFile::pwrite_direct(const char* buf, uint64_t count, uint64_t offset) {
+  uint64_t done = 0;
+  while (done < count) {
+    ssize_t r = ::pwrite(direct_fd_, buf + done, count - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == EINVAL && done == 0) {
+      // The file system wants another alignment than it reported: cached
+      // writes from now on.
+      direct_ok_.store(false, std::memory_order_relaxed);
+      return 0;
+    }
+    if (r < 0) return -1;
+    done += static_cast<uint64_t>(r);
+    if (r == 0 || done % direct_offset_align_ != 0) break;  // short (a full disk?): the rest cached
+  }
+  return static_cast<int64_t>(done);
+}
+
+int ImageFile::write_around_cache(const void* buf, uint64_t count, uint64_t offset) {
+  uint64_t done = 0;
+  if (direct_writes() && count > 0 && count % direct_offset_align_ == 0 && offset % direct_offset_align_ == 0) {
+    if (char* copy = aligned_scratch(count, direct_memory_align_)) {
+      std::memcpy(copy, buf, count);
+      const int64_t n = pwrite_direct(copy, count, offset);
+      if (n < 0) return -1;
+      done = static_cast<uint64_t>(n);
+    }
+  }
+  if (done == count) return 0;
+  const char* rest = static_cast<const char*>(buf) + done;
+  if (pwrite(rest, count - done, offset + done, false) < 0) return -1;
+  start_writeback(count - done, offset + done);
   return 0;
 }
 

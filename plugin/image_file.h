@@ -47,6 +47,16 @@ class ImageFile {
   // Starts writing the range back to disk without waiting (sync_file_range),
   // so that a later flush() finds little left to write. Advisory.
   void start_writeback(uint64_t count, uint64_t offset);
+  // Writes exactly count bytes for a bulk copy nobody reads soon (a
+  // destination's pushed data): around the page cache (O_DIRECT, from an
+  // aligned copy) where the file system allows it and the range is aligned
+  // to its direct I/O unit, else pwrite() and start_writeback(). Not durable
+  // until flush(). The caller keeps the page cache's users off the range
+  // meanwhile (a direct write and a cached write of the same bytes at once
+  // may leave either).
+  int write_around_cache(const void* buf, uint64_t count, uint64_t offset);
+  // True when write_around_cache() can bypass the page cache here.
+  bool direct_writes() const { return direct_fd_ >= 0 && direct_ok_.load(std::memory_order_relaxed); }
   // Deallocates the range (punches a hole); the range then reads as zeros.
   int trim(uint64_t count, uint64_t offset, bool fua);
   // Makes the range read as zeros. may_trim allows a hole; fast_zero asks to
@@ -61,6 +71,10 @@ class ImageFile {
 
  private:
   ImageFile(std::string path, int fd, uint64_t size, bool readonly);
+  void open_direct();
+  // Writes with O_DIRECT as far as the kernel takes them: the bytes written
+  // (the rest is for a cached write), or -1 with errno.
+  int64_t pwrite_direct(const char* buf, uint64_t count, uint64_t offset);
   int write_zeros(uint64_t count, uint64_t offset);
   void note_sync_error(int err);
 
@@ -69,6 +83,12 @@ class ImageFile {
   std::atomic<uint64_t> size_{0};
   bool readonly_ = false;
   std::atomic<int> sync_error_{0};
+  // A second descriptor with O_DIRECT (-1: the file system refuses it), and
+  // the alignment its writes need (offset and length; memory).
+  int direct_fd_ = -1;
+  uint32_t direct_offset_align_ = 0;
+  uint32_t direct_memory_align_ = 0;
+  std::atomic<bool> direct_ok_{true};  // false once a direct write was refused as misaligned
 };
 
 }  // namespace livemig
