@@ -555,7 +555,7 @@ void DestinationSession::unlock_segments(IndexRange segs) {
 
 void DestinationSession::on_pulled(uint64_t id, const DataPayload& p) {
   if (!presence_ || s_.machine.state().phase != Phase::PostCopy) return;  // a late reply
-  Status s = apply_pulled(p);
+  Status s = apply_pulled(p, is_background_pull(id));
   if (!s) {
     fail_pull(id, s.errno_value());
     return;
@@ -563,7 +563,13 @@ void DestinationSession::on_pulled(uint64_t id, const DataPayload& p) {
   finish_pull(id, p.length);
 }
 
-Status DestinationSession::apply_pulled(const DataPayload& p) {
+bool DestinationSession::is_background_pull(uint64_t id) {
+  MutexLock lock(pull_mu_);
+  auto it = pulls_.find(id);
+  return it != pulls_.end() && it->second.background;
+}
+
+Status DestinationSession::apply_pulled(const DataPayload& p, bool background) {
   const SegmentGeometry& g = s_.geometry();
   const uint64_t size = g.image_size();
   if (p.offset > size || p.length > size - p.offset || p.offset % g.block_size() != 0 ||
@@ -572,6 +578,13 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
                                                            "plain block range of the {}-byte image",
                                                            p.offset, p.length, p.flags, size));
   const bool zero = p.flags & kFlagZero;
+  // A background pull's data is written around the page cache, as pushes
+  // are (on_push): nobody waits to read it. This is safe beside the guest's
+  // cached I/O only because no page holds two blocks: the guest writes a
+  // missing block under the segment lock held here, and a present one is
+  // never written by a pull. A demand pull's reader reads the block next:
+  // cached.
+  const bool around_cache = background && g.block_size() % ImageFile::page_size() == 0;
   IndexRange blocks = g.blocks_touched(p.offset, p.length);
   IndexRange segs = g.segments_touched(p.offset, p.length);
   Status status;
@@ -582,8 +595,10 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
     if (b >= blocks.last) break;
     IndexRange run{b, std::min(blocks.last, presence_->find_next_present(b))};
     uint64_t off = g.range_offset(run), len = g.range_length(run);
-    int rc = zero ? s_.image().zero(len, off, true, false, false)
-                  : s_.image().pwrite(p.bytes.data() + (off - p.offset), len, off, false);
+    const char* data = reinterpret_cast<const char*>(p.bytes.data()) + (off - p.offset);
+    int rc = zero           ? s_.image().zero(len, off, true, false, false)
+             : around_cache ? s_.image().write_around_cache(data, len, off)
+                            : s_.image().pwrite(data, len, off, false);
     if (rc < 0) {
       int e = errno;
       status = Status::error(fmt::format("writing pulled blocks at {} of {}: {}", off, s_.image().path(),
@@ -600,7 +615,7 @@ Status DestinationSession::apply_pulled(const DataPayload& p) {
   // fdatasync, a second of pulled data (100 MiB on a 1 Gbit/s link) was
   // written back and block-allocated in one go, and the guest's writes
   // queued behind it on the file's locks (dips to zero IOPS for 1-2 s).
-  if (status && !zero) s_.image().start_writeback(p.length, p.offset);
+  if (status && !zero && !around_cache) s_.image().start_writeback(p.length, p.offset);
   {
     MutexLock lock(mu_);
     if (status.errno_value() == ENOSPC)

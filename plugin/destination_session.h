@@ -139,7 +139,8 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   // after the commit
   void become_authoritative(BlockBitmap present, std::vector<double> priority);
   void on_pulled(uint64_t id, const DataPayload& p);
-  Status apply_pulled(const DataPayload& p);
+  Status apply_pulled(const DataPayload& p, bool background);
+  bool is_background_pull(uint64_t id);
   uint64_t issue_pull(IndexRange blocks, bool background) REQUIRES(pull_mu_);
   void finish_pull(uint64_t id, uint64_t bytes);
   void fail_pull(uint64_t id, int err);

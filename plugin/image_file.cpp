@@ -58,6 +58,11 @@ ImageFile::~ImageFile() {
   if (direct_fd_ >= 0) ::close(direct_fd_);
 }
 
+uint64_t ImageFile::page_size() {
+  static const auto size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  return size;
+}
+
 // Through /proc/self/fd: the same file even if its path was renamed since.
 void ImageFile::open_direct() {
   const std::string self = fmt::format("/proc/self/fd/{}", fd_);
@@ -67,7 +72,7 @@ void ImageFile::open_direct() {
   // Buffers are page-aligned whatever the kernel allows: on a virtio disk,
   // 256 KiB direct writes from 16-byte-aligned buffers (legal there) ran at
   // 30 MiB/s in two runs of three, against 300 MiB/s page-aligned.
-  const auto page = static_cast<uint32_t>(::sysconf(_SC_PAGESIZE));
+  const auto page = static_cast<uint32_t>(page_size());
   uint32_t offset_align = page, memory_align = page;  // where the kernel does not say
   if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 && (stx.stx_mask & STATX_DIOALIGN)) {
     if (stx.stx_dio_offset_align == 0) {  // this file cannot do direct I/O after all

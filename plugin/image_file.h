@@ -55,6 +55,8 @@ class ImageFile {
   // meanwhile (a direct write and a cached write of the same bytes at once
   // may leave either).
   int write_around_cache(const void* buf, uint64_t count, uint64_t offset);
+  // The memory page size: a page of the cache holds this many bytes of the file.
+  static uint64_t page_size();
   // True when write_around_cache() can bypass the page cache here.
   bool direct_writes() const { return direct_fd_ >= 0 && direct_ok_.load(std::memory_order_relaxed); }
   // Deallocates the range (punches a hole); the range then reads as zeros.

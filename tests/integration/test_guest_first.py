@@ -5,6 +5,7 @@ before the migration, never below min_rate, and still ends."""
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -153,3 +154,29 @@ def test_set_rate_changes_a_running_migrations_cap_at_once_and_a_bad_one_names_t
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+def resident_bytes(path):
+    """Bytes of the file in the page cache (fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path], check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_pushed_and_background_pulled_data_do_not_fill_the_destinations_page_cache(mode):
+    # Pushed data (precopy) and background pulls (postcopy with no guest)
+    # are written around the cache: a page-cache copy and its writeback cost
+    # the destination several times the CPU per byte, and evict what its
+    # guest has cached.
+    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+        fs = subprocess.run(["stat", "-f", "-c", "%T", os.path.dirname(dst_image)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+        if fs in ("tmpfs", "ramfs"):
+            pytest.skip(f"the destination's directory is on {fs}: every page of it is resident")
+        mig.migrate(src, dst, mode, handover="auto")
+        st = mig.wait_phase(dst, ["Done"], timeout=60)
+        assert st["migration"]["blocks_received"] * st["block_size"] >= DATA, st["migration"]
+        cached = resident_bytes(dst_image)
+        assert cached <= DATA // 8, f"{cached // MiB} MiB of the {DATA // MiB} MiB {mode} moved are in the page cache"
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
