@@ -865,7 +865,9 @@ void DestinationSession::pay_for_received(const PeerLink& link) {
     paid_link_ = &link;
     paid_received_ = received;
   }
-  pacer_.take(received - paid_received_);
+  // The tail, no more than a handover's pause would move, is not paced.
+  const bool tail = presence_->missing() * s_.geometry().block_size() <= params_.handover_size;
+  pacer_.take(received - paid_received_, !tail);
   paid_received_ = received;
 }
 

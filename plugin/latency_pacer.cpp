@@ -89,13 +89,14 @@ void TransferPacer::apply_max_rate() {
   if (const uint64_t wanted = wanted_max_rate_.load(std::memory_order_relaxed); wanted != applied_max_rate_) {
     applied_max_rate_ = wanted;
     pacer_.set_max_rate(wanted);
-    limiter_.set_rate(pacer_.rate());
+    limiter_.set_rate(tail_.load(std::memory_order_relaxed) ? wanted : pacer_.rate());
   }
 }
 
-void TransferPacer::take(uint64_t bytes) {
+void TransferPacer::take(uint64_t bytes, bool pace) {
   apply_max_rate();
-  if (pacer_.active()) {
+  if (!pace && !tail_.exchange(true, std::memory_order_relaxed)) limiter_.set_rate(applied_max_rate_);
+  if (pacer_.active() && !tail_.load(std::memory_order_relaxed)) {
     const auto now = std::chrono::steady_clock::now();
     window_bytes_ += bytes;
     if (window_start_ == std::chrono::steady_clock::time_point{}) {
@@ -116,6 +117,13 @@ void TransferPacer::take(uint64_t bytes) {
   // Slices of at most 50 ms: a ceiling raised meanwhile ends the wait early.
   for (double owed; (owed = limiter_.seconds_owed()) > 0; apply_max_rate())
     std::this_thread::sleep_for(std::chrono::duration<double>(std::min(owed, 0.05)));
+}
+
+nlohmann::json TransferPacer::to_json() const {
+  nlohmann::json j = pacer_.to_json();
+  j["unpaced_tail"] = tail_.load(std::memory_order_relaxed);
+  if (j["unpaced_tail"]) j["rate"] = max_rate();
+  return j;
 }
 
 nlohmann::json LatencyPacer::to_json() const {

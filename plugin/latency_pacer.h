@@ -117,11 +117,14 @@ class TransferPacer {
   // `guest` may be null (no measure: max_rate only).
   TransferPacer(const GuestLatency* guest, PacerConfig config);
   // The transfer moved `bytes` more: decides the rate again once a window,
-  // then sleeps as long as the rate requires.
-  void take(uint64_t bytes);
+  // then sleeps as long as the rate requires. pace false: the transfer's
+  // tail (what is left fits in a handover's pause), paced by max_rate
+  // alone from now on: yielding there would only keep the migration's most
+  // fragile phase open longer.
+  void take(uint64_t bytes, bool pace = true);
   void set_max_rate(uint64_t bytes_per_second) { wanted_max_rate_.store(bytes_per_second, std::memory_order_relaxed); }
   uint64_t max_rate() const { return wanted_max_rate_.load(std::memory_order_relaxed); }
-  nlohmann::json to_json() const { return pacer_.to_json(); }
+  nlohmann::json to_json() const;
 
  private:
   // A ceiling set_max_rate() asked for, applied (take()'s thread).
@@ -135,6 +138,7 @@ class TransferPacer {
   uint64_t window_bytes_ = 0;
   std::atomic<uint64_t> wanted_max_rate_;  // set_max_rate()'s, applied by take()
   uint64_t applied_max_rate_;              // take()'s thread only
+  std::atomic<bool> tail_{false};          // take(..., false) was called: max_rate alone
 };
 
 }  // namespace livemig

@@ -1,5 +1,7 @@
 #include "plugin/latency_pacer.h"
 
+#include <thread>
+
 #include <catch2/catch.hpp>
 
 #include "plugin/guest_latency.h"
@@ -213,4 +215,39 @@ TEST_CASE("pacer: max_slowdown keeps the rate at the fastest unpaced rate / max_
   CHECK(window(p, 100 * MiB, kBaseline * 3) == 80 * MiB);  // halving would give 50: the budget says 80
   CHECK(window(p, 80 * MiB, kBaseline * 3) == 80 * MiB);
   CHECK(p.to_json()["windows_over_bound"] == 2);
+}
+
+TEST_CASE("transfer pacer: the tail is paced by max_rate alone, not by the guest") {
+  using Clock = std::chrono::steady_clock;
+  GuestLatency guest;
+  PacerConfig c = config();
+  c.min_rate = MiB;
+  livemig::TransferPacer pacer(&guest, c);
+  auto seconds_since = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+  // A guest at 100x its baseline: the rate falls to min_rate after a window.
+  const auto deadline = Clock::now() + 5s;
+  while (pacer.to_json()["rate"] != c.min_rate && Clock::now() < deadline) {
+    const auto now = Clock::now();
+    for (int i = 0; i < 100; ++i) guest.record(now - 10ms, now);
+    pacer.take(16 << 10);
+    std::this_thread::sleep_for(20ms);
+  }
+  REQUIRE(pacer.to_json()["rate"] == c.min_rate);
+  CHECK(pacer.to_json()["unpaced_tail"] == false);
+
+  // 2 MiB at min_rate would take 2 s; as the tail it is not held back.
+  auto t0 = Clock::now();
+  pacer.take(2 * MiB, false);
+  CHECK(seconds_since(t0) < 0.5);
+  CHECK(pacer.to_json()["unpaced_tail"] == true);
+  CHECK(pacer.to_json()["rate"] == 0);
+  // The operator's ceiling still holds in the tail: 2 MiB at 4 MiB/s.
+  pacer.set_max_rate(4 * MiB);
+  pacer.take(0, false);
+  t0 = Clock::now();
+  pacer.take(2 * MiB, false);
+  const double took = seconds_since(t0);
+  CHECK(took >= 0.3);
+  CHECK(took < 1.5);
+  CHECK(pacer.to_json()["rate"] == 4 * MiB);
 }

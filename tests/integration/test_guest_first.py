@@ -73,8 +73,9 @@ def test_a_guest_within_its_bound_is_not_slowed():
 
 
 def test_the_destination_paces_background_pulls_with_the_baseline_the_source_measured():
+    # handover_size 1 MiB: all but the last MiB is paced (the tail is not).
     _, st_src, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
-                                              min_rate=MIN_RATE, max_rate=MAX_RATE)
+                                              min_rate=MIN_RATE, max_rate=MAX_RATE, handover_size=MiB)
     src_params, dst_params = st_src["migration"]["params"], st_dst["migration"]["params"]
     assert dst_params["guest_baseline_p99_ns"] == src_params["guest_baseline_p99_ns"] == 1, (src_params, dst_params)
     pacing = st_dst["migration"]["pacing"]
@@ -82,6 +83,22 @@ def test_the_destination_paces_background_pulls_with_the_baseline_the_source_mea
     # guest's p99 here (the bound applies to the higher baseline).
     assert pacing["active"] and pacing["probes"] >= 1 and pacing["local_baseline_p99_ms"] > 0, pacing
     assert pacing["windows"] >= 4, pacing
+
+
+def test_a_post_copy_tail_within_handover_size_is_not_held_back_by_the_guest():
+    # The guest is always over its bound (a 1 ns baseline). Pulls with more
+    # than handover_size left are paced down to min_rate; the tail is paced
+    # by max_rate alone (it keeps the migration's most fragile phase open).
+    paced, _, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
+                                             min_rate=MIN_RATE, max_rate=MAX_RATE, handover_size=MiB)
+    pacing = st_dst["migration"]["pacing"]
+    assert pacing["windows_over_bound"] >= 2, pacing
+    tail, _, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
+                                            min_rate=MIN_RATE, max_rate=MAX_RATE, handover_size=SIZE)
+    pacing = st_dst["migration"]["pacing"]
+    assert pacing["unpaced_tail"] and pacing["windows_over_bound"] == 0, pacing
+    assert tail < 0.75 * paced, f"the tail took {tail:.1f} s, paced pulls {paced:.1f} s"
+    assert tail >= 0.5 * DATA / MAX_RATE, f"{DATA // MiB} MiB in {tail:.1f} s: faster than max_rate allows"
 
 
 def test_auto_measures_the_guests_baseline_when_the_migration_starts():
