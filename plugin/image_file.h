@@ -48,7 +48,7 @@ class ImageFile {
   // so that a later flush() finds little left to write. Advisory.
   void start_writeback(uint64_t count, uint64_t offset);
   // Writes exactly count bytes for a bulk copy nobody reads soon (a
-  // destination's pushed data): around the page cache (O_DIRECT, from an
+  // destination's pushed data and background pulls): around the page cache (O_DIRECT, from an
   // aligned copy) where the file system allows it and the range is aligned
   // to its direct I/O unit, else pwrite() and start_writeback(). Not durable
   // until flush(). The caller keeps the page cache's users off the range

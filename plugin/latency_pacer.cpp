@@ -121,8 +121,9 @@ void TransferPacer::take(uint64_t bytes, bool pace) {
 
 nlohmann::json TransferPacer::to_json() const {
   nlohmann::json j = pacer_.to_json();
-  j["unpaced_tail"] = tail_.load(std::memory_order_relaxed);
-  if (j["unpaced_tail"]) j["rate"] = max_rate();
+  const bool tail = tail_.load(std::memory_order_relaxed);
+  j["unpaced_tail"] = tail;
+  if (tail) j["rate"] = max_rate();  // what the limiter applies now, not the pacer's last decision
   return j;
 }
 
