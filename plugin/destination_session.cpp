@@ -865,10 +865,20 @@ void DestinationSession::pay_for_received(const PeerLink& link) {
     paid_link_ = &link;
     paid_received_ = received;
   }
-  // The tail, no more than a handover's pause would move, is not paced.
-  const bool tail = presence_->missing() * s_.geometry().block_size() <= params_.handover_size;
-  pacer_.take(received - paid_received_, !tail);
+  pacer_.take(received - paid_received_, !in_tail());
   paid_received_ = received;
+}
+
+// The tail (no more missing than a handover's pause would move) is not
+// paced. missing() walks the presence bitmap (thousands of pages on a 1 TiB
+// image), so it is counted at most every 100 ms, not on every pull; once
+// reached, the tail lasts (post-copy only fills blocks in).
+bool DestinationSession::in_tail() {
+  if (pacer_.in_tail()) return true;
+  const auto now = Clock::now();
+  if (now - tail_checked_at_ < std::chrono::milliseconds(100)) return false;
+  tail_checked_at_ = now;
+  return presence_->missing() * s_.geometry().block_size() <= params_.handover_size;
 }
 
 Status DestinationSession::reconnect_to_source() {

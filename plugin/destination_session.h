@@ -149,6 +149,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   void pull_loop();
   bool pull_segment(uint64_t seg, uint64_t unit_blocks);
   void pay_for_received(const PeerLink& link);
+  bool in_tail();  // the puller's thread
   void persist_loop();
   Status reconnect_to_source();
   void send_progress();
@@ -198,6 +199,7 @@ class DestinationSession : public std::enable_shared_from_this<DestinationSessio
   // What the puller has paid the limiter for: bytes received on this link.
   const PeerLink* paid_link_ = nullptr;  // puller only
   uint64_t paid_received_ = 0;           // puller only
+  std::chrono::steady_clock::time_point tail_checked_at_{};  // puller only: when in_tail() last counted the missing blocks
 
   Mutex pull_mu_;
   CondVar pull_cv_;

@@ -124,6 +124,7 @@ class TransferPacer {
   void take(uint64_t bytes, bool pace = true);
   void set_max_rate(uint64_t bytes_per_second) { wanted_max_rate_.store(bytes_per_second, std::memory_order_relaxed); }
   uint64_t max_rate() const { return wanted_max_rate_.load(std::memory_order_relaxed); }
+  bool in_tail() const { return tail_.load(std::memory_order_relaxed); }
   nlohmann::json to_json() const;
 
  private:
