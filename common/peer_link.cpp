@@ -534,8 +534,13 @@ awaitable<void> PeerLink::write_loop(std::shared_ptr<PeerLink> self) {
       writing_ = false;
       co_return;
     }
-    queued_bytes_.fetch_sub(frame.size(), std::memory_order_relaxed);
-    cv_.notify_all();
+    // seq_cst, with wait_queue_below()'s store and load: either it sees
+    // this drain or this sees its limit.
+    const size_t left = queued_bytes_.fetch_sub(frame.size()) - frame.size();
+    if (left < wake_below_.load()) {
+      { MutexLock lock(mu_); }  // a waiter that tested the queue before the drain is now asleep
+      cv_.notify_all();
+    }
     keep_spare_frame(std::move(frame));
   }
 }
@@ -577,7 +582,12 @@ std::vector<Result<PeerLink::Frame>> PeerLink::call_raw_all(std::vector<std::pai
 
 bool PeerLink::wait_queue_below(size_t limit, std::chrono::milliseconds timeout) {
   UniqueLock lock(mu_);
-  return cv_.wait_for(lock, timeout, [&] { return closed_ || queued_bytes() < limit; }) && !closed_;
+  auto registered = drain_limits_.insert(limit);
+  wake_below_.store(*drain_limits_.rbegin());
+  const bool below = cv_.wait_for(lock, timeout, [&] { return closed_ || queued_bytes_.load() < limit; }) && !closed_;
+  drain_limits_.erase(registered);
+  wake_below_.store(drain_limits_.empty() ? 0 : *drain_limits_.rbegin());
+  return below;
 }
 
 void PeerLink::fail_waiters(const Status& why) {

@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <utility>  // Boost 1.74's awaitable.hpp uses std::exchange without it
 #include <vector>
@@ -245,6 +246,12 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
   };
   std::map<uint64_t, std::shared_ptr<Waiter>> waiters_ GUARDED_BY(mu_);
   CondVar cv_;  // waiters, queue drain
+  // The limits threads wait in wait_queue_below() for, and the largest of
+  // them (0: nobody waits): the writer wakes them only once the queue is
+  // below it, not after every frame (a pusher 8 MiB ahead woke some six
+  // times per MiB, each a futex call and a context switch).
+  std::multiset<size_t> drain_limits_ GUARDED_BY(mu_);
+  std::atomic<size_t> wake_below_{0};
 
   std::atomic<size_t> queued_bytes_{0};
   std::atomic<uint64_t> bytes_sent_{0};

@@ -322,3 +322,42 @@ TEST_CASE("DATA frames built in reused buffers arrive exactly as sent, whatever 
     CHECK(got[i].second == sent[i]);
   }
 }
+
+TEST_CASE("threads waiting for the send queue to drain each wake at their own limit", "[peer_link]") {
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  REQUIRE(pair.server);
+  // A slow reader (5 ms a frame, about 50 MiB/s), so that the sender's
+  // queue drains for a second or more once the socket buffers are full.
+  std::atomic<size_t> frames_read{0};
+  pair.server->start(
+      [&](const std::shared_ptr<PeerLink>&, PeerLink::Frame& f) {
+        if (!std::holds_alternative<DataPayload>(f.message)) return;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        frames_read++;
+      },
+      [](const std::shared_ptr<PeerLink>&, const Status&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+
+  constexpr size_t kFrame = 256 << 10, kFrames = 192, kHigh = 24u << 20;
+  const std::string bytes(kFrame, 'x');
+  for (size_t i = 0; i < kFrames; ++i)
+    pair.client->send_data(DataPayload{i * kFrame, uint32_t(kFrame), 0,
+                                       {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}},
+                           0, false);
+  REQUIRE(pair.client->queued_bytes() >= kHigh + (4u << 20));
+
+  // One waits for the queue to be nearly empty, one only for it to fall
+  // below kHigh: the second must wake at its own limit, while the first
+  // still waits (each would also wake, late, at its timeout).
+  auto empty = std::async(std::launch::async, [&] { return pair.client->wait_queue_below(1, std::chrono::seconds(30)); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  const bool high = pair.client->wait_queue_below(kHigh, std::chrono::seconds(30));
+  const size_t queued_at_high = pair.client->queued_bytes();
+  CHECK(high);
+  CHECK(queued_at_high < kHigh);
+  CHECK(queued_at_high >= (2u << 20));  // the drain went on: it did not wait for the other's limit
+  CHECK(empty.wait_for(std::chrono::seconds(0)) == std::future_status::timeout);
+  CHECK(empty.get());
+  CHECK(pair.client->queued_bytes() == 0);
+}

@@ -39,7 +39,7 @@ size_t resident_pages(const std::string& path, uint64_t offset, uint64_t length)
   REQUIRE(f);
   void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, f->fd(), static_cast<off_t>(offset));
   REQUIRE(map != MAP_FAILED);
-  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t page = ImageFile::page_size();
   std::vector<unsigned char> vec((length + page - 1) / page);
   REQUIRE(::mincore(map, length, vec.data()) == 0);
   ::munmap(map, length);

@@ -169,10 +169,6 @@ def test_set_rate_changes_a_running_migrations_cap_at_once_and_a_bad_one_names_t
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
-
-
 def resident_bytes(path):
     """Bytes of the file in the page cache (fincore)."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path], check=True,
@@ -197,3 +193,7 @@ def test_pushed_and_background_pulled_data_do_not_fill_the_destinations_page_cac
         cached = resident_bytes(dst_image)
         assert cached <= DATA // 8, f"{cached // MiB} MiB of the {DATA // MiB} MiB {mode} moved are in the page cache"
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
