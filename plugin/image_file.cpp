@@ -175,7 +175,8 @@ int64_t ImageFile::pwrite_direct(const char* buf, uint64_t count, uint64_t offse
 
 int ImageFile::write_around_cache(const void* buf, uint64_t count, uint64_t offset) {
   uint64_t done = 0;
-  if (direct_writes() && count > 0 && count % direct_offset_align_ == 0 && offset % direct_offset_align_ == 0) {
+  if (direct_writes() && count >= kMinDirectWrite && count % direct_offset_align_ == 0 &&
+      offset % direct_offset_align_ == 0) {
     if (char* copy = aligned_scratch(count, direct_memory_align_)) {
       std::memcpy(copy, buf, count);
       const int64_t n = pwrite_direct(copy, count, offset);

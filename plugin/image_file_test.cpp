@@ -80,7 +80,7 @@ TEST_CASE("image file: write_around_cache writes every byte, aligned or not, fro
   const std::string over = random_bytes(8192, seed++);
   REQUIRE(image->pwrite(over.data(), over.size(), 4096, false) == 0);
   expected.replace(4096, over.size(), over);
-  const std::string back = random_bytes(64 << 10, seed++);
+  const std::string back = random_bytes(ImageFile::kMinDirectWrite, seed++);
   REQUIRE(image->write_around_cache(back.data(), back.size(), 0) == 0);
   expected.replace(0, back.size(), back);
   REQUIRE(image->flush() == 0);
@@ -111,4 +111,37 @@ TEST_CASE("image file: aligned writes around the cache leave no page of theirs i
   CHECK(resident_pages(path, 0, 1 << 20) == 0);
   // The measure itself works: the cached write's pages are there.
   CHECK(resident_pages(path, 2 << 20, 1 << 20) > 0);
+}
+
+TEST_CASE("image file: aligned runs shorter than kMinDirectWrite are written cached, longer ones around it") {
+  TempDir dir;
+  const std::string path = make_image(dir, kImageSize);
+  auto image = ImageFile::open(path, false);
+  REQUIRE(image);
+  if (!image->direct_writes()) {
+    WARN("no direct I/O on the file system of " << dir.path() << ": only the cached path is tested");
+    return;
+  }
+  // A scattered hot set's blocks, one page each: a direct write would wait
+  // for the disk on every one of them.
+  const uint64_t page = ImageFile::page_size();
+  const std::string block = random_bytes(page, 11);
+  for (uint64_t off = 0; off < (1 << 20); off += 4 * page)
+    REQUIRE(image->write_around_cache(block.data(), block.size(), off) == 0);
+  const std::string shorter = random_bytes(ImageFile::kMinDirectWrite - page, 12);
+  REQUIRE(image->write_around_cache(shorter.data(), shorter.size(), 2 << 20) == 0);
+  const std::string whole = random_bytes(ImageFile::kMinDirectWrite, 13);
+  REQUIRE(image->write_around_cache(whole.data(), whole.size(), 3 << 20) == 0);
+  CHECK(resident_pages(path, 0, 1 << 20) == (1 << 20) / (4 * page));
+  CHECK(resident_pages(path, 2 << 20, shorter.size()) == shorter.size() / page);
+  CHECK(resident_pages(path, 3 << 20, whole.size()) == 0);
+  REQUIRE(image->flush() == 0);
+  std::string got(whole.size(), '\0');
+  auto again = ImageFile::open(path, true);
+  REQUIRE(again);
+  for (auto [off, want] : {std::pair<uint64_t, const std::string*>{0, &block}, {2 << 20, &shorter}, {3 << 20, &whole}}) {
+    got.resize(want->size());
+    REQUIRE(again->pread(got.data(), got.size(), off) == 0);
+    CHECK(got == *want);
+  }
 }
