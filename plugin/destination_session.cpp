@@ -878,7 +878,9 @@ bool DestinationSession::in_tail() {
   const auto now = Clock::now();
   if (now - tail_checked_at_ < std::chrono::milliseconds(100)) return false;
   tail_checked_at_ = now;
-  return presence_->missing() * s_.geometry().block_size() <= params_.handover_size;
+  const uint64_t missing = presence_->missing() * s_.geometry().block_size();
+  pacer_.set_remaining(missing);
+  return missing <= params_.handover_size;
 }
 
 Status DestinationSession::reconnect_to_source() {

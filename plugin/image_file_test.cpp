@@ -48,6 +48,14 @@ size_t resident_pages(const std::string& path, uint64_t offset, uint64_t length)
   return n;
 }
 
+// False (with a warning) where the file system has no direct I/O: the
+// direct path cannot be tested there.
+bool has_direct_io(const ImageFile& image, const TempDir& dir) {
+  if (!image.direct_writes())
+    WARN("no direct I/O on the file system of " << dir.path() << ": only the cached path is tested");
+  return image.direct_writes();
+}
+
 }  // namespace
 
 TEST_CASE("image file: write_around_cache writes every byte, aligned or not, from any buffer") {
@@ -100,10 +108,7 @@ TEST_CASE("image file: aligned writes around the cache leave no page of theirs i
   const std::string path = make_image(dir, kImageSize);
   auto image = ImageFile::open(path, false);
   REQUIRE(image);
-  if (!image->direct_writes()) {
-    WARN("no direct I/O on the file system of " << dir.path() << ": only the cached path is tested");
-    return;
-  }
+  if (!has_direct_io(*image, dir)) return;
   const std::string data = random_bytes(1 << 20, 7);
   REQUIRE(image->write_around_cache(data.data(), data.size(), 0) == 0);
   REQUIRE(image->pwrite(data.data(), data.size(), 2 << 20, false) == 0);
@@ -118,10 +123,7 @@ TEST_CASE("image file: aligned runs shorter than kMinDirectWrite are written cac
   const std::string path = make_image(dir, kImageSize);
   auto image = ImageFile::open(path, false);
   REQUIRE(image);
-  if (!image->direct_writes()) {
-    WARN("no direct I/O on the file system of " << dir.path() << ": only the cached path is tested");
-    return;
-  }
+  if (!has_direct_io(*image, dir)) return;
   // A scattered hot set's blocks, one page each: a direct write would wait
   // for the disk on every one of them.
   const uint64_t page = ImageFile::page_size();

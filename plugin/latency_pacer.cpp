@@ -24,6 +24,7 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
   const uint64_t n = windows_.fetch_add(1, std::memory_order_relaxed) + 1;
   if (requests < kMinRequests) p99_ns = 0;  // an idle guest: nothing to protect
   last_p99_ns_.store(p99_ns, std::memory_order_relaxed);
+  const uint64_t moved = static_cast<uint64_t>(double(bytes) / seconds);
   uint64_t rate;
   if (probing_) {
     // The transfer was held to min_rate: the guest's latency here with
@@ -33,7 +34,6 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
     rate = rate_before_probe_;
   } else {
     const uint64_t cap = rate_.load(std::memory_order_relaxed);
-    const uint64_t moved = static_cast<uint64_t>(double(bytes) / seconds);
     rate = next_rate(p99_ns, moved);
     // The budget's reference measured again (header): one window unpaced.
     if (config_.max_slowdown >= 1 && n % kRemeasureEvery == 0 && rate != 0 && cap != 0 && cap != max_rate() &&
@@ -42,7 +42,7 @@ uint64_t LatencyPacer::on_window(uint64_t requests, uint64_t p99_ns, uint64_t by
       rate = 0;
     }
   }
-  if (config_.probe_every != 0 && (n == 1 || n % config_.probe_every == 0)) {
+  if (config_.probe_every != 0 && (n == 1 || n % config_.probe_every == 0) && worth_probing(moved)) {
     probes_.fetch_add(1, std::memory_order_relaxed);
     probing_ = true;
     rate_before_probe_ = rate;
@@ -71,6 +71,14 @@ uint64_t LatencyPacer::next_rate(uint64_t p99_ns, uint64_t moved) {
   }
   if (rate != 0) rate = std::max(rate, floor());
   return rate;
+}
+
+bool LatencyPacer::worth_probing(uint64_t moved) {
+  const uint64_t remaining = remaining_.load(std::memory_order_relaxed);
+  const double probe_period = config_.probe_every * std::chrono::duration<double>(kWindow).count();
+  if (remaining == 0 || moved == 0 || double(remaining) / double(moved) >= probe_period) return true;
+  probes_skipped_.fetch_add(1, std::memory_order_relaxed);
+  return false;
 }
 
 uint64_t LatencyPacer::floor() const {
@@ -134,6 +142,7 @@ nlohmann::json LatencyPacer::to_json() const {
           {"baseline_requests", config_.baseline_requests},
           {"local_baseline_p99_ms", double(local_baseline_ns_.load(std::memory_order_relaxed)) / 1e6},
           {"probes", probes_.load(std::memory_order_relaxed)},
+          {"probes_skipped", probes_skipped_.load(std::memory_order_relaxed)},
           {"window_p99_ms", double(last_p99_ns_.load(std::memory_order_relaxed)) / 1e6},
           {"rate", rate()},
           {"max_rate", max_rate()},

@@ -251,3 +251,22 @@ TEST_CASE("transfer pacer: the tail is paced by max_rate alone, not by the guest
   CHECK(took < 1.5);
   CHECK(pacer.to_json()["rate"] == 4 * MiB);
 }
+
+TEST_CASE("pacer: no probe when what is left would be moved before the probe could pay for itself") {
+  PacerConfig c = config();
+  c.probe_every = 4;  // a probe period of 4 windows, 1 s
+  LatencyPacer p(c);
+  p.set_remaining(50 * MiB);  // half a second at 100 MiB/s
+  CHECK(window(p, 100 * MiB, kBaseline) == 0);  // within the bound: unpaced, and no probe
+  CHECK_FALSE(p.probing());
+  CHECK(p.to_json()["probes_skipped"] == 1);
+  p.set_remaining(500 * MiB);  // 5 s: worth a probe
+  for (int i = 0; i < 2; ++i) CHECK(window(p, 100 * MiB, kBaseline) == 0);
+  CHECK(window(p, 100 * MiB, kBaseline) == 16 * MiB);  // the 4th window starts one
+  CHECK(p.probing());
+  // Not known (0): probes as before.
+  LatencyPacer unknown(c);
+  CHECK(window(unknown, 100 * MiB, kBaseline) == 16 * MiB);
+  CHECK(unknown.probing());
+  CHECK(unknown.to_json()["probes_skipped"] == 0);
+}
