@@ -12,6 +12,7 @@
 
 #include "common/byte_order.h"
 #include "common/transfer_planner.h"
+#include "common/uninitialized_buffer.h"
 
 namespace livemig {
 namespace {
@@ -75,20 +76,21 @@ Result<BlockSender::Sent> BlockSender::send_blocks(PeerLink& link, IndexRange bl
     sent.frames++;
     stats_.zero_blocks_sent.fetch_add(r.count(), std::memory_order_relaxed);
   };
-  std::string buf;
+  UninitializedBytes bytes;  // the read fills it: no memset of each unit first
   for (auto& [r, hole] : hole_runs(image_, g_, blocks)) {
     if (hole) {
       send_zero(r);
       continue;
     }
-    buf.resize(g_.range_length(r));
-    if (image_.pread(buf.data(), buf.size(), g_.range_offset(r)) < 0) return read_error(buf.size(), g_.range_offset(r));
-    for (const ZeroSplit& z : split_zero_runs(g_, r, buf.data())) {
+    bytes.resize(g_.range_length(r));
+    char* buf = reinterpret_cast<char*>(bytes.data());
+    if (image_.pread(buf, bytes.size(), g_.range_offset(r)) < 0) return read_error(bytes.size(), g_.range_offset(r));
+    for (const ZeroSplit& z : split_zero_runs(g_, r, buf)) {
       if (z.zero)
         send_zero(z.blocks);
       else
-        send_data_blocks(link, z.blocks, buf.data() + (g_.range_offset(z.blocks) - g_.range_offset(r)), request_id,
-                         priority, encoding, sent);
+        send_data_blocks(link, z.blocks, buf + (g_.range_offset(z.blocks) - g_.range_offset(r)), request_id, priority,
+                         encoding, sent);
     }
   }
   return sent;
