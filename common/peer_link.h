@@ -56,7 +56,9 @@ class PeerLink : public std::enable_shared_from_this<PeerLink> {
  public:
   struct Frame {
     FrameHeader header;
-    UninitializedBytes payload;  // keeps DataPayload::bytes valid; read into, never zeroed first
+    // Keeps DataPayload::bytes valid; read into, never zeroed first. A DATA
+    // frame's block data (after its header) starts on a page boundary.
+    std::vector<uint8_t, PageOffsetAllocator<uint8_t, kDataHeaderSize>> payload;
     AnyPayload message;
   };
   using FrameHandler = std::function<void(const std::shared_ptr<PeerLink>&, Frame&)>;

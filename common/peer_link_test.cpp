@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <fstream>
 #include <future>
 #include <thread>
@@ -360,4 +362,32 @@ TEST_CASE("threads waiting for the send queue to drain each wake at their own li
   CHECK(empty.wait_for(std::chrono::seconds(0)) == std::future_status::timeout);
   CHECK(empty.get());
   CHECK(pair.client->queued_bytes() == 0);
+}
+
+TEST_CASE("a received DATA frame's block data starts on a page boundary", "[peer_link]") {
+  // So the destination writes it with O_DIRECT as it is (no aligned copy).
+  LinkPair pair(secret("0123456789abcdef-key"), secret("0123456789abcdef-key"));
+  REQUIRE(pair.client);
+  REQUIRE(pair.server);
+  std::promise<std::pair<uintptr_t, std::string>> got;
+  std::atomic<bool> first{true};
+  pair.server->start(
+      [&](const std::shared_ptr<PeerLink>&, PeerLink::Frame& f) {
+        auto* d = std::get_if<DataPayload>(&f.message);
+        if (!d || !first.exchange(false)) return;
+        got.set_value({reinterpret_cast<uintptr_t>(d->bytes.data()),
+                       std::string(reinterpret_cast<const char*>(d->bytes.data()), d->bytes.size())});
+      },
+      [](const std::shared_ptr<PeerLink>&, const Status&) {});
+  pair.client->start([](auto&, auto&) {}, [](auto&, auto&) {});
+  std::string bytes(64 << 10, '\0');
+  for (size_t k = 0; k < bytes.size(); ++k) bytes[k] = static_cast<char>(k * 13 + 5);
+  pair.client->send_data(DataPayload{1 << 20, uint32_t(bytes.size()), 0,
+                                     {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}},
+                         0, false);
+  auto arrived = got.get_future();
+  REQUIRE(arrived.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  auto [address, data] = arrived.get();
+  CHECK(address % static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE)) == 0);
+  CHECK(data == bytes);
 }

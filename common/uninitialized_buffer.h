@@ -4,7 +4,11 @@
 // 256 KiB frame the link receives).
 #pragma once
 
+#include <unistd.h>
+
+#include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <new>
 #include <type_traits>
@@ -32,5 +36,39 @@ struct DefaultInitAllocator : std::allocator<T> {
 };
 
 using UninitializedBytes = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
+// Like DefaultInitAllocator, but every block starts kBefore bytes before a
+// page boundary: what follows a kBefore-byte header in it is page-aligned.
+// A DATA frame's payload read into one has its block data page-aligned, so
+// the destination writes it with O_DIRECT as it is, without first copying
+// it to an aligned buffer (ImageFile::write_around_cache).
+template <class T, size_t kBefore>
+struct PageOffsetAllocator : DefaultInitAllocator<T> {
+  using value_type = T;
+  PageOffsetAllocator() = default;
+  template <class U>
+  PageOffsetAllocator(const PageOffsetAllocator<U, kBefore>&) noexcept {}  // NOLINT: rebinding converts
+  template <class U>
+  struct rebind {
+    using other = PageOffsetAllocator<U, kBefore>;
+  };
+  static size_t page() {
+    static const size_t p = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    return p;
+  }
+  T* allocate(size_t n) {
+    static_assert(kBefore % alignof(T) == 0);
+    const size_t lead = page() - kBefore;  // kBefore < every page size there is
+    const size_t bytes = (lead + n * sizeof(T) + page() - 1) / page() * page();
+    void* raw = std::aligned_alloc(page(), bytes);
+    if (!raw) throw std::bad_alloc();
+    return reinterpret_cast<T*>(static_cast<char*>(raw) + lead);
+  }
+  void deallocate(T* p, size_t) noexcept { std::free(reinterpret_cast<char*>(p) - (page() - kBefore)); }
+  template <class U>
+  bool operator==(const PageOffsetAllocator<U, kBefore>&) const noexcept {
+    return true;
+  }
+};
 
 }  // namespace livemig

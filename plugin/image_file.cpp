@@ -177,9 +177,16 @@ int ImageFile::write_around_cache(const void* buf, uint64_t count, uint64_t offs
   uint64_t done = 0;
   if (direct_writes() && count >= kMinDirectWrite && count % direct_offset_align_ == 0 &&
       offset % direct_offset_align_ == 0) {
-    if (char* copy = aligned_scratch(count, direct_memory_align_)) {
-      std::memcpy(copy, buf, count);
-      const int64_t n = pwrite_direct(copy, count, offset);
+    // A received DATA frame's blocks are page-aligned already
+    // (PeerLink::Frame): written as they are; anything else from a copy.
+    const char* from = static_cast<const char*>(buf);
+    if (reinterpret_cast<uintptr_t>(buf) % direct_memory_align_ != 0) {
+      char* copy = aligned_scratch(count, direct_memory_align_);
+      if (copy) std::memcpy(copy, buf, count);
+      from = copy;
+    }
+    if (from) {
+      const int64_t n = pwrite_direct(from, count, offset);
       if (n < 0) return -1;
       done = static_cast<uint64_t>(n);
     }
