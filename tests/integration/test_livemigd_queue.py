@@ -141,7 +141,10 @@ def test_a_finished_task_leaves_its_bandwidth_to_the_one_still_running():
                 st = mig.status(large.src)
                 return active_phase(large.src) and st["migration"]["params"]["max_rate"] == limit
             lmtest.wait_until(raised, timeout=10, what="the large task's source raised to the whole 8M")
-            assert d.task(big)["rate_cap"] == limit, d.task(big)
+            # The daemon records the new cap once both sides answered set-rate:
+            # the source may show it a moment before the task does.
+            lmtest.wait_until(lambda: d.task(big)["rate_cap"] == limit, timeout=10,
+                              what="the large task's record to show the whole 8M")
             assert "rate cap 4194304 -> 8388608" in d.log(), d.log()
             d.wait_state(big, ("done",), timeout=60)
             large.assert_copied()
