@@ -24,12 +24,12 @@ REGION = f"{32 * MiB}:{8 * MiB}"  # the guest writes beside the data, not over i
 MAX_RATE, MIN_RATE = 16 * MiB, 4 * MiB
 
 
-def migrate_under_a_guest(mode, **params):
-    """Migrates SIZE with DATA while a guest writes 400 times a second at
-    the source, then at the destination; returns (seconds to Done, the
-    source's status at handover, the destination's status at Done). Every
-    byte the guest wrote is checked at the destination."""
-    with mig.Pair(SIZE, DATA) as (src, dst, src_image, dst_image, data):
+def migrate_under_a_guest(mode, data_len=DATA, **params):
+    """Migrates SIZE with data_len bytes of data while a guest writes 400
+    times a second at the source, then at the destination; returns (seconds
+    to Done, the source's status at handover, the destination's status at
+    Done). Every byte the guest wrote is checked at the destination."""
+    with mig.Pair(SIZE, data_len) as (src, dst, src_image, dst_image, data):
         journal = os.path.join(lmtest.tmp_dir("journal"), "journal")
         writer = mig.Writer(src.uri, REGION, journal, rate=400, duration=60)
         time.sleep(1.0)  # the guest's latency before the migration
@@ -42,7 +42,7 @@ def migrate_under_a_guest(mode, **params):
         lmtest._kill(writer.proc)  # it would write for a minute: enough
         rc, out = mig.verify_journal(dst.uri, journal, "--region", REGION, "--initial", "zero")
         assert rc == 0, f"the destination lost the guest's writes:\n{out}"
-        lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, data_len), data, "the source's data at the destination")
         return seconds, st_src, st_dst
 
 
@@ -72,24 +72,26 @@ def test_a_guest_within_its_bound_is_not_slowed():
     assert seconds < 0.75 * DATA / MIN_RATE, f"{seconds:.1f} s: as slow as min_rate"
 
 
-@pytest.mark.parametrize("max_rate", [MAX_RATE, MAX_RATE // 4])
-def test_the_destination_paces_background_pulls_with_the_baseline_the_source_measured(max_rate):
+@pytest.mark.parametrize("short", [True, False], ids=["short", "long"])
+def test_the_destination_paces_background_pulls_with_the_baseline_the_source_measured(short):
     # handover_size 1 MiB: all but the last MiB is paced (the tail is not).
-    _, st_src, st_dst = migrate_under_a_guest("postcopy", guest_latency_bound=1.2, guest_baseline_p99_ns=1,
-                                              min_rate=min(MIN_RATE, max_rate // 2), max_rate=max_rate,
-                                              handover_size=MiB)
+    # Short: 8 MiB at 4-16 MiB/s, well within a probe period (16 windows,
+    # 4 s). Long: 24 MiB at 2-4 MiB/s, 6 s or more.
+    data_len, max_rate = (8 * MiB, MAX_RATE) if short else (DATA, MAX_RATE // 4)
+    _, st_src, st_dst = migrate_under_a_guest("postcopy", data_len=data_len, guest_latency_bound=1.2,
+                                              guest_baseline_p99_ns=1, min_rate=min(MIN_RATE, max_rate // 2),
+                                              max_rate=max_rate, handover_size=MiB)
     src_params, dst_params = st_src["migration"]["params"], st_dst["migration"]["params"]
     assert dst_params["guest_baseline_p99_ns"] == src_params["guest_baseline_p99_ns"] == 1, (src_params, dst_params)
     pacing = st_dst["migration"]["pacing"]
-    assert pacing["active"] and pacing["windows"] >= 4, pacing
-    if max_rate == MAX_RATE:
-        # 24 MiB at 16 MiB/s: done within a probe period (16 windows, 4 s),
-        # so its own baseline is not worth a window at min_rate.
+    assert pacing["active"] and pacing["windows_over_bound"] >= 1, pacing
+    if short:
+        # Its own baseline is not worth a window at min_rate.
         assert pacing["probes"] == 0 and pacing["probes_skipped"] >= 1, pacing
     else:
-        # At 4 MiB/s it probes its own baseline: one window at min_rate,
-        # then the guest's p99 here (the bound applies to the higher one).
-        assert pacing["probes"] >= 1 and pacing["local_baseline_p99_ms"] > 0, pacing
+        # It probes its own baseline: one window at min_rate, then the
+        # guest's p99 here (the bound applies to the higher one).
+        assert pacing["windows"] >= 4 and pacing["probes"] >= 1 and pacing["local_baseline_p99_ms"] > 0, pacing
 
 
 def test_a_post_copy_tail_within_handover_size_is_not_held_back_by_the_guest():
