@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
 #include <utility>
@@ -37,6 +38,49 @@ struct DefaultInitAllocator : std::allocator<T> {
 
 using UninitializedBytes = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
 
+// The last few page-aligned blocks freed, for the next allocation of the
+// same size: glibc gave every aligned 260 KiB frame fresh pages (trimmed
+// and grown again, or mapped), and the destination spent 6x the CPU per
+// byte faulting them in.
+class AlignedBlockCache {
+ public:
+  static void* take(size_t bytes) {
+    std::lock_guard lock(mu());
+    auto& c = cache();
+    for (size_t i = 0; i < c.size(); ++i)
+      if (c[i].first == bytes) {
+        void* raw = c[i].second;
+        c[i] = c.back();
+        c.pop_back();
+        return raw;
+      }
+    return nullptr;
+  }
+  static void give(void* raw, size_t bytes) {
+    {
+      std::lock_guard lock(mu());
+      if (cache().size() < kMaxBlocks) {
+        cache().emplace_back(bytes, raw);
+        return;
+      }
+    }
+    std::free(raw);
+  }
+
+ private:
+  static constexpr size_t kMaxBlocks = 16;  // 4 MiB of 256 KiB frames at most
+  // Never destroyed: a frame may be freed during exit, and the blocks stay
+  // reachable for the leak checker.
+  static std::mutex& mu() {
+    static auto* m = new std::mutex;
+    return *m;
+  }
+  static std::vector<std::pair<size_t, void*>>& cache() {
+    static auto* c = new std::vector<std::pair<size_t, void*>>;
+    return *c;
+  }
+};
+
 // Like DefaultInitAllocator, but every block starts kBefore bytes before a
 // page boundary: what follows a kBefore-byte header in it is page-aligned.
 // A DATA frame's payload read into one has its block data page-aligned, so
@@ -56,15 +100,18 @@ struct PageOffsetAllocator : DefaultInitAllocator<T> {
     static const size_t p = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
     return p;
   }
+  static size_t lead() { return page() - kBefore; }  // kBefore < every page size there is
+  static size_t block_bytes(size_t n) { return (lead() + n * sizeof(T) + page() - 1) / page() * page(); }
   T* allocate(size_t n) {
     static_assert(kBefore % alignof(T) == 0);
-    const size_t lead = page() - kBefore;  // kBefore < every page size there is
-    const size_t bytes = (lead + n * sizeof(T) + page() - 1) / page() * page();
-    void* raw = std::aligned_alloc(page(), bytes);
+    void* raw = AlignedBlockCache::take(block_bytes(n));
+    if (!raw) raw = std::aligned_alloc(page(), block_bytes(n));
     if (!raw) throw std::bad_alloc();
-    return reinterpret_cast<T*>(static_cast<char*>(raw) + lead);
+    return reinterpret_cast<T*>(static_cast<char*>(raw) + lead());
   }
-  void deallocate(T* p, size_t) noexcept { std::free(reinterpret_cast<char*>(p) - (page() - kBefore)); }
+  void deallocate(T* p, size_t n) noexcept {
+    AlignedBlockCache::give(reinterpret_cast<char*>(p) - lead(), block_bytes(n));
+  }
   template <class U>
   bool operator==(const PageOffsetAllocator<U, kBefore>&) const noexcept {
     return true;
