@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -39,32 +40,35 @@ struct DefaultInitAllocator : std::allocator<T> {
 using UninitializedBytes = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
 
 // The last few page-aligned blocks freed, for the next allocation of the
-// same size: glibc gave every aligned 260 KiB frame fresh pages (trimmed
-// and grown again, or mapped), and the destination spent 6x the CPU per
-// byte faulting them in.
+// same size: with an aligned_alloc for every 260 KiB frame the destination
+// spent 6x the CPU per byte (fresh pages each time, it seems; this cache
+// took the cost away). The oldest block makes room for a newer one, so
+// that odd sizes freed once do not keep the frames' size out.
 class AlignedBlockCache {
  public:
   static void* take(size_t bytes) {
     std::lock_guard lock(mu());
     auto& c = cache();
-    for (size_t i = 0; i < c.size(); ++i)
-      if (c[i].first == bytes) {
-        void* raw = c[i].second;
-        c[i] = c.back();
-        c.pop_back();
+    for (auto it = c.rbegin(); it != c.rend(); ++it)
+      if (it->first == bytes) {
+        void* raw = it->second;
+        c.erase(std::next(it).base());
         return raw;
       }
     return nullptr;
   }
   static void give(void* raw, size_t bytes) {
+    void* oldest = nullptr;
     {
       std::lock_guard lock(mu());
-      if (cache().size() < kMaxBlocks) {
-        cache().emplace_back(bytes, raw);
-        return;
+      auto& c = cache();
+      if (c.size() == kMaxBlocks) {
+        oldest = c.front().second;
+        c.erase(c.begin());
       }
+      c.emplace_back(bytes, raw);
     }
-    std::free(raw);
+    std::free(oldest);
   }
 
  private:

@@ -23,3 +23,17 @@ TEST_CASE("page-offset buffers: what follows the header is page-aligned, and a f
   CHECK(other.data() != first);
   CHECK((reinterpret_cast<uintptr_t>(other.data()) + kHeader) % page == 0);
 }
+
+TEST_CASE("aligned block cache: odd sizes freed once do not keep the frames' size out") {
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  const size_t frame_bytes = (256 << 10) + page;
+  // More blocks of odd sizes than the cache holds, each freed once (as a
+  // post-copy's short pulls would), then a frame's.
+  for (size_t pages = 1; pages <= 40; ++pages)
+    AlignedBlockCache::give(std::aligned_alloc(page, pages * page), pages * page);
+  void* frame = std::aligned_alloc(page, frame_bytes);
+  AlignedBlockCache::give(frame, frame_bytes);
+  CHECK(AlignedBlockCache::take(frame_bytes) == frame);  // kept: the oldest odd block made room
+  std::free(frame);
+  CHECK(AlignedBlockCache::take(frame_bytes) == nullptr);
+}
