@@ -1,6 +1,7 @@
 #include "plugin/work_pool.h"
 
 #include "common/thread_name.h"
+#include "common/thread_nice.h"
 
 namespace livemig {
 
@@ -51,6 +52,7 @@ size_t WorkPool::running() const {
 }
 
 void WorkPool::run() {
+  int nice = this_thread_nice();  // inherited from start()'s caller; then as last set
   UniqueLock lock(mu_);
   for (;;) {
     cv_.wait(lock, [&]() REQUIRES(mu_) { return stopping_ || !jobs_.empty(); });
@@ -59,6 +61,10 @@ void WorkPool::run() {
     jobs_.pop_front();
     ++running_;
     lock.unlock();
+    if (int wanted = nice_; wanted != nice) {
+      set_this_thread_nice(wanted);
+      nice = wanted;  // tried once per change, not before every job
+    }
     try {
       job();
     } catch (...) {

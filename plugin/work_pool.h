@@ -6,6 +6,7 @@
 // starting a thread per request, which a peer could abuse).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -36,6 +37,9 @@ class WorkPool {
   void stop();
   size_t queued() const;
   size_t running() const;
+  // Each thread runs its next job at this nice value (common/thread_nice.h;
+  // best effort: a thread that may not raise its priority back stays lower).
+  void set_nice(int nice) { nice_ = nice; }
 
  private:
   void run();
@@ -49,6 +53,7 @@ class WorkPool {
   size_t running_ GUARDED_BY(mu_) = 0;
   bool stopping_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
+  std::atomic<int> nice_{0};
 };
 
 }  // namespace livemig

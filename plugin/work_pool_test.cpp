@@ -1,11 +1,15 @@
 #include "plugin/work_pool.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <future>
+#include <memory>
 #include <stdexcept>
 
 #include <catch2/catch.hpp>
+
+#include "common/thread_nice.h"
 
 using namespace livemig;
 using namespace std::chrono_literals;
@@ -46,4 +50,24 @@ TEST_CASE("work pool: a job that throws does not end the pool") {
   REQUIRE(pool.try_post([&] { ran++; }));
   pool.stop();
   CHECK(ran == 1);
+}
+
+TEST_CASE("work pool: jobs run at the nice value set for the pool, changed between jobs") {
+  // Only ever lower the priority (a higher value): raising it needs a privilege.
+  const int caller = this_thread_nice();
+  const int first = std::min(caller + 3, kMaxMigrationNice);
+  const int second = std::min(first + 2, kMaxMigrationNice);
+  WorkPool pool("test", 2, 8);
+  pool.set_nice(first);
+  pool.start();
+  auto nice_of_a_job = [&pool] {
+    auto seen = std::make_shared<std::promise<int>>();
+    REQUIRE(pool.try_post([seen] { seen->set_value(this_thread_nice()); }));
+    return seen->get_future().get();
+  };
+  CHECK(nice_of_a_job() == first);
+  pool.set_nice(second);
+  for (int i = 0; i < 4; ++i) CHECK(nice_of_a_job() == second);  // whichever thread runs it
+  CHECK(this_thread_nice() == caller);  // the caller's own is unchanged
+  pool.stop();
 }
