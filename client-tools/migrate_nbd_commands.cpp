@@ -19,6 +19,7 @@
 #include "client/control_client.h"
 #include "client/units.h"
 #include "common/migration_params.h"
+#include "common/thread_nice.h"
 
 namespace livemig::mig {
 
@@ -360,6 +361,12 @@ Result<json> migrate_request(const StartOptions& o) {
       return Status::error(
           fmt::format("{} {}: must be 0 ({}) or a factor from 1 to 1000", f.flag, *f.value, f.zero_means));
     req[f.key] = *f.value;
+  }
+  if (o.migration_nice) {
+    if (*o.migration_nice < 0 || *o.migration_nice > kMaxMigrationNice)
+      return Status::error(fmt::format("--migration-nice {}: must be from 0 to {}", *o.migration_nice,
+                                       kMaxMigrationNice));
+    req["migration_nice"] = *o.migration_nice;
   }
   if (!o.compression.empty()) {
     if (auto c = parse_compression(o.compression); !c)

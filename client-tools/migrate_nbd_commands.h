@@ -50,6 +50,7 @@ struct StartOptions : CommonOptions {
   std::string transfer_unit;
   std::string compression;  // empty: auto
   std::optional<double> guest_latency_bound;  // unset: the mode's default
+  std::optional<int> migration_nice;          // unset: 0
   std::optional<double> max_slowdown;         // unset: the mode's default
   std::optional<unsigned> max_rounds;
   // Heat-driven modes (livefs, hybrid, auto); empty/unset: the mode's default.

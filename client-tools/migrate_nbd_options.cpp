@@ -35,6 +35,10 @@ void add_migration_options(CLI::App* app, StartOptions& o, bool with_handover) {
                   "the most --guest-latency-bound may slow the transfer, as a factor of its unpaced rate (0: no "
                   "limit but --min-rate; default 1.3 for auto, 0 for the other modes)")
       ->type_name("FACTOR");
+  app->add_option("--migration-nice", o.migration_nice,
+                  "guest first: run the threads that move the data, on both sides, at this nice value (0 to "
+                  "19): on full CPUs the guest's requests run first (default 0)")
+      ->type_name("N");
   app->add_option("--max-rounds", o.max_rounds, "pre-copy rounds before the rest goes post-copy (default 30)")
       ->type_name("N");
   app->add_option("--transfer-unit", o.transfer_unit, "largest single transfer (default 1M)")->type_name("SIZE");

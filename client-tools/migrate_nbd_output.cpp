@@ -128,14 +128,18 @@ std::string read_delay_text(const json& m) {
 
 }  // namespace
 
-// Guest-first pacing: the rate it holds the transfer to, and why.
+// Guest-first pacing: the rate it holds the transfer to, and why; and the
+// nice value of the threads that move the data, when not the guest's.
 std::string pacing_text(const json& m) {
+  const uint64_t nice = count(object(m, "params"), "migration_nice");
+  const std::string movers = nice > 0 ? fmt::format("; data movers at nice {}", nice) : "";
   const json& pc = object(m, "pacing");
-  if (!flag(pc, "active")) return num(pc, "guest_latency_bound") > 0 ? "off (too few guest requests to measure)" : "off";
+  if (!flag(pc, "active"))
+    return (num(pc, "guest_latency_bound") > 0 ? "off (too few guest requests to measure)" : "off") + movers;
   const std::string rate = num(pc, "rate") > 0 ? "held to " + format_rate(num(pc, "rate")) : "not slowed";
-  return fmt::format("{}: guest p99 {:.2f} ms, bound {}x its {:.2f} ms before ({} of {} windows over)", rate,
+  return fmt::format("{}: guest p99 {:.2f} ms, bound {}x its {:.2f} ms before ({} of {} windows over){}", rate,
                      num(pc, "window_p99_ms"), num(pc, "guest_latency_bound"), num(pc, "baseline_p99_ms"),
-                     count(pc, "windows_over_bound"), count(pc, "windows"));
+                     count(pc, "windows_over_bound"), count(pc, "windows"), movers);
 }
 
 namespace {

@@ -11,6 +11,7 @@
 #include "common/json_limits.h"
 #include "common/peer_link.h"
 #include "common/protocol_format.h"
+#include "common/thread_nice.h"
 
 namespace livemig {
 
@@ -103,6 +104,13 @@ Status parse_pacing(const json& j, MigrationParams& p) {
   p.min_rate = given || p.max_rate == 0 ? *min_rate : std::min(*min_rate, p.max_rate);
   p.guest_baseline_p99_ns = *p99;
   p.guest_baseline_requests = *requests;
+  if (auto it = j.find("migration_nice"); it != j.end() && !it->is_null()) {
+    // is_number_integer: a value built in C++ from an int is signed, one parsed from text unsigned.
+    if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > kMaxMigrationNice)
+      return Status::error(fmt::format("migrate: \"migration_nice\" must be an integer from 0 to {}",
+                                       kMaxMigrationNice));
+    p.migration_nice = static_cast<int>(it->get<int64_t>());
+  }
   return Status::ok();
 }
 }  // namespace
@@ -214,6 +222,7 @@ json MigrationParams::to_json() const {
           {"max_rounds", max_rounds},       {"transfer_unit", transfer_unit},
           {"guest_latency_bound", guest_latency_bound}, {"min_rate", min_rate}, {"max_slowdown", max_slowdown},
           {"guest_baseline_p99_ns", guest_baseline_p99_ns}, {"guest_baseline_requests", guest_baseline_requests},
+          {"migration_nice", migration_nice},
           {"compression", compression.name()}, {"base_identity", base_identity}});
   return j;
 }

@@ -70,6 +70,11 @@ struct MigrationParams {
   double max_slowdown = 0;  // pacing keeps the rate >= fastest unpaced / this (0: min_rate only)
   uint64_t guest_baseline_p99_ns = 0;
   uint64_t guest_baseline_requests = 0;
+  // Guest first: the nice value (0 to 19, common/thread_nice.h) of the
+  // threads that move the data on both sides (the io thread, the disk pool,
+  // the pusher, the puller and the persister) while this migration runs.
+  // 0: the guest's own priority.
+  int migration_nice = 0;
   Compression compression;
   // The source's base image (its identity, plugin/base_image.h), set by the
   // source from its base= and checked by the destination against its own;

@@ -60,3 +60,22 @@ TEST_CASE("migration params: a compression setting that is not one names the cho
     CHECK(p.status().message().find("zstd:LEVEL") != std::string::npos);
   }
 }
+
+TEST_CASE("migration params: migration_nice is 0 by default, from 0 to 19, and round-trips") {
+  auto dflt = MigrationParams::from_json({{"to", "h:1"}, {"mode", "auto"}}, livemig::HandoverPolicy::Explicit);
+  REQUIRE(dflt);
+  CHECK(dflt->migration_nice == 0);
+  for (int nice : {0, 7, 19}) {
+    auto p = MigrationParams::from_json({{"to", "h:1"}, {"migration_nice", nice}}, livemig::HandoverPolicy::Explicit);
+    REQUIRE(p);
+    CHECK(p->migration_nice == nice);
+    auto again = MigrationParams::from_json(p->to_json(), livemig::HandoverPolicy::Explicit);
+    REQUIRE(again);
+    CHECK(again->migration_nice == nice);
+  }
+  for (json bad : {json(20), json(-1), json(2.5), json("low")}) {
+    auto p = MigrationParams::from_json({{"to", "h:1"}, {"migration_nice", bad}}, livemig::HandoverPolicy::Explicit);
+    REQUIRE_FALSE(p);
+    CHECK(p.status().message().find("\"migration_nice\" must be an integer from 0 to 19") != std::string::npos);
+  }
+}

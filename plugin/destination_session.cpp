@@ -7,6 +7,7 @@
 
 #include "common/json_limits.h"
 #include "common/thread_name.h"
+#include "common/thread_nice.h"
 #include "common/transfer_planner.h"
 #include "plugin/link_compression.h"
 #include "plugin/test_hooks.h"
@@ -64,8 +65,15 @@ void DestinationSession::start_committed(BlockBitmap present) { become_authorita
 
 void DestinationSession::start_pulling() {
   if (puller_.joinable()) return;
-  puller_ = std::thread([this] { pull_loop(); });
-  persister_ = std::thread([this] { persist_loop(); });
+  // Guest first: both run at the migration's nice value (MigrationParams).
+  puller_ = std::thread([this] {
+    set_this_thread_nice(params_.migration_nice);
+    pull_loop();
+  });
+  persister_ = std::thread([this] {
+    set_this_thread_nice(params_.migration_nice);
+    persist_loop();
+  });
   name_thread(puller_, "livemig-pull");
   name_thread(persister_, "livemig-persist");
 }

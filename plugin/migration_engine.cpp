@@ -13,6 +13,7 @@
 #include "common/enum_names.h"
 #include "common/json_limits.h"
 #include "common/thread_name.h"
+#include "common/thread_nice.h"
 #include "common/transfer_planner.h"
 
 namespace livemig {
@@ -131,6 +132,7 @@ Status MigrationEngine::recover_source(const MigrationRecord& rec, Phase phase, 
   }
   auto session = std::make_shared<SourceSession>(services_, rec.migration_id, *params, begin, rec.handover_generation);
   session_ = session;
+  set_migration_nice(params->migration_nice);
   machine_.restore(state, std::move(file));
   stats_.reset();
   return Status::ok();
@@ -163,6 +165,7 @@ Status MigrationEngine::recover_destination(const MigrationRecord& rec, Phase ph
   StateFile* f = file.get();
   machine_.restore(state, std::move(file));
   session_ = session;
+  set_migration_nice(params->migration_nice);
   stats_.reset();
   if (state.io == IoMode::DestPost) {
     BlockBitmap present(f->present().size());
@@ -242,11 +245,21 @@ void MigrationEngine::retire_session() {
     std::lock_guard lock(session_mu_);
     old = std::exchange(session_, Session{});
   }
+  if (!std::holds_alternative<std::monostate>(old)) set_migration_nice(0);
   std::visit(
       [](auto& session) {
         if constexpr (!std::is_same_v<std::decay_t<decltype(session)>, std::monostate>) session->stop();
       },
       old);
+}
+
+void MigrationEngine::set_migration_nice(int nice) {
+  disk_pool_.set_nice(nice);
+  boost::asio::post(io_, [this, nice] {
+    // Lowering the priority always works; raising it back needs CAP_SYS_NICE.
+    if (int err = set_this_thread_nice(nice))
+      ctx_.log(fmt::format("cannot set the io thread's nice value to {}: {}", nice, std::strerror(err)));
+  });
 }
 
 // ---------------------------------------------------------------- data path
@@ -685,6 +698,7 @@ Status MigrationEngine::accept_start(const std::shared_ptr<PeerLink>& link, cons
     std::lock_guard lock(session_mu_);
     session_ = session;
   }
+  set_migration_nice(params->migration_nice);
   stats_.reset();
   session->start_precopy(link, *had_copy);
   if (Status s = machine_.begin(std::move(*file), {Role::Destination, Phase::PreCopy, IoMode::DestProxy}); !s)
@@ -785,6 +799,7 @@ json MigrationEngine::migrate(const json& req) {
     std::lock_guard lock(session_mu_);
     session_ = session;
   }
+  set_migration_nice(params->migration_nice);
   stats_.reset();
   if (Status s = machine_.begin(std::move(*file), {Role::Source, first, IoMode::SourceTracking}); !s)
     return give_up(s);

@@ -122,7 +122,12 @@ class MigrationEngine {
   DestinationSession* destination() const;
   Session current_session() const;
   // Stops and drops the session; the gate has drained. Not on the io thread.
+  // Its threads' priority goes back to the guest's (set_migration_nice(0)).
   void retire_session() REQUIRES(ops_mu_);
+  // The io thread and the disk pool run at `nice` (MigrationParams::
+  // migration_nice) from their next task on; a session's own threads set
+  // theirs as they start.
+  void set_migration_nice(int nice);
 
   void start_link(const std::shared_ptr<PeerLink>& link);
   void on_frame(const std::shared_ptr<PeerLink>& link, PeerLink::Frame& frame);

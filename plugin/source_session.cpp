@@ -8,6 +8,7 @@
 
 #include "common/json_limits.h"
 #include "common/thread_name.h"
+#include "common/thread_nice.h"
 #include "common/transfer_planner.h"
 #include "plugin/group_decisions.h"
 #include "plugin/test_hooks.h"
@@ -554,6 +555,7 @@ bool SourceSession::wait_worker(std::chrono::milliseconds d) {
 }
 
 void SourceSession::run() {
+  set_this_thread_nice(params_.migration_nice);  // guest first: see MigrationParams
   if (begin_ != Begin::Committed) migrate();
   follow_post_copy();
 }

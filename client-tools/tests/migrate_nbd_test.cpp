@@ -89,6 +89,10 @@ TEST_CASE("status says how guest-first pacing holds the migration back, and when
   st["migration"]["pacing"] = {{"active", false}, {"guest_latency_bound", 1.2}};
   CHECK(render_status(SideStatus{"from", "127.0.0.1:1", st}).find("off (too few guest requests to measure)") !=
         std::string::npos);
+  CHECK(render_status(SideStatus{"from", "127.0.0.1:1", st}).find("nice") == std::string::npos);
+  st["migration"]["params"] = {{"migration_nice", 10}};
+  CHECK(render_status(SideStatus{"from", "127.0.0.1:1", st}).find("off (too few guest requests to measure); data "
+                                                                   "movers at nice 10") != std::string::npos);
 }
 
 TEST_CASE("status says what compression saved and why auto compresses or not") {

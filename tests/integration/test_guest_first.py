@@ -204,5 +204,74 @@ def test_pushed_and_background_pulled_data_do_not_fill_the_destinations_page_cac
         lmtest.assert_same(lmtest.read_file(dst_image, 0, DATA), data, "the source's data at the destination")
 
 
+
+def threads_nice(pid):
+    """{thread name: [nice value of each thread of that name]} of process pid."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out.setdefault(name, []).append(int(fields[16]))  # field 19 of proc_pid_stat(5)
+    return out
+
+
+# The threads that move a migration's data, on either side.
+MOVERS = ("livemig-io", "livemig-disk", "livemig-push", "livemig-pull", "livemig-persist")
+
+
+def test_migration_nice_lowers_the_threads_that_move_the_data_and_not_the_guests():
+    """migrate-nbd --migration-nice 7: while post-copy runs, the threads that
+    move the data on both sides run at nice 7 (the source's disk pool serves
+    the pulls), those that serve clients (the other side's forwarded
+    requests, control) at the guest's own; released, the io thread is back
+    at the guest's."""
+    data_len = 24 * MiB  # 6 s at 4 MiB/s
+    with mig.Pair(SIZE, data_len) as (src, dst, _, dst_image, data):
+        guest = threads_nice(src.pid)["nbdkit"][0]
+        r = daemonlib.migrate_nbd("start", "--from", f"127.0.0.1:{mig.peer_port(src)}",
+                                  "--to", f"127.0.0.1:{mig.peer_port(dst)}", "--mode", "postcopy",
+                                  "--handover", "auto", "--max-rate", str(4 * MiB), "--migration-nice", "7")
+        assert r.returncode == 0, r.stderr
+        assert mig.status(src)["migration"]["params"]["migration_nice"] == 7
+        # Every nice value each thread name had while the migration ran
+        # (the puller and the persister end with it).
+        seen = {src.pid: {}, dst.pid: {}}
+        while mig.status(dst)["phase"] != "Done":
+            for pid in seen:
+                for name, values in threads_nice(pid).items():
+                    seen[pid].setdefault(name, set()).update(values)
+            time.sleep(0.02)
+        movers = {src.pid: ("livemig-io", "livemig-push", "livemig-disk"),
+                  dst.pid: ("livemig-io", "livemig-pull", "livemig-persist")}
+        for pid, names in movers.items():
+            for name in names:
+                assert 7 in seen[pid].get(name, ()), (pid, name, seen)
+            for name, values in seen[pid].items():
+                if name not in MOVERS:
+                    assert values == {guest}, (pid, name, seen)
+        lmtest.assert_same(lmtest.read_file(dst_image, 0, data_len), data, "the source's data at the destination")
+        assert dst.control({"op": "release"})["ok"]
+        if os.geteuid() == 0:  # raising a priority back needs CAP_SYS_NICE
+            # Asio's resolver thread, started by the io thread, has its name too.
+            lmtest.wait_until(lambda: guest in threads_nice(dst.pid)["livemig-io"] and 7 not in
+                              threads_nice(dst.pid)["livemig-io"], timeout=10,
+                              what="the destination's io thread back at the guest's nice value")
+
+
+def test_a_migration_nice_outside_0_to_19_is_refused_by_name():
+    with mig.Pair(SIZE, 1 * MiB) as (src, dst, *_):
+        for bad in (20, -1, "low"):
+            reply = src.control({"op": "migrate", "mode": "auto", "to": f"127.0.0.1:{mig.peer_port(dst)}",
+                                 "migration_nice": bad})
+            assert not reply.get("ok") and "migration_nice" in reply.get("error", ""), (bad, reply)
+        r = daemonlib.migrate_nbd("start", "--from", f"127.0.0.1:{mig.peer_port(src)}",
+                                  "--to", f"127.0.0.1:{mig.peer_port(dst)}", "--mode", "auto", "--migration-nice", "20")
+        assert r.returncode != 0 and "--migration-nice 20: must be from 0 to 19" in r.stderr, r
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))
